@@ -1,0 +1,181 @@
+"""Per-layer KV store: every layer has its own length, positions and frame indices.
+
+The keys and values live in a transformers ``DynamicCache`` (so the model's attention
+modules update it as usual); this class keeps, beside it, what the cache does not know:
+each cached token's position (``(axes, seq)`` per layer) and the frame it came from. The
+first ``prefix_len`` tokens of every layer are the fixed system prefix, never evicted.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from transformers import DynamicCache
+
+from .positions import compact_positions, next_free_position, rerotate_keys
+
+
+@dataclass
+class LayerState:
+    """A read-only view of one layer's cache.
+
+    Attributes
+    ----------
+    keys, values : Tensor ``(batch, kv_heads, seq, head_dim)``, RoPE applied to keys
+    positions : LongTensor ``(axes, seq)``
+    frame_index : LongTensor ``(seq,)``; -1 for tokens not from a frame (prefix, text)
+    prefix_len : number of leading tokens that are the fixed system prefix
+    """
+
+    keys: torch.Tensor
+    values: torch.Tensor
+    positions: torch.Tensor
+    frame_index: torch.Tensor
+    prefix_len: int
+
+    @property
+    def length(self) -> int:
+        return self.keys.shape[-2]
+
+    @property
+    def stream_length(self) -> int:
+        """Number of stream (video) tokens: everything after the prefix."""
+        return self.length - self.prefix_len
+
+
+class KVStore:
+    """The streaming KV cache: a ``DynamicCache`` plus per-layer positions and frame indices.
+
+    Parameters
+    ----------
+    num_layers : number of decoder layers
+    position_axes : 1 for 1D RoPE, 3 for multimodal RoPE
+    config : the text config, passed to ``DynamicCache``
+    """
+
+    def __init__(self, num_layers: int, position_axes: int, config: object | None = None):
+        self.num_layers = num_layers
+        self.position_axes = position_axes
+        self.cache = DynamicCache(config=config) if config is not None else DynamicCache()
+        self.positions = [torch.zeros(position_axes, 0, dtype=torch.long) for _ in range(num_layers)]
+        self.frame_index = [torch.zeros(0, dtype=torch.long) for _ in range(num_layers)]
+        self.prefix_len = 0
+
+    # -- reading ---------------------------------------------------------------------
+    def length(self, layer: int) -> int:
+        return int(self.positions[layer].shape[1])
+
+    def lengths(self) -> list[int]:
+        return [self.length(layer) for layer in range(self.num_layers)]
+
+    def stream_lengths(self) -> list[int]:
+        """Stream (video) tokens per layer, prefix excluded."""
+        return [n - self.prefix_len for n in self.lengths()]
+
+    def next_position(self, layer: int) -> int:
+        return next_free_position(self.positions[layer])
+
+    def max_position(self) -> int:
+        return max(self.next_position(layer) for layer in range(self.num_layers)) - 1
+
+    def layer(self, layer: int) -> LayerState:
+        cache_layer = self.cache.layers[layer]
+        return LayerState(
+            keys=cache_layer.keys,
+            values=cache_layer.values,
+            positions=self.positions[layer],
+            frame_index=self.frame_index[layer],
+            prefix_len=self.prefix_len,
+        )
+
+    def nbytes(self) -> int:
+        """Bytes held by keys and values of all layers."""
+        total = 0
+        for cache_layer in self.cache.layers[: self.num_layers]:
+            if getattr(cache_layer, "keys", None) is not None and cache_layer.keys.numel():
+                total += cache_layer.keys.numel() * cache_layer.keys.element_size() * 2
+        return total
+
+    # -- writing ---------------------------------------------------------------------
+    def record_appended(self, positions: list[torch.Tensor], frame_index: torch.Tensor) -> None:
+        """Record metadata for tokens the model just appended to every layer's cache.
+
+        Parameters
+        ----------
+        positions : per layer, LongTensor ``(axes, new)`` (absolute positions used)
+        frame_index : LongTensor ``(new,)``
+        """
+        for layer in range(self.num_layers):
+            self.positions[layer] = torch.cat([self.positions[layer], positions[layer].cpu()], dim=1)
+            self.frame_index[layer] = torch.cat([self.frame_index[layer], frame_index.cpu()])
+        self._check_consistent()
+
+    def mark_prefix(self) -> None:
+        """Declare everything currently stored as the fixed, never-evicted prefix."""
+        lengths = set(self.lengths())
+        if len(lengths) != 1:
+            raise RuntimeError("the prefix must be marked while all layers hold the same tokens")
+        self.prefix_len = lengths.pop()
+
+    def truncate(self, lengths: list[int]) -> None:
+        """Cut every layer back to the given length (drops the newest tokens)."""
+        for layer, n in enumerate(lengths):
+            cache_layer = self.cache.layers[layer]
+            cache_layer.keys = cache_layer.keys[..., :n, :]
+            cache_layer.values = cache_layer.values[..., :n, :]
+            self.positions[layer] = self.positions[layer][:, :n]
+            self.frame_index[layer] = self.frame_index[layer][:n]
+
+    def keep(
+        self,
+        layer: int,
+        indices: torch.Tensor,
+        extra: tuple[torch.Tensor, torch.Tensor, torch.Tensor, int] | None = None,
+    ) -> None:
+        """Keep only ``indices`` (sorted, prefix included) of a layer, then append ``extra``.
+
+        Parameters
+        ----------
+        indices : LongTensor ``(n,)`` into the layer's current tokens
+        extra : optional ``(key, value, position, frame)`` of one token to append after the
+            kept ones (a summary token): key/value ``(batch, kv_heads, 1, head_dim)``,
+            position ``(axes, 1)``
+        """
+        cache_layer = self.cache.layers[layer]
+        idx = indices.to(cache_layer.keys.device)
+        keys = cache_layer.keys.index_select(-2, idx)
+        values = cache_layer.values.index_select(-2, idx)
+        positions = self.positions[layer].index_select(1, indices.cpu())
+        frames = self.frame_index[layer].index_select(0, indices.cpu())
+        if extra is not None:
+            key, value, position, frame = extra
+            keys = torch.cat([keys, key.to(keys)], dim=-2)
+            values = torch.cat([values, value.to(values)], dim=-2)
+            positions = torch.cat([positions, position.cpu()], dim=1)
+            frames = torch.cat([frames, torch.tensor([frame])])
+        cache_layer.keys, cache_layer.values = keys, values
+        self.positions[layer], self.frame_index[layer] = positions, frames
+
+    def reindex(self, layer: int, rotary_emb: torch.nn.Module) -> bool:
+        """Left-compact one layer's stream positions and rotate its keys to match.
+
+        Returns True when any position changed.
+        """
+        old = self.positions[layer]
+        new = compact_positions(old, self.prefix_len)
+        if torch.equal(old, new):
+            return False
+        cache_layer = self.cache.layers[layer]
+        cache_layer.keys = rerotate_keys(cache_layer.keys, old, new, rotary_emb)
+        self.positions[layer] = new
+        return True
+
+    def _check_consistent(self) -> None:
+        for layer in range(self.num_layers):
+            stored = self.cache.layers[layer].keys.shape[-2]
+            if stored != self.positions[layer].shape[1]:
+                raise RuntimeError(
+                    f"KV store out of sync at layer {layer}: {stored} keys, "
+                    f"{self.positions[layer].shape[1]} positions"
+                )

@@ -1,0 +1,247 @@
+"""The model adapter interface: one adapter per architecture, one small surface.
+
+An adapter turns stream input (video frames, or text frames for a plain causal LM) into
+:class:`StreamPiece` objects: token ids, their positions *relative to the piece's start*,
+the frame each token came from, and any extra model inputs (pixel values, grids). The
+streaming session places pieces at absolute positions per layer and runs
+:meth:`ModelAdapter.forward` on top of the KV store. Adapters also know the chat format
+(system prefix, question, answer stop tokens) and the model's structure (layers, heads,
+rotary module, position limit).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from ..positions import to_model_position_ids
+
+DEFAULT_SYSTEM_PROMPT = (
+    "You are a helpful assistant watching a live video stream. "
+    "Answer questions about what you have seen concisely."
+)
+_STREAM_SENTINEL = "@@HERMES_STREAM@@"
+_CHATML = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+@dataclass
+class StreamPiece:
+    """A run of tokens to prefill.
+
+    Attributes
+    ----------
+    input_ids : LongTensor ``(seq,)``
+    positions : LongTensor ``(axes, seq)``, relative to the first position of the piece
+    frame_index : LongTensor ``(seq,)``: the stream frame of each token, -1 for plain text
+    model_inputs : extra keyword inputs of the model's forward (pixel values, grids)
+    """
+
+    input_ids: torch.Tensor
+    positions: torch.Tensor
+    frame_index: torch.Tensor
+    model_inputs: dict[str, Any] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return int(self.input_ids.shape[0])
+
+    @property
+    def extent(self) -> int:
+        """How far the next piece's positions start after this one's (max position + 1)."""
+        return int(self.positions.max()) + 1 if self.positions.numel() else 0
+
+    @classmethod
+    def text(cls, ids: list[int] | torch.Tensor, axes: int) -> StreamPiece:
+        ids = torch.as_tensor(ids, dtype=torch.long)
+        positions = torch.arange(ids.shape[0]).expand(axes, -1).clone()
+        return cls(ids, positions, torch.full_like(ids, -1))
+
+
+class ModelAdapter(ABC):
+    """Base class of the per-architecture adapters.
+
+    Parameters
+    ----------
+    model : a transformers model (``...ForCausalLM`` or ``...ForConditionalGeneration``)
+    tokenizer : its tokenizer
+    processor : its multimodal processor, for video models
+    name_or_path : where it was loaded from (recorded in reports and policies)
+    """
+
+    model_types: ClassVar[tuple[str, ...]] = ()
+    position_axes: ClassVar[int] = 1
+    is_text_only: ClassVar[bool] = False
+
+    def __init__(self, model: nn.Module, tokenizer: Any, processor: Any = None, name_or_path: str = ""):
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.processor = processor
+        self.name_or_path = name_or_path
+
+    # -- structure -------------------------------------------------------------------
+    @property
+    def architecture(self) -> str:
+        return type(self.model).__name__
+
+    @property
+    def base_model(self) -> nn.Module:
+        """The model without its LM head (takes ids, pixel inputs and positions)."""
+        return self.model.model
+
+    @property
+    def text_model(self) -> nn.Module:
+        """The decoder stack (has ``.layers`` and ``.rotary_emb``)."""
+        base = self.base_model
+        return getattr(base, "language_model", base)
+
+    @property
+    def text_config(self) -> Any:
+        return self.model.config.get_text_config(decoder=True)
+
+    @property
+    def decoder_layers(self) -> list[nn.Module]:
+        return list(self.text_model.layers)
+
+    @property
+    def attention_modules(self) -> list[nn.Module]:
+        return [layer.self_attn for layer in self.decoder_layers]
+
+    @property
+    def rotary_emb(self) -> nn.Module:
+        return self.text_model.rotary_emb
+
+    @property
+    def num_layers(self) -> int:
+        return int(self.text_config.num_hidden_layers)
+
+    @property
+    def num_heads(self) -> int:
+        return int(self.text_config.num_attention_heads)
+
+    @property
+    def num_kv_heads(self) -> int:
+        return int(getattr(self.text_config, "num_key_value_heads", None) or self.num_heads)
+
+    @property
+    def max_positions(self) -> int:
+        return int(self.text_config.max_position_embeddings)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    @property
+    @abstractmethod
+    def tokens_per_frame(self) -> int:
+        """Stream tokens one frame becomes (for video models, after pooling/merging)."""
+
+    # -- chat format -----------------------------------------------------------------
+    def _chat_template_parts(self, system_prompt: str) -> tuple[str, str]:
+        """Split the chat template around the stream: (prefix text, text after the stream)."""
+        messages = [
+            {"role": "system", "content": system_prompt},
+            {"role": "user", "content": _STREAM_SENTINEL},
+        ]
+        template = getattr(self.tokenizer, "chat_template", None) or _CHATML
+        rendered = self.tokenizer.apply_chat_template(
+            messages, chat_template=template, tokenize=False, add_generation_prompt=True
+        )
+        prefix, sep, suffix = rendered.partition(_STREAM_SENTINEL)
+        if not sep:
+            raise ValueError("the chat template dropped the user message; cannot place the stream")
+        return prefix, suffix
+
+    def encode_text(self, text: str) -> list[int]:
+        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def prefix_piece(self, system_prompt: str = DEFAULT_SYSTEM_PROMPT) -> StreamPiece:
+        """The fixed system prefix: system turn plus the opening of the user turn."""
+        prefix, suffix = self._chat_template_parts(system_prompt)
+        self._answer_prompt_suffix = suffix
+        return StreamPiece.text(self.encode_text(prefix), self.position_axes)
+
+    def question_piece(self, question: str) -> StreamPiece:
+        """The question after the stream, closing the user turn and opening the answer."""
+        suffix = getattr(self, "_answer_prompt_suffix", None)
+        if suffix is None:
+            _, suffix = self._chat_template_parts(DEFAULT_SYSTEM_PROMPT)
+        return StreamPiece.text(self.encode_text("\n" + question.strip() + suffix), self.position_axes)
+
+    @property
+    def stop_token_ids(self) -> set[int]:
+        ids = set()
+        for token in (self.tokenizer.eos_token, "<|im_end|>", "<|eot_id|>", "<|endoftext|>"):
+            if token is None:
+                continue
+            tid = self.tokenizer.convert_tokens_to_ids(token)
+            if isinstance(tid, int) and tid != getattr(self.tokenizer, "unk_token_id", None):
+                ids.add(tid)
+        if self.tokenizer.eos_token_id is not None:
+            ids.add(int(self.tokenizer.eos_token_id))
+        return ids
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True).strip()
+
+    # -- stream input ----------------------------------------------------------------
+    @abstractmethod
+    def frames_piece(
+        self, frames: Any, first_frame: int, timestamps: list[float] | None = None
+    ) -> StreamPiece:
+        """Encode a chunk of frames into one piece.
+
+        Parameters
+        ----------
+        frames : uint8 array ``(T, H, W, 3)`` for video models; a list of strings or a
+            LongTensor ``(T, tokens_per_frame)`` for text-frame models
+        first_frame : stream index of the first frame (recorded per token)
+        timestamps : seconds of each frame in the stream, when known
+        """
+
+    def concat_model_inputs(self, inputs: list[dict[str, Any]]) -> dict[str, Any]:
+        """Merge the extra inputs of several pieces for one forward (reference runs)."""
+        keys = {k for d in inputs for k in d}
+        return {k: torch.cat([d[k] for d in inputs if k in d], dim=0) for k in keys}
+
+    # -- running ---------------------------------------------------------------------
+    def forward(
+        self, piece: StreamPiece, positions: torch.Tensor, cache: Any | None = None
+    ) -> torch.Tensor:
+        """Run the model (without LM head) on a piece at absolute ``positions``.
+
+        Parameters
+        ----------
+        piece : the tokens to prefill
+        positions : LongTensor ``(axes, seq)``, absolute positions of the piece's tokens
+        cache : the ``DynamicCache`` to extend (None for a stateless forward)
+
+        Returns
+        -------
+        Tensor ``(1, seq, hidden)``: last hidden states
+        """
+        device = self.device
+        extra = {
+            k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in piece.model_inputs.items()
+        }
+        out = self.base_model(
+            input_ids=piece.input_ids.to(device)[None],
+            position_ids=to_model_position_ids(positions.to(device)),
+            past_key_values=cache,
+            use_cache=cache is not None,
+            **extra,
+        )
+        return out.last_hidden_state
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """LM-head logits for hidden states ``(1, seq, hidden)`` -> ``(1, seq, vocab)``."""
+        return self.model.get_output_embeddings()(hidden)

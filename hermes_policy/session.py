@@ -1,0 +1,348 @@
+"""StreamingSession: frames in, answers out, on a per-layer KV store of bounded size.
+
+Data flow of one session::
+
+    add_frames(frames) -> chunks of `chunk_frames` -> adapter.frames_piece -> prefill on the
+    KV store at each layer's next free position -> retention rule -> keep / re-index
+
+    ask(question) -> prefill the question on the store -> greedy decode with explicit
+    positions -> truncate the store back (no Q/A tokens stay) -> Answer with timings
+
+Questions never trigger retention work: everything the rule needs happens at ingestion.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from .attention import PerLayerRotary
+from .errors import StreamError
+from .kv_store import KVStore
+from .models.base import DEFAULT_SYSTEM_PROMPT, ModelAdapter, StreamPiece
+from .retention import FullRetention, RetentionRule
+
+
+@dataclass
+class Answer:
+    """One answered question with its costs.
+
+    Attributes
+    ----------
+    ttft_ms : question arrival to first output token (includes ingesting frames still
+        waiting to fill a chunk, reported in ``pending_frames``)
+    tpot_ms : mean time per output token after the first (None for one-token answers)
+    tokens_kept : stream tokens held per layer when the question was asked
+    peak_memory_bytes : peak GPU memory during the call (None on CPU)
+    kv_cache_bytes : bytes of keys and values held
+    """
+
+    question: str
+    text: str
+    token_ids: list[int]
+    ttft_ms: float
+    tpot_ms: float | None
+    tokens_kept: list[int]
+    peak_memory_bytes: int | None
+    kv_cache_bytes: int
+    frames_seen: int
+    pending_frames: int = 0
+
+
+@dataclass
+class IngestReport:
+    """What one ``add_frames`` call did."""
+
+    frames: int
+    chunks: int
+    seconds: float
+    compressions: int
+    tokens_kept: list[int]
+    peak_memory_bytes: int | None
+
+
+@dataclass
+class Turn:
+    question: str
+    answer: str
+    frames_seen: int
+
+
+def _stack_frames(frames: list[Any]) -> Any:
+    first = frames[0]
+    if isinstance(first, str):
+        return list(frames)
+    if isinstance(first, torch.Tensor):
+        return torch.stack(frames)
+    return np.stack(frames)
+
+
+def _split_frames(frames: Any) -> list[Any]:
+    if isinstance(frames, str):
+        return [frames]
+    if isinstance(frames, (np.ndarray, torch.Tensor)):
+        return list(frames)
+    return list(frames)
+
+
+class StreamingSession:
+    """A live stream through one model under one retention rule.
+
+    Parameters
+    ----------
+    adapter : the model adapter (its model must use the ``hermes_ragged`` attention;
+        :func:`hermes_policy.models.load_adapter` sets that up)
+    retention : the retention rule (default: keep everything)
+    chunk_frames : frames encoded and prefilled together
+    fps : frame rate of the incoming frames, used for timestamps (optional)
+    system_prompt : text of the fixed system prefix
+    reindex_margin : lazy re-indexing compacts positions once they come within this many
+        positions of the model's limit (capped at a quarter of the limit)
+    max_new_tokens : default answer length limit
+    """
+
+    def __init__(
+        self,
+        adapter: ModelAdapter,
+        retention: RetentionRule | None = None,
+        *,
+        chunk_frames: int = 8,
+        fps: float | None = None,
+        system_prompt: str = DEFAULT_SYSTEM_PROMPT,
+        reindex_margin: int = 1024,
+        max_new_tokens: int = 64,
+    ):
+        if chunk_frames < 1:
+            raise StreamError(f"chunk_frames must be at least 1, got {chunk_frames}")
+        self.adapter = adapter
+        self.retention = retention if retention is not None else FullRetention()
+        self.retention.validate(adapter.tokens_per_frame)
+        self.chunk_frames = chunk_frames
+        self.fps = fps
+        self.system_prompt = system_prompt
+        self.reindex_margin = min(reindex_margin, adapter.max_positions // 4)
+        self.max_new_tokens = max_new_tokens
+        self.history: list[Turn] = []
+        self.frames_seen = 0
+        self.compressions = 0
+        self._pending: list[Any] = []
+        self._pending_times: list[float | None] = []
+        self._warned_positions = False
+        self.store = KVStore(adapter.num_layers, adapter.position_axes, adapter.text_config)
+        with torch.inference_mode():
+            self._prefill(adapter.prefix_piece(system_prompt))
+        self.store.mark_prefix()
+
+    # -- public API ------------------------------------------------------------------
+    def add_frames(self, frames: Any, timestamps: Sequence[float] | None = None) -> IngestReport:
+        """Ingest frames: every full chunk is prefilled and the retention rule applied.
+
+        Parameters
+        ----------
+        frames : uint8 array ``(T, H, W, 3)`` (video models) or a list of strings /
+            LongTensor ``(T, N)`` (text-frame models)
+        timestamps : seconds of each frame; default ``index / fps`` when ``fps`` is set
+
+        Frames that do not fill a chunk wait until more arrive or a question is asked.
+        """
+        items = _split_frames(frames)
+        if timestamps is not None and len(timestamps) != len(items):
+            raise StreamError(f"{len(timestamps)} timestamps for {len(items)} frames")
+        start = time.perf_counter()
+        self._reset_peak_memory()
+        for i, item in enumerate(items):
+            self._pending.append(item)
+            if timestamps is not None:
+                self._pending_times.append(float(timestamps[i]))
+            elif self.fps:
+                self._pending_times.append((self.frames_seen + len(self._pending) - 1) / self.fps)
+            else:
+                self._pending_times.append(None)
+        chunks = compressions = 0
+        with torch.inference_mode():
+            while len(self._pending) >= self.chunk_frames:
+                compressions += self._ingest_chunk(self.chunk_frames)
+                chunks += 1
+        self._sync()
+        return IngestReport(
+            frames=len(items),
+            chunks=chunks,
+            seconds=time.perf_counter() - start,
+            compressions=compressions,
+            tokens_kept=self.store.stream_lengths(),
+            peak_memory_bytes=self._peak_memory(),
+        )
+
+    def flush(self) -> int:
+        """Ingest frames still waiting for a full chunk; returns how many there were."""
+        n = len(self._pending)
+        if n:
+            with torch.inference_mode():
+                self._ingest_chunk(n)
+        return n
+
+    def ask(self, question: str, max_new_tokens: int | None = None) -> Answer:
+        """Answer a question about everything streamed so far, then forget the Q/A tokens.
+
+        The question is prefilled on the cache, the answer decoded greedily with explicit
+        positions, and the cache truncated back to its state before the question. The
+        Q/A text is kept in :attr:`history`. No retention work happens here.
+        """
+        if not question or not question.strip():
+            raise StreamError("the question is empty")
+        arrival = time.perf_counter()
+        self._reset_peak_memory()
+        pending = self.flush()
+        if self.frames_seen == 0:
+            raise StreamError("a question was asked before any frame was streamed")
+        limit = self.max_new_tokens if max_new_tokens is None else max_new_tokens
+        stops = self.adapter.stop_token_ids
+        saved_lengths = self.store.lengths()
+        kept = self.store.stream_lengths()
+        tokens: list[int] = []
+        first_token_at = arrival
+        try:
+            with torch.inference_mode():
+                hidden = self._prefill(self.adapter.question_piece(question), last_only=True)
+                token = int(self.adapter.logits(hidden[:, -1:]).argmax(-1))
+                self._sync()
+                first_token_at = time.perf_counter()
+                tokens.append(token)
+                while token not in stops and len(tokens) < limit:
+                    hidden = self._prefill(StreamPiece.text([token], self.adapter.position_axes))
+                    token = int(self.adapter.logits(hidden[:, -1:]).argmax(-1))
+                    tokens.append(token)
+                self._sync()
+        finally:
+            self.store.truncate(saved_lengths)
+        done = time.perf_counter()
+        answer_ids = [t for t in tokens if t not in stops]
+        text = self.adapter.decode(answer_ids)
+        self.history.append(Turn(question, text, self.frames_seen))
+        return Answer(
+            question=question,
+            text=text,
+            token_ids=answer_ids,
+            ttft_ms=(first_token_at - arrival) * 1e3,
+            tpot_ms=(done - first_token_at) * 1e3 / (len(tokens) - 1) if len(tokens) > 1 else None,
+            tokens_kept=kept,
+            peak_memory_bytes=self._peak_memory(),
+            kv_cache_bytes=self.store.nbytes(),
+            frames_seen=self.frames_seen,
+            pending_frames=pending,
+        )
+
+    def next_token_logits(self, question: str) -> torch.Tensor:
+        """Logits ``(vocab,)`` of the first answer token, leaving the cache untouched.
+
+        Used to compare retention rules against the full cache (KL divergence,
+        log-probability of known answers) without decoding.
+        """
+        self.flush()
+        if self.frames_seen == 0:
+            raise StreamError("a question was asked before any frame was streamed")
+        saved_lengths = self.store.lengths()
+        try:
+            with torch.inference_mode():
+                hidden = self._prefill(self.adapter.question_piece(question), last_only=True)
+                return self.adapter.logits(hidden)[0, -1].float()
+        finally:
+            self.store.truncate(saved_lengths)
+
+    @property
+    def tokens_kept(self) -> list[int]:
+        """Stream tokens currently held per layer."""
+        return self.store.stream_lengths()
+
+    # -- internals -------------------------------------------------------------------
+    def _ingest_chunk(self, n: int) -> int:
+        frames, self._pending = self._pending[:n], self._pending[n:]
+        times, self._pending_times = self._pending_times[:n], self._pending_times[n:]
+        piece = self.adapter.frames_piece(
+            _stack_frames(frames), self.frames_seen, None if None in times else times
+        )
+        self._prefill(piece)
+        self.frames_seen += n
+        return self._apply_retention()
+
+    def layer_positions(self, piece: StreamPiece) -> list[torch.Tensor]:
+        """Absolute positions of a piece in each layer: that layer's next free position + relative."""
+        return [self.store.next_position(layer) + piece.positions for layer in range(self.store.num_layers)]
+
+    def _prefill(self, piece: StreamPiece, last_only: bool = False) -> torch.Tensor:
+        """Run a piece on top of the store; returns hidden states (all, or the last one)."""
+        positions = self.layer_positions(piece)
+        self._check_position_limit(positions)
+        uniform = all(torch.equal(positions[0], p) for p in positions[1:])
+        if uniform:
+            hidden = self.adapter.forward(piece, positions[0], self.store.cache)
+        else:
+            embeddings = self._rotary_per_layer(positions)
+            with PerLayerRotary(self.adapter.decoder_layers, embeddings):
+                hidden = self.adapter.forward(piece, positions[0], self.store.cache)
+        self.store.record_appended(positions, piece.frame_index)
+        return hidden[:, -1:] if last_only else hidden
+
+    def _rotary_per_layer(self, positions: list[torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        from .positions import to_model_position_ids
+
+        device, dtype = self.adapter.device, self.adapter.dtype
+        probe = torch.zeros(1, dtype=dtype, device=device)
+        computed: dict[bytes, tuple[torch.Tensor, torch.Tensor]] = {}
+        out = []
+        for pos in positions:
+            key = pos.numpy().tobytes()
+            if key not in computed:
+                computed[key] = self.adapter.rotary_emb(probe, to_model_position_ids(pos.to(device)))
+            out.append(computed[key])
+        return out
+
+    def _apply_retention(self) -> int:
+        decisions = self.retention.select(self.store)
+        rotary = self.adapter.rotary_emb
+        for layer, keep in decisions.items():
+            summary = keep.summary
+            extra = None
+            if summary is not None:
+                extra = (summary.key, summary.value, summary.position, summary.frame)
+            self.store.keep(layer, keep.indices, extra)
+            if self.retention.reindex == "eager":
+                self.store.reindex(layer, rotary)
+        if decisions:
+            self.compressions += 1
+        if self.retention.reindex == "lazy" and self._near_position_limit():
+            for layer in range(self.store.num_layers):
+                self.store.reindex(layer, rotary)
+        return int(bool(decisions))
+
+    def _near_position_limit(self) -> bool:
+        return self.store.max_position() >= self.adapter.max_positions - self.reindex_margin
+
+    def _check_position_limit(self, positions: list[torch.Tensor]) -> None:
+        highest = max(int(p.max()) for p in positions) if positions[0].numel() else 0
+        if highest >= self.adapter.max_positions and not self._warned_positions:
+            self._warned_positions = True
+            warnings.warn(
+                f"positions reached {highest}, beyond the model's limit of {self.adapter.max_positions}: "
+                f"the '{self.retention.name}' rule keeps more tokens than the model was trained on",
+                stacklevel=3,
+            )
+
+    def _reset_peak_memory(self) -> None:
+        if self.adapter.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.adapter.device)
+
+    def _peak_memory(self) -> int | None:
+        if self.adapter.device.type == "cuda":
+            return int(torch.cuda.max_memory_allocated(self.adapter.device))
+        return None
+
+    def _sync(self) -> None:
+        if self.adapter.device.type == "cuda":
+            torch.cuda.synchronize(self.adapter.device)
