@@ -1,0 +1,178 @@
+"""The ragged attention function, attention capture, and per-layer positions, against references."""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import AttentionInterface
+from transformers.masking_utils import AttentionMaskInterface
+
+from hermes_policy import StreamingSession
+from hermes_policy.attention import AttentionCapture, bottom_right_causal_mask, ragged_attention
+from hermes_policy.kv_store import KVStore
+from hermes_policy.models import StreamPiece
+from hermes_policy.positions import rerotate_keys
+from hermes_policy.reference import concat_pieces
+from hermes_policy.retention import LayerKeep, RetentionRule
+
+
+class _Module(torch.nn.Module):
+    layer_idx = 0
+
+
+def reference_attention(query, key, value, scaling):
+    """Plain softmax attention with bottom-right causal alignment, written out."""
+    groups = query.shape[1] // key.shape[1]
+    k = key.repeat_interleave(groups, dim=1)
+    v = value.repeat_interleave(groups, dim=1)
+    scores = query @ k.transpose(-1, -2) * scaling
+    q_len, k_len = query.shape[-2], key.shape[-2]
+    for i in range(q_len):
+        scores[..., i, k_len - q_len + i + 1 :] = float("-inf")
+    return (torch.softmax(scores, -1) @ v).transpose(1, 2)
+
+
+@pytest.mark.parametrize("q_len,k_len", [(1, 1), (1, 37), (5, 5), (5, 40), (16, 23)])
+def test_ragged_attention_matches_reference(q_len, k_len):
+    torch.manual_seed(q_len * 100 + k_len)
+    query = torch.randn(1, 4, q_len, 8)
+    key, value = torch.randn(1, 2, k_len, 8), torch.randn(1, 2, k_len, 8)
+    out, _ = ragged_attention(_Module(), query, key, value, None, scaling=0.3)
+    torch.testing.assert_close(out, reference_attention(query, key, value, 0.3), atol=1e-6, rtol=1e-5)
+
+
+def test_bottom_right_mask():
+    mask = bottom_right_causal_mask(2, 4, torch.device("cpu"))
+    assert mask.tolist() == [[True, True, True, False], [True, True, True, True]]
+
+
+def test_capture_equals_eager_attention_weights(tiny_adapter):
+    """Captured per-head probabilities equal transformers' own eager attention weights."""
+    model = tiny_adapter.model
+    ids = torch.randint(0, 200, (1, 30))
+    session = StreamingSession(tiny_adapter, chunk_frames=1)
+    piece = StreamPiece.text(ids[0], 1)
+    with AttentionCapture(tiny_adapter.attention_modules, query_rows=slice(-7, None)) as capture:
+        session._prefill(piece)
+    model.set_attn_implementation("eager")
+    try:
+        # The same tokens after the same prefix, one forward, eager attention.
+        prefix_ids = tiny_adapter.prefix_piece(session.system_prompt).input_ids
+        all_ids = torch.cat([prefix_ids, ids[0]])[None]
+        out = model(input_ids=all_ids, output_attentions=True)
+    finally:
+        from hermes_policy.models import use_ragged_attention
+
+        use_ragged_attention(model)
+    for layer, eager in enumerate(out.attentions):
+        got = capture.patterns[AttentionCapture.hook_name(layer)]
+        assert got.shape == (1, tiny_adapter.num_heads, 7, all_ids.shape[1])
+        torch.testing.assert_close(got, eager[:, :, -7:].float(), atol=1e-5, rtol=1e-4)
+
+
+@dataclass
+class RaggedTestRule(RetentionRule):
+    """Once, keeps a different subset in every layer (always the newest token)."""
+
+    name = "ragged-test"
+    reindex: str = "lazy"
+
+    def select(self, store: KVStore) -> dict[int, LayerKeep]:
+        if len(set(store.lengths())) > 1:  # already compressed once
+            return {}
+        decisions = {}
+        for layer in range(store.num_layers):
+            length, prefix = store.length(layer), store.prefix_len
+            stream = torch.arange(prefix, length)
+            keep = stream[(stream + layer) % (layer + 2) != 0]
+            keep = torch.unique(torch.cat([keep, torch.tensor([length - 1])]))
+            decisions[layer] = LayerKeep(torch.cat([torch.arange(prefix), keep]))
+        return decisions
+
+
+def test_ragged_layers_equal_a_masked_one_shot_forward(tiny_adapter):
+    """Layers that evicted different tokens (positions untouched) give exactly the logits of
+    one forward in which each layer's queries after the eviction cannot see what it evicted."""
+    torch.manual_seed(3)
+    frames = torch.randint(0, 200, (4, tiny_adapter.tokens_per_frame))
+    session = StreamingSession(tiny_adapter, RaggedTestRule(), chunk_frames=2)
+    prefix = tiny_adapter.prefix_piece(session.system_prompt)
+    chunk1 = tiny_adapter.frames_piece(frames[:2], 0)
+    session.add_frames(frames[:2])  # one compression: layers now hold different tokens
+    assert len(set(session.store.lengths())) == tiny_adapter.num_layers
+    kept = [session.store.positions[layer][0].tolist() for layer in range(tiny_adapter.num_layers)]
+    chunk2 = tiny_adapter.frames_piece(frames[2:], 2)
+    session.add_frames(frames[2:])
+    question = tiny_adapter.question_piece("What happened?")
+    logits = session.next_token_logits("What happened?")
+    single = StreamPiece.text([17], 1)  # and a single new token (q == 1 path)
+    with torch.inference_mode():
+        single_logits = tiny_adapter.logits(session._prefill(single))[0, -1]
+
+    merged, positions = concat_pieces(tiny_adapter, [prefix, chunk1, chunk2, single])
+    merged_q, positions_q = concat_pieces(tiny_adapter, [prefix, chunk1, chunk2, question])
+    seen_before = len(prefix) + len(chunk1)
+
+    def masked_logits(piece, pos):
+        total = len(piece)
+        masks = []
+        for layer in range(tiny_adapter.num_layers):
+            allowed = torch.ones(total, total, dtype=torch.bool).tril()
+            evicted = torch.tensor([p not in set(kept[layer]) for p in range(seen_before)])
+            allowed[seen_before:, :seen_before] &= ~evicted
+            masks.append(allowed)
+
+        def masked_attention(module, query, key, value, attention_mask, scaling=None, **kw):
+            mask = masks[module.layer_idx]
+            out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scaling,
+                                                 enable_gqa=True)
+            return out.transpose(1, 2), None
+
+        AttentionInterface.register("test_masked", masked_attention)
+        AttentionMaskInterface.register("test_masked", lambda *a, **k: None)
+        tiny_adapter.model.set_attn_implementation("test_masked")
+        try:
+            with torch.inference_mode():
+                return tiny_adapter.logits(tiny_adapter.forward(piece, pos))[0, -1]
+        finally:
+            from hermes_policy.models import use_ragged_attention
+
+            use_ragged_attention(tiny_adapter.model)
+
+    torch.testing.assert_close(logits, masked_logits(merged_q, positions_q), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(single_logits, masked_logits(merged, positions), atol=1e-4, rtol=1e-4)
+
+
+def test_per_layer_positions_equal_a_rigidly_shifted_cache(tiny_adapter):
+    """After eager re-indexing, layers of different lengths place new tokens at different
+    positions (per-layer rotary). Shifting every layer rigidly so that all agree (keys moved
+    by the rotary delta) must give the same result through the shared-rotary path."""
+    torch.manual_seed(4)
+    rule = RaggedTestRule(reindex="eager")
+    frames = torch.randint(0, 200, (2, tiny_adapter.tokens_per_frame))
+    session = StreamingSession(tiny_adapter, rule, chunk_frames=2)
+    session.add_frames(frames)
+    next_positions = [session.store.next_position(layer) for layer in range(tiny_adapter.num_layers)]
+    assert len(set(next_positions)) > 1, "the test needs layers at different positions"
+
+    shifted = StreamingSession(tiny_adapter, rule, chunk_frames=2)
+    shifted.store = copy.deepcopy(session.store)
+    shifted.frames_seen = session.frames_seen
+    target = max(next_positions)
+    for layer, nxt in enumerate(next_positions):
+        old = shifted.store.positions[layer]
+        new = old + (target - nxt)
+        cache_layer = shifted.store.cache.layers[layer]
+        cache_layer.keys = rerotate_keys(cache_layer.keys, old, new, tiny_adapter.rotary_emb)
+        shifted.store.positions[layer] = new
+
+    piece = tiny_adapter.question_piece("Where is the ball?")
+    with torch.inference_mode():
+        per_layer = session._prefill(piece)
+        uniform = shifted._prefill(piece)
+    assert not torch.equal(session.store.positions[0][:, -1], session.store.positions[1][:, -1])
+    torch.testing.assert_close(per_layer, uniform, atol=1e-4, rtol=1e-4)

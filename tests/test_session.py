@@ -1,0 +1,128 @@
+"""StreamingSession on a tiny Llama: exactness against one-shot forwards, fifo bounds, Q/A hygiene."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from hermes_policy import StreamingSession
+from hermes_policy.positions import compact_positions
+from hermes_policy.reference import one_shot_logits
+from hermes_policy.retention import FifoRetention, FullRetention
+
+
+def random_frames(adapter, n, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 250, (n, adapter.tokens_per_frame), generator=generator)
+
+
+@pytest.mark.parametrize("chunk_frames,n_frames", [(1, 3), (3, 7), (4, 8)])
+def test_full_streaming_equals_one_shot_forward(tiny_adapter, chunk_frames, n_frames):
+    frames = random_frames(tiny_adapter, n_frames)
+    session = StreamingSession(tiny_adapter, FullRetention(), chunk_frames=chunk_frames)
+    session.add_frames(frames)
+    question = "What is on the table?"
+    streamed = session.next_token_logits(question)
+
+    pieces = [tiny_adapter.prefix_piece(session.system_prompt)]
+    for start in range(0, n_frames, chunk_frames):
+        pieces.append(tiny_adapter.frames_piece(frames[start : start + chunk_frames], start))
+    pieces.append(tiny_adapter.question_piece(question))
+    reference = one_shot_logits(tiny_adapter, pieces)[0, -1]
+    torch.testing.assert_close(streamed, reference, atol=1e-4, rtol=1e-4)
+
+
+def test_greedy_answer_equals_one_shot_greedy_decoding(tiny_adapter):
+    frames = random_frames(tiny_adapter, 6, seed=1)
+    session = StreamingSession(tiny_adapter, chunk_frames=3)
+    session.add_frames(frames)
+    answer = session.ask("Describe it.", max_new_tokens=6)
+
+    pieces = [tiny_adapter.prefix_piece(session.system_prompt)]
+    pieces += [tiny_adapter.frames_piece(frames[i : i + 3], i) for i in (0, 3)]
+    question = tiny_adapter.question_piece("Describe it.")
+    ids = torch.cat([p.input_ids for p in pieces] + [question.input_ids])
+    generated = []
+    with torch.inference_mode():
+        for _ in range(6):
+            logits = tiny_adapter.model(input_ids=ids[None]).logits[0, -1]
+            token = int(logits.argmax())
+            generated.append(token)
+            if token in tiny_adapter.stop_token_ids:
+                break
+            ids = torch.cat([ids, torch.tensor([token])])
+    assert answer.token_ids == [t for t in generated if t not in tiny_adapter.stop_token_ids]
+
+
+def test_ask_leaves_no_trace_in_the_cache(tiny_adapter):
+    session = StreamingSession(tiny_adapter, chunk_frames=2)
+    session.add_frames(random_frames(tiny_adapter, 4))
+    lengths = session.store.lengths()
+    keys = session.store.cache.layers[1].keys.clone()
+    answer = session.ask("What happened?", max_new_tokens=5)
+    assert session.store.lengths() == lengths
+    assert torch.equal(session.store.cache.layers[1].keys, keys)
+    assert session.history[-1].question == "What happened?"
+    assert session.history[-1].answer == answer.text
+    assert answer.ttft_ms > 0 and answer.tokens_kept == session.tokens_kept
+    assert answer.kv_cache_bytes == session.store.nbytes() > 0
+
+
+def test_pending_frames_are_ingested_before_a_question(tiny_adapter):
+    session = StreamingSession(tiny_adapter, chunk_frames=4)
+    report = session.add_frames(random_frames(tiny_adapter, 6))
+    assert report.chunks == 1 and session.frames_seen == 4
+    answer = session.ask("Anything?", max_new_tokens=2)
+    assert answer.pending_frames == 2 and session.frames_seen == 6
+    assert session.tokens_kept == [6 * tiny_adapter.tokens_per_frame] * tiny_adapter.num_layers
+
+
+def test_fifo_with_a_large_budget_answers_exactly_like_full(tiny_adapter):
+    frames = random_frames(tiny_adapter, 9, seed=2)
+    full = StreamingSession(tiny_adapter, FullRetention(), chunk_frames=3)
+    fifo = StreamingSession(tiny_adapter, FifoRetention(budget=10_000), chunk_frames=3)
+    full.add_frames(frames)
+    fifo.add_frames(frames)
+    assert fifo.ask("Say something.").token_ids == full.ask("Say something.").token_ids
+    assert torch.equal(fifo.next_token_logits("Why?"), full.next_token_logits("Why?"))
+
+
+def test_fifo_keeps_the_budget_and_the_position_limit_over_a_long_stream(tiny_llama_small_limit_dir):
+    from hermes_policy.models import load_adapter
+
+    adapter = load_adapter(tiny_llama_small_limit_dir, device="cpu", tokens_per_frame=4)
+    budget = 64
+    session = StreamingSession(adapter, FifoRetention(budget=budget), chunk_frames=8)
+    frames = random_frames(adapter, 520, seed=5)
+    for start in range(0, 520, 40):
+        session.add_frames(frames[start : start + 40])
+        assert max(session.tokens_kept) <= budget
+        for layer in range(adapter.num_layers):
+            positions = session.store.positions[layer]
+            assert int(positions.max()) < adapter.max_positions
+            # re-indexed contiguous after every eviction, as in the paper's analysis
+            assert torch.equal(positions, compact_positions(positions, session.store.prefix_len))
+    assert session.frames_seen == 520 and session.frames_seen * 4 > adapter.max_positions
+    # the kept tokens are the newest ones
+    kept_frames = session.store.frame_index[0][session.store.prefix_len :]
+    assert kept_frames.tolist() == sorted(kept_frames.tolist()) and int(kept_frames[-1]) == 519
+    answer = session.ask("What now?", max_new_tokens=4)
+    assert answer.tokens_kept == [budget] * adapter.num_layers
+
+
+def test_full_warns_when_the_stream_passes_the_position_limit(tiny_llama_small_limit_dir):
+    from hermes_policy.models import load_adapter
+
+    adapter = load_adapter(tiny_llama_small_limit_dir, device="cpu", tokens_per_frame=16)
+    session = StreamingSession(adapter, FullRetention(), chunk_frames=16)
+    with pytest.warns(UserWarning, match="beyond the model's limit"):
+        session.add_frames(random_frames(adapter, 80))
+
+
+def test_text_frames_are_exactly_n_tokens(tiny_adapter):
+    n = tiny_adapter.tokens_per_frame
+    assert len(tiny_adapter.frame_ids("a")) == n
+    assert len(tiny_adapter.frame_ids("a much longer frame description than eight bytes")) == n
+    piece = tiny_adapter.frames_piece(["one", "two two two two two"], first_frame=5)
+    assert len(piece) == 2 * n
+    assert piece.frame_index.tolist() == [5] * n + [6] * n
