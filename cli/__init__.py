@@ -1,0 +1,1 @@
+"""The `hermes-probe` command line."""

@@ -78,6 +78,9 @@ def _stack_frames(frames: list[Any]) -> Any:
     first = frames[0]
     if isinstance(first, str):
         return list(frames)
+    shapes = {tuple(np.shape(f)) for f in frames}
+    if len(shapes) > 1:
+        raise StreamError(f"frames of one chunk must share one shape, got {sorted(shapes)}")
     if isinstance(first, torch.Tensor):
         return torch.stack(frames)
     return np.stack(frames)

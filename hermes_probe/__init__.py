@@ -1,0 +1,1 @@
+"""hermes_probe: attention analysis of streaming video LLMs (recording, metrics, tiers, policies)."""
