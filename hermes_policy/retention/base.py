@@ -65,7 +65,7 @@ class RetentionRule(ABC):
         keep everything.
         """
 
-    def validate(self, tokens_per_frame: int) -> None:
+    def validate(self, tokens_per_frame: int) -> None:  # noqa: B027 - optional hook
         """Check the configuration against the model's frame size; raise RetentionError."""
 
 
