@@ -26,7 +26,6 @@ app = typer.Typer(
     add_completion=False,
 )
 console = Console()
-err_console = Console(stderr=True)
 F = TypeVar("F", bound=Callable[..., Any])
 
 
@@ -40,7 +39,7 @@ def friendly_errors(func: F) -> F:
         try:
             return func(*args, **kwargs)
         except HermesError as exc:
-            err_console.print(f"[bold red]error:[/] {exc}", highlight=False)
+            typer.secho(f"error: {exc}", err=True, fg=typer.colors.RED)
             raise typer.Exit(1) from None
 
     return wrapper  # type: ignore[return-value]

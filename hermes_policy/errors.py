@@ -26,3 +26,7 @@ class StreamError(HermesError):
 
 class RetentionError(HermesError):
     """A retention rule was configured with impossible parameters."""
+
+
+class PolicyError(HermesError):
+    """A policy JSON is malformed, of another schema, or does not fit the model."""

