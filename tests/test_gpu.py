@@ -1,0 +1,48 @@
+"""The runtime on CUDA (bf16 and fp32): exactness and memory reporting.
+
+Skipped, with the reason shown, where no CUDA device exists (CI has none); run on the
+GPU machine with `python -m pytest tests/test_gpu.py`.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from hermes_policy import StreamingSession
+from hermes_policy.reference import one_shot_logits
+from hermes_policy.retention import FifoRetention
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.bfloat16, 5e-2)])
+def test_streaming_equals_one_shot_on_cuda(tiny_llama_dir, dtype, tol):
+    from hermes_policy.models import load_adapter
+
+    adapter = load_adapter(tiny_llama_dir, device="cuda", dtype=dtype, tokens_per_frame=8)
+    frames = torch.randint(0, 250, (8, 8), generator=torch.Generator().manual_seed(0))
+    session = StreamingSession(adapter, chunk_frames=4)
+    session.add_frames(frames)
+    streamed = session.next_token_logits("What is there?")
+    pieces = [adapter.prefix_piece(session.system_prompt)]
+    pieces += [adapter.frames_piece(frames[i : i + 4], i) for i in (0, 4)]
+    pieces.append(adapter.question_piece("What is there?"))
+    reference = one_shot_logits(adapter, pieces)[0, -1].float()
+    torch.testing.assert_close(streamed, reference, atol=tol, rtol=tol)
+    answer = session.ask("What is there?", max_new_tokens=4)
+    assert answer.peak_memory_bytes is not None and answer.peak_memory_bytes > 0
+
+
+def test_fifo_on_cuda_keeps_memory_flat(tiny_llama_dir):
+    from hermes_policy.models import load_adapter
+
+    adapter = load_adapter(tiny_llama_dir, device="cuda", dtype=torch.bfloat16, tokens_per_frame=8)
+    session = StreamingSession(adapter, FifoRetention(budget=64), chunk_frames=8)
+    frames = torch.randint(0, 250, (400, 8), generator=torch.Generator().manual_seed(1))
+    sizes = []
+    for start in range(0, 400, 40):
+        session.add_frames(frames[start : start + 40])
+        sizes.append(session.store.nbytes())
+        assert max(session.tokens_kept) <= 64
+    assert len(set(sizes)) == 1
