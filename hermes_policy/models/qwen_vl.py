@@ -71,6 +71,7 @@ question are those of a text-only turn, and the text between the video and the q
 
 from __future__ import annotations
 
+from abc import abstractmethod
 from typing import Any, ClassVar
 
 import numpy as np
@@ -311,27 +312,23 @@ class _QwenVLAdapter(ModelAdapter):
     def _vision_positions(
         self, start: int, grid: tuple[int, int, int], interval: float | torch.Tensor
     ) -> torch.Tensor:
-        """Positions ``(3, t * h * w / merge**2)`` of one vision block starting at ``start``."""
-        method = getattr(self.base_model, "get_vision_position_ids", None)
-        if method is not None:
-            try:
-                grid_thw = torch.tensor(grid, dtype=torch.long)
-                return (
-                    method(start, grid_thw, 1, self.merge_size, interval, device="cpu").long().cpu()
-                )
-            except TypeError:  # another signature (older transformers): same formula
-                pass
+        """Positions ``(3, t * h * w / merge**2)`` of one vision block starting at ``start``.
+
+        Our own copy of the model's ``get_vision_position_ids`` formula (tests check they
+        agree): transformers 5.17's version multiplies a long ``arange`` by a float interval
+        and then fails in ``meshgrid``, so calling it is not portable.
+        """
         return vision_position_ids(start, grid, self.merge_size, interval)
 
+    @abstractmethod
     def _blocks(
         self, grid: tuple[int, int, int], fps: float
     ) -> list[tuple[tuple[int, int, int], float | torch.Tensor]]:
         """The vision blocks of a chunk: (grid, temporal interval) each, in order."""
-        raise NotImplementedError
 
+    @abstractmethod
     def _chunk_text(self, grid: tuple[int, int, int], times: list[float]) -> str:
         """The chunk's prompt text, with ``<|video_pad|>`` expanded as the processor does."""
-        raise NotImplementedError
 
     def frames_piece(
         self, frames: Any, first_frame: int, timestamps: list[float] | None = None
