@@ -25,7 +25,7 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
 )
-console = Console()
+console = Console(width=None if sys.stdout.isatty() else 160)
 F = TypeVar("F", bound=Callable[..., Any])
 
 
@@ -144,6 +144,146 @@ def _answer_dict(answer: Any) -> dict[str, Any]:
         "kv_cache_bytes": answer.kv_cache_bytes,
         "frames_seen": answer.frames_seen,
     }
+
+
+@app.command()
+@friendly_errors
+def analyze(
+    model: Annotated[
+        str | None, typer.Option(help="Hub id, local folder or .gguf file; default: the embedded SmolLM2.")
+    ] = None,
+    videos: Annotated[Path | None, typer.Option(help="A video file or a folder of videos.")] = None,
+    annotations: Annotated[Path | None, typer.Option(help="A streaming-QA annotation JSON.")] = None,
+    video_root: Annotated[Path | None, typer.Option(help="Folder that relative video paths refer to.")] = None,
+    synthetic: Annotated[bool, typer.Option(help="Probe on the built-in synthetic stream (the default).")] = False,
+    frames: Annotated[int, typer.Option(min=3, help="Frames of the synthetic stream.")] = 64,
+    tokens_per_frame: Annotated[
+        int | None, typer.Option(min=1, help="Text-frame length for causal LMs (default 48).")
+    ] = None,
+    fps: Annotated[float, typer.Option(min=0.01, help="Frames sampled per second of video.")] = 0.5,
+    chunk: Annotated[int, typer.Option(min=1, help="Frames per prefill chunk.")] = 8,
+    fifo_budget: Annotated[int, typer.Option(min=1, help="FIFO window of stream tokens per layer.")] = 6000,
+    policy_budget: Annotated[int, typer.Option(min=1, help="Stream tokens per layer in the written policy.")] = 4000,
+    seed: Annotated[int, typer.Option(help="Seed of the synthetic stream.")] = 0,
+    query: Annotated[
+        list[str] | None, typer.Option(help="Probe query (repeatable); default: guidance prompts + generic questions.")
+    ] = None,
+    out: Annotated[Path, typer.Option(help="Output folder.")] = Path("probe-out"),
+    force: Annotated[bool, typer.Option(help="Overwrite an existing policy / start over.")] = False,
+    figures: Annotated[bool, typer.Option(help="Write the figures.")] = True,
+    from_profiles: Annotated[
+        Path | None, typer.Option(help="Redo the analysis from a saved profiles.npz, without the model.")
+    ] = None,
+    device: Annotated[str | None, typer.Option(help="cpu, cuda, cuda:1 ... (default: cuda if available).")] = None,
+    dtype: Annotated[str | None, typer.Option(help="float32, bfloat16 or float16.")] = None,
+    trust_remote_code: Annotated[bool, typer.Option(help="Allow code from the model repository.")] = False,
+) -> None:
+    """Probe how a model's layers attend over a stream; write policy.json, profiles and figures."""
+    from hermes_probe.report import findings
+    from hermes_probe.runner import ProbeConfig, ProbeError, analyze_profile, write_outputs
+    from hermes_probe.runner import analyze as run_analysis
+
+    config = ProbeConfig(fps=fps, chunk_frames=chunk, fifo_budget=fifo_budget, seed=seed, queries=tuple(query or ()))
+    if from_profiles is not None:
+        from hermes_policy.policy import ModelInfo
+        from hermes_probe.profiles import AttentionProfile
+
+        if (out / "policy.json").exists() and not force:
+            raise ProbeError(f"{out} already holds a policy.json; use --force to overwrite it")
+        profile = AttentionProfile.load(from_profiles)
+        if "model" not in profile.meta:
+            raise ProbeError(f"{from_profiles} does not say which model it was recorded on")
+        metrics, fit, policy = analyze_profile(profile, ModelInfo(**profile.meta["model"]), budget=policy_budget)
+        out.mkdir(parents=True, exist_ok=True)
+        write_outputs(out, profile, metrics, fit, policy, {}, figures=figures)
+    else:
+        chosen = [name for name, given in (("--videos", videos), ("--annotations", annotations),
+                                           ("--synthetic", synthetic or None)) if given is not None]
+        if len(chosen) > 1:
+            raise ProbeError(f"choose one input, not {' and '.join(chosen)}")
+        if (out / "policy.json").exists() and not force:
+            raise ProbeError(f"{out} already holds a policy.json; use --force to overwrite it")
+        adapter = _load(model, device, dtype, tokens_per_frame, trust_remote_code)
+        streams = _probe_streams(adapter, videos, annotations, video_root, frames, fps, seed)
+        result = run_analysis(adapter, streams, config, out, policy_budget=policy_budget, force=force,
+                              figures=figures)
+        metrics, fit, policy = result.metrics, result.fit, result.policy
+        for name, reason in result.failed.items():
+            typer.secho(f"skipped {name}: {reason}", err=True, fg=typer.colors.YELLOW)
+    console.print(f"[bold]{policy.model.name_or_path}[/]: {policy.provenance['probe']['probes']} probe queries")
+    for line in findings(metrics, fit):
+        console.print(f"  - {line}", highlight=False)
+    console.print(f"wrote {out / 'policy.json'}, {out / 'report.md'}, {out / 'metrics.json'}"
+                  + (f", {out / 'figures'}/" if figures else ""))
+
+
+def _load(model: str | None, device: str | None, dtype: str | None, tokens_per_frame: int | None,
+          trust_remote_code: bool) -> Any:
+    from hermes_policy.errors import ModelLoadError
+    from hermes_policy.models import load_adapter
+
+    with console.status("loading model..."):
+        adapter = load_adapter(model, device=device, dtype=dtype, tokens_per_frame=tokens_per_frame,
+                               trust_remote_code=trust_remote_code)
+    if tokens_per_frame is not None and adapter.tokens_per_frame != tokens_per_frame:
+        raise ModelLoadError(
+            f"{adapter.name_or_path} encodes one frame as {adapter.tokens_per_frame} tokens; "
+            f"--tokens-per-frame {tokens_per_frame} is not possible for this model"
+        )
+    return adapter
+
+
+def _probe_streams(adapter: Any, videos: Path | None, annotations: Path | None, video_root: Path | None,
+                   frames: int, fps: float, seed: int) -> list[Any]:
+    from hermes_probe.runner import ProbeError
+    from hermes_probe.sources import annotation_streams, synthetic_streams, video_streams
+
+    if (videos or annotations) and adapter.is_text_only:
+        raise ProbeError(
+            f"{adapter.name_or_path} is a text-only model and cannot watch videos; use --synthetic"
+        )
+    if videos is not None:
+        return video_streams(videos, fps)
+    if annotations is not None:
+        return annotation_streams(annotations, fps, video_root)
+    return synthetic_streams(adapter, frames, seed)
+
+
+@app.command()
+@friendly_errors
+def show(policy_path: Annotated[Path, typer.Argument(help="A policy.json file.")]) -> None:
+    """Print a readable summary of a policy."""
+    from hermes_policy.policy import Policy
+
+    policy = Policy.load(policy_path)
+    model = policy.model
+    console.print(f"[bold]{policy_path}[/] ({policy.provenance.get('source', '?')} policy, "
+                  f"created {policy.provenance.get('created_at', '?')})")
+    console.print(f"model: {model.name_or_path} ({model.architecture}, {model.num_layers} layers, "
+                  f"{model.num_heads} heads / {model.num_kv_heads} KV heads, {model.tokens_per_frame} tokens/frame)")
+    console.print(f"budget: {policy.budget} stream tokens per layer | re-indexing: {policy.reindex}")
+    console.print("tiers: " + ", ".join(f"{name} {a}-{b}" for name, (a, b) in policy.tiers.items()))
+    probe = policy.provenance.get("probe", {})
+    if probe:
+        console.print(f"probe: {probe.get('streams')} stream(s), {probe.get('probes')} queries, "
+                      f"window {probe.get('window')} tokens, frame period {probe.get('frame_period')}, "
+                      f"tier fit R^2 {probe.get('tier_fit_r2')}, mismatched layers: {probe.get('mismatched_layers') or 'none'}")
+    table = Table()
+    columns = ["layer", "tier", "w (recency)", "k", "lambda", "budget", "summary"]
+    metrics = probe.get("metrics", {})
+    if metrics:
+        columns += ["role", "recency", "periodicity", "anchor"]
+    for column in columns:
+        table.add_column(column, justify="right" if column not in ("tier", "role") else "left")
+    for layer in policy.layers:
+        row = [str(layer.index), layer.tier, f"{layer.recency_weight:.2f}", f"{layer.forgetting_rate:.1f}",
+               f"{layer.smoothing:.2f}", str(layer.budget), "yes" if layer.summary_token else "-"]
+        if metrics:
+            i = layer.index
+            row += [probe.get("roles", ["?"] * (i + 1))[i], f"{metrics['recency'][i]:.3f}",
+                    f"{metrics['periodicity'][i]:.3f}", str(metrics["anchor_phase"][i])]
+        table.add_row(*row)
+    console.print(table)
 
 
 @app.command()

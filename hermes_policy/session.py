@@ -16,13 +16,14 @@ from __future__ import annotations
 import time
 import warnings
 from collections.abc import Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 
-from .attention import PerLayerRotary
+from .attention import AttentionCapture, PerLayerRotary
 from .errors import StreamError
 from .kv_store import KVStore
 from .models.base import DEFAULT_SYSTEM_PROMPT, ModelAdapter, StreamPiece
@@ -247,14 +248,29 @@ class StreamingSession:
         Used to compare retention rules against the full cache (KL divergence,
         log-probability of known answers) without decoding.
         """
+        hidden = self.run_query(question)
+        with torch.inference_mode():
+            return self.adapter.logits(hidden)[0, -1].float()
+
+    def run_query(self, text: str, capture: AttentionCapture | None = None) -> torch.Tensor:
+        """Prefill a question on the cache and take it back out; returns its last hidden state.
+
+        Parameters
+        ----------
+        text : the question (formatted as :meth:`ask` formats it)
+        capture : an attention capture active during the prefill (probing, pseudo-queries)
+
+        Returns
+        -------
+        Tensor ``(1, 1, hidden)``
+        """
         self.flush()
         if self.frames_seen == 0:
             raise StreamError("a question was asked before any frame was streamed")
         saved_lengths = self.store.lengths()
         try:
-            with torch.inference_mode():
-                hidden = self._prefill(self.adapter.question_piece(question), last_only=True)
-                return self.adapter.logits(hidden)[0, -1].float()
+            with torch.inference_mode(), capture or nullcontext():
+                return self._prefill(self.adapter.question_piece(text), last_only=True)
         finally:
             self.store.truncate(saved_lengths)
 

@@ -1,0 +1,103 @@
+"""Readable summaries: the analysis report (markdown) and the `show` view of a policy."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from hermes_policy.policy import TIERS, Policy
+
+from .metrics import ProfileMetrics
+from .tiers import TierFit, recency_strength
+
+RECENCY_BIASED = 0.5  # recency strength above which a layer is called recency-biased
+PERIODIC = 0.3  # periodicity above which a layer is called frame-periodic
+
+
+def _ranges(indices: list[int]) -> str:
+    """[0, 1, 2, 5, 7, 8] -> '0-2, 5, 7-8'."""
+    if not indices:
+        return "none"
+    parts, start, prev = [], indices[0], indices[0]
+    for i in [*indices[1:], None]:
+        if i is not None and i == prev + 1:
+            prev = i
+            continue
+        parts.append(f"{start}" if start == prev else f"{start}-{prev}")
+        if i is not None:
+            start = prev = i
+    return ", ".join(parts)
+
+
+def findings(metrics: ProfileMetrics, fit: TierFit) -> list[str]:
+    """Plain-language statements of what the probe measured."""
+    rho = recency_strength(metrics.recency_share)
+    periodic = metrics.periodicity
+    recency_layers = [i for i, r in enumerate(rho) if r >= RECENCY_BIASED]
+    periodic_layers = [i for i, p in enumerate(periodic) if p >= PERIODIC]
+    both = sorted(set(recency_layers) & set(periodic_layers))
+    lines = [
+        f"Recency-biased layers (recency strength >= {RECENCY_BIASED}): {_ranges(recency_layers)}.",
+        f"Frame-periodic layers (periodicity >= {PERIODIC} at the frame period of "
+        f"{metrics.period} tokens): {_ranges(periodic_layers)}.",
+    ]
+    if both:
+        lines.append(f"Layers that mix strong recency with a per-frame rhythm: {_ranges(both)}.")
+    if periodic_layers:
+        phases = np.bincount(metrics.anchor_phase[periodic_layers], minlength=metrics.period)
+        top = int(np.argmax(phases))
+        lines.append(
+            f"Anchor position within a frame (most attended offset) in the periodic layers: "
+            f"offset {top} in {int(phases[top])} of {len(periodic_layers)} layers."
+        )
+    measured = [int(metrics.measured_period[i]) for i in periodic_layers]
+    if measured:
+        values, counts = np.unique(measured, return_counts=True)
+        lines.append(f"Measured rhythm in those layers: every {int(values[np.argmax(counts)])} tokens.")
+    tiers = ", ".join(f"{t} {a}-{b}" for t, (a, b) in fit.tiers.items())
+    lines.append(f"Best contiguous tiers: {tiers} (R^2 = {fit.r2:.2f}).")
+    if fit.mismatches:
+        detail = "; ".join(
+            f"{role}: {_ranges([i for i in fit.mismatches if fit.roles[i] == role])}"
+            for role in TIERS if any(fit.roles[i] == role for i in fit.mismatches)
+        )
+        lines.append(
+            f"Contiguous tiers do not fit {len(fit.mismatches)} layers, whose own role is "
+            f"{detail}. Their per-layer policy entries follow their own measurements."
+        )
+    else:
+        lines.append("Every layer's own role matches its contiguous tier.")
+    return lines
+
+
+def render_report(policy: Policy, metrics: ProfileMetrics, fit: TierFit, failed: dict[str, str]) -> str:
+    probe = policy.provenance.get("probe", {})
+    lines = [
+        f"# hermes-probe report: {policy.model.name_or_path}",
+        "",
+        f"{policy.model.architecture}, {policy.model.num_layers} layers, {policy.model.num_heads} heads, "
+        f"{policy.model.tokens_per_frame} tokens per frame. Protocol: {probe.get('streams')} stream(s), "
+        f"{probe.get('probes')} probe queries, fps {probe.get('fps')}, chunks of {probe.get('chunk_frames')} "
+        f"frames, FIFO window {metrics.window} tokens (requested {probe.get('fifo_budget')}).",
+        "",
+        "## Findings",
+        "",
+        *[f"- {line}" for line in findings(metrics, fit)],
+        "",
+        "## Per layer",
+        "",
+        "| layer | tier | own role | recency share | newest-frame x | decay/token | periodicity | anchor "
+        "| entropy | top-1% | w | k | lambda |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for i, layer in enumerate(policy.layers):
+        lines.append(
+            f"| {i} | {layer.tier} | {fit.roles[i]} | {metrics.recency_share[i]:.3f} | "
+            f"{metrics.newest_frame_ratio[i]:.2f} | {metrics.decay_rate[i]:.2e} | "
+            f"{metrics.periodicity[i]:.3f} | {metrics.anchor_phase[i]} (x{metrics.anchor_strength[i]:.1f}) | "
+            f"{metrics.entropy[i]:.3f} | {metrics.top_mass[i]:.3f} | {layer.recency_weight:.2f} | "
+            f"{layer.forgetting_rate:.1f} | {layer.smoothing:.2f} |"
+        )
+    if failed:
+        lines += ["", "## Streams that could not be probed", ""]
+        lines += [f"- {name}: {reason}" for name, reason in failed.items()]
+    return "\n".join(lines) + "\n"
