@@ -1,5 +1,5 @@
 # Two commands do everything on a fresh machine (Python 3.11, x86_64, no GPU needed):
-#   make demo   install, then stream the synthetic stream through the embedded SmolLM2
+#   make demo   install, then probe the embedded SmolLM2 on the synthetic stream (runs/demo/)
 #   make test   install, then run the whole test suite
 PYTHON ?= python3
 VENV ?= .venv
@@ -22,7 +22,7 @@ $(STAMP): pyproject.toml Makefile
 install: $(STAMP)
 
 demo: install
-	$(BIN)/hermes-probe demo
+	$(BIN)/hermes-probe analyze --out runs/demo --force
 
 test: install
 	$(BIN)/python -m pytest -q

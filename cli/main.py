@@ -287,6 +287,108 @@ def show(policy_path: Annotated[Path, typer.Argument(help="A policy.json file.")
 
 
 @app.command()
+@friendly_errors
+def stream(
+    model: Annotated[
+        str | None, typer.Option(help="Hub id, local folder or .gguf file; default: the embedded SmolLM2.")
+    ] = None,
+    policy: Annotated[
+        str, typer.Option(help="A policy.json, paper-default, or a rule: full, fifo, sink+recent, uniform, attention-only.")
+    ] = "paper-default",
+    video: Annotated[Path | None, typer.Option(help="A video file or frame folder.")] = None,
+    annotations: Annotated[Path | None, typer.Option(help="Run every video and question of a streaming-QA JSON.")] = None,
+    video_root: Annotated[Path | None, typer.Option(help="Folder that relative video paths refer to.")] = None,
+    synthetic: Annotated[bool, typer.Option(help="Stream the built-in synthetic stream (the default).")] = False,
+    frames: Annotated[int, typer.Option(min=1, help="Frames of the synthetic stream.")] = 64,
+    tokens_per_frame: Annotated[int | None, typer.Option(min=1, help="Text-frame length (causal LMs).")] = None,
+    fps: Annotated[float, typer.Option(min=0.01, help="Frames sampled per second of video.")] = 0.5,
+    chunk: Annotated[int, typer.Option(min=1, help="Frames per prefill chunk.")] = 8,
+    budget: Annotated[int, typer.Option(min=1, help="Stream tokens per layer (rules and paper-default).")] = 4000,
+    ask: Annotated[list[str] | None, typer.Option(help="A question (repeatable).")] = None,
+    at: Annotated[
+        list[float] | None, typer.Option(help="Stream second of each --ask, in order (default: at the end).")
+    ] = None,
+    max_new_tokens: Annotated[int, typer.Option(min=1, help="Answer length limit.")] = 64,
+    seed: Annotated[int, typer.Option(help="Seed of the synthetic stream.")] = 0,
+    device: Annotated[str | None, typer.Option(help="cpu, cuda, cuda:1 ... (default: cuda if available).")] = None,
+    dtype: Annotated[str | None, typer.Option(help="float32, bfloat16 or float16.")] = None,
+    trust_remote_code: Annotated[bool, typer.Option(help="Allow code from the model repository.")] = False,
+    json_out: Annotated[Path | None, typer.Option("--json", help="Also write the results here.")] = None,
+) -> None:
+    """Stream a video (or the synthetic stream) under a retention rule and answer questions at their times."""
+    import math
+
+    import numpy as np
+
+    from hermes_policy import StreamingSession
+    from hermes_policy.annotations import load_annotations
+    from hermes_policy.errors import StreamError
+    from hermes_policy.streaming import TimedQuestion, rule_from_spec, stream_with_questions
+    from hermes_policy.synthetic import shapes_video, text_stream
+    from hermes_policy.video import read_video
+
+    chosen = [n for n, g in (("--video", video), ("--annotations", annotations), ("--synthetic", synthetic or None))
+              if g is not None]
+    if len(chosen) > 1:
+        raise StreamError(f"choose one input, not {' and '.join(chosen)}")
+    if at and (not ask or len(at) > len(ask)):
+        raise StreamError("each --at needs its --ask (they pair up in order)")
+    adapter = _load(model, device, dtype, tokens_per_frame, trust_remote_code)
+    if (video or annotations) and adapter.is_text_only:
+        raise StreamError(f"{adapter.name_or_path} is a text-only model and cannot watch videos; use --synthetic")
+    times = list(at or []) + [math.inf] * (len(ask or []) - len(at or []))
+    jobs = []  # (name, frames, timestamps, questions)
+    if annotations is not None:
+        for entry in load_annotations(annotations, video_root):
+            decoded = read_video(entry.video_path, fps=fps)
+            questions = [TimedQuestion(q.question, q.ask_after, q.answer) for q in entry.questions]
+            jobs.append((entry.video_id, decoded.frames, decoded.timestamps, questions))
+    elif video is not None:
+        decoded = read_video(video, fps=fps)
+        jobs.append((str(video), decoded.frames, decoded.timestamps,
+                     [TimedQuestion(q, t) for q, t in zip(ask or [], times)]))
+    else:
+        if adapter.is_text_only:
+            synth = text_stream(frames, seed=seed)
+        else:
+            synth = shapes_video(frames, seed=seed)
+        questions = [TimedQuestion(q, t) for q, t in zip(ask or [], times)] or [
+            TimedQuestion(q.question, q.end_time, q.answer) for q in synth.questions[:3]
+        ]
+        jobs.append(("synthetic", synth.frames, np.asarray(synth.timestamps), questions))
+    if not any(questions for *_, questions in jobs):
+        raise StreamError("nothing to ask: give --ask (or --annotations with questions)")
+    records = []
+    for name, stream_frames, stamps, questions in jobs:
+        rule = rule_from_spec(policy, adapter, budget)
+        session = StreamingSession(adapter, rule, chunk_frames=chunk, fps=fps)
+        console.print(f"[bold]{name}[/]: {len(stream_frames)} frames | rule [bold]{rule.name}[/] | "
+                      f"{adapter.name_or_path}")
+        table = Table()
+        for column in ("at s", "question", "expected", "answer", "TTFT ms", "TPOT ms", "kept/layer", "peak MiB"):
+            table.add_column(column)
+        for question, answer in stream_with_questions(session, stream_frames, stamps, questions, max_new_tokens):
+            kept = answer.tokens_kept
+            peak = answer.peak_memory_bytes
+            table.add_row(
+                "end" if math.isinf(question.at) else f"{question.at:g}", question.question,
+                question.expected or "-", answer.text, f"{answer.ttft_ms:.1f}",
+                f"{answer.tpot_ms:.1f}" if answer.tpot_ms else "-",
+                f"{min(kept)}-{max(kept)}" if min(kept) != max(kept) else str(kept[0]),
+                f"{peak / 2**20:.0f}" if peak else "-",
+            )
+            records.append({"stream": name, "at": None if math.isinf(question.at) else question.at,
+                            "question": question.question, "expected": question.expected,
+                            **_answer_dict(answer)})
+        console.print(table)
+        console.print(f"compressions {session.compressions}, guidance passes {session.guidance_passes}, "
+                      f"KV cache {session.store.nbytes() / 2**20:.1f} MiB")
+    if json_out is not None:
+        write_json_atomic(json_out, {"model": adapter.name_or_path, "policy": policy, "budget": budget,
+                                     "results": records})
+
+
+@app.command()
 def version() -> None:
     """Print the version."""
     from hermes_policy import __version__

@@ -76,7 +76,8 @@ class AttentionCapture:
     ----------
     attention_modules : the text model's attention modules, in layer order
     layers : layer indices to capture (default: all)
-    query_rows : which query rows of the forward to capture (default: all)
+    query_rows : which query rows of the forward to capture (default: all), or a mapping
+        from layer to rows (layers absent from it capture nothing)
     callback : called as ``callback(layer, probs)`` with ``probs`` of shape
         ``(batch, heads, rows, keys)`` in float32. When given, nothing is kept in
         ``patterns`` (so long runs can accumulate statistics without storing matrices).
@@ -84,13 +85,18 @@ class AttentionCapture:
 
     attention_modules: list[nn.Module]
     layers: Iterable[int] | None = None
-    query_rows: slice = field(default_factory=lambda: slice(None))
+    query_rows: slice | dict[int, slice] = field(default_factory=lambda: slice(None))
     callback: PatternCallback | None = None
     patterns: dict[str, torch.Tensor] = field(default_factory=dict)
     calls: int = 0
 
     def __post_init__(self) -> None:
-        wanted = range(len(self.attention_modules)) if self.layers is None else self.layers
+        if self.layers is not None:
+            wanted = self.layers
+        elif isinstance(self.query_rows, dict):
+            wanted = self.query_rows.keys()
+        else:
+            wanted = range(len(self.attention_modules))
         self._layers = sorted(set(wanted))
 
     @staticmethod
@@ -109,15 +115,29 @@ class AttentionCapture:
         for layer in self._layers:
             self.attention_modules[layer].hermes_capture = None
 
-    def record(self, layer: int, query: torch.Tensor, key: torch.Tensor, scaling: float) -> None:
-        """Compute and hand over the probabilities of the selected query rows of one layer."""
+    def record(
+        self,
+        layer: int,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        scaling: float,
+        mask: torch.Tensor | None = None,
+    ) -> None:
+        """Compute and hand over the probabilities of the selected query rows of one layer.
+
+        ``mask`` is the boolean ``(q, k)`` mask the forward used (None: bottom-right causal).
+        """
         self.calls += 1
         q_len, k_len = query.shape[-2], key.shape[-2]
-        rows = torch.arange(q_len, device=query.device)[self.query_rows]
+        selection = self.query_rows.get(layer) if isinstance(self.query_rows, dict) else self.query_rows
+        if selection is None:
+            return
+        rows = torch.arange(q_len, device=query.device)[selection]
         if rows.numel() == 0:
             return
-        mask = bottom_right_causal_mask(q_len, k_len, query.device)[rows]
-        probs = attention_probabilities(query[:, :, rows], key, scaling, mask)
+        if mask is None:
+            mask = bottom_right_causal_mask(q_len, k_len, query.device)
+        probs = attention_probabilities(query[:, :, rows], key, scaling, mask[rows])
         if self.callback is not None:
             self.callback(layer, probs)
         else:
@@ -150,14 +170,60 @@ def ragged_attention(
     q_len, k_len = query.shape[-2], key.shape[-2]
     if scaling is None:
         scaling = query.shape[-1] ** -0.5
-    mask = None if q_len == 1 else bottom_right_causal_mask(q_len, k_len, query.device)
+    blocks = getattr(module, "hermes_query_blocks", None)
+    if blocks is not None:
+        mask = block_query_mask(blocks, k_len, query.device)
+    else:
+        mask = None if q_len == 1 else bottom_right_causal_mask(q_len, k_len, query.device)
     out = F.scaled_dot_product_attention(
         query, key, value, attn_mask=mask, scale=scaling, enable_gqa=query.shape[1] != key.shape[1]
     )
     capture = getattr(module, "hermes_capture", None)
     if capture is not None:
-        capture.record(module.layer_idx, query, key, scaling)
+        capture.record(module.layer_idx, query, key, scaling, mask)
     return out.transpose(1, 2).contiguous(), None
+
+
+def block_query_mask(blocks: list[int], k_len: int, device: torch.device) -> torch.Tensor:
+    """Mask ``(q, k)`` for several independent queries prefilled together on one cache.
+
+    The new tokens are ``sum(blocks)`` queries made of consecutive blocks; each block sees
+    the whole cache (the first ``k_len - q`` keys) and, causally, its own tokens only, so
+    one forward computes what separate forwards of each block would.
+    """
+    q_len = sum(blocks)
+    cache = k_len - q_len
+    mask = torch.zeros(q_len, k_len, dtype=torch.bool, device=device)
+    mask[:, :cache] = True
+    start = 0
+    for size in blocks:
+        block = torch.ones(size, size, dtype=torch.bool, device=device).tril()
+        mask[start : start + size, cache + start : cache + start + size] = block
+        start += size
+    return mask
+
+
+class QueryBlocks:
+    """Within this context, the new tokens of a forward are independent query blocks.
+
+    Parameters
+    ----------
+    attention_modules : the text model's attention modules
+    blocks : lengths of the consecutive blocks (see :func:`block_query_mask`)
+    """
+
+    def __init__(self, attention_modules: list[nn.Module], blocks: list[int]):
+        self._modules = attention_modules
+        self._blocks = list(blocks)
+
+    def __enter__(self) -> QueryBlocks:
+        for module in self._modules:
+            module.hermes_query_blocks = self._blocks
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for module in self._modules:
+            module.hermes_query_blocks = None
 
 
 def _no_mask(*args: object, **kwargs: object) -> None:

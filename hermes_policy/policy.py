@@ -51,6 +51,19 @@ class ModelInfo:
     tokens_per_frame: int
 
 
+    @classmethod
+    def of(cls, adapter: Any) -> ModelInfo:
+        """The shape of a loaded model (a :class:`~hermes_policy.models.base.ModelAdapter`)."""
+        return cls(
+            name_or_path=adapter.name_or_path,
+            architecture=adapter.architecture,
+            num_layers=adapter.num_layers,
+            num_heads=adapter.num_heads,
+            num_kv_heads=adapter.num_kv_heads,
+            tokens_per_frame=adapter.tokens_per_frame,
+        )
+
+
 @dataclass(frozen=True)
 class LayerPolicy:
     """Retention parameters of one layer.
@@ -193,15 +206,27 @@ def paper_tiers(num_layers: int) -> dict[str, tuple[int, int]]:
     }
 
 
-def paper_default(model: ModelInfo, budget: int = 4000, reindex: str = "lazy") -> Policy:
+def paper_default(
+    model: ModelInfo,
+    budget: int = 4000,
+    reindex: str = "lazy",
+    budget_weights: list[float] | None = None,
+) -> Policy:
     """The paper's setting for any layer count (METHOD.md sections 3-5).
 
     Sensory layers: pure recency (w = 1, k = 20). Working layers: w falls linearly from
     w0 = 0.75 to w0 - g = 0.15 across the tier (the paper's formula) and k from 20 to 8
     (the official code's Qwen setting, whose w endpoints match the paper's). Long-term
-    layers: pure attention (w = 0) with a summary token. Smoothing 0.1 / 0.3 / 0.4.
+    layers: pure attention (w = 0) with a summary token. Smoothing 0.1 / 0.3 / 0.4. With
+    ``budget_weights`` (one per layer) the total ``budget * layers`` is split by weight
+    (METHOD.md section 6).
     """
+    from .retention.scoring import split_budget
+
     tiers = paper_tiers(model.num_layers)
+    if budget_weights is not None and len(budget_weights) != model.num_layers:
+        raise PolicyError(f"{len(budget_weights)} budget weights for {model.num_layers} layers")
+    budgets = split_budget(budget_weights, budget) if budget_weights else [budget] * model.num_layers
     w_start, w_end = tiers["working"]
     layers = []
     for index in range(model.num_layers):
@@ -217,7 +242,7 @@ def paper_default(model: ModelInfo, budget: int = 4000, reindex: str = "lazy") -
         layers.append(
             LayerPolicy(
                 index=index, tier=tier, recency_weight=round(w, 6), forgetting_rate=round(k, 6),
-                smoothing=PAPER_SMOOTHING[tier], budget=budget, summary_token=tier == "long_term",
+                smoothing=PAPER_SMOOTHING[tier], budget=budgets[index], summary_token=tier == "long_term",
             )
         )
     provenance = {

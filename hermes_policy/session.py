@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import time
 import warnings
+from collections import deque
 from collections.abc import Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -23,11 +24,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from .attention import AttentionCapture, PerLayerRotary
+from .attention import AttentionCapture, PerLayerRotary, QueryBlocks
 from .errors import StreamError
 from .kv_store import KVStore
 from .models.base import DEFAULT_SYSTEM_PROMPT, ModelAdapter, StreamPiece
-from .retention import FullRetention, RetentionRule
+from .retention import FullRetention, GuidanceRequest, RetentionRule, SelectContext
 
 
 @dataclass
@@ -109,6 +110,8 @@ class StreamingSession:
     reindex_margin : lazy re-indexing compacts positions once they come within this many
         positions of the model's limit (capped at a quarter of the limit)
     max_new_tokens : default answer length limit
+    history_limit : question/answer pairs kept as text (the HERMES guidance prompts use the
+        last one); older ones are dropped so a session never grows
     """
 
     def __init__(
@@ -121,20 +124,22 @@ class StreamingSession:
         system_prompt: str = DEFAULT_SYSTEM_PROMPT,
         reindex_margin: int = 1024,
         max_new_tokens: int = 64,
+        history_limit: int = 16,
     ):
         if chunk_frames < 1:
             raise StreamError(f"chunk_frames must be at least 1, got {chunk_frames}")
         self.adapter = adapter
         self.retention = retention if retention is not None else FullRetention()
-        self.retention.validate(adapter.tokens_per_frame)
+        self.retention.validate(adapter)
         self.chunk_frames = chunk_frames
         self.fps = fps
         self.system_prompt = system_prompt
         self.reindex_margin = min(reindex_margin, adapter.max_positions // 4)
         self.max_new_tokens = max_new_tokens
-        self.history: list[Turn] = []
+        self.history: deque[Turn] = deque(maxlen=history_limit)
         self.frames_seen = 0
         self.compressions = 0
+        self.guidance_passes = 0
         self._pending: list[Any] = []
         self._pending_times: list[float | None] = []
         self._warned_positions = False
@@ -286,7 +291,7 @@ class StreamingSession:
         piece = self.adapter.frames_piece(
             _stack_frames(frames), self.frames_seen, None if None in times else times
         )
-        self._prefill(piece)
+        self._prefill(piece, ingest=True)
         self.frames_seen += n
         return self._apply_retention()
 
@@ -294,8 +299,14 @@ class StreamingSession:
         """Absolute positions of a piece in each layer: that layer's next free position + relative."""
         return [self.store.next_position(layer) + piece.positions for layer in range(self.store.num_layers)]
 
-    def _prefill(self, piece: StreamPiece, last_only: bool = False) -> torch.Tensor:
-        """Run a piece on top of the store; returns hidden states (all, or the last one)."""
+    def _prefill(self, piece: StreamPiece, last_only: bool = False, ingest: bool = False) -> torch.Tensor:
+        """Run a piece on top of the store; returns hidden states (all, or the last one).
+
+        ``ingest``: the piece is stream input or a pseudo-query (not a question or answer),
+        so lazy re-indexing may run first if the piece would reach the position limit.
+        """
+        if ingest and self.retention.reindex == "lazy" and self._near_position_limit(piece.extent):
+            self._reindex_all()
         positions = self.layer_positions(piece)
         self._check_position_limit(positions)
         uniform = all(torch.equal(positions[0], p) for p in positions[1:])
@@ -323,25 +334,78 @@ class StreamingSession:
         return out
 
     def _apply_retention(self) -> int:
-        decisions = self.retention.select(self.store)
+        """One compression step (after a chunk): returns 1 when anything was evicted."""
+        rule = self.retention
         rotary = self.adapter.rotary_emb
+        decisions = {}
+        if rule.needs_compression(self.store):
+            request = rule.guidance(self.store, [(t.question, t.answer) for t in self.history])
+            attention = self.guidance_attention(request) if request is not None else None
+            decisions = rule.select(self.store, SelectContext(attention=attention, rotary_emb=rotary))
         for layer, keep in decisions.items():
             summary = keep.summary
             extra = None
             if summary is not None:
                 extra = (summary.key, summary.value, summary.position, summary.frame)
             self.store.keep(layer, keep.indices, extra)
-            if self.retention.reindex == "eager":
+            if rule.reindex == "eager":
                 self.store.reindex(layer, rotary)
         if decisions:
             self.compressions += 1
-        if self.retention.reindex == "lazy" and self._near_position_limit():
-            for layer in range(self.store.num_layers):
-                self.store.reindex(layer, rotary)
+        if rule.reindex == "lazy" and self._near_position_limit():
+            self._reindex_all()
         return int(bool(decisions))
 
-    def _near_position_limit(self) -> bool:
-        return self.store.max_position() >= self.adapter.max_positions - self.reindex_margin
+    def _reindex_all(self) -> None:
+        for layer in range(self.store.num_layers):
+            self.store.reindex(layer, self.adapter.rotary_emb)
+
+    def guidance_attention(self, request: GuidanceRequest) -> list[torch.Tensor | None]:
+        """Run pseudo-queries on the cache and return each layer's attention over its stream.
+
+        All prompts go through one forward: each is a block that sees the cache and,
+        causally, itself only (:class:`~hermes_policy.attention.QueryBlocks`), placed at
+        the layer's next free position, exactly as if it had been asked alone. Only the
+        layers and rows a rule asked for are captured; the prompts leave no trace.
+
+        Returns
+        -------
+        per layer, FloatTensor ``(stream_len,)`` (mean over heads and the prompt's tokens of
+        the attention on stream tokens), or None where no prompt was requested.
+        """
+        self.guidance_passes += 1
+        pieces = [self.adapter.question_piece(p) for p in request.prompts]
+        starts = [0]
+        for piece in pieces:
+            starts.append(starts[-1] + len(piece))
+        merged = StreamPiece(
+            input_ids=torch.cat([p.input_ids for p in pieces]),
+            positions=torch.cat([p.positions for p in pieces], dim=1),
+            frame_index=torch.cat([p.frame_index for p in pieces]),
+        )
+        rows = {
+            layer: slice(starts[idx], starts[idx + 1])
+            for layer, idx in enumerate(request.layer_prompt)
+            if idx is not None
+        }
+        result: list[torch.Tensor | None] = [None] * self.store.num_layers
+        prefix = self.store.prefix_len
+        lengths = self.store.lengths()
+
+        def keep_stream(layer: int, probs: torch.Tensor) -> None:
+            stream = probs[0, :, :, prefix : lengths[layer]]  # (heads, rows, stream)
+            result[layer] = stream.mean(dim=(0, 1)).float().cpu()
+
+        capture = AttentionCapture(self.adapter.attention_modules, query_rows=rows, callback=keep_stream)
+        blocks = QueryBlocks(self.adapter.attention_modules, [len(p) for p in pieces])
+        with blocks, capture:
+            self._prefill(merged, ingest=True)
+        self.store.truncate(lengths)
+        return result
+
+    def _near_position_limit(self, upcoming: int = 0) -> bool:
+        """True when positions (plus ``upcoming`` new ones) come within the margin of the limit."""
+        return self.store.max_position() + upcoming >= self.adapter.max_positions - self.reindex_margin
 
     def _check_position_limit(self, positions: list[torch.Tensor]) -> None:
         highest = max(int(p.max()) for p in positions) if positions[0].numel() else 0

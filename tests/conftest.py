@@ -26,7 +26,7 @@ def tiny_llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_llama_small_limit_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny Llama whose position limit (1024) a long stream would pass without re-indexing."""
-    return tiny_llama(tmp_path_factory.mktemp("tiny_llama_1k"), layers=2, max_positions=1024)
+    return tiny_llama(tmp_path_factory.mktemp("tiny_llama_1k"), layers=3, max_positions=1024)
 
 
 @pytest.fixture(scope="session")

@@ -17,7 +17,7 @@ from hermes_policy.kv_store import KVStore
 from hermes_policy.models import StreamPiece
 from hermes_policy.positions import rerotate_keys
 from hermes_policy.reference import concat_pieces
-from hermes_policy.retention import LayerKeep, RetentionRule
+from hermes_policy.retention import LayerKeep, RetentionRule, SelectContext
 
 
 class _Module(torch.nn.Module):
@@ -81,7 +81,10 @@ class RaggedTestRule(RetentionRule):
     name = "ragged-test"
     reindex: str = "lazy"
 
-    def select(self, store: KVStore) -> dict[int, LayerKeep]:
+    def needs_compression(self, store: KVStore) -> bool:
+        return True
+
+    def select(self, store: KVStore, context: SelectContext) -> dict[int, LayerKeep]:
         if len(set(store.lengths())) > 1:  # already compressed once
             return {}
         decisions = {}

@@ -5,6 +5,11 @@ returns, for each layer it wants to change, a :class:`LayerKeep`: the indices to
 (system prefix included, in temporal order) and optionally one summary token to append.
 Rules are small dataclasses holding only their configuration; the session applies their
 decisions, re-indexes positions, and never asks a rule for anything at question time.
+
+Per compression step the session calls, in order: :meth:`RetentionRule.needs_compression`
+(cheap); :meth:`RetentionRule.guidance` (which pseudo-query prompts, if any, and which
+layer needs which prompt's attention); one guidance forward when asked; then
+:meth:`RetentionRule.select` with a :class:`SelectContext` holding that attention.
 """
 
 from __future__ import annotations
@@ -14,8 +19,10 @@ from dataclasses import dataclass
 from typing import ClassVar, Literal
 
 import torch
+from torch import nn
 
 from ..kv_store import KVStore
+from ..models.base import ModelAdapter
 
 ReindexMode = Literal["eager", "lazy"]
 
@@ -43,6 +50,32 @@ class LayerKeep:
     summary: SummaryToken | None = None
 
 
+@dataclass(frozen=True)
+class GuidanceRequest:
+    """Pseudo-queries a rule wants run on the cache before it selects.
+
+    prompts : the prompt texts (run together in one forward, each seeing only the cache
+        and itself)
+    layer_prompt : per layer, the index of the prompt whose attention it needs, or None
+    """
+
+    prompts: tuple[str, ...]
+    layer_prompt: tuple[int | None, ...]
+
+
+@dataclass
+class SelectContext:
+    """What a rule may use besides the store.
+
+    attention : per layer, the pseudo-query attention over that layer's stream tokens
+        ``(stream_len,)`` (mean over heads and prompt tokens), or None
+    rotary_emb : the model's rotary module (to move keys, e.g. for summary tokens)
+    """
+
+    attention: list[torch.Tensor | None] | None = None
+    rotary_emb: nn.Module | None = None
+
+
 @dataclass
 class RetentionRule(ABC):
     """Base class of retention rules.
@@ -57,16 +90,35 @@ class RetentionRule(ABC):
     name: ClassVar[str]
     reindex: ReindexMode = "eager"
 
+    def budget_of(self, layer: int) -> int | None:
+        """Stream tokens ``layer`` may keep (None: unbounded)."""
+        return None
+
+    def needs_compression(self, store: KVStore) -> bool:
+        """True when some layer holds more stream tokens than its budget."""
+        for layer, held in enumerate(store.stream_lengths()):
+            budget = self.budget_of(layer)
+            if budget is not None and held > budget:
+                return True
+        return False
+
+    def guidance(self, store: KVStore, history: list[tuple[str, str]]) -> GuidanceRequest | None:
+        """The pseudo-queries this rule needs for the next selection (None: none).
+
+        ``history`` holds the (question, answer) pairs asked so far, oldest first.
+        """
+        return None
+
     @abstractmethod
-    def select(self, store: KVStore) -> dict[int, LayerKeep]:
+    def select(self, store: KVStore, context: SelectContext) -> dict[int, LayerKeep]:
         """Decide what each over-budget layer keeps.
 
         Returns a mapping from layer index to :class:`LayerKeep`; layers that are left out
         keep everything.
         """
 
-    def validate(self, tokens_per_frame: int) -> None:  # noqa: B027 - optional hook
-        """Check the configuration against the model's frame size; raise RetentionError."""
+    def validate(self, adapter: ModelAdapter) -> None:  # noqa: B027 - optional hook
+        """Check the configuration against the model (frame size, shape); raise a HermesError."""
 
 
 def newest_indices(length: int, prefix_len: int, budget: int) -> torch.Tensor:

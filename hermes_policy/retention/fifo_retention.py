@@ -6,7 +6,8 @@ from dataclasses import dataclass
 
 from ..errors import RetentionError
 from ..kv_store import KVStore
-from .base import LayerKeep, ReindexMode, RetentionRule, newest_indices
+from ..models.base import ModelAdapter
+from .base import LayerKeep, ReindexMode, RetentionRule, SelectContext, newest_indices
 
 
 @dataclass
@@ -24,14 +25,18 @@ class FifoRetention(RetentionRule):
     budget: int = 6000
     reindex: ReindexMode = "eager"
 
-    def select(self, store: KVStore) -> dict[int, LayerKeep]:
+    def budget_of(self, layer: int) -> int:
+        return self.budget
+
+    def select(self, store: KVStore, context: SelectContext) -> dict[int, LayerKeep]:
         decisions = {}
         for layer, length in enumerate(store.lengths()):
             if length - store.prefix_len > self.budget:
                 decisions[layer] = LayerKeep(newest_indices(length, store.prefix_len, self.budget))
         return decisions
 
-    def validate(self, tokens_per_frame: int) -> None:
+    def validate(self, adapter: ModelAdapter) -> None:
+        tokens_per_frame = adapter.tokens_per_frame
         if self.budget < tokens_per_frame:
             raise RetentionError(
                 f"budget of {self.budget} tokens is smaller than one frame ({tokens_per_frame} tokens)"

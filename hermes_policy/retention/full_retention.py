@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..kv_store import KVStore
-from .base import LayerKeep, ReindexMode, RetentionRule
+from .base import LayerKeep, ReindexMode, RetentionRule, SelectContext
 
 
 @dataclass
@@ -13,7 +13,8 @@ class FullRetention(RetentionRule):
     """Keep everything. Positions grow with the stream; memory grows without bound."""
 
     name = "full"
-    reindex: ReindexMode = "lazy"
+    # nothing is ever evicted, so there is nothing to re-index
+    reindex: ReindexMode = "eager"
 
-    def select(self, store: KVStore) -> dict[int, LayerKeep]:
+    def select(self, store: KVStore, context: SelectContext) -> dict[int, LayerKeep]:
         return {}

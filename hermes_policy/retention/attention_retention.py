@@ -1,0 +1,63 @@
+"""``attention-only``: SnapKV-style, every layer keeps what the pseudo-query attends to most."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import RetentionError
+from ..kv_store import KVStore
+from ..models.base import ModelAdapter
+from ..policy import Guidance
+from .base import GuidanceRequest, LayerKeep, ReindexMode, RetentionRule, SelectContext
+from .scoring import top_indices
+
+
+def pooled(scores: torch.Tensor, kernel: int) -> torch.Tensor:
+    """Max-pool scores over a window of ``kernel`` neighbours (SnapKV keeps clusters)."""
+    if kernel <= 1 or scores.shape[0] < 2:
+        return scores
+    return F.max_pool1d(scores[None, None].float(), kernel, stride=1, padding=kernel // 2)[0, 0][: scores.shape[0]]
+
+
+@dataclass
+class AttentionRetention(RetentionRule):
+    """Score every layer by the same pseudo-query's attention at that layer; no recency, no smoothing.
+
+    Parameters
+    ----------
+    budget : stream tokens per layer
+    prompt : the pseudo-query (default: the paper's global guidance prompt)
+    kernel : max-pooling window over token scores (odd)
+    """
+
+    name = "attention-only"
+    budget: int = 6000
+    prompt: str = Guidance().global_
+    kernel: int = 7
+    reindex: ReindexMode = "eager"
+
+    def budget_of(self, layer: int) -> int:
+        return self.budget
+
+    def validate(self, adapter: ModelAdapter) -> None:
+        tokens_per_frame = adapter.tokens_per_frame
+        if self.budget < tokens_per_frame:
+            raise RetentionError(f"budget of {self.budget} tokens is smaller than one frame ({tokens_per_frame} tokens)")
+
+    def guidance(self, store: KVStore, history: list[tuple[str, str]]) -> GuidanceRequest:
+        return GuidanceRequest(prompts=(self.prompt,), layer_prompt=(0,) * store.num_layers)
+
+    def select(self, store: KVStore, context: SelectContext) -> dict[int, LayerKeep]:
+        if context.attention is None:
+            raise RetentionError("attention-only needs the pseudo-query attention")
+        decisions = {}
+        prefix = store.prefix_len
+        for layer, stream in enumerate(store.stream_lengths()):
+            if stream <= self.budget:
+                continue
+            kept = top_indices(pooled(context.attention[layer], self.kernel), self.budget) + prefix
+            decisions[layer] = LayerKeep(torch.cat([torch.arange(prefix), kept]))
+        return decisions

@@ -1,0 +1,142 @@
+"""``hermes``: hierarchical KV retention driven by a policy (METHOD.md sections 3-7).
+
+Per compression step and per layer ``l`` (stream tokens only; the system prefix is never
+evicted):
+
+1. scores: recency ``R = exp(-k_l dt / (T - 1))``; attention ``A`` = the pseudo-query's
+   attention at layer ``l`` itself; ``S_l = (1 - w_l) minmax(A) + w_l minmax(R)``
+   (layers with ``w_l = 1`` need no attention);
+2. cross-layer smoothing from deep to shallow with ``lambda_l`` (resampling where lengths
+   differ);
+3. each layer over its budget keeps its top tokens by smoothed score, in temporal order;
+   layers with ``summary_token`` keep one slot for a token folding everything evicted.
+
+The pseudo-queries are the policy's guidance prompts: long-term layers use the global
+prompt, other attention-using layers the mixed prompt (local + "; " + global); with a
+conversation history both are rewritten with the last question and answer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import PolicyError, RetentionError
+from ..kv_store import KVStore
+from ..models.base import ModelAdapter
+from ..policy import Policy
+from .base import (
+    GuidanceRequest,
+    LayerKeep,
+    ReindexMode,
+    RetentionRule,
+    SelectContext,
+    SummaryToken,
+)
+from .scoring import mix_scores, recency_scores, smooth_across_layers, summary_token, top_indices
+
+
+@dataclass
+class HermesRetention(RetentionRule):
+    """The HERMES rule configured by a :class:`~hermes_policy.policy.Policy`."""
+
+    name = "hermes"
+    policy: Policy | None = None
+    reindex: ReindexMode = "lazy"
+
+    def __post_init__(self) -> None:
+        if self.policy is None:
+            raise PolicyError("the hermes rule needs a policy (a policy.json or paper-default)")
+        self.reindex = self.policy.reindex
+
+    # -- protocol --------------------------------------------------------------------
+    def budget_of(self, layer: int) -> int:
+        return self.policy.layers[layer].budget
+
+    def validate(self, adapter: ModelAdapter) -> None:
+        tokens_per_frame = adapter.tokens_per_frame
+        self.policy.check_model(adapter.num_layers, adapter.num_heads, adapter.num_kv_heads, tokens_per_frame)
+        small = [entry.index for entry in self.policy.layers if entry.budget < tokens_per_frame]
+        if small:
+            raise RetentionError(
+                f"policy budgets of layers {small} are smaller than one frame ({tokens_per_frame} tokens)"
+            )
+
+    def prompts(self, history: list[tuple[str, str]]) -> tuple[str, str]:
+        """(global prompt, mixed prompt), rewritten with the last Q/A when there is one."""
+        g = self.policy.guidance
+        if history:
+            question, answer = history[-1]
+            last = f"{question} {answer}".strip()
+            local = g.local_with_history.format(history=last)
+            global_ = g.global_with_history.format(history=last)
+        else:
+            local, global_ = g.local, g.global_
+        return global_, f"{local}; {global_}"
+
+    def layer_prompt(self) -> tuple[int | None, ...]:
+        """0 (global) for long-term layers, 1 (mixed) for other layers using attention."""
+        out: list[int | None] = []
+        for entry in self.policy.layers:
+            if entry.recency_weight >= 1.0:
+                out.append(None)
+            else:
+                out.append(0 if entry.tier == "long_term" else 1)
+        return tuple(out)
+
+    def guidance(self, store: KVStore, history: list[tuple[str, str]]) -> GuidanceRequest | None:
+        wanted = self.layer_prompt()
+        if all(p is None for p in wanted):
+            return None
+        return GuidanceRequest(prompts=self.prompts(history), layer_prompt=wanted)
+
+    def layer_scores(self, store: KVStore, attention: list[torch.Tensor | None] | None) -> list[torch.Tensor]:
+        """Per-layer mixed scores ``S_l`` before smoothing."""
+        scores = []
+        for layer, entry in enumerate(self.policy.layers):
+            length = store.stream_lengths()[layer]
+            recency = recency_scores(length, entry.forgetting_rate)
+            attn = attention[layer] if attention is not None else None
+            if attn is None and entry.recency_weight < 1.0:
+                raise RetentionError(f"layer {layer} needs pseudo-query attention, none was given")
+            scores.append(mix_scores(attn, recency, entry.recency_weight))
+        return scores
+
+    def select(self, store: KVStore, context: SelectContext) -> dict[int, LayerKeep]:
+        raw = self.layer_scores(store, context.attention)
+        smoothed = smooth_across_layers(raw, [entry.smoothing for entry in self.policy.layers])
+        prefix = store.prefix_len
+        decisions = {}
+        for layer, entry in enumerate(self.policy.layers):
+            stream_len = smoothed[layer].shape[0]
+            if stream_len <= entry.budget:
+                continue
+            keep_count = entry.budget - 1 if entry.summary_token else entry.budget
+            kept = top_indices(smoothed[layer], keep_count) + prefix
+            indices = torch.cat([torch.arange(prefix), kept])
+            summary = None
+            if entry.summary_token:
+                summary = self._summary(store, layer, kept, context)
+            decisions[layer] = LayerKeep(indices, summary)
+        return decisions
+
+    def _summary(self, store: KVStore, layer: int, kept: torch.Tensor, context: SelectContext) -> SummaryToken:
+        if context.rotary_emb is None:
+            raise RetentionError("summary tokens need the model's rotary module")
+        state = store.layer(layer)
+        evicted = torch.ones(state.length, dtype=torch.bool)
+        evicted[: state.prefix_len] = False
+        evicted[kept] = False
+        idx = evicted.nonzero().squeeze(1)
+        positions = state.positions[:, idx]
+        target = torch.full((state.positions.shape[0], 1), int(state.positions[:, kept].max()) + 1)
+        device_idx = idx.to(state.keys.device)
+        key, value = summary_token(
+            state.keys.index_select(-2, device_idx),
+            state.values.index_select(-2, device_idx),
+            positions,
+            target,
+            context.rotary_emb,
+        )
+        return SummaryToken(key=key, value=value, position=target, frame=-1)

@@ -1,0 +1,122 @@
+"""The math of score-based retention (METHOD.md sections 3-6), as small pure functions.
+
+All scores are 1D tensors over a layer's stream tokens, oldest first (index 0) to newest.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..positions import rerotate_keys
+
+
+def recency_scores(length: int, forgetting_rate: float) -> torch.Tensor:
+    """``R_i = exp(-k * dt_i / (T - 1))`` with ``dt_i = T - 1 - i`` (official normalisation).
+
+    Returns FloatTensor ``(length,)``; the newest token scores 1.
+    """
+    if length == 1:
+        return torch.ones(1)
+    dt = torch.arange(length - 1, -1, -1, dtype=torch.float32)
+    return torch.exp(-forgetting_rate * dt / (length - 1))
+
+
+def min_max(scores: torch.Tensor) -> torch.Tensor:
+    """Scale to [0, 1]; a constant vector becomes all zeros."""
+    lo, hi = scores.min(), scores.max()
+    span = hi - lo
+    if float(span) <= 0:
+        return torch.zeros_like(scores)
+    return (scores - lo) / span
+
+
+def mix_scores(attention: torch.Tensor | None, recency: torch.Tensor, recency_weight: float) -> torch.Tensor:
+    """``S = (1 - w) * minmax(A) + w * minmax(R)``; ``A`` may be None when ``w == 1``."""
+    if attention is None:
+        if recency_weight < 1.0:
+            raise ValueError("attention scores are needed when recency_weight < 1")
+        return min_max(recency)
+    return (1.0 - recency_weight) * min_max(attention.float()) + recency_weight * min_max(recency)
+
+
+def interpolate_scores(scores: torch.Tensor, length: int) -> torch.Tensor:
+    """Linearly resample scores to ``length`` points (end points aligned)."""
+    if scores.shape[0] == length:
+        return scores
+    if scores.shape[0] == 1:
+        return scores.expand(length).clone()
+    return F.interpolate(scores[None, None].float(), size=length, mode="linear", align_corners=True)[0, 0]
+
+
+def smooth_across_layers(scores: list[torch.Tensor], smoothing: list[float]) -> list[torch.Tensor]:
+    """Cross-layer smoothing from deep to shallow (METHOD.md section 4).
+
+    ``S~_{L-1} = S_{L-1}``; ``S~_l = (1 - lambda_l) S_l + lambda_l * interp(S~_{l+1})``, using
+    the already-smoothed deeper layer (as the official code does) resampled to layer
+    ``l``'s length.
+    """
+    out = [s.float() for s in scores]
+    for layer in range(len(out) - 2, -1, -1):
+        lam = smoothing[layer]
+        deeper = interpolate_scores(out[layer + 1], out[layer].shape[0])
+        out[layer] = (1.0 - lam) * out[layer] + lam * deeper
+    return out
+
+
+def top_indices(scores: torch.Tensor, keep: int) -> torch.Tensor:
+    """Indices of the ``keep`` highest scores, in temporal (ascending) order.
+
+    Ties go to the newer token, so that equal scores behave like FIFO.
+    """
+    if keep >= scores.shape[0]:
+        return torch.arange(scores.shape[0])
+    # a tiny ramp breaks ties in favour of newer tokens without reordering distinct scores
+    ramp = torch.arange(scores.shape[0], dtype=torch.float64) * 1e-12
+    chosen = torch.topk(scores.double() + ramp, keep).indices
+    return chosen.sort().values
+
+
+def split_budget(weights: list[float], per_layer: int) -> list[int]:
+    """Layer-dependent budgets (METHOD.md section 6).
+
+    ``m_l = floor(w_l / sum(w) * per_layer * L)``; the rounding remainder goes to the last
+    layer, so the total is exactly ``per_layer * L``.
+    """
+    total = per_layer * len(weights)
+    weight_sum = float(sum(weights))
+    if weight_sum <= 0 or any(w < 0 for w in weights):
+        raise ValueError("budget weights must be non-negative with a positive sum")
+    budgets = [math.floor(w / weight_sum * total) for w in weights]
+    budgets[-1] += total - sum(budgets)
+    return budgets
+
+
+def summary_token(
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    positions: torch.Tensor,
+    target: torch.Tensor,
+    rotary_emb: nn.Module,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fold evicted tokens into one (METHOD.md section 5).
+
+    Parameters
+    ----------
+    keys, values : ``(batch, kv_heads, n, head_dim)`` of the evicted tokens (keys rotated)
+    positions : ``(axes, n)`` their positions
+    target : ``(axes, 1)`` the summary token's position
+
+    Returns
+    -------
+    key, value : ``(batch, kv_heads, 1, head_dim)``: the mean of the keys after each was
+        re-rotated to ``target`` (so RoPE phases do not cancel), and the mean value.
+    """
+    n = keys.shape[-2]
+    moved = rerotate_keys(keys, positions, target.expand(-1, n), rotary_emb)
+    key = moved.float().mean(dim=-2, keepdim=True).to(keys.dtype)
+    value = values.float().mean(dim=-2, keepdim=True).to(values.dtype)
+    return key, value

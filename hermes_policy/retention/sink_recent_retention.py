@@ -1,0 +1,49 @@
+"""``sink+recent``: StreamingLLM-style; the first stream tokens (attention sinks) plus the newest."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import RetentionError
+from ..kv_store import KVStore
+from ..models.base import ModelAdapter
+from .base import LayerKeep, ReindexMode, RetentionRule, SelectContext
+
+
+@dataclass
+class SinkRecentRetention(RetentionRule):
+    """Keep ``sink`` oldest stream tokens and the newest ``budget - sink``.
+
+    Parameters
+    ----------
+    budget : stream tokens per layer
+    sink : how many of the oldest stream tokens never leave
+    """
+
+    name = "sink+recent"
+    budget: int = 6000
+    sink: int = 4
+    reindex: ReindexMode = "eager"
+
+    def budget_of(self, layer: int) -> int:
+        return self.budget
+
+    def validate(self, adapter: ModelAdapter) -> None:
+        tokens_per_frame = adapter.tokens_per_frame
+        if self.budget < tokens_per_frame:
+            raise RetentionError(f"budget of {self.budget} tokens is smaller than one frame ({tokens_per_frame} tokens)")
+        if not 0 <= self.sink < self.budget:
+            raise RetentionError(f"sink ({self.sink}) must be between 0 and the budget ({self.budget})")
+
+    def select(self, store: KVStore, context: SelectContext) -> dict[int, LayerKeep]:
+        decisions = {}
+        prefix = store.prefix_len
+        for layer, length in enumerate(store.lengths()):
+            if length - prefix <= self.budget:
+                continue
+            recent = torch.arange(length - (self.budget - self.sink), length)
+            sinks = torch.arange(prefix, prefix + self.sink)
+            decisions[layer] = LayerKeep(torch.cat([torch.arange(prefix), sinks, recent]))
+        return decisions

@@ -1,0 +1,46 @@
+"""``uniform``: keep stream tokens evenly spaced in time (always including the newest)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import RetentionError
+from ..kv_store import KVStore
+from ..models.base import ModelAdapter
+from .base import LayerKeep, ReindexMode, RetentionRule, SelectContext
+
+
+def evenly_spaced(length: int, keep: int) -> torch.Tensor:
+    """``keep`` distinct indices spread evenly over ``range(length)``, ending at ``length - 1``."""
+    if keep >= length:
+        return torch.arange(length)
+    return torch.linspace(0, length - 1, keep).round().long().unique()
+
+
+@dataclass
+class UniformRetention(RetentionRule):
+    """A uniform temporal subsample of the stream (a frame-rate-reduction baseline)."""
+
+    name = "uniform"
+    budget: int = 6000
+    reindex: ReindexMode = "eager"
+
+    def budget_of(self, layer: int) -> int:
+        return self.budget
+
+    def validate(self, adapter: ModelAdapter) -> None:
+        tokens_per_frame = adapter.tokens_per_frame
+        if self.budget < tokens_per_frame:
+            raise RetentionError(f"budget of {self.budget} tokens is smaller than one frame ({tokens_per_frame} tokens)")
+
+    def select(self, store: KVStore, context: SelectContext) -> dict[int, LayerKeep]:
+        decisions = {}
+        prefix = store.prefix_len
+        for layer, stream in enumerate(store.stream_lengths()):
+            if stream <= self.budget:
+                continue
+            kept = evenly_spaced(stream, self.budget) + prefix
+            decisions[layer] = LayerKeep(torch.cat([torch.arange(prefix), kept]))
+        return decisions

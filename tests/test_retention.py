@@ -1,0 +1,317 @@
+"""Retention rules: the scoring math by hand, a shared matrix of every rule, and HERMES specifics."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from hermes_policy import StreamingSession
+from hermes_policy.errors import PolicyError, RetentionError
+from hermes_policy.policy import ModelInfo, paper_default
+from hermes_policy.positions import compact_positions
+from hermes_policy.retention import (
+    AttentionRetention,
+    FifoRetention,
+    FullRetention,
+    HermesRetention,
+    SinkRecentRetention,
+    UniformRetention,
+    make_rule,
+)
+from hermes_policy.retention.scoring import (
+    interpolate_scores,
+    min_max,
+    mix_scores,
+    recency_scores,
+    smooth_across_layers,
+    split_budget,
+    top_indices,
+)
+from hermes_policy.retention.uniform_retention import evenly_spaced
+
+
+# -- the math, by hand ---------------------------------------------------------------------
+def test_recency_scores():
+    r = recency_scores(5, 20.0)
+    expected = [math.exp(-20 * dt / 4) for dt in (4, 3, 2, 1, 0)]
+    torch.testing.assert_close(r, torch.tensor(expected))
+    assert recency_scores(1, 20.0).tolist() == [1.0]
+
+
+def test_min_max_and_mix():
+    assert min_max(torch.tensor([2.0, 4.0, 3.0])).tolist() == [0.0, 1.0, 0.5]
+    assert min_max(torch.tensor([3.0, 3.0])).tolist() == [0.0, 0.0]
+    a, r = torch.tensor([0.0, 10.0, 5.0]), torch.tensor([1.0, 2.0, 3.0])
+    # S = 0.25 * [0, 1, .5] + 0.75 * [0, .5, 1]
+    torch.testing.assert_close(mix_scores(a, r, 0.75), torch.tensor([0.0, 0.625, 0.875]))
+    torch.testing.assert_close(mix_scores(None, r, 1.0), torch.tensor([0.0, 0.5, 1.0]))
+    with pytest.raises(ValueError):
+        mix_scores(None, r, 0.5)
+
+
+def test_cross_layer_smoothing_deep_to_shallow():
+    s0, s1, s2 = torch.tensor([1.0, 0.0, 0.0]), torch.tensor([0.0, 1.0, 0.0]), torch.tensor([0.0, 0.0, 1.0])
+    out = smooth_across_layers([s0, s1, s2], [0.1, 0.3, 0.4])
+    torch.testing.assert_close(out[2], s2)
+    smoothed1 = 0.7 * s1 + 0.3 * s2  # uses the already-smoothed deeper layer
+    torch.testing.assert_close(out[1], smoothed1)
+    torch.testing.assert_close(out[0], 0.9 * s0 + 0.1 * smoothed1)
+
+
+def test_smoothing_interpolates_different_lengths():
+    deeper = torch.tensor([0.0, 1.0])  # 2 tokens, resampled to 3: [0, .5, 1]
+    torch.testing.assert_close(interpolate_scores(deeper, 3), torch.tensor([0.0, 0.5, 1.0]))
+    out = smooth_across_layers([torch.zeros(3), deeper], [0.5, 0.4])
+    torch.testing.assert_close(out[0], torch.tensor([0.0, 0.25, 0.5]))
+
+
+def test_budget_split_gives_the_remainder_to_the_last_layer():
+    # total 3 * 10 = 30: floor(7.5) = 7, 7, floor(15) = 15 -> remainder 1 to the last layer
+    assert split_budget([1.0, 1.0, 2.0], 10) == [7, 7, 16]
+    assert sum(split_budget([0.3, 0.5, 0.7, 1.1], 4000)) == 16000
+    with pytest.raises(ValueError):
+        split_budget([0.0, 0.0], 10)
+
+
+def test_top_indices_temporal_order_and_ties_to_newest():
+    assert top_indices(torch.tensor([0.9, 0.1, 0.5, 0.8]), 2).tolist() == [0, 3]
+    assert top_indices(torch.tensor([1.0, 1.0, 1.0, 1.0]), 2).tolist() == [2, 3]
+    assert evenly_spaced(10, 4).tolist() == [0, 3, 6, 9]
+
+
+def test_paper_default_with_layer_budgets():
+    policy = paper_default(ModelInfo("m", "A", 4, 2, 2, 8), budget=100, budget_weights=[1, 1, 1, 2])
+    assert [layer.budget for layer in policy.layers] == [80, 80, 80, 160]
+
+
+# -- the shared matrix -------------------------------------------------------------------------
+def rules(adapter, budget):
+    policy = paper_default(ModelInfo.of(adapter), budget=budget)
+    return {
+        "full": FullRetention(),
+        "fifo": FifoRetention(budget=budget),
+        "sink+recent": SinkRecentRetention(budget=budget, sink=4),
+        "uniform": UniformRetention(budget=budget),
+        "attention-only": AttentionRetention(budget=budget),
+        "hermes": HermesRetention(policy=policy),
+        "hermes-eager": HermesRetention(policy=paper_default(ModelInfo.of(adapter), budget=budget, reindex="eager")),
+    }
+
+
+def frames(adapter, n, seed=0):
+    return torch.randint(0, 250, (n, adapter.tokens_per_frame), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("name", ["fifo", "sink+recent", "uniform", "attention-only", "hermes", "hermes-eager"])
+def test_every_rule_with_a_large_budget_answers_like_full(tiny_adapter, name):
+    stream = frames(tiny_adapter, 12, seed=1)
+    reference = StreamingSession(tiny_adapter, FullRetention(), chunk_frames=4)
+    session = StreamingSession(tiny_adapter, rules(tiny_adapter, 10_000)[name], chunk_frames=4)
+    reference.add_frames(stream)
+    session.add_frames(stream)
+    assert session.compressions == 0
+    assert torch.equal(session.next_token_logits("Why?"), reference.next_token_logits("Why?"))
+    assert session.ask("Tell me.", max_new_tokens=5).token_ids == reference.ask("Tell me.", max_new_tokens=5).token_ids
+
+
+@pytest.mark.filterwarnings("error")
+@pytest.mark.parametrize("name", ["fifo", "sink+recent", "uniform", "attention-only", "hermes", "hermes-eager"])
+def test_every_rule_stays_within_budget(tiny_llama_small_limit_dir, name):
+    from hermes_policy.models import load_adapter
+
+    adapter = load_adapter(tiny_llama_small_limit_dir, device="cpu", tokens_per_frame=4)
+    rule = rules(adapter, 48)[name]
+    session = StreamingSession(adapter, rule, chunk_frames=8)
+    prefix = session.store.lengths()[0]
+    prefix_keys = session.store.cache.layers[0].keys.clone()
+    stream = frames(adapter, 320, seed=2)  # 1,280 stream tokens: past the 1,024 position limit
+    for start in range(0, 320, 40):
+        session.add_frames(stream[start : start + 40])
+        assert max(session.tokens_kept) <= 48
+        for layer in range(adapter.num_layers):
+            assert int(session.store.positions[layer].max()) < adapter.max_positions
+    assert session.compressions > 0
+    assert session.store.prefix_len == prefix  # the system prefix is never evicted ...
+    assert torch.equal(session.store.cache.layers[0].keys[..., :prefix, :], prefix_keys)  # ... nor moved
+    answer = session.ask("What now?", max_new_tokens=3)
+    assert answer.tokens_kept == session.tokens_kept
+
+
+def test_make_rule_registry(tiny_adapter):
+    assert isinstance(make_rule("sink+recent", 64), SinkRecentRetention)
+    assert make_rule("uniform", 64).budget == 64
+    with pytest.raises(PolicyError, match="needs a policy"):
+        make_rule("hermes", 64)
+
+
+# -- HERMES specifics ---------------------------------------------------------------------------
+def test_hermes_policy_for_another_model_is_refused(tiny_adapter):
+    other = paper_default(ModelInfo("llava", "Llava", 28, 28, 4, 196), budget=4000)
+    with pytest.raises(PolicyError, match="num_layers=28"):
+        StreamingSession(tiny_adapter, HermesRetention(policy=other))
+
+
+def test_hermes_budget_smaller_than_a_frame(tiny_adapter):
+    policy = paper_default(ModelInfo.of(tiny_adapter), budget=4)
+    with pytest.raises(RetentionError, match="smaller than one frame"):
+        StreamingSession(tiny_adapter, HermesRetention(policy=policy))
+
+
+class Spy:
+    """Wrap a rule's select: snapshot every layer as it was when the rule decided."""
+
+    def __init__(self, rule):
+        self.calls = []
+        original = rule.select
+
+        def select(store, context):
+            snapshot = [
+                (store.cache.layers[i].keys.clone(), store.cache.layers[i].values.clone(),
+                 store.positions[i].clone())
+                for i in range(store.num_layers)
+            ]
+            decision = original(store, context)
+            self.calls.append((snapshot, decision))
+            return decision
+
+        rule.select = select
+
+
+def test_summary_token_is_the_mean_of_rerotated_evicted_keys(tiny_adapter):
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    policy = paper_default(ModelInfo.of(tiny_adapter), budget=24)
+    rule = HermesRetention(policy=policy)
+    spy = Spy(rule)
+    session = StreamingSession(tiny_adapter, rule, chunk_frames=4)
+    session.add_frames(frames(tiny_adapter, 4))  # 32 stream tokens: compress to 23 + summary
+    deep = tiny_adapter.num_layers - 1
+    assert policy.layers[deep].summary_token
+    (snapshot, decision), = spy.calls
+    keys, values, positions = snapshot[deep]
+    keep = decision[deep]
+    prefix = session.store.prefix_len
+    evicted = [i for i in range(prefix, keys.shape[-2]) if i not in set(keep.indices.tolist())]
+    assert len(evicted) == 32 - 23
+    target = keep.summary.position
+    assert int(target.max()) == int(positions[:, keep.indices].max()) + 1
+    moved = []
+    for i in evicted:  # each evicted key moved to the summary position with transformers' RoPE
+        cos, sin = tiny_adapter.rotary_emb(keys, target - positions[:, i : i + 1])
+        k = keys[..., i : i + 1, :]
+        moved.append(apply_rotary_pos_emb(k, k, cos, sin)[1])
+    stored = session.store.cache.layers[deep]
+    assert session.tokens_kept[deep] == 24
+    torch.testing.assert_close(stored.keys[..., -1:, :], torch.stack(moved).mean(0), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(stored.values[..., -1:, :], values[..., evicted, :].mean(-2, keepdim=True))
+    assert torch.equal(session.store.positions[deep][:, -1:], target)
+    # shallow layers fold nothing
+    assert decision[0].summary is None and session.tokens_kept[0] == 24
+
+
+def test_eager_reindex_keys_equal_keys_computed_at_their_new_positions(tiny_adapter):
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    policy = paper_default(ModelInfo.of(tiny_adapter), budget=24, reindex="eager")
+    rule = HermesRetention(policy=policy)
+    spy = Spy(rule)
+    layer = 1
+    attention = tiny_adapter.decoder_layers[layer].self_attn
+    raw = []
+
+    def record(module, args, output):  # un-rotated keys of ordinary prefills
+        if getattr(attention, "hermes_query_blocks", None) is None:
+            head_dim = attention.head_dim
+            raw.append(output.view(1, output.shape[1], -1, head_dim).transpose(1, 2))
+
+    handle = attention.k_proj.register_forward_hook(record)
+    try:
+        session = StreamingSession(tiny_adapter, rule, chunk_frames=4)
+        session.add_frames(frames(tiny_adapter, 4, seed=5))
+    finally:
+        handle.remove()
+    (_, decision), = spy.calls
+    keep = decision[layer].indices
+    unrotated = torch.cat(raw, dim=-2)[..., keep, :]
+    new_positions = session.store.positions[layer]
+    assert torch.equal(new_positions, compact_positions(new_positions, session.store.prefix_len))
+    assert int(new_positions.max()) == keep.shape[0] - 1  # compacted
+    cos, sin = tiny_adapter.rotary_emb(unrotated, new_positions)
+    expected = apply_rotary_pos_emb(unrotated, unrotated, cos, sin)[1]
+    torch.testing.assert_close(session.store.cache.layers[layer].keys, expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.filterwarnings("error")
+def test_memory_stays_constant_over_a_long_stream(tiny_llama_small_limit_dir):
+    from hermes_policy.models import load_adapter
+
+    adapter = load_adapter(tiny_llama_small_limit_dir, device="cpu", tokens_per_frame=2)
+    policy = paper_default(ModelInfo.of(adapter), budget=32)
+    session = StreamingSession(adapter, HermesRetention(policy=policy), chunk_frames=16, history_limit=4)
+    stream = frames(adapter, 1040, seed=6)
+    sizes = []
+    for start in range(0, 1040, 80):
+        session.add_frames(stream[start : start + 80])
+        sizes.append(session.store.nbytes())
+        assert max(session.tokens_kept) <= 32
+        assert max(int(p.max()) for p in session.store.positions) < adapter.max_positions
+        session.ask("Anything new?", max_new_tokens=2)
+    assert session.frames_seen == 1040 and adapter.max_positions < 1040 * 2
+    assert len(set(sizes[1:])) == 1  # flat after the first compression
+    assert len(session.history) == 4  # bounded
+
+
+def test_ask_does_no_retention_work(tiny_adapter, monkeypatch):
+    from hermes_policy.attention import AttentionCapture
+
+    policy = paper_default(ModelInfo.of(tiny_adapter), budget=24)
+    rule = HermesRetention(policy=policy)
+    session = StreamingSession(tiny_adapter, rule, chunk_frames=4)
+    session.add_frames(frames(tiny_adapter, 8))
+    assert session.compressions > 0 and session.guidance_passes > 0
+    counts = {"capture": 0, "select": 0}
+    original_record = AttentionCapture.record
+
+    def counting_record(self, *args, **kwargs):
+        counts["capture"] += 1
+        return original_record(self, *args, **kwargs)
+
+    def counting_select(*args, **kwargs):
+        counts["select"] += 1
+        raise AssertionError("select must not run at question time")
+
+    monkeypatch.setattr(AttentionCapture, "record", counting_record)
+    monkeypatch.setattr(rule, "select", counting_select)
+    state = (session.compressions, session.guidance_passes, session.store.lengths())
+    session.ask("What happened?", max_new_tokens=4)
+    assert counts == {"capture": 0, "select": 0}
+    assert (session.compressions, session.guidance_passes, session.store.lengths()) == state
+
+
+def test_guidance_prompts_use_the_last_question_and_answer(tiny_adapter):
+    rule = HermesRetention(policy=paper_default(ModelInfo.of(tiny_adapter), budget=24))
+    global_, mixed = rule.prompts([])
+    assert global_.startswith("Summarize the video narrative") and mixed.startswith("Describe the current scene")
+    global_, mixed = rule.prompts([("Where is the cat?", "On the sofa.")])
+    assert global_.startswith("Context summary: Where is the cat? On the sofa.")
+    assert mixed.startswith("Find recent details related to: Where is the cat? On the sofa.")
+    assert rule.layer_prompt() == (None, 1, 0)  # sensory: none, working: mixed, long-term: global
+
+
+def test_one_guidance_forward_equals_separate_prompt_forwards(tiny_adapter):
+    """Prompts batched with a block mask see exactly what each would see alone."""
+    from hermes_policy.retention import GuidanceRequest
+
+    session = StreamingSession(tiny_adapter, chunk_frames=4)
+    session.add_frames(frames(tiny_adapter, 4, seed=7))
+    prompts = ("Summarize everything.", "What is new?")
+    both = session.guidance_attention(GuidanceRequest(prompts, (0, 1, 0)))
+    alone0 = session.guidance_attention(GuidanceRequest(prompts[:1], (0, None, 0)))
+    alone1 = session.guidance_attention(GuidanceRequest(prompts[1:], (None, 0, None)))
+    torch.testing.assert_close(both[0], alone0[0], atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(both[2], alone0[2], atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(both[1], alone1[1], atol=1e-6, rtol=1e-5)
+    assert both[0].shape == (session.tokens_kept[0],)
+    assert session.store.lengths() == [session.store.prefix_len + 32] * 3  # no trace left
