@@ -125,14 +125,7 @@ class ProbeResult:
 
 
 def model_info(adapter: ModelAdapter) -> ModelInfo:
-    return ModelInfo(
-        name_or_path=adapter.name_or_path,
-        architecture=adapter.architecture,
-        num_layers=adapter.num_layers,
-        num_heads=adapter.num_heads,
-        num_kv_heads=adapter.num_kv_heads,
-        tokens_per_frame=adapter.tokens_per_frame,
-    )
+    return ModelInfo.of(adapter)
 
 
 def record_streams(
