@@ -13,9 +13,11 @@ Recency
     by least squares to ``log`` of the frame-averaged profile (averaging over each frame's
     tokens first removes the within-frame rhythm from the fit).
 Periodicity
-    ``x(d) = log a(d)`` minus its centred moving average over one frame (which removes the
-    smooth recency trend). Folding ``x`` at the period ``N`` (averaging all ``d`` with the
-    same ``d mod N``) keeps exactly its power at the frame frequency and its harmonics;
+    ``x(d) = log a(d)`` minus its moving average over one frame (which removes the smooth
+    recency trend) and minus the mean of what is left (a constant is no rhythm; for an even
+    ``N`` the moving average sits half a token off-centre, so a linear trend leaves one).
+    Folding ``x`` at the period ``N`` (averaging all ``d`` with the same ``d mod N``) then
+    keeps exactly its power at the frame frequency and its harmonics;
     ``periodicity = E_fold / (E_fold + E_rest + eps)``, the share of that detrended
     log-attention variation which repeats every frame (``eps = 0.05**2``: variations under
     5% are not structure). ``measured_period`` is the smallest lag in ``[2, 4N]`` whose
@@ -87,7 +89,7 @@ def folded_periodicity(a: np.ndarray, period: int) -> float:
     x = np.log(a + TINY)
     residual = x - uniform_filter1d(x, size=period, mode="nearest")
     n = (residual.shape[0] // period) * period
-    residual = residual[:n]
+    residual = residual[:n] - residual[:n].mean()
     folded = residual.reshape(-1, period).mean(axis=0)
     periodic = np.tile(folded, n // period)
     e_fold = float(np.mean(periodic**2))
