@@ -257,6 +257,29 @@ class StreamingSession:
         with torch.inference_mode():
             return self.adapter.logits(hidden)[0, -1].float()
 
+    def answer_logprob(self, question: str, answer: str) -> float:
+        """Log-probability of ``answer`` (teacher-forced) after ``question``; cache untouched.
+
+        Used to compare retention rules on known answers without decoding.
+        """
+        answer_ids = self.adapter.encode_text(answer)
+        if not answer_ids:
+            raise StreamError("the answer is empty")
+        self.flush()
+        if self.frames_seen == 0:
+            raise StreamError("a question was asked before any frame was streamed")
+        saved_lengths = self.store.lengths()
+        axes = self.adapter.position_axes
+        try:
+            with torch.inference_mode():
+                first = self._prefill(self.adapter.question_piece(question), last_only=True)
+                rest = self._prefill(StreamPiece.text(answer_ids[:-1], axes)) if len(answer_ids) > 1 else None
+                hidden = first if rest is None else torch.cat([first, rest], dim=1)
+                logprobs = torch.log_softmax(self.adapter.logits(hidden)[0].float(), dim=-1)
+                return float(logprobs[torch.arange(len(answer_ids)), torch.tensor(answer_ids)].sum())
+        finally:
+            self.store.truncate(saved_lengths)
+
     def run_query(self, text: str, capture: AttentionCapture | None = None) -> torch.Tensor:
         """Prefill a question on the cache and take it back out; returns its last hidden state.
 
