@@ -1,0 +1,79 @@
+"""`hermes-probe stream` and the question-timing driver behind it."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from hermes_cli.main import app
+from hermes_policy import StreamingSession
+from hermes_policy.errors import PolicyError, StreamError
+from hermes_policy.policy import ModelInfo, paper_default
+from hermes_policy.retention import FifoRetention, HermesRetention
+from hermes_policy.streaming import TimedQuestion, rule_from_spec, stream_with_questions
+
+runner = CliRunner()
+
+
+def test_questions_are_asked_at_their_time(tiny_adapter):
+    frames = torch.randint(0, 250, (10, tiny_adapter.tokens_per_frame), generator=torch.Generator().manual_seed(0))
+    times = np.arange(10, dtype=float)
+    session = StreamingSession(tiny_adapter, chunk_frames=4)
+    questions = [TimedQuestion("late?", math.inf), TimedQuestion("at 2.5?", 2.5), TimedQuestion("at 6?", 6.0)]
+    results = stream_with_questions(session, frames, times, questions, max_new_tokens=2)
+    seen = [(q.question, a.frames_seen) for q, a in results]
+    assert seen == [("at 2.5?", 3), ("at 6?", 7), ("late?", 10)]
+
+
+def test_a_question_before_the_first_frame_is_an_error(tiny_adapter):
+    frames = torch.zeros(4, tiny_adapter.tokens_per_frame, dtype=torch.long)
+    session = StreamingSession(tiny_adapter, chunk_frames=2)
+    with pytest.raises(StreamError, match="before any frame"):
+        stream_with_questions(session, frames, np.arange(4, dtype=float) + 5, [TimedQuestion("early?", 1.0)])
+
+
+def test_rule_from_spec(tiny_adapter, tmp_path):
+    assert isinstance(rule_from_spec("fifo", tiny_adapter, 64), FifoRetention)
+    hermes = rule_from_spec("paper-default", tiny_adapter, 64)
+    assert isinstance(hermes, HermesRetention) and hermes.budget_of(0) == 64
+    path = paper_default(ModelInfo.of(tiny_adapter), budget=32).save(tmp_path / "p.json")
+    assert rule_from_spec(str(path), tiny_adapter, 64).budget_of(2) == 32
+    with pytest.raises(PolicyError, match="not found"):
+        rule_from_spec(str(tmp_path / "missing.json"), tiny_adapter, 64)
+
+
+def test_stream_command_writes_answers(tiny_llama_dir, tmp_path):
+    out = tmp_path / "r.json"
+    result = runner.invoke(app, [
+        "stream", "--model", str(tiny_llama_dir), "--tokens-per-frame", "8", "--device", "cpu",
+        "--frames", "12", "--chunk", "4", "--budget", "32", "--policy", "paper-default",
+        "--ask", "first?", "--at", "3", "--ask", "last?", "--max-new-tokens", "3", "--json", str(out),
+    ])
+    assert result.exit_code == 0, result.output
+    data = json.loads(out.read_text())
+    assert [r["question"] for r in data["results"]] == ["first?", "last?"]
+    assert data["results"][0]["frames_seen"] == 4 and data["results"][1]["frames_seen"] == 12
+    assert all(max(r["tokens_kept"]) <= 32 for r in data["results"])
+    assert "guidance passes" in result.output
+
+
+def test_stream_command_errors(tiny_llama_dir, tmp_path):
+    base = ["stream", "--model", str(tiny_llama_dir), "--tokens-per-frame", "8", "--device", "cpu"]
+    wrong = paper_default(ModelInfo("other", "X", 28, 28, 4, 196), budget=4000).save(tmp_path / "other.json")
+    cases = [
+        (["--policy", str(wrong), "--ask", "q"], "num_layers=28"),
+        (["--policy", "fifo", "--budget", "4", "--ask", "q"], "smaller than one frame"),
+        (["--video", str(tmp_path), "--ask", "q"], "text-only"),
+        (["--at", "3"], "each --at needs its --ask"),
+    ]
+    (tmp_path / "bad.json").write_text("{")
+    cases.append((["--policy", str(tmp_path / "bad.json"), "--ask", "q"], "not valid JSON"))
+    for extra, message in cases:
+        result = runner.invoke(app, base + extra)
+        assert result.exit_code == 1, (extra, result.output)
+        assert message in result.output, (extra, result.output)
