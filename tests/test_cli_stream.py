@@ -8,9 +8,9 @@ import math
 import numpy as np
 import pytest
 import torch
+from hermes_cli.main import app
 from typer.testing import CliRunner
 
-from hermes_cli.main import app
 from hermes_policy import StreamingSession
 from hermes_policy.errors import PolicyError, StreamError
 from hermes_policy.policy import ModelInfo, paper_default
