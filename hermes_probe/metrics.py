@@ -21,7 +21,7 @@ Periodicity
     ``periodicity = E_fold / (E_fold + E_rest + eps)``, the share of that detrended
     log-attention variation which repeats every frame (``eps = 0.05**2``: variations under
     5% are not structure). ``measured_period`` is the smallest lag in ``[2, 4N]`` whose
-    periodicity is within 90% of the best one.
+    chance-corrected periodicity (noise kept by folding removed) is within 90% of the best.
 Anchors
     From the phase profile (mean attention per token at each in-frame offset, tokens
     identified by their frame, so independent of chunk separators): ``anchor_phase`` is the
@@ -82,8 +82,14 @@ def decay_rate(a: np.ndarray, period: int) -> float:
     return float(-slope)
 
 
-def folded_periodicity(a: np.ndarray, period: int) -> float:
-    """Share of the detrended log-attention variation that repeats every ``period`` tokens."""
+def folded_periodicity(a: np.ndarray, period: int, chance_corrected: bool = False) -> float:
+    """Share of the detrended log-attention variation that repeats every ``period`` tokens.
+
+    With ``chance_corrected``, the energy that folding keeps from pure noise (a fraction
+    ``1 / r`` of it for ``r`` repetitions) is removed first: ``E_fold <- (r E_fold - E) / (r - 1)``
+    with ``E`` the total residual energy. Longer lags fold fewer repetitions and would
+    otherwise score higher by chance; :func:`measured_period` compares lags this way.
+    """
     if period < 2 or a.shape[0] < 3 * period:
         return 0.0
     x = np.log(a + TINY)
@@ -94,16 +100,22 @@ def folded_periodicity(a: np.ndarray, period: int) -> float:
     periodic = np.tile(folded, n // period)
     e_fold = float(np.mean(periodic**2))
     e_rest = float(np.mean((residual - periodic) ** 2))
+    if chance_corrected:
+        repeats = n // period
+        total = e_fold + e_rest
+        e_fold = max(0.0, (repeats * e_fold - total) / (repeats - 1))
+        e_rest = total - e_fold
     return e_fold / (e_fold + e_rest + PERIODICITY_EPS)
 
 
 def measured_period(a: np.ndarray, period: int) -> int:
-    """Smallest lag in ``[2, 4 * period]`` whose folded periodicity is >= 90% of the best."""
+    """Smallest lag in ``[2, 4 * period]`` whose chance-corrected folded periodicity is >= 90%
+    of the best (a multiple of the true period folds the same rhythm, with more noise)."""
     top = min(4 * period, a.shape[0] // 3)
     if top < 2:
         return 0
     lags = np.arange(2, top + 1)
-    scores = np.array([folded_periodicity(a, int(lag)) for lag in lags])
+    scores = np.array([folded_periodicity(a, int(lag), chance_corrected=True) for lag in lags])
     if scores.max() <= 0:
         return 0
     return int(lags[np.argmax(scores >= 0.9 * scores.max())])
