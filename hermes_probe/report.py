@@ -7,10 +7,11 @@ import numpy as np
 from hermes_policy.policy import TIERS, Policy
 
 from .metrics import ProfileMetrics
-from .tiers import TierFit, recency_strength
+from .tiers import TierFit
 
-RECENCY_BIASED = 0.5  # recency strength above which a layer is called recency-biased
+RECENCY_BIASED = 0.3  # recency share (3x uniform on the newest 10%) for "recency-biased"
 PERIODIC = 0.3  # periodicity above which a layer is called frame-periodic
+SPARSE = 0.3  # top-1% mass (30x uniform) above which a layer is called sparse
 
 
 def _ranges(indices: list[int]) -> str:
@@ -30,15 +31,19 @@ def _ranges(indices: list[int]) -> str:
 
 def findings(metrics: ProfileMetrics, fit: TierFit) -> list[str]:
     """Plain-language statements of what the probe measured."""
-    rho = recency_strength(metrics.recency_share)
-    periodic = metrics.periodicity
-    recency_layers = [i for i, r in enumerate(rho) if r >= RECENCY_BIASED]
-    periodic_layers = [i for i, p in enumerate(periodic) if p >= PERIODIC]
+    share = np.nan_to_num(metrics.recency_share)
+    recency_layers = [i for i, r in enumerate(share) if r >= RECENCY_BIASED]
+    periodic_layers = [i for i, p in enumerate(metrics.periodicity) if p >= PERIODIC]
+    sparse_layers = [i for i, m in enumerate(metrics.top_mass) if m >= SPARSE]
     both = sorted(set(recency_layers) & set(periodic_layers))
+    flat = [i for i in range(len(share)) if i not in recency_layers]
     lines = [
-        f"Recency-biased layers (recency strength >= {RECENCY_BIASED}): {_ranges(recency_layers)}.",
+        f"Recency-biased layers (at least {RECENCY_BIASED:.0%} of the attention on the newest 10% "
+        f"of the window, i.e. 3x uniform): {_ranges(recency_layers)}; little or no recency bias: "
+        f"{_ranges(flat)}.",
         f"Frame-periodic layers (periodicity >= {PERIODIC} at the frame period of "
         f"{metrics.period} tokens): {_ranges(periodic_layers)}.",
+        f"Sparse layers (top 1% of tokens take >= {SPARSE:.0%} of the attention): {_ranges(sparse_layers)}.",
     ]
     if both:
         lines.append(f"Layers that mix strong recency with a per-frame rhythm: {_ranges(both)}.")
