@@ -7,10 +7,7 @@ line on stderr and exit code 1; nothing else about a user error is printed.
 from __future__ import annotations
 
 import functools
-import json
-import os
 import sys
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
@@ -18,6 +15,8 @@ from typing import Annotated, Any, TypeVar
 import typer
 from rich.console import Console
 from rich.table import Table
+
+from hermes_policy.atomic import write_json_atomic
 
 app = typer.Typer(
     name="hermes-probe",
@@ -43,20 +42,6 @@ def friendly_errors(func: F) -> F:
             raise typer.Exit(1) from None
 
     return wrapper  # type: ignore[return-value]
-
-
-def write_json_atomic(path: Path, data: Any) -> None:
-    """Write JSON next to its destination, then rename: never a half-written file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as handle:
-            json.dump(data, handle, indent=2)
-            handle.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 @app.command()
@@ -394,6 +379,11 @@ def version() -> None:
     from hermes_policy import __version__
 
     console.print(f"hermes-probe {__version__}")
+
+
+from hermes_cli.eval_command import eval_command  # noqa: E402 - needs the helpers above
+
+app.command("eval")(eval_command)
 
 
 def main() -> None:  # pragma: no cover - console entry

@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from .atomic import write_json_atomic
 from .errors import PolicyError
 
 SCHEMA = "hermes-policy/1"
@@ -147,18 +146,7 @@ class Policy:
         """Validate, then write atomically (temp file in the same folder, then rename)."""
         data = self.to_dict()
         _parse(json.loads(json.dumps(data)), "policy to write")
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w") as handle:
-                json.dump(data, handle, indent=2)
-                handle.write("\n")
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        return path
+        return write_json_atomic(path, data)
 
     # -- use -------------------------------------------------------------------------
     def check_model(self, num_layers: int, num_heads: int, num_kv_heads: int, tokens_per_frame: int) -> None:

@@ -24,12 +24,13 @@ from __future__ import annotations
 
 import json
 import os
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from .atomic import write_text_atomic
 
 SHAPES = ("circle", "square", "triangle")
 
@@ -691,16 +692,6 @@ def text_stream(num_frames: int, seed: int = 0) -> SyntheticTextStream:
 # ---------------------------------------------------------------------------------------
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    """Write via a temporary file in the same folder and ``os.replace`` it into place."""
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def write_synthetic_benchmark(
     folder: str | os.PathLike[str],
     num_videos: int = 2,
@@ -761,5 +752,5 @@ def write_synthetic_benchmark(
             }
         )
     annotation = root / "annotations.json"
-    _atomic_write_text(annotation, json.dumps(entries, indent=2) + "\n")
+    write_text_atomic(annotation, json.dumps(entries, indent=2) + "\n")
     return annotation

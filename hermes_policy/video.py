@@ -30,7 +30,6 @@ from __future__ import annotations
 import math
 import os
 import re
-import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from fractions import Fraction
@@ -39,6 +38,7 @@ from typing import Any
 
 import numpy as np
 
+from .atomic import atomic_path
 from .errors import VideoInputError
 
 VIDEO_EXTENSIONS = (".mp4", ".webm", ".mkv", ".avi", ".mov")
@@ -662,11 +662,9 @@ def write_video(path: str | os.PathLike[str], frames: np.ndarray, fps: float) ->
             f"cannot write {dest}: extension must be one of {', '.join(WRITE_EXTENSIONS)}"
         )
     dest.parent.mkdir(parents=True, exist_ok=True)
-    # Same folder (same file system) so os.replace is atomic; the real suffix is kept
-    # because OpenCV picks the container from the file name.
-    tmp = dest.with_name(f".{dest.stem}.{uuid.uuid4().hex[:8]}.tmp{suffix}")
     fmt = {".mp4": "mp4", ".mkv": "matroska", ".mov": "mov", ".avi": "avi"}[suffix]
-    try:
+    # the real suffix is kept on the temporary file: OpenCV picks the container from it
+    with atomic_path(dest, suffix=suffix) as tmp:
         av = _import_av()
         if av is not None:
             _write_pyav(av, tmp, arr, fps, fmt)
@@ -675,7 +673,4 @@ def write_video(path: str | os.PathLike[str], frames: np.ndarray, fps: float) ->
             if cv2 is None:
                 raise RuntimeError("writing video needs PyAV (av) or opencv-python-headless")
             _write_cv2(cv2, tmp, arr, fps)
-        os.replace(tmp, dest)
-    finally:
-        tmp.unlink(missing_ok=True)
     return dest

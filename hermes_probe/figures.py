@@ -21,9 +21,7 @@ What to look for:
 
 from __future__ import annotations
 
-import os
 import sys
-import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -37,6 +35,7 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 from matplotlib.ticker import FixedLocator, FuncFormatter, MaxNLocator, MultipleLocator
 
+from hermes_policy.atomic import atomic_path
 from hermes_policy.policy import TIERS
 
 from .metrics import ProfileMetrics
@@ -504,14 +503,8 @@ def plot_phase_profiles(
 # -- writing ------------------------------------------------------------------------------
 def _save_png(fig: Figure, path: Path, dpi: int) -> Path:
     """Write ``fig`` as PNG atomically: a temporary file in the same folder, then a rename."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            fig.savefig(handle, format="png", dpi=dpi, facecolor="white")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp, open(tmp, "wb") as handle:
+        fig.savefig(handle, format="png", dpi=dpi, facecolor="white")
     return path
 
 

@@ -18,14 +18,13 @@ Saved as ``.npz`` (``allow_pickle=False``) with the metadata as a JSON string.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from hermes_policy.atomic import atomic_path
 from hermes_policy.errors import HermesError
 
 _ARRAYS = (
@@ -140,19 +139,12 @@ class AttentionProfile:
             "probes": self.probes,
             "meta": self.meta,
         }
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        os.close(fd)
-        try:
-            with open(tmp, "wb") as handle:
-                np.savez_compressed(
-                    handle,
-                    header=np.array(json.dumps(header)),
-                    **{name: getattr(self, name) for name in _ARRAYS},
-                )
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        with atomic_path(path) as tmp, open(tmp, "wb") as handle:
+            np.savez_compressed(
+                handle,
+                header=np.array(json.dumps(header)),
+                **{name: getattr(self, name) for name in _ARRAYS},
+            )
         return path
 
     @classmethod

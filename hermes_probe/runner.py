@@ -14,18 +14,14 @@ lists the finished streams) is written atomically to ``profiles.npz``; a rerun s
 
 from __future__ import annotations
 
-import json
 import math
-import os
-import tempfile
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from hermes_policy import __version__
+from hermes_policy.atomic import write_json_atomic, write_text_atomic
 from hermes_policy.errors import HermesError
 from hermes_policy.models.base import ModelAdapter
 from hermes_policy.policy import Guidance, ModelInfo, Policy
@@ -219,27 +215,6 @@ def analyze_profile(
     return metrics, fit, policy
 
 
-def write_json_atomic(path: Path, data: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as handle:
-            json.dump(data, handle, indent=2, default=_json_default)
-            handle.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _json_default(value: Any) -> Any:
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
-
-
 def analyze(
     adapter: ModelAdapter,
     streams: list[ProbeStream],
@@ -291,10 +266,7 @@ def write_outputs(
              "tiers": fit.tiers, "levels": fit.levels, "r2": fit.r2, "roles": fit.roles,
              "mismatches": fit.mismatches}, "failed_streams": failed},
     )
-    report = render_report(policy, metrics, fit, failed)
-    tmp = out / ".report.md.tmp"
-    tmp.write_text(report)
-    os.replace(tmp, out / "report.md")
+    write_text_atomic(out / "report.md", render_report(policy, metrics, fit, failed))
     if figures:
         from .figures import save_figures
 

@@ -9,9 +9,8 @@ import torch.nn.functional as F
 
 from ..errors import RetentionError
 from ..kv_store import KVStore
-from ..models.base import ModelAdapter
 from ..policy import Guidance
-from .base import GuidanceRequest, LayerKeep, ReindexMode, RetentionRule, SelectContext
+from .base import BudgetedRule, GuidanceRequest, LayerKeep, ReindexMode, SelectContext
 from .scoring import top_indices
 
 
@@ -23,7 +22,7 @@ def pooled(scores: torch.Tensor, kernel: int) -> torch.Tensor:
 
 
 @dataclass
-class AttentionRetention(RetentionRule):
+class AttentionRetention(BudgetedRule):
     """Score every layer by the same pseudo-query's attention at that layer; no recency, no smoothing.
 
     Parameters
@@ -34,18 +33,9 @@ class AttentionRetention(RetentionRule):
     """
 
     name = "attention-only"
-    budget: int = 6000
     prompt: str = Guidance().global_
     kernel: int = 7
     reindex: ReindexMode = "eager"
-
-    def budget_of(self, layer: int) -> int:
-        return self.budget
-
-    def validate(self, adapter: ModelAdapter) -> None:
-        tokens_per_frame = adapter.tokens_per_frame
-        if self.budget < tokens_per_frame:
-            raise RetentionError(f"budget of {self.budget} tokens is smaller than one frame ({tokens_per_frame} tokens)")
 
     def guidance(self, store: KVStore, history: list[tuple[str, str]]) -> GuidanceRequest:
         return GuidanceRequest(prompts=(self.prompt,), layer_prompt=(0,) * store.num_layers)

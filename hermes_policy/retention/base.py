@@ -21,6 +21,7 @@ from typing import ClassVar, Literal
 import torch
 from torch import nn
 
+from ..errors import RetentionError
 from ..kv_store import KVStore
 from ..models.base import ModelAdapter
 
@@ -119,6 +120,22 @@ class RetentionRule(ABC):
 
     def validate(self, adapter: ModelAdapter) -> None:  # noqa: B027 - optional hook
         """Check the configuration against the model (frame size, shape); raise a HermesError."""
+
+
+@dataclass
+class BudgetedRule(RetentionRule):
+    """A rule with one budget of stream tokens for every layer."""
+
+    budget: int = 6000
+
+    def budget_of(self, layer: int) -> int:
+        return self.budget
+
+    def validate(self, adapter: ModelAdapter) -> None:
+        if self.budget < adapter.tokens_per_frame:
+            raise RetentionError(
+                f"budget of {self.budget} tokens is smaller than one frame ({adapter.tokens_per_frame} tokens)"
+            )
 
 
 def newest_indices(length: int, prefix_len: int, budget: int) -> torch.Tensor:

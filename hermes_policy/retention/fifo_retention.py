@@ -4,14 +4,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..errors import RetentionError
 from ..kv_store import KVStore
-from ..models.base import ModelAdapter
-from .base import LayerKeep, ReindexMode, RetentionRule, SelectContext, newest_indices
+from .base import BudgetedRule, LayerKeep, ReindexMode, SelectContext, newest_indices
 
 
 @dataclass
-class FifoRetention(RetentionRule):
+class FifoRetention(BudgetedRule):
     """First in, first out, with positions re-indexed contiguous after each eviction.
 
     This is the cache the paper's mechanistic analysis used (METHOD.md section 2).
@@ -22,11 +20,7 @@ class FifoRetention(RetentionRule):
     """
 
     name = "fifo"
-    budget: int = 6000
     reindex: ReindexMode = "eager"
-
-    def budget_of(self, layer: int) -> int:
-        return self.budget
 
     def select(self, store: KVStore, context: SelectContext) -> dict[int, LayerKeep]:
         decisions = {}
@@ -35,9 +29,3 @@ class FifoRetention(RetentionRule):
                 decisions[layer] = LayerKeep(newest_indices(length, store.prefix_len, self.budget))
         return decisions
 
-    def validate(self, adapter: ModelAdapter) -> None:
-        tokens_per_frame = adapter.tokens_per_frame
-        if self.budget < tokens_per_frame:
-            raise RetentionError(
-                f"budget of {self.budget} tokens is smaller than one frame ({tokens_per_frame} tokens)"
-            )

@@ -9,11 +9,11 @@ import torch
 from ..errors import RetentionError
 from ..kv_store import KVStore
 from ..models.base import ModelAdapter
-from .base import LayerKeep, ReindexMode, RetentionRule, SelectContext
+from .base import BudgetedRule, LayerKeep, ReindexMode, SelectContext
 
 
 @dataclass
-class SinkRecentRetention(RetentionRule):
+class SinkRecentRetention(BudgetedRule):
     """Keep ``sink`` oldest stream tokens and the newest ``budget - sink``.
 
     Parameters
@@ -23,17 +23,11 @@ class SinkRecentRetention(RetentionRule):
     """
 
     name = "sink+recent"
-    budget: int = 6000
     sink: int = 4
     reindex: ReindexMode = "eager"
 
-    def budget_of(self, layer: int) -> int:
-        return self.budget
-
     def validate(self, adapter: ModelAdapter) -> None:
-        tokens_per_frame = adapter.tokens_per_frame
-        if self.budget < tokens_per_frame:
-            raise RetentionError(f"budget of {self.budget} tokens is smaller than one frame ({tokens_per_frame} tokens)")
+        super().validate(adapter)
         if not 0 <= self.sink < self.budget:
             raise RetentionError(f"sink ({self.sink}) must be between 0 and the budget ({self.budget})")
 

@@ -6,10 +6,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ..errors import RetentionError
 from ..kv_store import KVStore
-from ..models.base import ModelAdapter
-from .base import LayerKeep, ReindexMode, RetentionRule, SelectContext
+from .base import BudgetedRule, LayerKeep, ReindexMode, SelectContext
 
 
 def evenly_spaced(length: int, keep: int) -> torch.Tensor:
@@ -20,20 +18,11 @@ def evenly_spaced(length: int, keep: int) -> torch.Tensor:
 
 
 @dataclass
-class UniformRetention(RetentionRule):
+class UniformRetention(BudgetedRule):
     """A uniform temporal subsample of the stream (a frame-rate-reduction baseline)."""
 
     name = "uniform"
-    budget: int = 6000
     reindex: ReindexMode = "eager"
-
-    def budget_of(self, layer: int) -> int:
-        return self.budget
-
-    def validate(self, adapter: ModelAdapter) -> None:
-        tokens_per_frame = adapter.tokens_per_frame
-        if self.budget < tokens_per_frame:
-            raise RetentionError(f"budget of {self.budget} tokens is smaller than one frame ({tokens_per_frame} tokens)")
 
     def select(self, store: KVStore, context: SelectContext) -> dict[int, LayerKeep]:
         decisions = {}
