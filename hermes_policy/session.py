@@ -421,7 +421,7 @@ class StreamingSession:
 
         capture = AttentionCapture(self.adapter.attention_modules, query_rows=rows, callback=keep_stream)
         blocks = QueryBlocks(self.adapter.attention_modules, [len(p) for p in pieces])
-        with blocks, capture:
+        with blocks, capture, torch.inference_mode():
             self._prefill(merged, ingest=True)
         self.store.truncate(lengths)
         return result
