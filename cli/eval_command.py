@@ -1,0 +1,132 @@
+"""`hermes-probe eval`: run a video-QA benchmark (streaming or offline), resumable and sharded.
+
+Registered in :mod:`hermes_cli.main`. Under ``torchrun --nproc-per-node N`` every process
+takes its share of the videos (one GPU each); see :mod:`hermes_policy.evaluation`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+
+def _load_benchmark(annotations: Path, video_root: Path | None) -> list[Any]:
+    from hermes_policy.annotations import AnnotationError, load_annotations
+    from hermes_policy.evaluation.runner import check_benchmark
+
+    if annotations.is_file() and not annotations.read_text(encoding="utf-8", errors="replace").strip():
+        raise AnnotationError(f"annotation file {annotations} is empty")
+    entries = load_annotations(annotations, video_root)
+    try:
+        check_benchmark(entries)  # before the model loads: answers not among their choices, ...
+    except AnnotationError as exc:
+        raise AnnotationError(f"{annotations}: {exc}") from None
+    return entries
+
+
+def _fmt(value: float | None, spec: str = ".1f") -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def _print_summary(console: Any, summary: dict[str, Any], result: Any) -> None:
+    from rich.table import Table
+
+    table = Table(title="accuracy")
+    for column in ("group", "questions", "scored", "correct", "accuracy %", "unparseable"):
+        table.add_column(column)
+
+    def row(name: str, block: dict[str, Any]) -> None:
+        accuracy = block.get("accuracy")
+        table.add_row(name, str(block.get("questions", block.get("answered"))), str(block["scored"]),
+                      str(block["correct"]), _fmt(None if accuracy is None else 100 * accuracy),
+                      str(block["unparseable"]))
+
+    row("overall", summary)
+    for task, block in summary["per_task"].items():
+        row(f"task {task}", block)
+    split = summary.get("videomme_split")
+    if split:
+        for name in ("short", "medium", "long"):
+            if split[name]["questions"]:
+                row(f"{name} ({split['thresholds_s'][name]} s)", split[name])
+    console.print(table)
+    peak = summary.get("peak_memory_bytes_max")
+    console.print(
+        f"answered {summary['answered']} of {summary['selected_questions']} questions | "
+        f"TTFT {_fmt(summary['ttft_ms_mean'])} ms | TPOT {_fmt(summary['tpot_ms_mean'])} ms | "
+        f"peak memory {'-' if peak is None else f'{peak / 2**30:.2f} GiB'}"
+    )
+    if summary["failed_videos"]:
+        console.print(f"[red]{len(summary['failed_videos'])} video(s) failed[/] (their questions are "
+                      "retried by the next run into the same --out):")
+        for failure in summary["failed_videos"]:
+            console.print(f"  - {failure['video_id']} ({failure['video_path']}): {failure['reason']}",
+                          highlight=False)
+    if summary.get("resume_mismatches"):
+        console.print(f"[yellow]{summary['resume_mismatches']} re-asked question(s) answered "
+                      "differently than stored[/]")
+    console.print(f"wrote {result.results_path} and {result.summary_path}")
+
+
+def eval_command(
+    model: Annotated[str, typer.Option(help="Hub id or local folder of a video model.")],
+    annotations: Annotated[Path, typer.Option(help="Streaming-QA annotation JSON (METHOD.md section 10).")],
+    out: Annotated[Path, typer.Option(help="Output folder; re-running into it resumes.")],
+    policy: Annotated[
+        str, typer.Option(help="A policy.json, paper-default, or a rule: full, fifo, sink+recent, uniform, attention-only.")
+    ] = "paper-default",
+    video_root: Annotated[Path | None, typer.Option(help="Folder that relative video paths refer to.")] = None,
+    limit: Annotated[int | None, typer.Option(min=1, help="Only the first N questions of the benchmark.")] = None,
+    budget: Annotated[int, typer.Option(min=1, help="Stream tokens per layer (rules and paper-default).")] = 4000,
+    fps: Annotated[float, typer.Option(min=0.01, help="Frames sampled per second of video.")] = 0.5,
+    chunk: Annotated[int, typer.Option(min=1, help="Frames per prefill chunk.")] = 8,
+    max_new_tokens: Annotated[int, typer.Option(min=1, help="Answer length limit, open-ended questions.")] = 64,
+    mc_max_new_tokens: Annotated[int, typer.Option(min=1, help="Answer length limit, multiple choice.")] = 16,
+    judge: Annotated[str, typer.Option(help="Open-ended scoring: exact, f1 or http (an OpenAI-compatible LLM judge).")] = "f1",
+    f1_threshold: Annotated[float, typer.Option(help="Token F1 needed to count as correct (--judge f1).")] = 0.5,
+    judge_url: Annotated[str | None, typer.Option(help="--judge http: API base URL (or $HERMES_JUDGE_URL).")] = None,
+    judge_model: Annotated[str | None, typer.Option(help="--judge http: model name (or $HERMES_JUDGE_MODEL).")] = None,
+    judge_api_key_env: Annotated[
+        str, typer.Option(help="--judge http: environment variable holding the API key.")
+    ] = "OPENAI_API_KEY",
+    device: Annotated[
+        str | None, typer.Option(help="cpu, cuda ... (default: cuda if available); under torchrun cuda:LOCAL_RANK.")
+    ] = None,
+    dtype: Annotated[str | None, typer.Option(help="float32, bfloat16 or float16.")] = None,
+    trust_remote_code: Annotated[bool, typer.Option(help="Allow code from the model repository.")] = False,
+    overwrite: Annotated[bool, typer.Option(help="Discard earlier results in --out instead of resuming.")] = False,
+    progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+) -> None:
+    """Run a video-QA benchmark: answers to results.jsonl (resumable), accuracies to summary.json."""
+    options = dict(locals())
+    from hermes_cli.main import friendly_errors  # here: hermes_cli.main imports this module
+
+    friendly_errors(_run)(**options)
+
+
+def _run(**options: Any) -> None:
+    from hermes_cli.main import _load, console
+
+    from hermes_policy.evaluation import distributed, evaluate, make_judge
+
+    o = options
+    device = distributed.resolve_device(o["device"])
+    entries = _load_benchmark(o["annotations"], o["video_root"])
+    judge = make_judge(o["judge"], f1_threshold=o["f1_threshold"], url=o["judge_url"],
+                       model=o["judge_model"], api_key_env=o["judge_api_key_env"])
+    ctx = distributed.init_distributed(device)
+    try:
+        adapter = _load(o["model"], str(device), o["dtype"], None, o["trust_remote_code"])
+        result = evaluate(
+            adapter, o["policy"], entries, o["out"], budget=o["budget"], fps=o["fps"],
+            chunk_frames=o["chunk"], max_new_tokens=o["max_new_tokens"],
+            mc_max_new_tokens=o["mc_max_new_tokens"], judge=judge, limit=o["limit"],
+            overwrite=o["overwrite"], progress=o["progress"], console=console, ctx=ctx,
+            run_info={"annotations": str(o["annotations"]), "world_size": ctx.world_size},
+        )
+        if ctx.is_main and result.summary is not None:
+            _print_summary(console, result.summary, result)
+    finally:
+        distributed.shutdown(ctx)
