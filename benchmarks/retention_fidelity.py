@@ -5,7 +5,8 @@ every rule streams the same frames under the same per-layer budget; at the end o
 stream each known question is scored against the full (unbounded) cache:
 
 - KL(full || rule) of the next-token distribution after the question,
-- log-probability of the known answer (teacher-forced),
+- log-probability of the known answer as the first words of the reply (teacher-forced,
+  right after the chat template's assistant line, so without a leading space),
 - whether the greedy answer contains the known answer.
 
 Usage::
@@ -80,7 +81,7 @@ def evaluate(session: StreamingSession, questions, reference=None) -> dict:
             "question": q.question,
             "expected": q.answer,
             "logits": logits,
-            "answer_logprob": session.answer_logprob(q.question, " " + q.answer),
+            "answer_logprob": session.answer_logprob(q.question, q.answer),
             "greedy": answer.text,
             "correct": q.answer.lower() in answer.text.lower(),
         })
