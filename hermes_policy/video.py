@@ -30,6 +30,7 @@ from __future__ import annotations
 import math
 import os
 import re
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from fractions import Fraction
@@ -89,7 +90,7 @@ class VideoFrames:
 # ---------------------------------------------------------------------------------------
 
 
-class _Source:
+class _Source(ABC):
     """An opened source of frames; use as a context manager so it is always closed."""
 
     source_fps: float = 0.0
@@ -103,9 +104,9 @@ class _Source:
     def close(self) -> None:
         """Release the decoder."""
 
+    @abstractmethod
     def frames(self) -> Iterator[tuple[float, Loader]]:
         """Yield ``(timestamp_seconds, loader)`` for every frame, in display order."""
-        raise NotImplementedError
 
 
 def _import_av() -> Any | None:
