@@ -101,7 +101,7 @@ class _Source(ABC):
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 - optional: sources without a decoder keep it
         """Release the decoder."""
 
     @abstractmethod
