@@ -146,8 +146,43 @@ class ModelAdapter(ABC):
         """Stream tokens one frame becomes (for video models, after pooling/merging)."""
 
     # -- chat format -----------------------------------------------------------------
+    @property
+    def video_marker(self) -> str | None:
+        """What the processor's chat template renders for a video item (None: text-only)."""
+        return None
+
+    def _processor_template(self) -> str | None:
+        template = getattr(self.processor, "chat_template", None)
+        if isinstance(template, dict):
+            template = template.get("default") or next(iter(template.values()), None)
+        return template or None
+
     def _chat_template_parts(self, system_prompt: str) -> tuple[str, str]:
-        """Split the chat template around the stream: (prefix text, text after the stream)."""
+        """Split the chat template around the stream: (prefix text, text after the question).
+
+        Video models with a processor template render a structured turn (a video item, then
+        the question) and split it around :attr:`video_marker`; the text between the video
+        and the question is kept in ``self._question_lead``. Otherwise the tokenizer's
+        template (ChatML when it has none) is split around the user text, with ``"\n"``
+        between the stream and the question.
+        """
+        template, marker = self._processor_template(), self.video_marker
+        if template is not None and marker is not None:
+            messages = [
+                {"role": "system", "content": [{"type": "text", "text": system_prompt}]},
+                {
+                    "role": "user",
+                    "content": [{"type": "video"}, {"type": "text", "text": _STREAM_SENTINEL}],
+                },
+            ]
+            rendered = self.tokenizer.apply_chat_template(
+                messages, chat_template=template, tokenize=False, add_generation_prompt=True
+            )
+            head, sep, suffix = rendered.partition(_STREAM_SENTINEL)
+            prefix, video_sep, lead = head.rpartition(marker)
+            if sep and video_sep:
+                self._question_lead = lead
+                return prefix, suffix
         messages = [
             {"role": "system", "content": system_prompt},
             {"role": "user", "content": _STREAM_SENTINEL},
@@ -159,6 +194,7 @@ class ModelAdapter(ABC):
         prefix, sep, suffix = rendered.partition(_STREAM_SENTINEL)
         if not sep:
             raise ValueError("the chat template dropped the user message; cannot place the stream")
+        self._question_lead = "\n"
         return prefix, suffix
 
     def encode_text(self, text: str) -> list[int]:
@@ -175,7 +211,8 @@ class ModelAdapter(ABC):
         suffix = getattr(self, "_answer_prompt_suffix", None)
         if suffix is None:
             _, suffix = self._chat_template_parts(DEFAULT_SYSTEM_PROMPT)
-        return StreamPiece.text(self.encode_text("\n" + question.strip() + suffix), self.position_axes)
+        text = self._question_lead + question.strip() + suffix
+        return StreamPiece.text(self.encode_text(text), self.position_axes)
 
     @property
     def stop_token_ids(self) -> set[int]:

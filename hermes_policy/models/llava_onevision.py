@@ -37,7 +37,7 @@ import torch
 
 from ..errors import StreamError
 from ..positions import to_model_position_ids
-from .base import _STREAM_SENTINEL, DEFAULT_SYSTEM_PROMPT, ModelAdapter, StreamPiece
+from .base import ModelAdapter, StreamPiece
 
 VIDEO_KEY = "pixel_values_videos"
 
@@ -83,53 +83,9 @@ class LlavaOnevisionAdapter(ModelAdapter):
         return frames * self.tokens_per_frame + 1
 
     # -- chat format -----------------------------------------------------------------
-    def _processor_template(self) -> str | None:
-        template = getattr(self.processor, "chat_template", None)
-        if isinstance(template, dict):
-            template = template.get("default") or next(iter(template.values()), None)
-        return template or None
-
-    def _chat_template_parts(self, system_prompt: str) -> tuple[str, str]:
-        """Split the processor's chat template around the ``<video>`` placeholder.
-
-        Returns (text before the video, text after the question). The text between the
-        video and the question is kept in ``self._question_lead``.
-        """
-        template = self._processor_template()
-        if template is None:
-            self._question_lead = "\n"
-            return super()._chat_template_parts(system_prompt)
-        messages = [
-            {"role": "system", "content": [{"type": "text", "text": system_prompt}]},
-            {
-                "role": "user",
-                "content": [{"type": "video"}, {"type": "text", "text": _STREAM_SENTINEL}],
-            },
-        ]
-        rendered = self.tokenizer.apply_chat_template(
-            messages, chat_template=template, tokenize=False, add_generation_prompt=True
-        )
-        head, sep, suffix = rendered.partition(_STREAM_SENTINEL)
-        prefix, video_sep, lead = head.rpartition(self.video_token)
-        if not sep or not video_sep:
-            raise ValueError(
-                "the processor's chat template dropped the video or the user text; "
-                "cannot place the stream"
-            )
-        self._question_lead = lead
-        return prefix, suffix
-
-    def question_piece(self, question: str) -> StreamPiece:
-        """The question after the stream: the template's text between video and question,
-        the question, then the close of the user turn and the opening of the answer."""
-        suffix = getattr(self, "_answer_prompt_suffix", None)
-        lead = getattr(self, "_question_lead", None)
-        if suffix is None or lead is None:
-            _, suffix = self._chat_template_parts(DEFAULT_SYSTEM_PROMPT)
-            lead = self._question_lead
-        return StreamPiece.text(
-            self.encode_text(lead + question.strip() + suffix), self.position_axes
-        )
+    @property
+    def video_marker(self) -> str:
+        return self.video_token
 
     # -- stream input ----------------------------------------------------------------
     @staticmethod

@@ -79,7 +79,7 @@ import torch
 from torch import nn
 
 from ..errors import ModelLoadError, StreamError
-from .base import _STREAM_SENTINEL, DEFAULT_SYSTEM_PROMPT, ModelAdapter, StreamPiece
+from .base import ModelAdapter, StreamPiece
 
 VIDEO_KEY = "pixel_values_videos"
 GRID_KEY = "video_grid_thw"
@@ -230,54 +230,9 @@ class _QwenVLAdapter(ModelAdapter):
         return self._grid_cache[key]
 
     # -- chat format -----------------------------------------------------------------
-    def _processor_template(self) -> str | None:
-        template = getattr(self.processor, "chat_template", None)
-        if isinstance(template, dict):
-            template = template.get("default") or next(iter(template.values()), None)
-        return template or None
-
-    def _chat_template_parts(self, system_prompt: str) -> tuple[str, str]:
-        """Render the processor's chat template (structured content: a video, then text).
-
-        The video item is rendered as ``<|vision_start|><|video_pad|><|vision_end|>``, which
-        the stream's chunks replace. Returns (text before the video, text after the
-        question); the text between the video and the question (empty for the Qwen
-        templates) is kept in ``self._question_lead``. The prefix and suffix are those
-        of a text-only turn. Without a processor template (or one that renders the video
-        differently) the tokenizer's template is used as in the base class, with ``"\\n"``
-        between the stream and the question.
-        """
-        template = self._processor_template()
-        if template is not None:
-            messages = [
-                {"role": "system", "content": [{"type": "text", "text": system_prompt}]},
-                {
-                    "role": "user",
-                    "content": [{"type": "video"}, {"type": "text", "text": _STREAM_SENTINEL}],
-                },
-            ]
-            rendered = self.tokenizer.apply_chat_template(
-                messages, chat_template=template, tokenize=False, add_generation_prompt=True
-            )
-            head, sep, suffix = rendered.partition(_STREAM_SENTINEL)
-            prefix, video_sep, lead = head.rpartition(self.video_placeholder)
-            if sep and video_sep:
-                self._question_lead = lead
-                return prefix, suffix
-        self._question_lead = "\n"
-        return super()._chat_template_parts(system_prompt)
-
-    def question_piece(self, question: str) -> StreamPiece:
-        """The question after the stream: the template's text between the video and the
-        question, the question, the close of the user turn and the opening of the answer."""
-        suffix = getattr(self, "_answer_prompt_suffix", None)
-        lead = getattr(self, "_question_lead", None)
-        if suffix is None or lead is None:
-            _, suffix = self._chat_template_parts(DEFAULT_SYSTEM_PROMPT)
-            lead = self._question_lead
-        return StreamPiece.text(
-            self.encode_text(lead + question.strip() + suffix), self.position_axes
-        )
+    @property
+    def video_marker(self) -> str:
+        return self.video_placeholder
 
     # -- stream input ----------------------------------------------------------------
     def _run_processor(self, frames: np.ndarray, fps: float) -> Any:
