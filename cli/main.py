@@ -381,9 +381,11 @@ def version() -> None:
     console.print(f"hermes-probe {__version__}")
 
 
+from hermes_cli.bench_command import bench_command  # noqa: E402 - needs the helpers above
 from hermes_cli.eval_command import eval_command  # noqa: E402 - needs the helpers above
 
 app.command("eval")(eval_command)
+app.command("bench")(friendly_errors(bench_command))
 
 
 def main() -> None:  # pragma: no cover - console entry

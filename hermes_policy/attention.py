@@ -11,6 +11,10 @@ Capture: while an :class:`AttentionCapture` is active, the function also compute
 softmax probabilities of chosen query rows from that layer's own query states and hands
 them to the capture, under TransformerLens-style names ``blocks.{layer}.attn.hook_pattern``.
 The probe and the HERMES pseudo-queries both use this one mechanism.
+
+Static mode (CUDA graphs, see ``hermes_policy.answer_graphs``): inside
+:class:`StaticMasks`, keys and values are a layer's whole preallocated buffer and query
+``i`` may see the slots ``<= limits[i]`` (its own slot and everything before it).
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention.bias import causal_lower_right
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface
 
@@ -54,9 +59,13 @@ def attention_probabilities(
     -------
     Tensor ``(batch, heads, q, k)``
     """
-    groups = query.shape[1] // key.shape[1]
-    k = key.float().repeat_interleave(groups, dim=1)
-    scores = torch.matmul(query.float(), k.transpose(-1, -2)) * scaling
+    batch, heads, rows, dim = query.shape
+    kv_heads = key.shape[1]
+    groups = heads // kv_heads
+    # Stack each KV head's query heads along the rows, so keys are not repeated per head.
+    stacked = query.float().reshape(batch, kv_heads, groups * rows, dim)
+    scores = torch.matmul(stacked, key.float().transpose(-1, -2)) * scaling
+    scores = scores.reshape(batch, heads, rows, key.shape[-2])
     if mask is None:
         mask = bottom_right_causal_mask(query.shape[-2], key.shape[-2], query.device)
     return torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1)
@@ -170,37 +179,154 @@ def ragged_attention(
     q_len, k_len = query.shape[-2], key.shape[-2]
     if scaling is None:
         scaling = query.shape[-1] ** -0.5
+    limits = getattr(module, "hermes_static_limits", None)
+    if limits is not None:
+        mask = torch.arange(k_len, device=query.device)[None, :] <= limits[:, None]
+        out = grouped_masked_attention(query, key, value, mask, scaling)
+        return out.transpose(1, 2).contiguous(), None
     blocks = getattr(module, "hermes_query_blocks", None)
-    if blocks is not None:
-        mask = block_query_mask(blocks, k_len, query.device)
-    else:
-        mask = None if q_len == 1 else bottom_right_causal_mask(q_len, k_len, query.device)
-    out = F.scaled_dot_product_attention(
-        query, key, value, attn_mask=mask, scale=scaling, enable_gqa=query.shape[1] != key.shape[1]
-    )
     capture = getattr(module, "hermes_capture", None)
+    gqa = query.shape[1] != key.shape[1]
+    mask: torch.Tensor | None = None
+    if blocks is not None:
+        lead, sizes = blocks
+        out = lead_and_blocks_attention(query, key, value, lead, sizes, scaling)
+        if capture is not None:
+            capture.record(module.layer_idx, query, key, scaling, block_query_mask(sizes, k_len, query.device, lead))
+        return out.transpose(1, 2).contiguous(), None
+    if q_len == 1:
+        sdpa_mask = None
+    elif query.device.type == "cuda":
+        # The bottom-right causal mask as a bias object: SDPA runs it in the flash kernel
+        # without materialising a (q, k) mask (the capture builds its own when needed).
+        sdpa_mask = causal_lower_right(q_len, k_len)
+    else:
+        mask = sdpa_mask = bottom_right_causal_mask(q_len, k_len, query.device)
+    out = F.scaled_dot_product_attention(query, key, value, attn_mask=sdpa_mask, scale=scaling, enable_gqa=gqa)
     if capture is not None:
         capture.record(module.layer_idx, query, key, scaling, mask)
     return out.transpose(1, 2).contiguous(), None
 
 
-def block_query_mask(blocks: list[int], k_len: int, device: torch.device) -> torch.Tensor:
+def grouped_masked_attention(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor, scaling: float
+) -> torch.Tensor:
+    """Masked attention with grouped KV heads, without repeating the keys per query head.
+
+    The ``groups`` query heads sharing one KV head are stacked along the query axis, so
+    each cached key is read once per KV head, not once per query head.
+
+    Parameters
+    ----------
+    query : ``(batch, heads, q, head_dim)``
+    key, value : ``(batch, kv_heads, k, head_dim)``
+    mask : BoolTensor ``(q, k)``, True where attention is allowed
+
+    Returns
+    -------
+    Tensor ``(batch, heads, q, head_dim)``
+    """
+    batch, heads, q_len, dim = query.shape
+    kv_heads, k_len = key.shape[1], key.shape[-2]
+    groups = heads // kv_heads
+    # head h = kv * groups + j; row j * q + i of the stacked query is (head kv*groups+j, row i)
+    stacked = query.reshape(batch, kv_heads, groups * q_len, dim)
+    # Explicit matmul-softmax-matmul rather than SDPA: with an arbitrary mask SDPA picks
+    # cuDNN, which builds a new plan for every key length (~30 ms each) and runs these
+    # few-row shapes on a handful of blocks; cuBLAS splits the key axis instead.
+    scores = torch.matmul(stacked, key.transpose(-1, -2)).float() * scaling
+    scores = scores.view(batch, kv_heads, groups, q_len, k_len).masked_fill(~mask, float("-inf"))
+    probs = torch.softmax(scores, dim=-1).to(value.dtype).view(batch, kv_heads, groups * q_len, k_len)
+    return torch.matmul(probs, value).reshape(batch, heads, q_len, dim)
+
+
+class StaticMasks:
+    """Within this context, attention runs in static mode (see the module docstring).
+
+    Parameters
+    ----------
+    attention_modules : the text model's attention modules
+    limits : LongTensor ``(layers, q)``: the highest slot each new token of each layer sees
+    """
+
+    def __init__(self, attention_modules: list[nn.Module], limits: torch.Tensor):
+        self._modules = attention_modules
+        self._limits = limits
+
+    def __enter__(self) -> StaticMasks:
+        for layer, module in enumerate(self._modules):
+            module.hermes_static_limits = self._limits[layer]
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for module in self._modules:
+            module.hermes_static_limits = None
+
+
+def block_query_mask(blocks: list[int], k_len: int, device: torch.device, lead: int = 0) -> torch.Tensor:
     """Mask ``(q, k)`` for several independent queries prefilled together on one cache.
 
-    The new tokens are ``sum(blocks)`` queries made of consecutive blocks; each block sees
-    the whole cache (the first ``k_len - q`` keys) and, causally, its own tokens only, so
-    one forward computes what separate forwards of each block would.
+    The new tokens are ``lead + sum(blocks)`` queries: first ``lead`` ordinary tokens
+    (causal, e.g. a chunk of frames), then consecutive blocks; each block sees the whole
+    cache and the lead tokens (the first ``k_len - sum(blocks)`` keys) and, causally, its
+    own tokens only, so one forward computes what separate forwards of the lead and then
+    of each block would.
     """
-    q_len = sum(blocks)
-    cache = k_len - q_len
+    q_len = lead + sum(blocks)
+    seen = k_len - sum(blocks)
     mask = torch.zeros(q_len, k_len, dtype=torch.bool, device=device)
-    mask[:, :cache] = True
+    if lead:
+        mask[:lead, :seen] = bottom_right_causal_mask(lead, seen, device)
+    mask[lead:, :seen] = True
     start = 0
     for size in blocks:
         block = torch.ones(size, size, dtype=torch.bool, device=device).tril()
-        mask[start : start + size, cache + start : cache + start + size] = block
+        mask[lead + start : lead + start + size, seen + start : seen + start + size] = block
         start += size
     return mask
+
+
+def lead_and_blocks_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    lead: int,
+    blocks: list[int],
+    scaling: float,
+) -> torch.Tensor:
+    """Attention under :func:`block_query_mask` in two fused-kernel calls.
+
+    The lead rows are ordinary causal attention over the keys before the blocks (flash
+    kernel on CUDA); the block rows use :func:`grouped_masked_attention` with their own
+    small mask.
+
+    Returns
+    -------
+    Tensor ``(batch, heads, q, head_dim)``
+    """
+    q_len, k_len = query.shape[-2], key.shape[-2]
+    seen = k_len - sum(blocks)
+    gqa = query.shape[1] != key.shape[1]
+    parts = []
+    if lead:
+        if query.device.type == "cuda":
+            lead_mask: object = causal_lower_right(lead, seen)
+        else:
+            lead_mask = bottom_right_causal_mask(lead, seen, query.device)
+        parts.append(
+            F.scaled_dot_product_attention(
+                query[:, :, :lead],
+                key[:, :, :seen],
+                value[:, :, :seen],
+                attn_mask=lead_mask,
+                scale=scaling,
+                enable_gqa=gqa,
+            )
+        )
+    if q_len > lead:
+        mask = block_query_mask(blocks, k_len, query.device, lead)[lead:]
+        parts.append(grouped_masked_attention(query[:, :, lead:], key, value, mask, scaling))
+    return torch.cat(parts, dim=2) if len(parts) > 1 else parts[0]
 
 
 class QueryBlocks:
@@ -210,15 +336,17 @@ class QueryBlocks:
     ----------
     attention_modules : the text model's attention modules
     blocks : lengths of the consecutive blocks (see :func:`block_query_mask`)
+    lead : ordinary (causal) tokens before the blocks, which the blocks see
     """
 
-    def __init__(self, attention_modules: list[nn.Module], blocks: list[int]):
+    def __init__(self, attention_modules: list[nn.Module], blocks: list[int], lead: int = 0):
         self._modules = attention_modules
         self._blocks = list(blocks)
+        self._lead = lead
 
     def __enter__(self) -> QueryBlocks:
         for module in self._modules:
-            module.hermes_query_blocks = self._blocks
+            module.hermes_query_blocks = (self._lead, self._blocks)
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -1,7 +1,9 @@
 """Per-layer KV store: every layer has its own length, positions and frame indices.
 
-The keys and values live in a transformers ``DynamicCache`` (so the model's attention
-modules update it as usual); this class keeps, beside it, what the cache does not know:
+The keys and values live in a :class:`~hermes_policy.stream_cache.StreamCache` (a
+transformers ``Cache`` over preallocated buffers, so the model's attention modules update
+it as usual and memory stays put once a rule reaches its budget); this class keeps,
+beside it, what the cache does not know:
 each cached token's position (``(axes, seq)`` per layer) and the frame it came from. The
 first ``prefix_len`` tokens of every layer are the fixed system prefix, never evicted.
 """
@@ -11,9 +13,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from transformers import DynamicCache
 
 from .positions import compact_positions, next_free_position, rerotate_keys
+from .stream_cache import StreamCache
 
 
 @dataclass
@@ -45,19 +47,19 @@ class LayerState:
 
 
 class KVStore:
-    """The streaming KV cache: a ``DynamicCache`` plus per-layer positions and frame indices.
+    """The streaming KV cache: a ``StreamCache`` plus per-layer positions and frame indices.
 
     Parameters
     ----------
     num_layers : number of decoder layers
     position_axes : 1 for 1D RoPE, 3 for multimodal RoPE
-    config : the text config, passed to ``DynamicCache``
+    config : the text config (unused; kept for callers that pass it)
     """
 
     def __init__(self, num_layers: int, position_axes: int, config: object | None = None):
         self.num_layers = num_layers
         self.position_axes = position_axes
-        self.cache = DynamicCache(config=config) if config is not None else DynamicCache()
+        self.cache = StreamCache(num_layers)
         self.positions = [torch.zeros(position_axes, 0, dtype=torch.long) for _ in range(num_layers)]
         self.frame_index = [torch.zeros(0, dtype=torch.long) for _ in range(num_layers)]
         self.prefix_len = 0
@@ -93,9 +95,13 @@ class KVStore:
         """Bytes held by keys and values of all layers."""
         total = 0
         for cache_layer in self.cache.layers[: self.num_layers]:
-            if getattr(cache_layer, "keys", None) is not None and cache_layer.keys.numel():
+            if cache_layer.keys is not None and cache_layer.keys.numel():
                 total += cache_layer.keys.numel() * cache_layer.keys.element_size() * 2
         return total
+
+    def allocated_bytes(self) -> int:
+        """Bytes of the key/value buffers, spare capacity included."""
+        return self.cache.allocated_bytes()
 
     # -- writing ---------------------------------------------------------------------
     def record_appended(self, positions: list[torch.Tensor], frame_index: torch.Tensor) -> None:
@@ -121,9 +127,7 @@ class KVStore:
     def truncate(self, lengths: list[int]) -> None:
         """Cut every layer back to the given length (drops the newest tokens)."""
         for layer, n in enumerate(lengths):
-            cache_layer = self.cache.layers[layer]
-            cache_layer.keys = cache_layer.keys[..., :n, :]
-            cache_layer.values = cache_layer.values[..., :n, :]
+            self.cache.layers[layer].truncate(n)
             self.positions[layer] = self.positions[layer][:, :n]
             self.frame_index[layer] = self.frame_index[layer][:n]
 
@@ -143,18 +147,15 @@ class KVStore:
             position ``(axes, 1)``
         """
         cache_layer = self.cache.layers[layer]
-        idx = indices.to(cache_layer.keys.device)
-        keys = cache_layer.keys.index_select(-2, idx)
-        values = cache_layer.values.index_select(-2, idx)
         positions = self.positions[layer].index_select(1, indices.cpu())
         frames = self.frame_index[layer].index_select(0, indices.cpu())
+        summary_kv = None
         if extra is not None:
             key, value, position, frame = extra
-            keys = torch.cat([keys, key.to(keys)], dim=-2)
-            values = torch.cat([values, value.to(values)], dim=-2)
+            summary_kv = (key, value)
             positions = torch.cat([positions, position.cpu()], dim=1)
             frames = torch.cat([frames, torch.tensor([frame])])
-        cache_layer.keys, cache_layer.values = keys, values
+        cache_layer.gather(indices.to(cache_layer.device), summary_kv)
         self.positions[layer], self.frame_index[layer] = positions, frames
 
     def reindex(self, layer: int, rotary_emb: torch.nn.Module) -> bool:
@@ -167,7 +168,7 @@ class KVStore:
         if torch.equal(old, new):
             return False
         cache_layer = self.cache.layers[layer]
-        cache_layer.keys = rerotate_keys(cache_layer.keys, old, new, rotary_emb)
+        cache_layer.keys.copy_(rerotate_keys(cache_layer.keys, old, new, rotary_emb))
         self.positions[layer] = new
         return True
 

@@ -16,19 +16,23 @@ from __future__ import annotations
 import time
 import warnings
 from collections import deque
-from collections.abc import Sequence
-from contextlib import nullcontext
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
 
+from .answer_graphs import AnswerGraphs
 from .attention import AttentionCapture, PerLayerRotary, QueryBlocks
 from .errors import StreamError
 from .kv_store import KVStore
 from .models.base import DEFAULT_SYSTEM_PROMPT, ModelAdapter, StreamPiece
 from .retention import FullRetention, GuidanceRequest, RetentionRule, SelectContext
+
+AnswerPath = Literal["graphs", "static", "eager"]
+ANSWER_PATHS: tuple[str, ...] = ("graphs", "static", "eager")
 
 
 @dataclass
@@ -112,6 +116,13 @@ class StreamingSession:
     max_new_tokens : default answer length limit
     history_limit : question/answer pairs kept as text (the HERMES guidance prompts use the
         last one); older ones are dropped so a session never grows
+    answer_path : how :meth:`ask` runs the model: ``"graphs"`` (fixed shapes replayed as
+        CUDA graphs, see :mod:`hermes_policy.answer_graphs`; the default on CUDA),
+        ``"static"`` (the same fixed-shape code without graphs) or ``"eager"`` (one
+        ordinary forward per token; the default elsewhere)
+    fuse_guidance : run a rule's pseudo-queries in the same forward as the chunk that
+        triggers compression (one pass over the weights instead of two; the result is
+        the same up to rounding)
     """
 
     def __init__(
@@ -125,9 +136,22 @@ class StreamingSession:
         reindex_margin: int = 1024,
         max_new_tokens: int = 64,
         history_limit: int = 16,
+        answer_path: AnswerPath | None = None,
+        fuse_guidance: bool = True,
     ):
         if chunk_frames < 1:
             raise StreamError(f"chunk_frames must be at least 1, got {chunk_frames}")
+        if answer_path is None:
+            answer_path = "graphs" if adapter.device.type == "cuda" else "eager"
+        if answer_path not in ANSWER_PATHS:
+            raise StreamError(f"answer_path must be one of {ANSWER_PATHS}, got {answer_path!r}")
+        if answer_path == "graphs" and adapter.device.type != "cuda":
+            raise StreamError("answer_path='graphs' needs the model on a CUDA device")
+        self.answer_path = answer_path
+        self.fuse_guidance = fuse_guidance
+        self.time_phases = False
+        self.phase_seconds: dict[str, float] = {}
+        self._answer_graphs: AnswerGraphs | None = None
         self.adapter = adapter
         self.retention = retention if retention is not None else FullRetention()
         self.retention.validate(adapter)
@@ -140,6 +164,7 @@ class StreamingSession:
         self.frames_seen = 0
         self.compressions = 0
         self.guidance_passes = 0
+        self.fused_guidance_passes = 0
         self._pending: list[Any] = []
         self._pending_times: list[float | None] = []
         self._warned_positions = False
@@ -216,20 +241,29 @@ class StreamingSession:
         kept = self.store.stream_lengths()
         tokens: list[int] = []
         first_token_at = arrival
-        try:
+        piece = self.adapter.question_piece(question)
+        if self.answer_path != "eager":
+            marks: list[float] = []
             with torch.inference_mode():
-                hidden = self._prefill(self.adapter.question_piece(question), last_only=True)
-                token = int(self.adapter.logits(hidden[:, -1:]).argmax(-1))
-                self._sync()
-                first_token_at = time.perf_counter()
-                tokens.append(token)
-                while token not in stops and len(tokens) < limit:
-                    hidden = self._prefill(StreamPiece.text([token], self.adapter.position_axes))
+                tokens = self.answer_graphs.answer(
+                    piece, limit, stops, on_first_token=lambda: marks.append(time.perf_counter())
+                )
+            first_token_at = marks[0]
+        else:
+            try:
+                with torch.inference_mode():
+                    hidden = self._prefill(piece, last_only=True)
                     token = int(self.adapter.logits(hidden[:, -1:]).argmax(-1))
+                    self._sync()
+                    first_token_at = time.perf_counter()
                     tokens.append(token)
-                self._sync()
-        finally:
-            self.store.truncate(saved_lengths)
+                    while token not in stops and len(tokens) < limit:
+                        hidden = self._prefill(StreamPiece.text([token], self.adapter.position_axes))
+                        token = int(self.adapter.logits(hidden[:, -1:]).argmax(-1))
+                        tokens.append(token)
+                    self._sync()
+            finally:
+                self.store.truncate(saved_lengths)
         done = time.perf_counter()
         answer_ids = [t for t in tokens if t not in stops]
         text = self.adapter.decode(answer_ids)
@@ -303,20 +337,69 @@ class StreamingSession:
             self.store.truncate(saved_lengths)
 
     @property
+    def answer_graphs(self) -> AnswerGraphs:
+        """The fixed-shape answering machinery (built on first use)."""
+        if self._answer_graphs is None:
+            self._answer_graphs = AnswerGraphs(
+                self.adapter, self.store, use_graphs=self.answer_path == "graphs"
+            )
+        return self._answer_graphs
+
+    @property
     def tokens_kept(self) -> list[int]:
         """Stream tokens currently held per layer."""
         return self.store.stream_lengths()
 
     # -- internals -------------------------------------------------------------------
+    @contextmanager
+    def _phase(self, name: str) -> Iterator[None]:
+        """Accumulate the time of one ingest phase in :attr:`phase_seconds`.
+
+        Only when :attr:`time_phases` is set: it synchronises the GPU at both ends, which
+        the hot path otherwise avoids.
+        """
+        if not self.time_phases:
+            yield
+            return
+        self._sync()
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self._sync()
+            self.phase_seconds[name] = self.phase_seconds.get(name, 0.0) + time.perf_counter() - start
+
     def _ingest_chunk(self, n: int) -> int:
         frames, self._pending = self._pending[:n], self._pending[n:]
         times, self._pending_times = self._pending_times[:n], self._pending_times[n:]
-        piece = self.adapter.frames_piece(
-            _stack_frames(frames), self.frames_seen, None if None in times else times
-        )
-        self._prefill(piece, ingest=True)
+        with self._phase("encode"):
+            piece = self.adapter.frames_piece(
+                _stack_frames(frames), self.frames_seen, None if None in times else times
+            )
+        with self._phase("prefill"):
+            attention = self._prefill_chunk(piece)
         self.frames_seen += n
-        return self._apply_retention()
+        return self._apply_retention(attention)
+
+    def _prefill_chunk(self, piece: StreamPiece) -> list[torch.Tensor | None] | None:
+        """Prefill a chunk; when the rule will compress after it, run its pseudo-queries too.
+
+        The pseudo-queries ride in the same forward as the chunk (after it, each seeing the
+        cache, the chunk and itself; :class:`~hermes_policy.attention.QueryBlocks` with a
+        lead), which saves a second pass over the weights per compression step. Returns
+        their per-layer attention, or None when no pseudo-query ran.
+        """
+        rule = self.retention
+        if self.fuse_guidance and rule.needs_compression(self.store, upcoming=len(piece)):
+            request = rule.guidance(self.store, [(t.question, t.answer) for t in self.history])
+            if request is not None:
+                prompts = [self.adapter.question_piece(p) for p in request.prompts]
+                reach = piece.extent + max(p.extent for p in prompts)
+                if not (rule.reindex == "lazy" and self._near_position_limit(reach)):
+                    self.fused_guidance_passes += 1
+                    return self.guidance_attention(request, lead=piece, prompt_pieces=prompts)
+        self._prefill(piece, ingest=True)
+        return None
 
     def layer_positions(self, piece: StreamPiece) -> list[torch.Tensor]:
         """Absolute positions of a piece in each layer: that layer's next free position + relative."""
@@ -356,23 +439,31 @@ class StreamingSession:
             out.append(computed[key])
         return out
 
-    def _apply_retention(self) -> int:
-        """One compression step (after a chunk): returns 1 when anything was evicted."""
+    def _apply_retention(self, attention: list[torch.Tensor | None] | None = None) -> int:
+        """One compression step (after a chunk): returns 1 when anything was evicted.
+
+        ``attention``: the pseudo-query attention already computed with the chunk (fused);
+        when None and the rule asks for guidance, a separate pass runs here.
+        """
         rule = self.retention
         rotary = self.adapter.rotary_emb
         decisions = {}
         if rule.needs_compression(self.store):
-            request = rule.guidance(self.store, [(t.question, t.answer) for t in self.history])
-            attention = self.guidance_attention(request) if request is not None else None
-            decisions = rule.select(self.store, SelectContext(attention=attention, rotary_emb=rotary))
-        for layer, keep in decisions.items():
-            summary = keep.summary
-            extra = None
-            if summary is not None:
-                extra = (summary.key, summary.value, summary.position, summary.frame)
-            self.store.keep(layer, keep.indices, extra)
-            if rule.reindex == "eager":
-                self.store.reindex(layer, rotary)
+            if attention is None:
+                request = rule.guidance(self.store, [(t.question, t.answer) for t in self.history])
+                with self._phase("guidance"):
+                    attention = self.guidance_attention(request) if request is not None else None
+            with self._phase("select"):
+                decisions = rule.select(self.store, SelectContext(attention=attention, rotary_emb=rotary))
+        with self._phase("gather"):
+            for layer, keep in decisions.items():
+                summary = keep.summary
+                extra = None
+                if summary is not None:
+                    extra = (summary.key, summary.value, summary.position, summary.frame)
+                self.store.keep(layer, keep.indices, extra)
+                if rule.reindex == "eager":
+                    self.store.reindex(layer, rotary)
         if decisions:
             self.compressions += 1
         if rule.reindex == "lazy" and self._near_position_limit():
@@ -383,7 +474,12 @@ class StreamingSession:
         for layer in range(self.store.num_layers):
             self.store.reindex(layer, self.adapter.rotary_emb)
 
-    def guidance_attention(self, request: GuidanceRequest) -> list[torch.Tensor | None]:
+    def guidance_attention(
+        self,
+        request: GuidanceRequest,
+        lead: StreamPiece | None = None,
+        prompt_pieces: list[StreamPiece] | None = None,
+    ) -> list[torch.Tensor | None]:
         """Run pseudo-queries on the cache and return each layer's attention over its stream.
 
         All prompts go through one forward: each is a block that sees the cache and,
@@ -391,20 +487,33 @@ class StreamingSession:
         the layer's next free position, exactly as if it had been asked alone. Only the
         layers and rows a rule asked for are captured; the prompts leave no trace.
 
+        Parameters
+        ----------
+        request : the rule's pseudo-queries
+        lead : a piece to prefill (and keep) in the same forward before the prompts, which
+            then see it as part of the cache (a chunk of frames: fused guidance)
+        prompt_pieces : the prompts already turned into pieces (default: from ``request``)
+
         Returns
         -------
         per layer, FloatTensor ``(stream_len,)`` (mean over heads and the prompt's tokens of
-        the attention on stream tokens), or None where no prompt was requested.
+        the attention on stream tokens, the lead included), or None where no prompt was
+        requested.
         """
         self.guidance_passes += 1
-        pieces = [self.adapter.question_piece(p) for p in request.prompts]
-        starts = [0]
+        pieces = prompt_pieces or [self.adapter.question_piece(p) for p in request.prompts]
+        lead_len = len(lead) if lead is not None else 0
+        starts = [lead_len]
         for piece in pieces:
             starts.append(starts[-1] + len(piece))
+        # Prompts start where the lead ends (the layer's next free position after it).
+        shift = lead.extent if lead is not None else 0
+        parts = ([lead] if lead is not None else []) + pieces
         merged = StreamPiece(
-            input_ids=torch.cat([p.input_ids for p in pieces]),
-            positions=torch.cat([p.positions for p in pieces], dim=1),
-            frame_index=torch.cat([p.frame_index for p in pieces]),
+            input_ids=torch.cat([p.input_ids for p in parts]),
+            positions=torch.cat([p.positions + (shift if p is not lead else 0) for p in parts], dim=1),
+            frame_index=torch.cat([p.frame_index for p in parts]),
+            model_inputs=lead.model_inputs if lead is not None else {},
         )
         rows = {
             layer: slice(starts[idx], starts[idx + 1])
@@ -413,18 +522,18 @@ class StreamingSession:
         }
         result: list[torch.Tensor | None] = [None] * self.store.num_layers
         prefix = self.store.prefix_len
-        lengths = self.store.lengths()
+        lengths = [n + lead_len for n in self.store.lengths()]
 
         def keep_stream(layer: int, probs: torch.Tensor) -> None:
             stream = probs[0, :, :, prefix : lengths[layer]]  # (heads, rows, stream)
-            result[layer] = stream.mean(dim=(0, 1)).float().cpu()
+            result[layer] = stream.mean(dim=(0, 1)).float()  # stays on the device: no sync per layer
 
         capture = AttentionCapture(self.adapter.attention_modules, query_rows=rows, callback=keep_stream)
-        blocks = QueryBlocks(self.adapter.attention_modules, [len(p) for p in pieces])
+        blocks = QueryBlocks(self.adapter.attention_modules, [len(p) for p in pieces], lead=lead_len)
         with blocks, capture, torch.inference_mode():
             self._prefill(merged, ingest=True)
         self.store.truncate(lengths)
-        return result
+        return [None if r is None else r.cpu() for r in result]
 
     def _near_position_limit(self, upcoming: int = 0) -> bool:
         """True when positions (plus ``upcoming`` new ones) come within the margin of the limit."""

@@ -170,7 +170,7 @@ def test_per_layer_positions_equal_a_rigidly_shifted_cache(tiny_adapter):
         old = shifted.store.positions[layer]
         new = old + (target - nxt)
         cache_layer = shifted.store.cache.layers[layer]
-        cache_layer.keys = rerotate_keys(cache_layer.keys, old, new, tiny_adapter.rotary_emb)
+        cache_layer.keys.copy_(rerotate_keys(cache_layer.keys, old, new, tiny_adapter.rotary_emb))
         shifted.store.positions[layer] = new
 
     piece = tiny_adapter.question_piece("Where is the ball?")

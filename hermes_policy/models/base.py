@@ -11,6 +11,8 @@ rotary module, position limit).
 
 from __future__ import annotations
 
+import functools
+import inspect
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -29,6 +31,22 @@ _CHATML = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
+
+
+@functools.cache
+def _cache_argument(forward_owner: type) -> str:
+    """Name of the cache argument of a model class's forward.
+
+    transformers renamed ``past_key_values`` to ``cache`` (5.24 warns about the old name;
+    5.17, on the GPU machine, knows only the old one).
+    """
+    parameters = inspect.signature(forward_owner.forward).parameters
+    return "cache" if "cache" in parameters else "past_key_values"
+
+
+def cache_kwargs(module: nn.Module, cache: Any | None) -> dict[str, Any]:
+    """Keyword arguments passing ``cache`` to ``module``'s forward under its own name."""
+    return {_cache_argument(type(module)): cache, "use_cache": cache is not None}
 
 
 @dataclass
@@ -245,6 +263,10 @@ class ModelAdapter(ABC):
         timestamps : seconds of each frame in the stream, when known
         """
 
+    def processor_device_kwargs(self) -> dict[str, Any]:
+        """Run the video processor's tensor work on the model's GPU (resize, normalise)."""
+        return {"device": str(self.device)} if self.device.type == "cuda" else {}
+
     def concat_model_inputs(self, inputs: list[dict[str, Any]]) -> dict[str, Any]:
         """Merge the extra inputs of several pieces for one forward (reference runs)."""
         keys = {k for d in inputs for k in d}
@@ -260,7 +282,7 @@ class ModelAdapter(ABC):
         ----------
         piece : the tokens to prefill
         positions : LongTensor ``(axes, seq)``, absolute positions of the piece's tokens
-        cache : the ``DynamicCache`` to extend (None for a stateless forward)
+        cache : the cache to extend (None for a stateless forward)
 
         Returns
         -------
@@ -273,8 +295,7 @@ class ModelAdapter(ABC):
         out = self.base_model(
             input_ids=piece.input_ids.to(device)[None],
             position_ids=to_model_position_ids(positions.to(device)),
-            past_key_values=cache,
-            use_cache=cache is not None,
+            **cache_kwargs(self.base_model, cache),
             **extra,
         )
         return out.last_hidden_state

@@ -37,7 +37,7 @@ import torch
 
 from ..errors import StreamError
 from ..positions import to_model_position_ids
-from .base import ModelAdapter, StreamPiece
+from .base import ModelAdapter, StreamPiece, cache_kwargs
 
 VIDEO_KEY = "pixel_values_videos"
 
@@ -117,7 +117,7 @@ class LlavaOnevisionAdapter(ModelAdapter):
         video_processor = getattr(self.processor, "video_processor", None)
         if video_processor is None:
             raise StreamError("this LLaVA-OneVision checkpoint has no video processor")
-        pixels = video_processor(videos=[frames], return_tensors="pt")[VIDEO_KEY]
+        pixels = video_processor(videos=[frames], return_tensors="pt", **self.processor_device_kwargs())[VIDEO_KEY]
         n_frames = frames.shape[0]
         size = int(self.vision_config.image_size)
         if (
@@ -219,7 +219,6 @@ class LlavaOnevisionAdapter(ModelAdapter):
         out = self.base_model(
             inputs_embeds=embeds,
             position_ids=to_model_position_ids(positions.to(device)),
-            past_key_values=cache,
-            use_cache=cache is not None,
+            **cache_kwargs(self.base_model, cache),
         )
         return out.last_hidden_state

@@ -250,13 +250,16 @@ class _QwenVLAdapter(ModelAdapter):
             # Recent transformers warn unless this is set. Unset means False (the
             # uncapped per-frame resolution), which we keep: say so explicitly.
             kwargs["cap_pixels_per_frame"] = False
-        return self.video_processor(
+        out = self.video_processor(
             videos=[frames],
             video_metadata=[metadata],
             do_sample_frames=False,
             return_tensors="pt",
+            **self.processor_device_kwargs(),
             **kwargs,
         )
+        out[GRID_KEY] = out[GRID_KEY].cpu()  # read on the host (token counts, positions)
+        return out
 
     def _chunk_fps(self, times: list[float]) -> float:
         """Frame rate of a chunk from its timestamps (mean spacing), else ``self.fps``."""

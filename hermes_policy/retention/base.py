@@ -95,18 +95,20 @@ class RetentionRule(ABC):
         """Stream tokens ``layer`` may keep (None: unbounded)."""
         return None
 
-    def needs_compression(self, store: KVStore) -> bool:
-        """True when some layer holds more stream tokens than its budget."""
+    def needs_compression(self, store: KVStore, upcoming: int = 0) -> bool:
+        """True when some layer holds (after ``upcoming`` more tokens) more stream tokens than its budget."""
         for layer, held in enumerate(store.stream_lengths()):
             budget = self.budget_of(layer)
-            if budget is not None and held > budget:
+            if budget is not None and held + upcoming > budget:
                 return True
         return False
 
     def guidance(self, store: KVStore, history: list[tuple[str, str]]) -> GuidanceRequest | None:
         """The pseudo-queries this rule needs for the next selection (None: none).
 
-        ``history`` holds the (question, answer) pairs asked so far, oldest first.
+        ``history`` holds the (question, answer) pairs asked so far, oldest first. The
+        request must not depend on the tokens of the chunk being ingested: the session
+        may ask for it before that chunk's prefill, to run both in one forward.
         """
         return None
 

@@ -1,0 +1,104 @@
+"""Where the time of streaming goes: torch-profiler tables of ingest and answering.
+
+Builds the random-weight LLaVA-OV-7B shape on one GPU, streams ``--warm`` frames under the
+paper-default ``hermes`` rule (4K budget, chunk 8), then profiles:
+
+1. one chunk that triggers compression (fused pseudo-queries, scoring, gathering),
+2. the same chunk's prefill alone,
+3. an answer on the fixed-shape path without graphs (the kernels a graph replays),
+
+and micro-benchmarks the attention kernels the chunk prefill can use. Prints the top
+kernels by GPU time; writes the full tables under ``--out``.
+
+Usage::
+
+    python benchmarks/profile_efficiency.py [--shape llava-ov-7b] [--warm 64] [--out DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention.bias import causal_lower_right
+from torch.profiler import ProfilerActivity, profile
+
+from hermes_policy import StreamingSession
+from hermes_policy.benchmarking.efficiency import QUESTIONS, make_rule
+from hermes_policy.benchmarking.shapes import build_random_adapter, get_shape, random_frames
+
+
+def timed_ms(fn, repeats: int = 10) -> float:
+    for _ in range(3):
+        fn()
+    samples = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        samples.append(start.elapsed_time(end))
+    return statistics.median(samples)
+
+
+def table(prof, out: Path, name: str, rows: int = 18) -> None:
+    text = prof.key_averages().table(sort_by="cuda_time_total", row_limit=60)
+    (out / f"{name}.txt").write_text(text)
+    print(f"== {name}")
+    print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=rows, max_name_column_width=60))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shape", default="llava-ov-7b")
+    parser.add_argument("--warm", type=int, default=64)
+    parser.add_argument("--chunk", type=int, default=8)
+    parser.add_argument("--out", type=Path, default=Path("profile-out"))
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+
+    # attention kernels for a chunk prefill on a 4K cache
+    q = torch.randn(1, 28, 1569, 128, dtype=torch.bfloat16, device="cuda")
+    k = torch.randn(1, 4, 5700, 128, dtype=torch.bfloat16, device="cuda")
+    v = torch.randn_like(k)
+    bias = causal_lower_right(1569, 5700)
+    gqa = timed_ms(lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=bias, enable_gqa=True))
+    rep = timed_ms(
+        lambda: F.scaled_dot_product_attention(
+            q, k.repeat_interleave(7, 1), v.repeat_interleave(7, 1), attn_mask=bias
+        )
+    )
+    print(f"chunk attention per layer: causal bias + enable_gqa {gqa:.3f} ms, repeated KV heads {rep:.3f} ms")
+
+    shape = get_shape(args.shape)
+    adapter = build_random_adapter(shape)
+    session = StreamingSession(adapter, make_rule("hermes", adapter, 4000), chunk_frames=args.chunk, answer_path="static")
+    frames = random_frames(shape, args.warm + args.chunk)
+    session.add_frames(frames[: args.warm])
+    session.ask(QUESTIONS[0], max_new_tokens=4)
+    session.time_phases = True
+    chunk = frames[args.warm :]
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        session.add_frames(chunk)
+    print("phases of the compressing chunk (s):", {k: round(v, 4) for k, v in session.phase_seconds.items()})
+    table(prof, args.out, "compressing-chunk")
+
+    piece = adapter.frames_piece(chunk, session.frames_seen)
+    lengths = session.store.lengths()
+    with torch.inference_mode(), profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        session._prefill(piece, ingest=True)
+        torch.cuda.synchronize()
+    session.store.truncate(lengths)
+    table(prof, args.out, "plain-chunk-prefill")
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        session.ask(QUESTIONS[1], max_new_tokens=4)
+    table(prof, args.out, "static-answer-4-tokens")
+
+
+if __name__ == "__main__":
+    main()

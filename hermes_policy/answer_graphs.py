@@ -1,0 +1,270 @@
+"""Answering on fixed shapes: the question prefill and the decode step as CUDA graphs.
+
+A question's prefill and each decode step are memory-bound: they read the weights once,
+which takes a few milliseconds on a current GPU, while launching the ~20 kernels of each
+of ~30 layers from Python takes longer than that. So both run on fixed shapes and are
+captured once as CUDA graphs, then replayed:
+
+- the question is padded to a bucket length (16, 32, 64, ...), one graph per bucket;
+- keys and values are written straight into the stream cache's preallocated buffers at
+  slots ``length + i`` of each layer (:class:`~hermes_policy.stream_cache.StaticWrites`)
+  and attention sees the whole buffer, masked by slot
+  (:class:`~hermes_policy.attention.StaticMasks`); nothing is appended, so the cache is
+  back to its state before the question when the answer is done;
+- each layer's rotary cos/sin is computed inside the graph from device-side positions;
+- the decode graph reads the previous token from a device buffer, writes the next one
+  there and advances its own offset, so the host only replays and reads one integer.
+
+Everything the graphs read lives in buffers filled by one host-to-device copy per
+question. Graphs are re-captured when a layer's buffer moves (it grew).
+
+``use_graphs=False`` runs the same fixed-shape code eagerly (CPU, tests).
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from .attention import PerLayerRotary, StaticMasks
+from .kv_store import KVStore
+from .models.base import ModelAdapter, StreamPiece, cache_kwargs
+from .stream_cache import StaticWrites
+
+BUCKETS = (16, 32, 64, 128, 256, 512)
+
+
+def bucket_length(n: int, buckets: tuple[int, ...] = BUCKETS) -> int:
+    """The smallest bucket holding ``n`` tokens (multiples of the largest beyond it)."""
+    for size in buckets:
+        if n <= size:
+            return size
+    top = buckets[-1]
+    return -(-n // top) * top
+
+
+def batch_axis(rotary_emb: torch.nn.Module, axes: int, device: torch.device, dtype: torch.dtype) -> int:
+    """The axis of the rotary module's output that indexes the batch of position rows.
+
+    Found by running the module on batches of 1 and 2 (output layouts differ between
+    1D RoPE and the multimodal variants).
+    """
+    probe = torch.zeros(1, dtype=dtype, device=device)
+    shapes = []
+    for batch in (1, 2):
+        ids = torch.zeros(batch, 3, dtype=torch.long, device=device)
+        if axes > 1:
+            ids = ids[None].expand(axes, -1, -1)
+        shapes.append(rotary_emb(probe, ids)[0].shape)
+    differing = [i for i, (a, b) in enumerate(zip(*shapes, strict=True)) if a != b]
+    if len(differing) != 1:
+        raise RuntimeError(f"cannot locate the batch axis of rotary outputs {shapes}")
+    return differing[0]
+
+
+@dataclass
+class _Graph:
+    graph: torch.cuda.CUDAGraph | None
+    body: Callable[[], None]
+
+    def run(self) -> None:
+        if self.graph is None:
+            self.body()
+        else:
+            self.graph.replay()
+
+
+class AnswerGraphs:
+    """Question prefill and greedy decode on fixed shapes, over a session's KV store.
+
+    Parameters
+    ----------
+    adapter : the model adapter
+    store : the session's KV store (its cache must be a ``StreamCache``)
+    use_graphs : capture CUDA graphs (needs a CUDA device); False runs the same code eagerly
+    """
+
+    def __init__(self, adapter: ModelAdapter, store: KVStore, use_graphs: bool = True):
+        if use_graphs and adapter.device.type != "cuda":
+            raise ValueError("CUDA graphs need a CUDA device")
+        self.adapter = adapter
+        self.store = store
+        self.use_graphs = use_graphs
+        self.captures = 0
+        self._axes = adapter.position_axes
+        self._layers = adapter.num_layers
+        self._device = adapter.device
+        self._batch_axis = batch_axis(adapter.rotary_emb, self._axes, self._device, adapter.dtype)
+        self._graphs: dict[int | str, _Graph] = {}
+        self._generation: tuple[int, ...] | None = None
+        self._inputs: dict[int, torch.Tensor] = {}
+        # decode state shared by all buckets
+        self._token = torch.zeros(1, dtype=torch.long, device=self._device)
+        self._offset = torch.zeros(1, dtype=torch.long, device=self._device)
+        self._slot_base = torch.zeros(self._layers, dtype=torch.long, device=self._device)
+        self._pos_base = torch.zeros(self._layers, self._axes, dtype=torch.long, device=self._device)
+        self._probe = torch.zeros(1, dtype=adapter.dtype, device=self._device)
+
+    # -- public --------------------------------------------------------------------------
+    def answer(
+        self,
+        piece: StreamPiece,
+        max_new_tokens: int,
+        stop_ids: set[int],
+        on_first_token: Callable[[], None] | None = None,
+    ) -> list[int]:
+        """Greedy answer tokens for a question piece (stop token included when hit).
+
+        The store is left as it was: the question and answer tokens are written after
+        each layer's length and never counted.
+        """
+        q_real = len(piece)
+        bucket = bucket_length(q_real)
+        lengths = self.store.lengths()
+        self._reserve(max(lengths) + bucket + max_new_tokens)
+        self._load_inputs(piece, bucket, lengths)
+        prefill = self._graph(bucket)
+        prefill.run()
+        token = int(self._token)
+        if on_first_token is not None:
+            on_first_token()
+        tokens = [token]
+        if token in stop_ids or max_new_tokens <= 1:
+            return tokens
+        decode = self._graph("decode")
+        while len(tokens) < max_new_tokens:
+            decode.run()
+            token = int(self._token)
+            tokens.append(token)
+            if token in stop_ids:
+                break
+        return tokens
+
+    # -- inputs ----------------------------------------------------------------------------
+    def _reserve(self, needed: int) -> None:
+        for layer in self.store.cache.layers:
+            layer.reserve(needed, *layer.buffers)
+        generation = self.store.cache.generation
+        if generation != self._generation:
+            self._graphs.clear()
+            self._generation = generation
+
+    def _load_inputs(self, piece: StreamPiece, bucket: int, lengths: list[int]) -> None:
+        """One host-to-device copy of everything the graphs read for this question."""
+        q_real, axes, layers = len(piece), self._axes, self._layers
+        ids = torch.zeros(bucket, dtype=torch.long)
+        ids[:q_real] = piece.input_ids
+        rel = torch.empty(axes, bucket, dtype=torch.long)
+        rel[:, :q_real] = piece.positions
+        last = int(piece.positions.max()) if q_real else -1
+        rel[:, q_real:] = torch.arange(last + 1, last + 1 + bucket - q_real)
+        next_positions = torch.tensor(
+            [self.store.next_position(layer) for layer in range(layers)], dtype=torch.long
+        )
+        host = torch.cat(
+            [
+                ids,
+                rel.reshape(-1),
+                torch.tensor(lengths, dtype=torch.long),
+                next_positions[:, None].expand(layers, axes).reshape(-1),
+                torch.tensor([q_real, piece.extent], dtype=torch.long),
+            ]
+        )
+        staging = self._inputs.get(bucket)
+        if staging is None:
+            staging = self._inputs[bucket] = torch.empty_like(host, device=self._device)
+        staging.copy_(host, non_blocking=False)
+
+    def _views(self, bucket: int) -> tuple[torch.Tensor, ...]:
+        staging = self._inputs[bucket]
+        axes, layers = self._axes, self._layers
+        sizes = [bucket, axes * bucket, layers, layers * axes, 2]
+        ids, rel, lengths, next_pos, tail = staging.split(sizes)
+        return ids[None], rel.view(axes, bucket), lengths, next_pos.view(layers, axes), tail
+
+    # -- the fixed-shape forward -------------------------------------------------------------
+    def _forward(self, ids: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+        """Text-model forward of ``ids (1, q)`` at per-layer ``positions (layers, axes, q)``.
+
+        Writes keys/values at ``slots (layers, q)``; returns hidden states ``(1, q, hidden)``.
+        """
+        adapter = self.adapter
+        if self._axes == 1:
+            batched = positions[:, 0, :]  # (layers, q)
+            layer0 = positions[0]  # (1, q)
+        else:
+            batched = positions.permute(1, 0, 2)  # (axes, layers, q)
+            layer0 = positions[0][:, None, :]  # (axes, 1, q)
+        cos, sin = adapter.rotary_emb(self._probe, batched)
+        per_layer = [
+            (cos.narrow(self._batch_axis, layer, 1), sin.narrow(self._batch_axis, layer, 1))
+            for layer in range(self._layers)
+        ]
+        text_model = adapter.text_model
+        with (
+            PerLayerRotary(adapter.decoder_layers, per_layer),
+            StaticWrites(self.store.cache, slots),
+            StaticMasks(adapter.attention_modules, slots),
+        ):
+            out = text_model(input_ids=ids, position_ids=layer0, **cache_kwargs(text_model, self.store.cache))
+        return out.last_hidden_state
+
+    def _prefill_body(self, bucket: int) -> Callable[[], None]:
+        ids, rel, lengths, next_pos, tail = self._views(bucket)
+        arange = torch.arange(bucket, device=self._device)
+
+        def body() -> None:
+            slots = lengths[:, None] + arange  # (layers, bucket)
+            positions = next_pos[:, :, None] + rel[None]  # (layers, axes, bucket)
+            hidden = self._forward(ids, positions, slots)
+            last = hidden.index_select(1, tail[0:1] - 1)
+            self._token.copy_(self.adapter.logits(last).argmax(-1).view(1))
+            # decode continues after the question: slot length + q, position next + extent
+            self._offset.copy_(tail[0:1])
+            self._slot_base.copy_(lengths)
+            self._pos_base.copy_(next_pos + tail[1] - tail[0])
+
+        return body
+
+    def _decode_body(self) -> Callable[[], None]:
+        def body() -> None:
+            slots = (self._slot_base + self._offset)[:, None]  # (layers, 1)
+            positions = (self._pos_base + self._offset)[:, :, None]  # (layers, axes, 1)
+            hidden = self._forward(self._token.view(1, 1), positions, slots)
+            self._token.copy_(self.adapter.logits(hidden).argmax(-1).view(1))
+            self._offset.add_(1)
+
+        return body
+
+    # -- capture -------------------------------------------------------------------------------
+    def _graph(self, key: int | str) -> _Graph:
+        graph = self._graphs.get(key)
+        if graph is None:
+            body = self._decode_body() if key == "decode" else self._prefill_body(int(key))
+            graph = self._graphs[key] = self._capture(body) if self.use_graphs else _Graph(None, body)
+        return graph
+
+    def _capture(self, body: Callable[[], None]) -> _Graph:
+        """Warm up on a side stream, then capture; the decode state is restored after both."""
+        saved = (self._token.clone(), self._offset.clone())
+        stream = torch.cuda.Stream(self._device)
+        stream.wait_stream(torch.cuda.current_stream(self._device))
+        with torch.cuda.stream(stream):
+            for _ in range(2):
+                body()
+        torch.cuda.current_stream(self._device).wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(graph):
+                body()
+        except Exception as error:  # a model whose forward syncs with the host
+            warnings.warn(f"CUDA graph capture failed ({error}); answering without graphs", stacklevel=4)
+            self.use_graphs = False
+            graph = None
+        self._token.copy_(saved[0])
+        self._offset.copy_(saved[1])
+        self.captures += 1
+        return _Graph(graph, body)

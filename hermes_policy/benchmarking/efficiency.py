@@ -1,0 +1,358 @@
+"""The efficiency benchmark: TTFT, TPOT, memory and ingest speed per rule, against the floor.
+
+For each model shape (random weights, :mod:`.shapes`), chunk size and rule, one stream
+runs up to the largest frame count; at every checkpoint (16, 64, 256, 1024 frames by
+default) repeated questions are timed. Rows hold, per checkpoint: TTFT and TPOT (median of
+the questions, CUDA-synchronised), their ratios to the physical floor (:mod:`.floor`),
+peak GPU memory since the stream began, KV bytes, ingest throughput over the segment
+since the previous checkpoint, and the share of that ingest time spent compressing.
+
+Compression time is measured, not estimated: the session times its phases (GPU
+synchronised at each boundary) for a separate guidance pass, scoring and gathering; when
+the pseudo-queries ride in the chunk's forward (fused guidance), their marginal cost is
+measured once per stream by timing the same chunk with and without them, and counted for
+every fused pass.
+"""
+
+from __future__ import annotations
+
+import gc
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+
+from ..errors import HermesError
+from ..models.base import ModelAdapter
+from ..policy import ModelInfo, paper_default
+from ..retention import FifoRetention, FullRetention, HermesRetention, RetentionRule
+from ..session import StreamingSession
+from .floor import DeviceCeilings, floor_ms, forward_flops, forward_weight_bytes
+from .shapes import SHAPES, ModelShape, build_random_adapter, get_shape, random_frames
+
+SCHEMA = "hermes-efficiency/1"
+RULE_NAMES = ("full", "fifo", "hermes")
+QUESTIONS = (
+    "What is happening in the video right now?",
+    "What color is the largest object on screen?",
+    "How many people have appeared so far?",
+    "What did the person pick up a moment ago?",
+    "Where is the camera pointing at the moment?",
+    "Which object moved most in the last minute?",
+    "What was on the table at the very beginning?",
+    "Is anything different from five seconds ago?",
+)
+
+
+@dataclass
+class EfficiencyConfig:
+    """What to measure (defaults: the issue's grid)."""
+
+    shapes: tuple[str, ...] = ("llava-ov-7b", "qwen2.5-vl-7b")
+    frames: tuple[int, ...] = (16, 64, 256, 1024)
+    chunks: tuple[int, ...] = (8, 16)
+    rules: tuple[str, ...] = RULE_NAMES
+    budget: int = 4000
+    questions: int = 5
+    answer_tokens: int = 32
+    check_correctness: bool = True
+    correctness_frames: int = 32
+    seed: int = 0
+
+    def validate(self) -> None:
+        """Raise a HermesError naming the first bad setting."""
+        for name in self.shapes:
+            if name not in SHAPES:
+                raise HermesError(f"unknown model shape {name!r}; choose from {', '.join(SHAPES)}")
+        for name in self.rules:
+            if name not in RULE_NAMES:
+                raise HermesError(f"unknown rule {name!r}; the benchmark runs {', '.join(RULE_NAMES)}")
+        if not self.frames or any(f < 1 for f in self.frames):
+            raise HermesError(f"frame counts must be positive, got {list(self.frames)}")
+        if list(self.frames) != sorted(set(self.frames)):
+            raise HermesError(f"frame counts must be increasing, got {list(self.frames)}")
+        if not self.chunks or any(c < 1 for c in self.chunks):
+            raise HermesError(f"chunk sizes must be positive, got {list(self.chunks)}")
+        for chunk in self.chunks:
+            bad = [f for f in self.frames if f % chunk]
+            if bad:
+                raise HermesError(f"frame counts {bad} are not multiples of the chunk size {chunk}")
+        if self.budget < 1:
+            raise HermesError(f"budget must be positive, got {self.budget}")
+        if not 1 <= self.questions < len(QUESTIONS):
+            raise HermesError(f"questions must be between 1 and {len(QUESTIONS) - 1}, got {self.questions}")
+        if self.answer_tokens < 2:
+            raise HermesError("answer_tokens must be at least 2 (TPOT needs a second token)")
+
+
+def make_rule(name: str, adapter: ModelAdapter, budget: int) -> RetentionRule:
+    if name == "full":
+        return FullRetention()
+    if name == "fifo":
+        return FifoRetention(budget=budget)
+    return HermesRetention(policy=paper_default(ModelInfo.of(adapter), budget=budget))
+
+
+def question_tokens(adapter: ModelAdapter) -> int:
+    """Tokens of a benchmark question as prefilled (template included; median)."""
+    return int(statistics.median(len(adapter.question_piece(q)) for q in QUESTIONS))
+
+
+def shape_summary(adapter: ModelAdapter, ceilings: DeviceCeilings) -> dict[str, Any]:
+    """Weights read per forward and the TTFT / TPOT floors of one shape."""
+    weight_bytes, params = forward_weight_bytes(adapter)
+    q_tokens = question_tokens(adapter)
+    return {
+        "weight_bytes": weight_bytes,
+        "weight_params": params,
+        "tokens_per_frame": adapter.tokens_per_frame,
+        "question_tokens": q_tokens,
+        "ttft_floor_ms": floor_ms(weight_bytes, ceilings.bandwidth, forward_flops(params, q_tokens), ceilings.matmul_rate),
+        "tpot_floor_ms": floor_ms(weight_bytes, ceilings.bandwidth, forward_flops(params, 1), ceilings.matmul_rate),
+    }
+
+
+def fused_guidance_overhead(session: StreamingSession, frames: Any, repeats: int = 5) -> float | None:
+    """Seconds the pseudo-queries add to one chunk's forward when fused with it.
+
+    Times the same chunk prefilled alone and with the rule's pseudo-queries (median of
+    ``repeats`` each, the cache restored after every run). None when the rule has none.
+    """
+    request = session.retention.guidance(session.store, [(t.question, t.answer) for t in session.history])
+    if request is None:
+        return None
+    adapter, store = session.adapter, session.store
+    with torch.inference_mode():
+        piece = adapter.frames_piece(frames, session.frames_seen)
+        prompts = [adapter.question_piece(p) for p in request.prompts]
+    lengths = store.lengths()
+    passes = session.guidance_passes
+
+    def timed(run: Callable[[], object]) -> float:
+        samples = []
+        for _ in range(repeats + 1):
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+            with torch.inference_mode():
+                run()
+            torch.cuda.synchronize()
+            samples.append(time.perf_counter() - start)
+            store.truncate(lengths)
+        return statistics.median(samples[1:])
+
+    plain = timed(lambda: session._prefill(piece, ingest=True))
+    fused = timed(lambda: session.guidance_attention(request, lead=piece, prompt_pieces=prompts))
+    session.guidance_passes = passes
+    return max(0.0, fused - plain)
+
+
+@dataclass
+class _StreamState:
+    frames_done: int = 0
+    peak: int = 0
+    ingest_s: float = 0.0
+    phases: dict[str, float] = field(default_factory=dict)
+    fused: int = 0
+    compressions: int = 0
+
+
+def run_stream(
+    adapter: ModelAdapter,
+    shape: ModelShape,
+    rule_name: str,
+    chunk: int,
+    config: EfficiencyConfig,
+    summary: dict[str, Any],
+    progress: Callable[[str], None] | None = None,
+) -> list[dict[str, Any]]:
+    """One stream under one rule, measured at every checkpoint; returns its rows."""
+    rule = make_rule(rule_name, adapter, config.budget)
+    pool = random_frames(shape, chunk * 4, seed=config.seed)
+    rows: list[dict[str, Any]] = []
+    state = _StreamState()
+    overhead: float | None = None
+    torch.cuda.empty_cache()
+    session = StreamingSession(adapter, rule, chunk_frames=chunk, max_new_tokens=config.answer_tokens)
+    session.time_phases = True
+    base = {"shape": shape.name, "rule": rule_name, "chunk": chunk, "budget": config.budget}
+    for target in config.frames:
+        segment_frames = target - state.frames_done
+        phases_before = dict(session.phase_seconds)
+        fused_before = session.fused_guidance_passes
+        ingest_before = state.ingest_s
+        try:
+            while state.frames_done < target:
+                start = (state.frames_done // chunk) % 4 * chunk
+                report = session.add_frames(pool[start : start + chunk])
+                state.ingest_s += report.seconds
+                state.peak = max(state.peak, report.peak_memory_bytes or 0)
+                state.frames_done += chunk
+            if overhead is None and session.fused_guidance_passes > 0:
+                overhead = fused_guidance_overhead(session, pool[:chunk])
+            session.ask(QUESTIONS[0], max_new_tokens=config.answer_tokens)  # warm-up (graph capture)
+            answers = [
+                session.ask(q, max_new_tokens=config.answer_tokens) for q in QUESTIONS[1 : 1 + config.questions]
+            ]
+        except torch.cuda.OutOfMemoryError:
+            del session
+            torch.cuda.empty_cache()
+            rows.append({**base, "frames": target, "status": "out of memory"})
+            if progress:
+                progress(f"{shape.name} {rule_name} chunk {chunk}: out of memory at {target} frames")
+            return rows
+        state.peak = max([state.peak] + [a.peak_memory_bytes or 0 for a in answers])
+        segment_s = state.ingest_s - ingest_before
+        spent = {k: session.phase_seconds.get(k, 0.0) - phases_before.get(k, 0.0) for k in session.phase_seconds}
+        fused = session.fused_guidance_passes - fused_before
+        compression_s = spent.get("guidance", 0.0) + spent.get("select", 0.0) + spent.get("gather", 0.0)
+        compression_s += fused * (overhead or 0.0)
+        ttft = statistics.median(a.ttft_ms for a in answers)
+        tpot = statistics.median(a.tpot_ms for a in answers if a.tpot_ms is not None)
+        rows.append(
+            {
+                **base,
+                "frames": target,
+                "status": "ok",
+                "ttft_ms": ttft,
+                "tpot_ms": tpot,
+                "ttft_floor_ratio": ttft / summary["ttft_floor_ms"],
+                "tpot_floor_ratio": tpot / summary["tpot_floor_ms"],
+                "peak_memory_bytes": state.peak,
+                "kv_cache_bytes": session.store.nbytes(),
+                "tokens_kept": max(session.tokens_kept),
+                "ingest_fps": segment_frames / segment_s if segment_s > 0 else None,
+                "compression_share": compression_s / segment_s if segment_s > 0 else None,
+                "phase_seconds": spent,
+                "fused_guidance_passes": fused,
+                "fused_guidance_overhead_ms": None if overhead is None else overhead * 1e3,
+                "answer_tokens": [len(a.token_ids) for a in answers],
+            }
+        )
+        if progress:
+            progress(
+                f"{shape.name} {rule_name} chunk {chunk} @{target}: TTFT {ttft:.1f} ms, TPOT {tpot:.1f} ms, "
+                f"peak {state.peak / 2**30:.2f} GiB, ingest {rows[-1]['ingest_fps'] or 0:.0f} fps"
+            )
+    del session
+    gc.collect()
+    torch.cuda.empty_cache()
+    return rows
+
+
+def check_answers(shape: ModelShape, dtype: torch.dtype, config: EfficiencyConfig, device: str = "cuda") -> dict[str, Any]:
+    """Greedy answer tokens: ``hermes`` with an unlimited budget vs ``full`` (CUDA graphs),
+    and the graph path vs the eager path, on one random-weight model."""
+    adapter = build_random_adapter(shape, device=device, dtype=dtype, seed=config.seed)
+    frames = random_frames(shape, config.correctness_frames, seed=config.seed + 1)
+    unlimited = 10**9
+
+    def tokens(rule: RetentionRule, path: str) -> list[int]:
+        session = StreamingSession(adapter, rule, chunk_frames=8, answer_path=path)
+        session.add_frames(frames)
+        return session.ask(QUESTIONS[0], max_new_tokens=16).token_ids
+
+    full_graphs = tokens(FullRetention(), "graphs")
+    hermes_graphs = tokens(make_rule("hermes", adapter, unlimited), "graphs")
+    full_eager = tokens(FullRetention(), "eager")
+    return {
+        "shape": shape.name,
+        "dtype": str(dtype).replace("torch.", ""),
+        "frames": config.correctness_frames,
+        "full_tokens": full_graphs,
+        "hermes_unlimited_tokens": hermes_graphs,
+        "full_eager_tokens": full_eager,
+        "hermes_unlimited_equals_full": hermes_graphs == full_graphs,
+        "graphs_equal_eager": full_graphs == full_eager,
+    }
+
+
+def evaluate_targets(rows: list[dict[str, Any]], shape: str = "llava-ov-7b", chunk: int = 8) -> list[dict[str, Any]]:
+    """The issue's targets for ``hermes`` on one shape, each with its value and verdict."""
+    mine = {r["frames"]: r for r in rows if r["shape"] == shape and r["rule"] == "hermes" and r["chunk"] == chunk and r.get("status") == "ok"}
+    out: list[dict[str, Any]] = []
+
+    def add(name: str, value: float | None, limit: str, met: bool | None) -> None:
+        out.append({"target": name, "value": value, "limit": limit, "met": met})
+
+    if not mine:
+        return out
+    worst_ttft = max(r["ttft_floor_ratio"] for r in mine.values())
+    worst_tpot = max(r["tpot_floor_ratio"] for r in mine.values())
+    add("TTFT / floor (worst checkpoint)", worst_ttft, "<= 2", worst_ttft <= 2)
+    add("TPOT / floor (worst checkpoint)", worst_tpot, "<= 2", worst_tpot <= 2)
+    frames = sorted(mine)
+    first, last = frames[0], frames[-1]
+    ttft_growth = mine[last]["ttft_ms"] / mine[first]["ttft_ms"] - 1
+    add(f"TTFT @{last} vs @{first}", ttft_growth, "<= +10%", ttft_growth <= 0.10)
+    if 64 in mine and last > 64:
+        growth = mine[last]["peak_memory_bytes"] / mine[64]["peak_memory_bytes"] - 1
+        add(f"peak memory @{last} vs @64", growth, "<= +2%", growth <= 0.02)
+    steady = [r for f, r in mine.items() if f > 16 and r.get("ingest_fps")]
+    if steady:
+        fps = min(r["ingest_fps"] for r in steady)
+        share = max(r["compression_share"] for r in steady)
+        add("ingest fps (slowest segment after 16 frames)", fps, ">= 100", fps >= 100)
+        add("compression share of ingest (largest)", share, "< 10%", share < 0.10)
+    return out
+
+
+def run_efficiency(
+    config: EfficiencyConfig,
+    ceilings: DeviceCeilings,
+    progress: Callable[[str], None] | None = None,
+    device: str = "cuda",
+) -> dict[str, Any]:
+    """Run the whole grid on one GPU; returns the results document (without command/date)."""
+    config.validate()
+    rows: list[dict[str, Any]] = []
+    shapes: dict[str, Any] = {}
+    correctness: list[dict[str, Any]] = []
+    for name in config.shapes:
+        shape = get_shape(name)
+        if config.check_correctness:
+            for dtype in (torch.bfloat16, torch.float32):
+                result = check_answers(shape, dtype, config, device)
+                gc.collect()  # sessions and graphs hold the checked model in reference cycles
+                torch.cuda.empty_cache()
+                correctness.append(result)
+                if progress:
+                    progress(
+                        f"{name} {result['dtype']}: hermes(unlimited) == full: {result['hermes_unlimited_equals_full']}, "
+                        f"graphs == eager: {result['graphs_equal_eager']}"
+                    )
+        adapter = build_random_adapter(shape, device=device, dtype=torch.bfloat16, seed=config.seed)
+        shapes[name] = {**shape_summary(adapter, ceilings), "source": shape.source}
+        for chunk in config.chunks:
+            for rule_name in config.rules:
+                rows.extend(run_stream(adapter, shape, rule_name, chunk, config, shapes[name], progress))
+        del adapter
+        gc.collect()
+        torch.cuda.empty_cache()
+    return {
+        "schema": SCHEMA,
+        "ceilings": ceilings.as_dict(),
+        "config": asdict(config),
+        "shapes": shapes,
+        "rows": rows,
+        "correctness": correctness,
+    }
+
+
+def merge_results(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
+    """Add ``new``'s shapes, rows and checks to ``old`` (same key: the new one wins)."""
+    def key(row: dict[str, Any]) -> tuple:
+        return (row["shape"], row["rule"], row["chunk"], row["frames"])
+
+    rows = {key(r): r for r in old.get("rows", [])}
+    rows.update({key(r): r for r in new.get("rows", [])})
+    checks = {(c["shape"], c["dtype"]): c for c in old.get("correctness", [])}
+    checks.update({(c["shape"], c["dtype"]): c for c in new.get("correctness", [])})
+    merged = dict(new)
+    merged["shapes"] = {**old.get("shapes", {}), **new.get("shapes", {})}
+    merged["rows"] = sorted(rows.values(), key=lambda r: (r["shape"], r["chunk"], r["rule"], r["frames"]))
+    merged["correctness"] = list(checks.values())
+    merged["commands"] = list(dict.fromkeys(old.get("commands", []) + new.get("commands", [])))
+    return merged

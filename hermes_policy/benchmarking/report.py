@@ -1,0 +1,121 @@
+"""Efficiency results as a markdown table and a figure (memory and TTFT versus frames)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from ..atomic import atomic_path
+
+
+def _gib(value: float | None) -> str:
+    return "-" if value is None else f"{value / 2**30:.2f}"
+
+
+def _num(value: float | None, digits: int = 1) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def markdown_table(results: dict[str, Any]) -> str:
+    """The results document as markdown: ceilings, floors, one table per shape, targets, checks."""
+    ceilings = results["ceilings"]
+    lines = [
+        f"Device: {ceilings['device']}; measured copy bandwidth {ceilings['copy_bandwidth_tb_s']:.2f} TB/s, "
+        f"bf16 matmul {ceilings['bf16_matmul_tflop_s']:.0f} TFLOP/s.",
+        "",
+    ]
+    for command in results.get("commands", []):
+        lines.append(f"Command: `{command}`  ")
+    if results.get("date"):
+        lines.append(f"Date: {results['date']}")
+    lines.append("")
+    for name, shape in results["shapes"].items():
+        lines += [
+            f"### {name}",
+            "",
+            f"{shape['source']}. Language-model weights read per forward: {shape['weight_bytes'] / 1e9:.2f} GB "
+            f"-> floor {shape['ttft_floor_ms']:.2f} ms for a {shape['question_tokens']}-token question prefill, "
+            f"{shape['tpot_floor_ms']:.2f} ms per decode step.",
+            "",
+            "| rule | chunk | frames | TTFT ms (x floor) | TPOT ms (x floor) | peak GiB | KV GiB | ingest fps | compression |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
+        for row in (r for r in results["rows"] if r["shape"] == name):
+            if row.get("status") != "ok":
+                lines.append(
+                    f"| {row['rule']} | {row['chunk']} | {row['frames']} | {row.get('status')} | | | | | |"
+                )
+                continue
+            share = row.get("compression_share")
+            lines.append(
+                f"| {row['rule']} | {row['chunk']} | {row['frames']} "
+                f"| {row['ttft_ms']:.1f} ({row['ttft_floor_ratio']:.2f}x) "
+                f"| {row['tpot_ms']:.1f} ({row['tpot_floor_ratio']:.2f}x) "
+                f"| {_gib(row['peak_memory_bytes'])} | {_gib(row['kv_cache_bytes'])} "
+                f"| {_num(row.get('ingest_fps'), 0)} | {'-' if share is None else f'{share:.1%}'} |"
+            )
+        lines.append("")
+    targets = results.get("targets") or []
+    if targets:
+        lines += ["### Targets (hermes, LLaVA-OV-7B shape, chunk 8, 4K budget)", "", "| target | value | limit | met |", "|---|---|---|---|"]
+        for t in targets:
+            value = t["value"]
+            shown = f"{value:+.1%}" if "%" in t["limit"] and "vs" in t["target"] else (
+                f"{value:.1%}" if "%" in t["limit"] else f"{value:.2f}"
+            )
+            lines.append(f"| {t['target']} | {shown} | {t['limit']} | {'yes' if t['met'] else 'NO'} |")
+        lines.append("")
+    checks = results.get("correctness") or []
+    if checks:
+        lines += ["### Correctness (greedy answer tokens, random weights)", "", "| shape | dtype | hermes(unlimited) == full | CUDA graphs == eager |", "|---|---|---|---|"]
+        for c in checks:
+            lines.append(
+                f"| {c['shape']} | {c['dtype']} | {c['hermes_unlimited_equals_full']} | {c['graphs_equal_eager']} |"
+            )
+        lines.append("")
+    return "\n".join(lines)
+
+
+def plot(results: dict[str, Any], path: Path) -> Path:
+    """Peak memory and TTFT versus frames, one line per rule (chunk sizes as line styles)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import seaborn as sns
+
+    shapes = list(results["shapes"])
+    sns.set_theme(style="whitegrid", context="talk")
+    fig, axes = plt.subplots(2, len(shapes), figsize=(7 * len(shapes), 10), squeeze=False)
+    palette = dict(zip(("full", "fifo", "hermes"), sns.color_palette("deep", 3), strict=True))
+    styles = {}
+    for col, name in enumerate(shapes):
+        rows = [r for r in results["rows"] if r["shape"] == name and r.get("status") == "ok"]
+        floor = results["shapes"][name]["ttft_floor_ms"]
+        for rule in sorted({r["rule"] for r in rows}):
+            for chunk in sorted({r["chunk"] for r in rows}):
+                series = sorted((r for r in rows if r["rule"] == rule and r["chunk"] == chunk), key=lambda r: r["frames"])
+                if not series:
+                    continue
+                style = styles.setdefault(chunk, ["-", "--", ":", "-."][len(styles) % 4])
+                x = [r["frames"] for r in series]
+                kw = dict(color=palette.get(rule), linestyle=style, marker="o", label=f"{rule} (chunk {chunk})")
+                axes[0][col].plot(x, [r["peak_memory_bytes"] / 2**30 for r in series], **kw)
+                axes[1][col].plot(x, [r["ttft_ms"] for r in series], **kw)
+        axes[1][col].axhline(floor, color="gray", linewidth=1, linestyle=":", label="floor")
+        axes[0][col].set_title(name)
+        axes[0][col].set_ylabel("peak GPU memory (GiB)")
+        axes[1][col].set_ylabel("TTFT (ms)")
+        for ax in (axes[0][col], axes[1][col]):
+            ax.set_xscale("log", base=2)
+            ax.set_xlabel("frames streamed")
+        axes[1][col].set_yscale("log")
+    axes[0][0].legend(fontsize=10)
+    axes[1][0].legend(fontsize=10)
+    fig.suptitle(f"Streaming efficiency on {results['ceilings']['device']}")
+    fig.tight_layout()
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, format=path.suffix.lstrip(".") or "png")
+    plt.close(fig)
+    return path

@@ -1,0 +1,269 @@
+"""Random-weight models of published shapes, built in memory (no download).
+
+Speed and memory depend on a model's shapes, not on its weight values, so the efficiency
+benchmark builds the real architectures from their public config values with random
+weights, directly on the GPU, with the offline byte tokenizer and the model's own
+processor classes. The ``tiny-*`` shapes are the same architectures at test size.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ..errors import HermesError
+from ..models.base import ModelAdapter
+from ..models.loading import use_ragged_attention
+from ..models.offline_tokenizer import byte_tokenizer
+
+# LLaVA-OV-Qwen2 processor template layout: "<|im_start|>{role}\n", videos, "\n" + text.
+LLAVA_OV_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' }}"
+    "{% for part in message['content'] if part['type'] == 'video' %}{{ '<video>' }}{% endfor %}"
+    "{% for part in message['content'] if part['type'] == 'text' %}{{ '\\n' + part['text'] }}{% endfor %}"
+    "{{ '<|im_end|>\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+QWEN_VL_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for item in message['content'] %}"
+    "{% if item['type'] == 'video' %}<|vision_start|><|video_pad|><|vision_end|>"
+    "{% elif 'text' in item %}{{ item['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+QWEN2_7B_TEXT = dict(
+    vocab_size=152064,
+    hidden_size=3584,
+    intermediate_size=18944,
+    num_hidden_layers=28,
+    num_attention_heads=28,
+    num_key_value_heads=4,
+    rms_norm_eps=1e-6,
+)
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """One architecture at one size.
+
+    Attributes
+    ----------
+    name : key in :data:`SHAPES`
+    family : ``"llava_onevision"`` or ``"qwen2_5_vl"``
+    text : text-model config values
+    vision : vision-tower config values
+    frame_size : (height, width) of the benchmark's frames (the vision tower's native size)
+    source : where the values come from
+    """
+
+    name: str
+    family: str
+    text: dict[str, Any]
+    vision: dict[str, Any]
+    frame_size: tuple[int, int]
+    source: str
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+SHAPES: dict[str, ModelShape] = {
+    "llava-ov-7b": ModelShape(
+        name="llava-ov-7b",
+        family="llava_onevision",
+        text=dict(QWEN2_7B_TEXT, vocab_size=152128, max_position_embeddings=32768, rope_theta=1_000_000.0),
+        vision=dict(
+            hidden_size=1152,
+            intermediate_size=4304,
+            num_hidden_layers=26,
+            num_attention_heads=16,
+            image_size=384,
+            patch_size=14,
+        ),
+        frame_size=(384, 384),
+        source="llava-hf/llava-onevision-qwen2-7b-ov-hf config: Qwen2-7B + SigLIP-so400m (26 layers used), 196 tokens/frame",
+    ),
+    "qwen2.5-vl-7b": ModelShape(
+        name="qwen2.5-vl-7b",
+        family="qwen2_5_vl",
+        text=dict(QWEN2_7B_TEXT, max_position_embeddings=128000, mrope_section=[16, 24, 24], rope_theta=1_000_000.0),
+        vision=dict(
+            depth=32,
+            hidden_size=1280,
+            intermediate_size=3420,
+            num_heads=16,
+            patch_size=14,
+            spatial_merge_size=2,
+            temporal_patch_size=2,
+            window_size=112,
+            fullatt_block_indexes=[7, 15, 23, 31],
+            out_hidden_size=3584,
+            tokens_per_second=2,
+        ),
+        frame_size=(448, 448),
+        source="Qwen/Qwen2.5-VL-7B-Instruct config; 448x448 frames -> 128 tokens/frame",
+    ),
+    "tiny-llava-ov": ModelShape(
+        name="tiny-llava-ov",
+        family="llava_onevision",
+        text=dict(
+            vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096, rope_theta=10000.0,
+        ),
+        vision=dict(
+            hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+            image_size=70, patch_size=14,
+        ),
+        frame_size=(70, 70),
+        source="test size",
+    ),
+    "tiny-qwen2.5-vl": ModelShape(
+        name="tiny-qwen2.5-vl",
+        family="qwen2_5_vl",
+        text=dict(
+            vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
+            mrope_section=[2, 3, 3], rope_theta=10000.0,
+        ),
+        vision=dict(
+            depth=2, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=14,
+            spatial_merge_size=2, temporal_patch_size=2, window_size=56, fullatt_block_indexes=[1],
+            out_hidden_size=64, tokens_per_second=2,
+        ),
+        frame_size=(56, 56),
+        source="test size",
+    ),
+}
+
+
+def get_shape(name: str) -> ModelShape:
+    if name not in SHAPES:
+        raise HermesError(f"unknown model shape {name!r}; choose one of {', '.join(SHAPES)}")
+    return SHAPES[name]
+
+
+def _llava_onevision(shape: ModelShape, tokenizer: Any) -> tuple[Any, Any]:
+    from transformers import (
+        LlavaOnevisionConfig,
+        LlavaOnevisionForConditionalGeneration,
+        LlavaOnevisionImageProcessor,
+        LlavaOnevisionProcessor,
+        LlavaOnevisionVideoProcessor,
+        Qwen2Config,
+        SiglipVisionConfig,
+    )
+
+    text = dict(shape.text)
+    rope_theta = text.pop("rope_theta")
+    text_config = Qwen2Config(
+        **text,
+        rope_parameters={"rope_type": "default", "rope_theta": rope_theta},
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=False,
+    )
+    vision_config = SiglipVisionConfig(**shape.vision, vision_use_head=False)
+    size = shape.vision["image_size"]
+    config = LlavaOnevisionConfig(
+        text_config=text_config,
+        vision_config=vision_config,
+        image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+        video_token_index=tokenizer.convert_tokens_to_ids("<video>"),
+        vision_feature_layer=-1,
+        vision_feature_select_strategy="full",
+        image_grid_pinpoints=[[size, size]],
+        tie_word_embeddings=False,
+    )
+    pixels = {"height": size, "width": size}
+    processor = LlavaOnevisionProcessor(
+        image_processor=LlavaOnevisionImageProcessor(size=pixels, image_grid_pinpoints=[[size, size]]),
+        video_processor=LlavaOnevisionVideoProcessor(size=pixels),
+        tokenizer=tokenizer,
+        num_image_tokens=(size // shape.vision["patch_size"]) ** 2,
+        vision_feature_select_strategy="full",
+        chat_template=LLAVA_OV_TEMPLATE,
+    )
+    return LlavaOnevisionForConditionalGeneration, (config, processor)
+
+
+def _qwen2_5_vl(shape: ModelShape, tokenizer: Any) -> tuple[Any, Any]:
+    from transformers import (
+        Qwen2_5_VLConfig,
+        Qwen2_5_VLForConditionalGeneration,
+        Qwen2_5_VLProcessor,
+        Qwen2VLImageProcessor,
+        Qwen2VLVideoProcessor,
+    )
+
+    text = dict(shape.text)
+    rope = {"rope_type": "default", "rope_theta": text.pop("rope_theta"), "mrope_section": text.pop("mrope_section")}
+    ids = {
+        name: tokenizer.convert_tokens_to_ids(token)
+        for name, token in (
+            ("image_token_id", "<|image_pad|>"),
+            ("video_token_id", "<|video_pad|>"),
+            ("vision_start_token_id", "<|vision_start|>"),
+            ("vision_end_token_id", "<|vision_end|>"),
+        )
+    }
+    config = Qwen2_5_VLConfig(
+        text_config=dict(
+            text,
+            rope_parameters=rope,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+            bos_token_id=None,
+        ),
+        vision_config=dict(shape.vision),
+        tie_word_embeddings=False,
+        **ids,
+    )
+    height, width = shape.frame_size
+    pixels = height * width
+    size = {"shortest_edge": pixels, "longest_edge": pixels}
+    common = dict(patch_size=14, merge_size=2, temporal_patch_size=2)
+    processor = Qwen2_5_VLProcessor(
+        image_processor=Qwen2VLImageProcessor(size=size, **common),
+        tokenizer=tokenizer,
+        video_processor=Qwen2VLVideoProcessor(size=size, **common),
+        chat_template=QWEN_VL_TEMPLATE,
+    )
+    return Qwen2_5_VLForConditionalGeneration, (config, processor)
+
+
+def build_random_adapter(
+    shape: ModelShape | str,
+    device: str | torch.device = "cuda",
+    dtype: torch.dtype = torch.bfloat16,
+    seed: int = 0,
+) -> ModelAdapter:
+    """A model of ``shape`` with random weights, built on ``device``, wrapped in its adapter."""
+    from ..models.llava_onevision import LlavaOnevisionAdapter
+    from ..models.qwen_vl import Qwen2_5_VLAdapter
+
+    shape = get_shape(shape) if isinstance(shape, str) else shape
+    tokenizer = byte_tokenizer()
+    builders = {"llava_onevision": (_llava_onevision, LlavaOnevisionAdapter), "qwen2_5_vl": (_qwen2_5_vl, Qwen2_5_VLAdapter)}
+    build, adapter_cls = builders[shape.family]
+    model_cls, (config, processor) = build(shape, tokenizer)
+    torch.manual_seed(seed)
+    device = torch.device(device)
+    with torch.device(device):
+        model = model_cls._from_config(config, dtype=dtype)
+    model.eval()
+    use_ragged_attention(model)
+    return adapter_cls(model, processor.tokenizer, processor, name_or_path=f"random:{shape.name}")
+
+
+def random_frames(shape: ModelShape, count: int, seed: int = 0):
+    """``count`` random uint8 frames ``(count, height, width, 3)`` at the shape's frame size."""
+    import numpy as np
+
+    height, width = shape.frame_size
+    rng = np.random.default_rng(seed)
+    return rng.integers(0, 256, size=(count, height, width, 3), dtype=np.uint8)
