@@ -75,6 +75,12 @@ class KVStore:
         """Stream (video) tokens per layer, prefix excluded."""
         return [n - self.prefix_len for n in self.lengths()]
 
+    @property
+    def device(self) -> torch.device:
+        """Where the keys and values live (CPU before anything is stored)."""
+        first = self.cache.layers[0]
+        return first.device if first.is_initialized else torch.device("cpu")
+
     def next_position(self, layer: int) -> int:
         return next_free_position(self.positions[layer])
 
@@ -147,8 +153,9 @@ class KVStore:
             position ``(axes, 1)``
         """
         cache_layer = self.cache.layers[layer]
-        positions = self.positions[layer].index_select(1, indices.cpu())
-        frames = self.frame_index[layer].index_select(0, indices.cpu())
+        host = indices.cpu()  # positions and frames live on the host
+        positions = self.positions[layer].index_select(1, host)
+        frames = self.frame_index[layer].index_select(0, host)
         summary_kv = None
         if extra is not None:
             key, value, position, frame = extra

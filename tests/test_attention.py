@@ -81,7 +81,7 @@ class RaggedTestRule(RetentionRule):
     name = "ragged-test"
     reindex: str = "lazy"
 
-    def needs_compression(self, store: KVStore) -> bool:
+    def needs_compression(self, store: KVStore, upcoming: int = 0) -> bool:
         return True
 
     def select(self, store: KVStore, context: SelectContext) -> dict[int, LayerKeep]:

@@ -46,3 +46,32 @@ def test_fifo_on_cuda_keeps_memory_flat(tiny_llama_dir):
         sizes.append(session.store.nbytes())
         assert max(session.tokens_kept) <= 64
     assert len(set(sizes)) == 1
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_graph_answers_equal_eager_answers(tiny_llama_dir, dtype):
+    from hermes_policy.models import load_adapter
+    from hermes_policy.policy import ModelInfo, paper_default
+    from hermes_policy.retention import HermesRetention
+
+    adapter = load_adapter(tiny_llama_dir, device="cuda", dtype=dtype, tokens_per_frame=8)
+    frames = torch.randint(0, 250, (40, 8), generator=torch.Generator().manual_seed(2))
+    answers = {}
+    for path in ("eager", "static", "graphs"):
+        rule = HermesRetention(policy=paper_default(ModelInfo.of(adapter), budget=96))
+        session = StreamingSession(adapter, rule, chunk_frames=8, answer_path=path)
+        session.add_frames(frames)
+        assert session.compressions > 0 and session.fused_guidance_passes > 0
+        answers[path] = [session.ask(q, max_new_tokens=8).token_ids for q in ("Where?", "What now?")]
+        if path == "graphs":
+            assert session.answer_graphs.captures >= 2 and session.answer_graphs.use_graphs
+    assert answers["graphs"] == answers["static"]
+    if dtype == torch.float32:
+        assert answers["graphs"] == answers["eager"]
+
+
+def test_measured_ceilings_are_plausible():
+    from hermes_policy.benchmarking.floor import measure_ceilings
+
+    ceilings = measure_ceilings(copy_gb=1.0, repeats=5)
+    assert 1e11 < ceilings.bandwidth < 2e13 and 1e12 < ceilings.matmul_rate < 5e15

@@ -221,10 +221,12 @@ def test_eager_reindex_keys_equal_keys_computed_at_their_new_positions(tiny_adap
     attention = tiny_adapter.decoder_layers[layer].self_attn
     raw = []
 
-    def record(module, args, output):  # un-rotated keys of ordinary prefills
-        if getattr(attention, "hermes_query_blocks", None) is None:
-            head_dim = attention.head_dim
-            raw.append(output.view(1, output.shape[1], -1, head_dim).transpose(1, 2))
+    def record(module, args, output):  # un-rotated keys of chunk prefills
+        out = output.view(1, output.shape[1], -1, attention.head_dim).transpose(1, 2)
+        blocks = getattr(attention, "hermes_query_blocks", None)
+        if blocks is not None:  # pseudo-queries: keep only a chunk riding with them
+            out = out[..., : blocks[0], :]
+        raw.append(out)
 
     handle = attention.k_proj.register_forward_hook(record)
     try:

@@ -134,8 +134,11 @@ class RawKeys:
         self.chunks: list[torch.Tensor] = []
 
         def record(mod, args, output):
-            if getattr(attention, "hermes_query_blocks", None) is None:
-                out = output.view(1, output.shape[1], -1, attention.head_dim).transpose(1, 2)
+            out = output.view(1, output.shape[1], -1, attention.head_dim).transpose(1, 2)
+            blocks = getattr(attention, "hermes_query_blocks", None)
+            if blocks is not None:  # pseudo-queries: keep only a chunk riding with them
+                out = out[..., : blocks[0], :]
+            if out.shape[-2]:
                 self.chunks.append(out.detach().clone())
 
         self.handle = module.register_forward_hook(record)

@@ -49,5 +49,5 @@ class AttentionRetention(BudgetedRule):
             if stream <= self.budget:
                 continue
             kept = top_indices(pooled(context.attention[layer], self.kernel), self.budget) + prefix
-            decisions[layer] = LayerKeep(torch.cat([torch.arange(prefix), kept]))
+            decisions[layer] = LayerKeep(torch.cat([torch.arange(prefix, device=kept.device), kept]))
         return decisions

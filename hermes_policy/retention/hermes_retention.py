@@ -94,10 +94,13 @@ class HermesRetention(RetentionRule):
     def layer_scores(self, store: KVStore, attention: list[torch.Tensor | None] | None) -> list[torch.Tensor]:
         """Per-layer mixed scores ``S_l`` before smoothing."""
         scores = []
+        lengths = store.stream_lengths()
+        # scored where the attention is, all layers on one device (smoothing mixes them)
+        given = [a for a in attention or [] if a is not None]
+        device = given[0].device if given else torch.device("cpu")
         for layer, entry in enumerate(self.policy.layers):
-            length = store.stream_lengths()[layer]
-            recency = recency_scores(length, entry.forgetting_rate)
             attn = attention[layer] if attention is not None else None
+            recency = recency_scores(lengths[layer], entry.forgetting_rate, device)
             if attn is None and entry.recency_weight < 1.0:
                 raise RetentionError(f"layer {layer} needs pseudo-query attention, none was given")
             scores.append(mix_scores(attn, recency, entry.recency_weight))
@@ -114,7 +117,7 @@ class HermesRetention(RetentionRule):
                 continue
             keep_count = entry.budget - 1 if entry.summary_token else entry.budget
             kept = top_indices(smoothed[layer], keep_count) + prefix
-            indices = torch.cat([torch.arange(prefix), kept])
+            indices = torch.cat([torch.arange(prefix, device=kept.device), kept])
             summary = None
             if entry.summary_token:
                 summary = self._summary(store, layer, kept, context)
@@ -125,6 +128,7 @@ class HermesRetention(RetentionRule):
         if context.rotary_emb is None:
             raise RetentionError("summary tokens need the model's rotary module")
         state = store.layer(layer)
+        kept = kept.cpu()  # positions live on the host
         evicted = torch.ones(state.length, dtype=torch.bool)
         evicted[: state.prefix_len] = False
         evicted[kept] = False

@@ -14,24 +14,23 @@ from torch import nn
 from ..positions import rerotate_keys
 
 
-def recency_scores(length: int, forgetting_rate: float) -> torch.Tensor:
+def recency_scores(length: int, forgetting_rate: float, device: torch.device | None = None) -> torch.Tensor:
     """``R_i = exp(-k * dt_i / (T - 1))`` with ``dt_i = T - 1 - i`` (official normalisation).
 
-    Returns FloatTensor ``(length,)``; the newest token scores 1.
+    Returns FloatTensor ``(length,)`` on ``device``; the newest token scores 1.
     """
     if length == 1:
-        return torch.ones(1)
-    dt = torch.arange(length - 1, -1, -1, dtype=torch.float32)
+        return torch.ones(1, device=device)
+    dt = torch.arange(length - 1, -1, -1, dtype=torch.float32, device=device)
     return torch.exp(-forgetting_rate * dt / (length - 1))
 
 
 def min_max(scores: torch.Tensor) -> torch.Tensor:
-    """Scale to [0, 1]; a constant vector becomes all zeros."""
+    """Scale to [0, 1]; a constant vector becomes all zeros (no host sync on a GPU)."""
     lo, hi = scores.min(), scores.max()
     span = hi - lo
-    if float(span) <= 0:
-        return torch.zeros_like(scores)
-    return (scores - lo) / span
+    scaled = (scores - lo) / torch.where(span > 0, span, torch.ones_like(span))
+    return torch.where(span > 0, scaled, torch.zeros_like(scores))
 
 
 def mix_scores(attention: torch.Tensor | None, recency: torch.Tensor, recency_weight: float) -> torch.Tensor:
@@ -73,9 +72,9 @@ def top_indices(scores: torch.Tensor, keep: int) -> torch.Tensor:
     Ties go to the newer token, so that equal scores behave like FIFO.
     """
     if keep >= scores.shape[0]:
-        return torch.arange(scores.shape[0])
+        return torch.arange(scores.shape[0], device=scores.device)
     # a tiny ramp breaks ties in favour of newer tokens without reordering distinct scores
-    ramp = torch.arange(scores.shape[0], dtype=torch.float64) * 1e-12
+    ramp = torch.arange(scores.shape[0], dtype=torch.float64, device=scores.device) * 1e-12
     chosen = torch.topk(scores.double() + ramp, keep).indices
     return chosen.sort().values
 

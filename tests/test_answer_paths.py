@@ -1,0 +1,120 @@
+"""Fixed-shape answering (the code CUDA graphs replay) and fused pseudo-queries, against references.
+
+``answer_path="static"`` runs exactly the code that is captured as CUDA graphs on a GPU, so
+on the CPU it is checked against the ordinary per-token forward (``"eager"``). Fused
+guidance (pseudo-queries riding in the chunk's forward) is checked against a separate pass.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from test_attention import RaggedTestRule
+
+from hermes_policy import StreamingSession
+from hermes_policy.answer_graphs import AnswerGraphs, batch_axis, bucket_length
+from hermes_policy.errors import StreamError
+from hermes_policy.policy import ModelInfo, paper_default
+from hermes_policy.retention import FifoRetention, FullRetention, HermesRetention
+
+
+def text_frames(adapter, n, seed=0):
+    return torch.randint(0, 250, (n, adapter.tokens_per_frame), generator=torch.Generator().manual_seed(seed))
+
+
+def rules(adapter, budget):
+    info = ModelInfo.of(adapter)
+    return {
+        "full": FullRetention(),
+        "fifo": FifoRetention(budget=budget),
+        "hermes": HermesRetention(policy=paper_default(info, budget=budget)),
+        # eager re-indexing + summary tokens
+        "hermes-eager": HermesRetention(policy=paper_default(info, budget=budget, reindex="eager")),
+        # different tokens per layer, compacted: every layer at its own lengths and positions
+        "ragged": RaggedTestRule(reindex="eager"),
+    }
+
+
+def test_bucket_length():
+    assert [bucket_length(n) for n in (1, 16, 17, 64, 65, 512, 513, 1100)] == [16, 16, 32, 64, 128, 512, 1024, 1536]
+
+
+def test_batch_axis_of_1d_rope(tiny_adapter):
+    assert batch_axis(tiny_adapter.rotary_emb, 1, torch.device("cpu"), torch.float32) == 0
+
+
+@pytest.mark.parametrize("name", ["full", "fifo", "hermes", "hermes-eager", "ragged"])
+def test_static_answers_equal_eager_answers(tiny_adapter, name):
+    stream = text_frames(tiny_adapter, 24, seed=3)
+    answers = {}
+    for path in ("eager", "static"):
+        session = StreamingSession(tiny_adapter, rules(tiny_adapter, 64)[name], chunk_frames=4, answer_path=path)
+        session.add_frames(stream)
+        before = [session.store.layer(layer).keys.clone() for layer in range(tiny_adapter.num_layers)]
+        lengths = session.store.lengths()
+        first = session.ask("Where is the ball?", max_new_tokens=10)
+        second = session.ask("And the cat?", max_new_tokens=10)
+        assert session.store.lengths() == lengths  # the Q/A tokens left no trace
+        for layer, keys in enumerate(before):
+            assert torch.equal(session.store.layer(layer).keys, keys)
+        answers[path] = (first.token_ids, second.token_ids)
+        if name == "ragged":
+            ends = {session.store.next_position(layer) for layer in range(tiny_adapter.num_layers)}
+            assert len(ends) > 1, "the test needs layers at different positions"
+    assert answers["static"] == answers["eager"]
+
+
+@pytest.mark.parametrize("model", ["llava", "qwen2.5"])
+def test_static_answers_equal_eager_answers_on_video_models(tmp_path, model):
+    from tiny_llava_ov import IMAGE_SIZE, tiny_llava_onevision
+    from tiny_qwen_vl import FRAME_HEIGHT, FRAME_WIDTH, tiny_qwen2_5_vl
+
+    from hermes_policy.models import load_adapter
+
+    if model == "llava":
+        adapter = load_adapter(tiny_llava_onevision(tmp_path / model, layers=4), device="cpu")
+        shape = (16, IMAGE_SIZE, IMAGE_SIZE, 3)
+    else:
+        adapter = load_adapter(tiny_qwen2_5_vl(tmp_path / model, layers=4), device="cpu")
+        shape = (16, FRAME_HEIGHT, FRAME_WIDTH, 3)
+    video = np.random.default_rng(0).integers(0, 256, size=shape, dtype=np.uint8)
+    adapter.frames_piece(video[:4], 0)  # Qwen-VL knows its frame size after a first chunk
+    rule = HermesRetention(policy=paper_default(ModelInfo.of(adapter), budget=6 * adapter.tokens_per_frame))
+    answers = {}
+    for path in ("eager", "static"):
+        session = StreamingSession(adapter, rule, chunk_frames=4, answer_path=path)
+        session.add_frames(video)
+        assert session.compressions > 0
+        answers[path] = session.ask("What moved?", max_new_tokens=8).token_ids
+    assert answers["static"] == answers["eager"]
+
+
+def test_answer_path_is_validated(tiny_adapter):
+    with pytest.raises(StreamError, match="answer_path"):
+        StreamingSession(tiny_adapter, answer_path="fast")
+    with pytest.raises(StreamError, match="CUDA"):
+        StreamingSession(tiny_adapter, answer_path="graphs")
+    with pytest.raises(ValueError, match="CUDA"):
+        AnswerGraphs(tiny_adapter, StreamingSession(tiny_adapter).store, use_graphs=True)
+
+
+@pytest.mark.parametrize("name", ["hermes", "hermes-eager"])
+def test_fused_guidance_equals_a_separate_pass(tiny_adapter, name):
+    stream = text_frames(tiny_adapter, 40, seed=4)
+    stores = {}
+    for fuse in (False, True):
+        session = StreamingSession(tiny_adapter, rules(tiny_adapter, 48)[name], chunk_frames=4, fuse_guidance=fuse)
+        session.add_frames(stream[:20])
+        session.ask("What is new?", max_new_tokens=3)  # history rewrites the prompts
+        session.add_frames(stream[20:])
+        assert session.compressions > 0
+        assert (session.fused_guidance_passes > 0) == fuse
+        stores[fuse] = session.store
+    separate, fused = stores[False], stores[True]
+    assert separate.lengths() == fused.lengths()
+    for layer in range(tiny_adapter.num_layers):
+        assert torch.equal(separate.positions[layer], fused.positions[layer])
+        assert torch.equal(separate.frame_index[layer], fused.frame_index[layer])
+        torch.testing.assert_close(separate.layer(layer).keys, fused.layer(layer).keys, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(separate.layer(layer).values, fused.layer(layer).values, atol=1e-5, rtol=1e-5)

@@ -1,0 +1,220 @@
+"""The efficiency benchmark's CPU parts: arguments, floor arithmetic, the measuring loop on
+tiny shapes, targets, table, plot, merging and the CLI. The GPU runs themselves are in
+``benchmarks/results`` (see the README); ``tests/test_gpu.py`` covers the CUDA-only code."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from hermes_cli.bench_command import device_slug, parse_ints
+from hermes_cli.main import app
+from typer.testing import CliRunner
+
+from hermes_policy.benchmarking.efficiency import (
+    EfficiencyConfig,
+    check_answers,
+    evaluate_targets,
+    merge_results,
+    run_efficiency,
+    run_stream,
+    shape_summary,
+)
+from hermes_policy.benchmarking.floor import (
+    DeviceCeilings,
+    floor_ms,
+    forward_flops,
+    forward_weight_bytes,
+)
+from hermes_policy.benchmarking.report import markdown_table, plot
+from hermes_policy.benchmarking.shapes import SHAPES, build_random_adapter, get_shape
+from hermes_policy.errors import HermesError
+
+CEILINGS = DeviceCeilings("Test GPU", bandwidth=4e12, matmul_rate=8e14)
+
+
+@pytest.fixture(scope="module")
+def tiny_llava():
+    return build_random_adapter("tiny-llava-ov", device="cpu", dtype=torch.float32)
+
+
+def test_parse_ints_and_slug():
+    assert parse_ints("16, 64,256", "--frames") == (16, 64, 256)
+    with pytest.raises(HermesError, match="--frames"):
+        parse_ints("16,x", "--frames")
+    with pytest.raises(HermesError, match="empty"):
+        parse_ints(" , ", "--chunks")
+    assert device_slug("NVIDIA H200") == "nvidia-h200"
+    assert device_slug("!!") == "gpu"
+
+
+@pytest.mark.parametrize(
+    "change,message",
+    [
+        ({"shapes": ("gpt-5",)}, "unknown model shape"),
+        ({"rules": ("snapkv",)}, "unknown rule"),
+        ({"frames": (64, 16)}, "increasing"),
+        ({"frames": (0, 16)}, "positive"),
+        ({"chunks": (8, 0)}, "positive"),
+        ({"frames": (12,), "chunks": (8,)}, "multiples"),
+        ({"budget": 0}, "budget"),
+        ({"questions": 0}, "questions"),
+        ({"answer_tokens": 1}, "answer_tokens"),
+    ],
+)
+def test_config_validation(change, message):
+    config = EfficiencyConfig(**change)
+    with pytest.raises(HermesError, match=message):
+        config.validate()
+
+
+def test_floor_arithmetic():
+    # 14 GB at 4 TB/s: 3.5 ms; the compute term only wins for long prefills
+    assert floor_ms(14_000_000_000, 4e12) == pytest.approx(3.5)
+    assert floor_ms(14_000_000_000, 4e12, forward_flops(7e9, 40), 8e14) == pytest.approx(3.5)
+    assert floor_ms(14_000_000_000, 4e12, forward_flops(7e9, 1000), 8e14) == pytest.approx(17.5)
+    assert forward_flops(10, 3) == 60
+    with pytest.raises(ValueError):
+        floor_ms(1, 0)
+
+
+def test_forward_weight_bytes_skip_the_input_embedding_only(tiny_llava):
+    weight_bytes, params = forward_weight_bytes(tiny_llava)
+    text = tiny_llava.text_model
+    embed = text.get_input_embeddings().weight
+    head = tiny_llava.model.get_output_embeddings().weight
+    expected = sum(p.numel() for p in text.parameters()) - embed.numel() + head.numel()
+    assert params == expected
+    assert weight_bytes == 4 * expected  # float32
+    assert not any(p is head for p in text.parameters())
+
+
+def test_published_shapes_have_the_documented_sizes():
+    llava, qwen = get_shape("llava-ov-7b"), get_shape("qwen2.5-vl-7b")
+    assert llava.text["hidden_size"] == qwen.text["hidden_size"] == 3584
+    assert llava.text["num_hidden_layers"] == 28 and llava.text["num_key_value_heads"] == 4
+    assert llava.vision["image_size"] // llava.vision["patch_size"] == 27  # -> 14 x 14 = 196 per frame
+    assert qwen.frame_size == (448, 448)
+    with pytest.raises(HermesError, match="unknown model shape"):
+        get_shape("nope")
+    assert {"tiny-llava-ov", "tiny-qwen2.5-vl"} <= set(SHAPES)
+
+
+def test_run_stream_measures_every_checkpoint_on_a_tiny_shape(tiny_llava):
+    shape = get_shape("tiny-llava-ov")
+    config = EfficiencyConfig(
+        shapes=("tiny-llava-ov",), frames=(4, 32), chunks=(4,), budget=6 * tiny_llava.tokens_per_frame,
+        questions=2, answer_tokens=3,
+    )
+    summary = shape_summary(tiny_llava, CEILINGS)
+    assert summary["tokens_per_frame"] == tiny_llava.tokens_per_frame
+    rows = run_stream(tiny_llava, shape, "hermes", 4, config, summary)
+    assert [r["frames"] for r in rows] == [4, 32] and all(r["status"] == "ok" for r in rows)
+    early, late = rows
+    assert early["compression_share"] == 0 and early["fused_guidance_passes"] == 0
+    assert late["fused_guidance_passes"] > 0 and late["fused_guidance_overhead_ms"] is not None
+    assert 0 < late["compression_share"] < 1
+    assert late["tokens_kept"] <= config.budget
+    assert late["ttft_floor_ratio"] == pytest.approx(late["ttft_ms"] / summary["ttft_floor_ms"])
+    assert all(1 <= n <= 3 for n in late["answer_tokens"])
+
+
+def test_check_answers_on_cpu():
+    config = EfficiencyConfig(correctness_frames=8)
+    result = check_answers(get_shape("tiny-llava-ov"), torch.float32, config, device="cpu")
+    assert result["hermes_unlimited_equals_full"] and result["graphs_equal_eager"]
+    assert len(result["full_tokens"]) > 0
+
+
+def synthetic_rows(ttft=(6.0, 6.5), fps=120.0, share=0.05):
+    rows = []
+    for frames, t in zip((16, 64, 1024), (ttft[0], ttft[0], ttft[1]), strict=True):
+        rows.append({
+            "shape": "llava-ov-7b", "rule": "hermes", "chunk": 8, "frames": frames, "status": "ok",
+            "ttft_ms": t, "tpot_ms": 6.0, "ttft_floor_ratio": t / 3.5, "tpot_floor_ratio": 6.0 / 3.5,
+            "peak_memory_bytes": 17 * 2**30 + frames, "kv_cache_bytes": 2**28, "tokens_kept": 4000,
+            "ingest_fps": fps, "compression_share": share,
+        })
+    rows.append({"shape": "llava-ov-7b", "rule": "full", "chunk": 8, "frames": 1024, "status": "out of memory"})
+    return rows
+
+
+def test_targets_met_and_missed():
+    met = {t["target"].split(" (")[0]: t["met"] for t in evaluate_targets(synthetic_rows())}
+    assert all(met.values()) and len(met) == 6
+    missed = {t["target"].split(" (")[0]: t["met"] for t in evaluate_targets(synthetic_rows(ttft=(6.0, 8.0), fps=50, share=0.2))}
+    assert missed["TTFT @1024 vs @16"] is False
+    assert missed["ingest fps"] is False and missed["compression share of ingest"] is False
+    assert evaluate_targets([]) == []
+
+
+def results_document():
+    return {
+        "schema": "hermes-efficiency/1",
+        "ceilings": CEILINGS.as_dict(),
+        "shapes": {"llava-ov-7b": {"weight_bytes": 14e9, "ttft_floor_ms": 3.5, "tpot_floor_ms": 3.5, "question_tokens": 57, "source": "test"}},
+        "rows": synthetic_rows(),
+        "correctness": [{"shape": "llava-ov-7b", "dtype": "bfloat16", "hermes_unlimited_equals_full": True, "graphs_equal_eager": True}],
+        "commands": ["hermes-probe bench --shapes llava-ov-7b"],
+        "date": "2026-12-01",
+    }
+
+
+def test_markdown_and_plot(tmp_path):
+    results = results_document()
+    results["targets"] = evaluate_targets(results["rows"])
+    text = markdown_table(results)
+    assert "| hermes | 8 | 1024 | 6.5 (1.86x)" in text
+    assert "out of memory" in text and "Targets" in text and "Correctness" in text
+    path = plot(results, tmp_path / "fig.png")
+    assert path.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_merge_results_replaces_same_rows_and_keeps_others():
+    old = results_document()
+    new = results_document()
+    new["rows"] = [dict(new["rows"][0], ttft_ms=1.0)]
+    new["shapes"] = {"qwen2.5-vl-7b": {"source": "x"}}
+    new["commands"] = ["second"]
+    merged = merge_results(old, new)
+    assert len(merged["rows"]) == len(old["rows"])
+    assert [r["ttft_ms"] for r in merged["rows"] if r["frames"] == 16 and r["rule"] == "hermes"] == [1.0]
+    assert set(merged["shapes"]) == {"llava-ov-7b", "qwen2.5-vl-7b"}
+    assert merged["commands"] == ["hermes-probe bench --shapes llava-ov-7b", "second"]
+
+
+def test_run_efficiency_document_on_cpu():
+    config = EfficiencyConfig(
+        shapes=("tiny-llava-ov",), frames=(8,), chunks=(4,), rules=("full", "fifo"), budget=100,
+        questions=1, answer_tokens=2, check_correctness=False,
+    )
+    doc = run_efficiency(config, CEILINGS, device="cpu")
+    assert doc["schema"] == "hermes-efficiency/1"
+    assert [(r["rule"], r["frames"]) for r in doc["rows"]] == [("full", 8), ("fifo", 8)]
+
+
+def test_cli_report_only_and_errors(tmp_path, monkeypatch):
+    runner = CliRunner()
+    path = tmp_path / "efficiency-test-gpu-2026-12-01.json"
+    path.write_text(json.dumps(results_document()))
+    result = runner.invoke(app, ["bench", "--report-only", str(path)])
+    assert result.exit_code == 0, result.output
+    assert path.with_suffix(".md").read_text().startswith("Device: Test GPU")
+    assert path.with_suffix(".png").is_file()
+    assert json.loads(path.read_text())["targets"]
+
+    bad = tmp_path / "bad.json"
+    bad.write_text("{")
+    result = runner.invoke(app, ["bench", "--report-only", str(bad)])
+    assert result.exit_code == 1 and "not valid JSON" in result.output
+    other = tmp_path / "other.json"
+    other.write_text("{}")
+    result = runner.invoke(app, ["bench", "--report-only", str(other)])
+    assert result.exit_code == 1 and "not an efficiency results file" in result.output
+
+    result = runner.invoke(app, ["bench", "--frames", "64,16"])
+    assert result.exit_code == 1 and "increasing" in result.output
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    result = runner.invoke(app, ["bench", "--frames", "16", "--chunks", "8"])
+    assert result.exit_code == 1 and "needs a CUDA GPU" in result.output
