@@ -317,3 +317,31 @@ def test_one_guidance_forward_equals_separate_prompt_forwards(tiny_adapter):
     torch.testing.assert_close(both[1], alone1[1], atol=1e-6, rtol=1e-5)
     assert both[0].shape == (session.tokens_kept[0],)
     assert session.store.lengths() == [session.store.prefix_len + 32] * 3  # no trace left
+
+
+def test_batched_scoring_equals_per_layer_scoring():
+    """The whole-tensor path (layers of one length) keeps exactly what the per-layer path keeps."""
+    from hermes_policy.kv_store import KVStore
+    from hermes_policy.retention.scoring import smooth_across_layers, top_indices
+
+    layers, n, prefix = 6, 300, 5
+    info = ModelInfo("x", "y", layers, 4, 2, 10)
+    rule = HermesRetention(policy=paper_default(info, budget=120))
+    store = KVStore(layers, 1)
+    for layer in store.cache.layers:
+        layer.set_contents(torch.randn(1, 2, n, 4), torch.randn(1, 2, n, 4))
+    store.positions = [torch.arange(n)[None] for _ in range(layers)]
+    store.frame_index = [torch.arange(n) // 10 for _ in range(layers)]
+    store.prefix_len = prefix
+    g = torch.Generator().manual_seed(0)
+    attention = [torch.rand(n - prefix, generator=g) for _ in range(layers)]
+    attention[2][10:40] = 0.25  # ties: the newer token wins in both paths
+    batched = rule.batched_kept(store, attention)
+    raw = rule.layer_scores(store, attention)
+    smoothed = smooth_across_layers(raw, [e.smoothing for e in rule.policy.layers])
+    for layer, entry in enumerate(rule.policy.layers):
+        keep = entry.budget - 1 if entry.summary_token else entry.budget
+        assert torch.equal(batched[layer], top_indices(smoothed[layer], keep))
+    store.cache.layers[0].truncate(n - 1)
+    store.positions[0] = store.positions[0][:, :-1]
+    assert rule.batched_kept(store, attention) is None  # lengths differ: per-layer path

@@ -24,8 +24,15 @@ def markdown_table(results: dict[str, Any]) -> str:
         f"bf16 matmul {ceilings['bf16_matmul_tflop_s']:.0f} TFLOP/s.",
         "",
     ]
+    for run in results.get("ceilings_per_run", []):
+        lines.append(
+            f"Run ({', '.join(run.get('shapes', []))}): copy {run['copy_bandwidth_tb_s']:.2f} TB/s, "
+            f"bf16 matmul {run['bf16_matmul_tflop_s']:.0f} TFLOP/s.  "
+        )
     for command in results.get("commands", []):
         lines.append(f"Command: `{command}`  ")
+    for note in results.get("notes", []):
+        lines.append(f"Note: {note}  ")
     if results.get("date"):
         lines.append(f"Date: {results['date']}")
     lines.append("")

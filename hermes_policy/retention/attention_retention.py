@@ -45,9 +45,11 @@ class AttentionRetention(BudgetedRule):
             raise RetentionError("attention-only needs the pseudo-query attention")
         decisions = {}
         prefix = store.prefix_len
+        # per-layer scoring of short vectors is cheaper on the host than a launch per op
+        attention = [None if a is None else a.cpu() for a in context.attention]
         for layer, stream in enumerate(store.stream_lengths()):
             if stream <= self.budget:
                 continue
-            kept = top_indices(pooled(context.attention[layer], self.kernel), self.budget) + prefix
+            kept = top_indices(pooled(attention[layer], self.kernel), self.budget) + prefix
             decisions[layer] = LayerKeep(torch.cat([torch.arange(prefix, device=kept.device), kept]))
         return decisions

@@ -34,7 +34,16 @@ from .base import (
     SelectContext,
     SummaryToken,
 )
-from .scoring import mix_scores, recency_scores, smooth_across_layers, summary_token, top_indices
+from .scoring import (
+    batched_mixed_scores,
+    batched_top_indices,
+    mix_scores,
+    recency_scores,
+    smooth_across_layers,
+    smooth_rows,
+    summary_token,
+    top_indices,
+)
 
 
 @dataclass
@@ -106,17 +115,54 @@ class HermesRetention(RetentionRule):
             scores.append(mix_scores(attn, recency, entry.recency_weight))
         return scores
 
+    def batched_kept(self, store: KVStore, attention: list[torch.Tensor | None] | None) -> list[torch.Tensor] | None:
+        """Stream indices each layer keeps (CPU), scored for all layers at once.
+
+        The same decisions as the per-layer path, as a few whole-tensor operations and one
+        host copy (on a GPU: no sync per layer). None when layers differ in length (the
+        per-layer path resamples scores between them).
+        """
+        lengths = store.stream_lengths()
+        if len(set(lengths)) != 1:
+            return None
+        n = lengths[0]
+        given = [a for a in attention or [] if a is not None]
+        device = given[0].device if given else torch.device("cpu")
+        rows = []
+        for layer, entry in enumerate(self.policy.layers):
+            attn = attention[layer] if attention is not None else None
+            if attn is None:
+                if entry.recency_weight < 1.0:
+                    raise RetentionError(f"layer {layer} needs pseudo-query attention, none was given")
+                attn = torch.zeros(n, device=device)
+            rows.append(attn.to(device=device, dtype=torch.float32))
+        layers = self.policy.layers
+        rates = torch.tensor([e.forgetting_rate for e in layers], device=device)
+        weights = torch.tensor([e.recency_weight for e in layers], device=device)
+        scores = batched_mixed_scores(torch.stack(rows), rates, weights)
+        smoothed = smooth_rows(scores, [e.smoothing for e in layers])
+        keep = [e.budget - 1 if e.summary_token else e.budget for e in layers]
+        return batched_top_indices(smoothed, keep)
+
     def select(self, store: KVStore, context: SelectContext) -> dict[int, LayerKeep]:
-        raw = self.layer_scores(store, context.attention)
-        smoothed = smooth_across_layers(raw, [entry.smoothing for entry in self.policy.layers])
+        batched = self.batched_kept(store, context.attention)
+        if batched is None:
+            attention = context.attention
+            if attention is not None:  # per-layer scoring is cheaper on the host
+                attention = [None if a is None else a.cpu() for a in attention]
+            raw = self.layer_scores(store, attention)
+            smoothed = smooth_across_layers(raw, [entry.smoothing for entry in self.policy.layers])
         prefix = store.prefix_len
         decisions = {}
         for layer, entry in enumerate(self.policy.layers):
-            stream_len = smoothed[layer].shape[0]
+            stream_len = store.stream_lengths()[layer]
             if stream_len <= entry.budget:
                 continue
             keep_count = entry.budget - 1 if entry.summary_token else entry.budget
-            kept = top_indices(smoothed[layer], keep_count) + prefix
+            if batched is not None:
+                kept = batched[layer] + prefix
+            else:
+                kept = top_indices(smoothed[layer], keep_count) + prefix
             indices = torch.cat([torch.arange(prefix, device=kept.device), kept])
             summary = None
             if entry.summary_token:

@@ -79,6 +79,61 @@ def top_indices(scores: torch.Tensor, keep: int) -> torch.Tensor:
     return chosen.sort().values
 
 
+def batched_mixed_scores(
+    attention: torch.Tensor, forgetting_rates: torch.Tensor, recency_weights: torch.Tensor
+) -> torch.Tensor:
+    """:func:`mix_scores` of ``recency_scores`` for many layers of one length at once.
+
+    Parameters
+    ----------
+    attention : FloatTensor ``(layers, n)`` (rows of layers with weight 1 are ignored)
+    forgetting_rates, recency_weights : FloatTensor ``(layers,)``
+
+    Returns
+    -------
+    FloatTensor ``(layers, n)``, row ``l`` equal to
+    ``mix_scores(attention[l], recency_scores(n, k_l), w_l)``.
+    """
+    n = attention.shape[1]
+    if n == 1:
+        recency = torch.ones_like(attention)
+    else:
+        dt = torch.arange(n - 1, -1, -1, dtype=torch.float32, device=attention.device)
+        recency = torch.exp(-forgetting_rates[:, None].float() * dt / (n - 1))
+
+    def rows_min_max(x: torch.Tensor) -> torch.Tensor:
+        lo = x.min(dim=1, keepdim=True).values
+        span = x.max(dim=1, keepdim=True).values - lo
+        scaled = (x - lo) / torch.where(span > 0, span, torch.ones_like(span))
+        return torch.where(span > 0, scaled, torch.zeros_like(x))
+
+    w = recency_weights[:, None].float()
+    mixed = (1.0 - w) * rows_min_max(attention.float()) + w * rows_min_max(recency)
+    return torch.where(w >= 1.0, rows_min_max(recency), mixed)
+
+
+def smooth_rows(scores: torch.Tensor, smoothing: list[float]) -> torch.Tensor:
+    """:func:`smooth_across_layers` for layers of one length, rows ``(layers, n)``."""
+    out = scores.float().clone()
+    for layer in range(out.shape[0] - 2, -1, -1):
+        lam = smoothing[layer]
+        out[layer] = (1.0 - lam) * out[layer] + lam * out[layer + 1]
+    return out
+
+
+def batched_top_indices(scores: torch.Tensor, keep: list[int]) -> list[torch.Tensor]:
+    """:func:`top_indices` of every row ``(layers, n)``, with one top-k and one host copy.
+
+    Returns, per row, the ``keep[l]`` indices on the CPU, in temporal order (ties go to the
+    newer token).
+    """
+    n = scores.shape[1]
+    ramp = torch.arange(n, dtype=torch.float64, device=scores.device) * 1e-12
+    k_max = min(max(keep), n)
+    order = torch.topk(scores.double() + ramp, k_max, dim=1).indices.cpu()  # descending
+    return [order[row, : min(k, n)].sort().values for row, k in enumerate(keep)]
+
+
 def split_budget(weights: list[float], per_layer: int) -> list[int]:
     """Layer-dependent budgets (METHOD.md section 6).
 
