@@ -57,13 +57,14 @@ def write_report(results: dict[str, Any], json_path: Path) -> tuple[Path, Path, 
 
 
 def bench_command(
-    shapes: Annotated[str, typer.Option(help="Model shapes, comma-separated (llava-ov-7b, qwen2.5-vl-7b, tiny-*).")] = "llava-ov-7b,qwen2.5-vl-7b",
+    shapes: Annotated[str, typer.Option(help="Model shapes, comma-separated (llava-ov-7b, qwen2.5-vl-7b, llava-ov-72b, tiny-*).")] = "llava-ov-7b,qwen2.5-vl-7b",
     frames: Annotated[str, typer.Option(help="Checkpoints of each stream (frames), increasing.")] = "16,64,256,1024",
     chunks: Annotated[str, typer.Option(help="Chunk sizes (frames per prefill).")] = "8,16",
     rules: Annotated[str, typer.Option(help="Rules: full, fifo, hermes (paper-default policy).")] = "full,fifo,hermes",
     budget: Annotated[int, typer.Option(help="Stream tokens kept per layer (fifo, hermes).")] = 4000,
     questions: Annotated[int, typer.Option(help="Timed questions per checkpoint (median).")] = 5,
     answer_tokens: Annotated[int, typer.Option(help="Tokens decoded per answer (TPOT).")] = 32,
+    device_map: Annotated[str | None, typer.Option(help="Split each model over the visible GPUs: balanced or auto (models too large for one GPU, e.g. llava-ov-72b).")] = None,
     check: Annotated[bool, typer.Option(help="Check greedy tokens: hermes(unlimited) == full, graphs == eager, bf16 and fp32.")] = True,
     out_dir: Annotated[Path, typer.Option(help="Where results go.")] = DEFAULT_OUT,
     append: Annotated[bool, typer.Option(help="Merge into an existing results file of the same device and date.")] = False,
@@ -102,6 +103,7 @@ def bench_command(
         questions=questions,
         answer_tokens=answer_tokens,
         check_correctness=check,
+        device_map=device_map,
     )
     config.validate()
     import torch

@@ -88,8 +88,8 @@ class AnswerGraphs:
     """
 
     def __init__(self, adapter: ModelAdapter, store: KVStore, use_graphs: bool = True):
-        if use_graphs and adapter.device.type != "cuda":
-            raise ValueError("CUDA graphs need a CUDA device")
+        if use_graphs and (adapter.device.type != "cuda" or adapter.spans_devices):
+            raise ValueError("CUDA graphs need the whole model on one CUDA device")
         self.adapter = adapter
         self.store = store
         self.use_graphs = use_graphs
@@ -220,7 +220,7 @@ class AnswerGraphs:
             slots = lengths[:, None] + arange  # (layers, bucket)
             positions = next_pos[:, :, None] + rel[None]  # (layers, axes, bucket)
             hidden = self._forward(ids, positions, slots)
-            last = hidden.index_select(1, tail[0:1] - 1)
+            last = hidden.index_select(1, tail[0:1].to(hidden.device) - 1)
             self._token.copy_(self.adapter.logits(last).argmax(-1).view(1))
             # decode continues after the question: slot length + q, position next + extent
             self._offset.copy_(tail[0:1])

@@ -185,6 +185,7 @@ def ragged_attention(
         scaling = query.shape[-1] ** -0.5
     limits = getattr(module, "hermes_static_limits", None)
     if limits is not None:
+        limits = limits if limits.device == query.device else limits.to(query.device)
         mask = torch.arange(k_len, device=query.device)[None, :] <= limits[:, None]
         out = grouped_masked_attention(query, key, value, mask, scaling)
         return out.transpose(1, 2).contiguous(), None

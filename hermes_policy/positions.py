@@ -59,12 +59,16 @@ def rotary_cos_sin(
         they describe a pure rotation.
     """
     device = device if device is not None else positions.device
-    probe = torch.zeros(1, dtype=torch.float32, device=device)
-    cos, sin = rotary_emb(probe, to_model_position_ids(positions.to(device)))
+    # computed where the module's frequencies live (a model split over GPUs keeps one
+    # rotary module), then moved to where the keys are
+    home = next(iter(rotary_emb.buffers()), None)
+    home_device = home.device if home is not None and home.device.type != "meta" else device
+    probe = torch.zeros(1, dtype=torch.float32, device=home_device)
+    cos, sin = rotary_emb(probe, to_model_position_ids(positions.to(home_device)))
     scale = float(getattr(rotary_emb, "attention_scaling", 1.0))
     if scale != 1.0:
         cos, sin = cos / scale, sin / scale
-    return cos.float(), sin.float()
+    return cos.float().to(device), sin.float().to(device)
 
 
 def apply_rotation(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

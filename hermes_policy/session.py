@@ -118,8 +118,9 @@ class StreamingSession:
         last one); older ones are dropped so a session never grows
     answer_path : how :meth:`ask` runs the model: ``"graphs"`` (fixed shapes replayed as
         CUDA graphs, see :mod:`hermes_policy.answer_graphs`; the default on CUDA),
-        ``"static"`` (the same fixed-shape code without graphs) or ``"eager"`` (one
-        ordinary forward per token; the default elsewhere)
+        ``"static"`` (the same fixed-shape code without graphs; the default for a model
+        split over several GPUs) or ``"eager"`` (one ordinary forward per token; the
+        default elsewhere)
     fuse_guidance : run a rule's pseudo-queries in the same forward as the chunk that
         triggers compression (one pass over the weights instead of two; the result is
         the same up to rounding)
@@ -141,12 +142,16 @@ class StreamingSession:
     ):
         if chunk_frames < 1:
             raise StreamError(f"chunk_frames must be at least 1, got {chunk_frames}")
+        split = adapter.spans_devices
         if answer_path is None:
-            answer_path = "graphs" if adapter.device.type == "cuda" else "eager"
+            if adapter.device.type == "cuda":
+                answer_path = "static" if split else "graphs"
+            else:
+                answer_path = "eager"
         if answer_path not in ANSWER_PATHS:
             raise StreamError(f"answer_path must be one of {ANSWER_PATHS}, got {answer_path!r}")
-        if answer_path == "graphs" and adapter.device.type != "cuda":
-            raise StreamError("answer_path='graphs' needs the model on a CUDA device")
+        if answer_path == "graphs" and (adapter.device.type != "cuda" or split):
+            raise StreamError("answer_path='graphs' needs the whole model on one CUDA device")
         self.answer_path = answer_path
         self.fuse_guidance = fuse_guidance
         self.time_phases = False

@@ -208,7 +208,10 @@ class StaticWrites:
 
     def __enter__(self) -> StaticWrites:
         for layer, cache_layer in enumerate(self._cache.layers):
-            cache_layer.static_slots = self._slots[layer]
+            slots = self._slots[layer]
+            # a model split over GPUs keeps each layer's cache on that layer's GPU
+            device = getattr(cache_layer, "device", slots.device) if cache_layer.is_initialized else slots.device
+            cache_layer.static_slots = slots if slots.device == device else slots.to(device)
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -218,3 +218,53 @@ def test_cli_report_only_and_errors(tmp_path, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     result = runner.invoke(app, ["bench", "--frames", "16", "--chunks", "8"])
     assert result.exit_code == 1 and "needs a CUDA GPU" in result.output
+
+
+def test_device_of_takes_the_longest_module_prefix():
+    from hermes_policy.benchmarking.shapes import device_of
+
+    device_map = {"model.language_model.layers.0": 0, "model.language_model": 1, "": "cpu"}
+    assert device_of("model.language_model.layers.0.mlp.up_proj.weight", device_map) == torch.device("cuda", 0)
+    assert device_of("model.language_model.layers.10.mlp.up_proj.weight", device_map) == torch.device("cuda", 1)
+    assert device_of("lm_head.weight", device_map) == torch.device("cpu")
+    with pytest.raises(HermesError, match="places no module"):
+        device_of("lm_head.weight", {"model": 0})
+
+
+def test_dispatched_random_model_streams(tmp_path):
+    """The device-map build (each weight created on its device, accelerate hooks) runs a
+    session; on a CPU-only machine the map has one device."""
+    adapter = build_random_adapter(
+        "tiny-llava-ov", dtype=torch.float32, device_map="auto", max_memory={"cpu": "4GiB"}
+    )
+    assert adapter.model.hermes_device_map == {"": "cpu"} and not adapter.spans_devices
+    from hermes_policy import StreamingSession
+    from hermes_policy.benchmarking.efficiency import make_rule
+    from hermes_policy.benchmarking.shapes import random_frames
+
+    session = StreamingSession(adapter, make_rule("hermes", adapter, 60), chunk_frames=4, answer_path="static")
+    session.add_frames(random_frames(get_shape("tiny-llava-ov"), 16))
+    assert session.compressions > 0
+    assert len(session.ask("What?", max_new_tokens=3).token_ids) >= 1
+    with pytest.raises(HermesError, match="device_map"):
+        build_random_adapter("tiny-llava-ov", dtype=torch.float32, device_map="sequential")
+    with pytest.raises(HermesError, match="device_map"):
+        EfficiencyConfig(device_map="sequential").validate()
+
+
+def test_markdown_shows_per_gpu_memory_of_split_models():
+    results = results_document()
+    results["shapes"]["llava-ov-7b"]["devices"] = ["cuda:0", "cuda:1"]
+    results["rows"][0]["peak_memory_per_gpu"] = [70 * 2**30, 69 * 2**30]
+    text = markdown_table(results)
+    assert "Split over cuda:0, cuda:1" in text and "| 70.00 / 69.00 |" in text
+
+
+def test_random_models_load_by_name():
+    from hermes_policy.errors import ModelLoadError
+    from hermes_policy.models import load_adapter
+
+    adapter = load_adapter("random:tiny-qwen2.5-vl", device="cpu")
+    assert adapter.name_or_path == "random:tiny-qwen2.5-vl" and adapter.dtype == torch.float32
+    with pytest.raises(ModelLoadError, match="unknown random model shape"):
+        load_adapter("random:gpt-7", device="cpu")

@@ -1,4 +1,8 @@
-"""`torchrun --nproc-per-node 2 ... eval` on CPU (gloo) answers exactly like one process."""
+"""`torchrun --nproc-per-node 2 ... eval` on CPU (gloo) answers exactly like one process.
+
+The model is ``random:tiny-llava-ov`` (built in every process from a seed, as the GPU run
+builds ``random:llava-ov-7b``), so the test also covers random-weight shapes by name.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +14,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny_llava_ov import tiny_llava_onevision
 
 from hermes_policy.annotations import load_annotations
 from hermes_policy.evaluation import evaluate
@@ -25,7 +28,7 @@ LIMIT = 20  # 3 videos of 8 questions: rank 0 streams videos 0 and 2 (8 + 4), ra
 @pytest.mark.slow
 @pytest.mark.skipif(not TORCHRUN.is_file(), reason=f"no torchrun beside {sys.executable}")
 def test_two_gloo_processes_answer_like_one(tmp_path):
-    model = tiny_llava_onevision(tmp_path / "llava", layers=3)
+    model = "random:tiny-llava-ov"
     bench = write_synthetic_benchmark(tmp_path / "bench", num_videos=3, num_frames=6, fps=1.0, height=64, width=64)
     out2 = tmp_path / "two"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
@@ -34,7 +37,7 @@ def test_two_gloo_processes_answer_like_one(tmp_path):
         env.pop(name, None)
     launched = subprocess.Popen(
         [str(TORCHRUN), "--standalone", "--nproc-per-node", "2", "-m", "hermes_cli.main", "eval",
-         "--model", str(model), "--annotations", str(bench), "--out", str(out2), "--limit", str(LIMIT),
+         "--model", model, "--annotations", str(bench), "--out", str(out2), "--limit", str(LIMIT),
          "--budget", "40", "--fps", "1", "--chunk", "2", "--mc-max-new-tokens", "2", "--device", "cpu",
          "--no-progress"],
         cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,

@@ -61,6 +61,7 @@ class EfficiencyConfig:
     check_correctness: bool = True
     correctness_frames: int = 32
     seed: int = 0
+    device_map: str | None = None  # "balanced" / "auto": split each model over the visible GPUs
 
     def validate(self) -> None:
         """Raise a HermesError naming the first bad setting."""
@@ -86,6 +87,8 @@ class EfficiencyConfig:
             raise HermesError(f"questions must be between 1 and {len(QUESTIONS) - 1}, got {self.questions}")
         if self.answer_tokens < 2:
             raise HermesError("answer_tokens must be at least 2 (TPOT needs a second token)")
+        if self.device_map not in (None, "balanced", "auto"):
+            raise HermesError(f"device_map must be 'balanced' or 'auto', got {self.device_map!r}")
 
 
 def make_rule(name: str, adapter: ModelAdapter, budget: int) -> RetentionRule:
@@ -186,6 +189,9 @@ def run_stream(
     state = _StreamState()
     overhead: float | None = None
     _release_memory()
+    gpus = sorted({d.index or 0 for d in adapter.devices if d.type == "cuda"}) if adapter.spans_devices else []
+    for index in gpus:
+        torch.cuda.reset_peak_memory_stats(index)
     session = StreamingSession(adapter, rule, chunk_frames=chunk, max_new_tokens=config.answer_tokens)
     session.time_phases = True
     base = {"shape": shape.name, "rule": rule_name, "chunk": chunk, "budget": config.budget}
@@ -242,6 +248,12 @@ def run_stream(
                 "answer_tokens": [len(a.token_ids) for a in answers],
             }
         )
+        if gpus:
+            # the session resets the first GPU's counter per call; the others run since the stream began
+            main = adapter.device.index or 0
+            rows[-1]["peak_memory_per_gpu"] = [
+                state.peak if index == main else int(torch.cuda.max_memory_allocated(index)) for index in gpus
+            ]
         if progress:
             progress(
                 f"{shape.name} {rule_name} chunk {chunk} @{target}: TTFT {ttft:.1f} ms, TPOT {tpot:.1f} ms, "
@@ -265,10 +277,11 @@ def warm_up(adapter: ModelAdapter, shape: ModelShape, config: EfficiencyConfig) 
 def check_answers(shape: ModelShape, dtype: torch.dtype, config: EfficiencyConfig, device: str = "cuda") -> dict[str, Any]:
     """Greedy answer tokens: ``hermes`` with an unlimited budget vs ``full`` (CUDA graphs),
     and the graph path vs the eager path, on one random-weight model."""
-    adapter = build_random_adapter(shape, device=device, dtype=dtype, seed=config.seed)
+    adapter = build_random_adapter(shape, device=device, dtype=dtype, seed=config.seed, device_map=config.device_map)
     frames = random_frames(shape, config.correctness_frames, seed=config.seed + 1)
     unlimited = 10**9
-    fixed = "graphs" if adapter.device.type == "cuda" else "static"  # the same code, not captured
+    # the fixed-shape path: captured as graphs on one GPU, the same code uncaptured otherwise
+    fixed = "graphs" if adapter.device.type == "cuda" and not adapter.spans_devices else "static"
 
     def tokens(rule: RetentionRule, path: str) -> list[int]:
         session = StreamingSession(adapter, rule, chunk_frames=8, answer_path=path)
@@ -334,7 +347,8 @@ def run_efficiency(
     for name in config.shapes:
         shape = get_shape(name)
         if config.check_correctness:
-            for dtype in (torch.bfloat16, torch.float32):
+            # split models are the ones too large for fp32 to fit: bf16 only
+            for dtype in (torch.bfloat16,) if config.device_map else (torch.bfloat16, torch.float32):
                 result = check_answers(shape, dtype, config, device)
                 _release_memory()
                 correctness.append(result)
@@ -343,8 +357,12 @@ def run_efficiency(
                         f"{name} {result['dtype']}: hermes(unlimited) == full: {result['hermes_unlimited_equals_full']}, "
                         f"graphs == eager: {result['graphs_equal_eager']}"
                     )
-        adapter = build_random_adapter(shape, device=device, dtype=torch.bfloat16, seed=config.seed)
+        adapter = build_random_adapter(
+            shape, device=device, dtype=torch.bfloat16, seed=config.seed, device_map=config.device_map
+        )
         shapes[name] = {**shape_summary(adapter, ceilings), "source": shape.source}
+        if adapter.spans_devices:
+            shapes[name]["devices"] = [str(d) for d in adapter.devices]
         warm_up(adapter, shape, config)
         for chunk in config.chunks:
             for rule_name in config.rules:

@@ -42,7 +42,8 @@ def markdown_table(results: dict[str, Any]) -> str:
             "",
             f"{shape['source']}. Language-model weights read per forward: {shape['weight_bytes'] / 1e9:.2f} GB "
             f"-> floor {shape['ttft_floor_ms']:.2f} ms for a {shape['question_tokens']}-token question prefill, "
-            f"{shape['tpot_floor_ms']:.2f} ms per decode step.",
+            f"{shape['tpot_floor_ms']:.2f} ms per decode step."
+            + (f" Split over {', '.join(shape['devices'])} (peak memory per GPU)." if shape.get("devices") else ""),
             "",
             "| rule | chunk | frames | TTFT ms (x floor) | TPOT ms (x floor) | peak GiB | KV GiB | ingest fps | compression |",
             "|---|---|---|---|---|---|---|---|---|",
@@ -54,11 +55,13 @@ def markdown_table(results: dict[str, Any]) -> str:
                 )
                 continue
             share = row.get("compression_share")
+            per_gpu = row.get("peak_memory_per_gpu")
+            peak = " / ".join(_gib(b) for b in per_gpu) if per_gpu else _gib(row["peak_memory_bytes"])
             lines.append(
                 f"| {row['rule']} | {row['chunk']} | {row['frames']} "
                 f"| {row['ttft_ms']:.1f} ({row['ttft_floor_ratio']:.2f}x) "
                 f"| {row['tpot_ms']:.1f} ({row['tpot_floor_ratio']:.2f}x) "
-                f"| {_gib(row['peak_memory_bytes'])} | {_gib(row['kv_cache_bytes'])} "
+                f"| {peak} | {_gib(row['kv_cache_bytes'])} "
                 f"| {_num(row.get('ingest_fps'), 0)} | {'-' if share is None else f'{share:.1%}'} |"
             )
         lines.append("")

@@ -108,6 +108,31 @@ SHAPES: dict[str, ModelShape] = {
         frame_size=(448, 448),
         source="Qwen/Qwen2.5-VL-7B-Instruct config; 448x448 frames -> 128 tokens/frame",
     ),
+    "llava-ov-72b": ModelShape(
+        name="llava-ov-72b",
+        family="llava_onevision",
+        text=dict(
+            vocab_size=152128,
+            hidden_size=8192,
+            intermediate_size=29568,
+            num_hidden_layers=80,
+            num_attention_heads=64,
+            num_key_value_heads=8,
+            rms_norm_eps=1e-6,
+            max_position_embeddings=32768,
+            rope_theta=1_000_000.0,
+        ),
+        vision=dict(
+            hidden_size=1152,
+            intermediate_size=4304,
+            num_hidden_layers=26,
+            num_attention_heads=16,
+            image_size=384,
+            patch_size=14,
+        ),
+        frame_size=(384, 384),
+        source="llava-hf/llava-onevision-qwen2-72b-ov-hf config: Qwen2-72B + SigLIP-so400m, 196 tokens/frame",
+    ),
     "tiny-llava-ov": ModelShape(
         name="tiny-llava-ov",
         family="llava_onevision",
@@ -241,8 +266,20 @@ def build_random_adapter(
     device: str | torch.device = "cuda",
     dtype: torch.dtype = torch.bfloat16,
     seed: int = 0,
+    device_map: str | dict[str, Any] | None = None,
+    max_memory: dict[Any, Any] | None = None,
 ) -> ModelAdapter:
-    """A model of ``shape`` with random weights, built on ``device``, wrapped in its adapter."""
+    """A model of ``shape`` with random weights, wrapped in its adapter.
+
+    Parameters
+    ----------
+    device : where the whole model is built (ignored with ``device_map``)
+    device_map : split the model over devices with accelerate: ``"balanced"`` (even over
+        the visible GPUs), ``"auto"`` (fill them in order), or an explicit map from module
+        names to devices; each weight is created directly on its device, so a model larger
+        than one GPU never passes through one
+    max_memory : per-device limits for ``"balanced"`` / ``"auto"`` (accelerate's format)
+    """
     from ..models.llava_onevision import LlavaOnevisionAdapter
     from ..models.qwen_vl import Qwen2_5_VLAdapter
 
@@ -252,12 +289,59 @@ def build_random_adapter(
     build, adapter_cls = builders[shape.family]
     model_cls, (config, processor) = build(shape, tokenizer)
     torch.manual_seed(seed)
-    device = torch.device(device)
-    with torch.device(device):
-        model = model_cls._from_config(config, dtype=dtype)
+    if device_map is None:
+        with torch.device(torch.device(device)):
+            model = model_cls._from_config(config, dtype=dtype)
+    else:
+        model = _dispatched_random_model(model_cls, config, dtype, device_map, max_memory)
     model.eval()
     use_ragged_attention(model)
     return adapter_cls(model, processor.tokenizer, processor, name_or_path=f"random:{shape.name}")
+
+
+def _random_value(name: str, shape: torch.Size, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Random-init values: biases 0, norm (1-D) weights 1, matrices and embeddings N(0, 0.02)."""
+    if name.endswith("bias"):
+        return torch.zeros(shape, dtype=dtype, device=device)
+    if len(shape) == 1:
+        return torch.ones(shape, dtype=dtype, device=device)
+    return torch.empty(shape, dtype=dtype, device=device).normal_(0.0, 0.02)
+
+
+def device_of(name: str, device_map: dict[str, Any]) -> torch.device:
+    """The device a parameter ``name`` goes to: the longest module prefix in the map."""
+    best, target = -1, None
+    for prefix, device in device_map.items():
+        covers = prefix == "" or name == prefix or name.startswith(prefix + ".")
+        if covers and len(prefix) > best:
+            best, target = len(prefix), device
+    if target is None:
+        raise HermesError(f"the device map places no module holding {name}")
+    if isinstance(target, int):
+        return torch.device("cuda", target)
+    return torch.device(target)
+
+
+def _dispatched_random_model(
+    model_cls: Any, config: Any, dtype: torch.dtype, device_map: str | dict[str, Any], max_memory: dict[Any, Any] | None
+) -> Any:
+    from accelerate import dispatch_model, infer_auto_device_map, init_empty_weights
+    from accelerate.utils import get_balanced_memory, set_module_tensor_to_device
+
+    with init_empty_weights(include_buffers=False):
+        model = model_cls._from_config(config, dtype=dtype)
+    if isinstance(device_map, str):
+        if device_map not in ("auto", "balanced"):
+            raise HermesError(f"device_map must be 'auto', 'balanced' or a mapping, got {device_map!r}")
+        no_split = list(getattr(model, "_no_split_modules", None) or [])
+        if device_map == "balanced":
+            max_memory = get_balanced_memory(model, max_memory=max_memory, no_split_module_classes=no_split, dtype=dtype)
+        device_map = infer_auto_device_map(model, max_memory=max_memory, no_split_module_classes=no_split, dtype=dtype)
+    for name, param in list(model.named_parameters()):
+        target = device_of(name, device_map)
+        set_module_tensor_to_device(model, name, target, value=_random_value(name, param.shape, dtype, target))
+    model.hermes_device_map = dict(device_map)
+    return dispatch_model(model, device_map=device_map)
 
 
 def random_frames(shape: ModelShape, count: int, seed: int = 0):

@@ -155,6 +155,18 @@ class ModelAdapter(ABC):
         return next(self.model.parameters()).device
 
     @property
+    def devices(self) -> list[torch.device]:
+        """Every device holding part of the model (several for a model split by device_map)."""
+        seen: dict[str, torch.device] = {}
+        for param in self.model.parameters():
+            seen.setdefault(str(param.device), param.device)
+        return list(seen.values())
+
+    @property
+    def spans_devices(self) -> bool:
+        return len(self.devices) > 1
+
+    @property
     def dtype(self) -> torch.dtype:
         return next(self.model.parameters()).dtype
 

@@ -84,6 +84,17 @@ def save_dequantized_copy(model: torch.nn.Module, tokenizer: Any, target: Path) 
             model.config.quantization_config = quantization_config
 
 
+RANDOM_PREFIX = "random:"
+
+
+def _random_adapter(shape: str, device: torch.device, dtype: torch.dtype) -> ModelAdapter:
+    from ..benchmarking.shapes import SHAPES, build_random_adapter
+
+    if shape not in SHAPES:
+        raise ModelLoadError(f"unknown random model shape {shape!r}; choose one of {', '.join(SHAPES)}")
+    return build_random_adapter(shape, device=device, dtype=dtype)
+
+
 def use_ragged_attention(model: torch.nn.Module) -> None:
     """Switch the text model to the ``hermes_ragged`` attention; vision towers keep sdpa."""
     name = register_attention()
@@ -108,7 +119,10 @@ def load_adapter(
 
     Parameters
     ----------
-    name_or_path : hub id, local folder, ``.gguf`` file, or None for the embedded SmolLM2
+    name_or_path : hub id, local folder, ``.gguf`` file, None for the embedded SmolLM2, or
+        ``random:<shape>`` for a published architecture with random weights (no download;
+        for speed and memory measurements, e.g. ``random:llava-ov-7b``; see
+        :mod:`hermes_policy.benchmarking.shapes`)
     device : where to put the model (default: CUDA when available, else CPU)
     dtype : weights dtype (default: bfloat16 on CUDA, float32 on CPU)
     tokens_per_frame : text-frame length for causal LMs (ignored by video models, whose
@@ -124,6 +138,9 @@ def load_adapter(
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     elif isinstance(dtype, str):
         dtype = getattr(torch, dtype)
+
+    if isinstance(name_or_path, str) and name_or_path.startswith(RANDOM_PREFIX):
+        return _random_adapter(name_or_path[len(RANDOM_PREFIX) :], device, dtype)
 
     gguf_file = None
     cache_copy: Path | None = None
