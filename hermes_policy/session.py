@@ -3,10 +3,11 @@
 Data flow of one session::
 
     add_frames(frames) -> chunks of `chunk_frames` -> adapter.frames_piece -> prefill on the
-    KV store at each layer's next free position -> retention rule -> keep / re-index
+    KV store at each layer's next free position (with the rule's pseudo-queries in the same
+    forward when this chunk triggers compression) -> retention rule -> keep / re-index
 
-    ask(question) -> prefill the question on the store -> greedy decode with explicit
-    positions -> truncate the store back (no Q/A tokens stay) -> Answer with timings
+    ask(question) -> prefill the question after the store's tokens -> greedy decode with
+    explicit positions (CUDA graphs on a GPU) -> the Q/A tokens are not kept -> Answer
 
 Questions never trigger retention work: everything the rule needs happens at ingestion.
 """
