@@ -93,7 +93,9 @@ def rerotate_keys(
     -------
     Tensor, same shape and dtype as ``keys``: ``RoPE(new - old) @ keys``, computed in float32.
     """
-    delta = new_positions.to(keys.device) - old_positions.to(keys.device)
+    # the difference where the positions live (the host, in a session): checking it for
+    # zeros there costs no wait for the GPU
+    delta = new_positions - old_positions.to(new_positions.device)
     if not bool(delta.any()):
         return keys
     cos, sin = rotary_cos_sin(rotary_emb, delta, keys.device)
