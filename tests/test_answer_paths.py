@@ -118,3 +118,19 @@ def test_fused_guidance_equals_a_separate_pass(tiny_adapter, name):
         assert torch.equal(separate.frame_index[layer], fused.frame_index[layer])
         torch.testing.assert_close(separate.layer(layer).keys, fused.layer(layer).keys, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(separate.layer(layer).values, fused.layer(layer).values, atol=1e-5, rtol=1e-5)
+
+
+def test_static_answers_follow_a_growing_cache(tiny_adapter):
+    """Under ``full`` the buffers grow (move) between questions; answers still equal eager ones."""
+    stream = text_frames(tiny_adapter, 120, seed=6)
+    answers = {}
+    for path in ("eager", "static"):
+        session = StreamingSession(tiny_adapter, FullRetention(), chunk_frames=8, answer_path=path)
+        session.add_frames(stream[:16])
+        first = session.ask("What came first?", max_new_tokens=6).token_ids
+        generation = session.store.cache.generation
+        session.add_frames(stream[16:])
+        assert session.store.cache.generation != generation  # the buffers moved
+        second = session.ask("What came last?", max_new_tokens=6).token_ids
+        answers[path] = (first, second)
+    assert answers["static"] == answers["eager"]
