@@ -18,7 +18,6 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import statistics
 from pathlib import Path
 
 import torch
@@ -28,21 +27,8 @@ from torch.profiler import ProfilerActivity, profile
 
 from hermes_policy import StreamingSession
 from hermes_policy.benchmarking.efficiency import QUESTIONS, make_rule
+from hermes_policy.benchmarking.floor import median_cuda_ms
 from hermes_policy.benchmarking.shapes import build_random_adapter, get_shape, random_frames
-
-
-def timed_ms(fn, repeats: int = 10) -> float:
-    for _ in range(3):
-        fn()
-    samples = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        samples.append(start.elapsed_time(end))
-    return statistics.median(samples)
 
 
 def table(prof, out: Path, name: str, rows: int = 18) -> None:
@@ -66,8 +52,8 @@ def main() -> None:
     k = torch.randn(1, 4, 5700, 128, dtype=torch.bfloat16, device="cuda")
     v = torch.randn_like(k)
     bias = causal_lower_right(1569, 5700)
-    gqa = timed_ms(lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=bias, enable_gqa=True))
-    rep = timed_ms(
+    gqa = median_cuda_ms(lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=bias, enable_gqa=True))
+    rep = median_cuda_ms(
         lambda: F.scaled_dot_product_attention(
             q, k.repeat_interleave(7, 1), v.repeat_interleave(7, 1), attn_mask=bias
         )

@@ -43,6 +43,19 @@ def device_slug(name: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") or "gpu"
 
 
+def read_results(path: Path) -> dict[str, Any]:
+    """A results document, or a HermesError saying why the file is not one."""
+    from hermes_policy.errors import HermesError
+
+    try:
+        results = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise HermesError(f"{path} is not valid JSON: {exc}") from None
+    if not isinstance(results, dict) or results.get("schema") != "hermes-efficiency/1":
+        raise HermesError(f"{path} is not an efficiency results file")
+    return results
+
+
 def write_report(results: dict[str, Any], json_path: Path) -> tuple[Path, Path, Path]:
     """Write the results JSON, its markdown table and plot next to it (atomically)."""
     from hermes_policy.atomic import write_json_atomic, write_text_atomic
@@ -78,13 +91,7 @@ def bench_command(
     if report_only is not None:
         if not report_only.is_file():
             raise HermesError(f"results file not found: {report_only}")
-        try:
-            results = json.loads(report_only.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as exc:
-            raise HermesError(f"{report_only} is not valid JSON: {exc}") from None
-        if results.get("schema") != "hermes-efficiency/1":
-            raise HermesError(f"{report_only} is not an efficiency results file")
-        paths = write_report(results, report_only)
+        paths = write_report(read_results(report_only), report_only)
         console.print("wrote " + ", ".join(str(p) for p in paths))
         return
 
@@ -112,18 +119,25 @@ def bench_command(
         raise HermesError("the efficiency benchmark needs a CUDA GPU (none is visible)")
     from hermes_policy.benchmarking.floor import measure_ceilings
 
+    def target_path(device_name: str, date: str) -> Path:
+        return out_dir / f"efficiency-{device_slug(device_name)}-{date}.json"
+
+    today = datetime.now(timezone.utc).strftime("%Y-%m-%d")
+    existing = target_path(torch.cuda.get_device_name(), today)
+    if append and existing.is_file():
+        read_results(existing)  # a broken file to append to is reported before the run, not after
     ceilings = measure_ceilings()
     console.print(
         f"{ceilings.name}: copy {ceilings.bandwidth / 1e12:.2f} TB/s, bf16 matmul {ceilings.matmul_rate / 1e12:.0f} TFLOP/s"
     )
     results = run_efficiency(config, ceilings, progress=console.print)
-    date = datetime.now(timezone.utc).strftime("%Y-%m-%d")
+    date = today
     results["date"] = date
     results["commands"] = [shlex.join(["hermes-probe", "bench", *sys.argv[2:]]) if sys.argv[1:2] == ["bench"] else shlex.join(sys.argv)]
     results["versions"] = {"torch": torch.__version__, "transformers": __import__("transformers").__version__}
-    json_path = out_dir / f"efficiency-{device_slug(ceilings.name)}-{date}.json"
+    json_path = target_path(ceilings.name, date)
     if append and json_path.is_file():
-        results = merge_results(json.loads(json_path.read_text(encoding="utf-8")), results)
+        results = merge_results(read_results(json_path), results)
     paths = write_report(results, json_path)
     for target in results["targets"]:
         console.print(f"{target['target']}: {target['value']:.3f} (limit {target['limit']}): {'met' if target['met'] else 'MISSED'}")

@@ -128,6 +128,11 @@ class AttentionCapture:
         for layer in self._layers:
             self.attention_modules[layer].hermes_capture = None
 
+    def rows(self, layer: int, q_len: int) -> range:
+        """The query rows of a forward of ``q_len`` new tokens captured at ``layer``."""
+        selection = self.query_rows.get(layer) if isinstance(self.query_rows, dict) else self.query_rows
+        return range(0) if selection is None else range(q_len)[selection]
+
     def record(
         self,
         layer: int,
@@ -135,22 +140,28 @@ class AttentionCapture:
         key: torch.Tensor,
         scaling: float,
         mask: torch.Tensor | None = None,
+        mask_offset: int = 0,
     ) -> None:
         """Compute and hand over the probabilities of the selected query rows of one layer.
 
-        ``mask`` is the boolean ``(q, k)`` mask the forward used (None: bottom-right causal).
+        ``mask`` is the boolean mask the forward used for rows ``mask_offset`` onwards,
+        shape ``(q - mask_offset, k)`` (None: bottom-right causal); the captured rows must
+        lie in it.
         """
         self.calls += 1
         q_len, k_len = query.shape[-2], key.shape[-2]
-        selection = self.query_rows.get(layer) if isinstance(self.query_rows, dict) else self.query_rows
-        if selection is None:
-            return
-        rows = torch.arange(q_len, device=query.device)[selection]
-        if rows.numel() == 0:
+        picked = self.rows(layer, q_len)
+        if len(picked) == 0:
             return
         if mask is None:
-            mask = bottom_right_causal_mask(q_len, k_len, query.device)
-        probs = attention_probabilities(query[:, :, rows], key, scaling, mask[rows])
+            mask, mask_offset = bottom_right_causal_mask(q_len, k_len, query.device), 0
+        if picked.start < mask_offset:
+            raise ValueError(f"captured rows {picked} start before the mask's first row {mask_offset}")
+        # slices, not index tensors: no host-to-device copy inside the forward
+        in_mask = slice(picked.start - mask_offset, picked.stop - mask_offset, picked.step)
+        probs = attention_probabilities(
+            query[:, :, picked.start : picked.stop : picked.step], key, scaling, mask[in_mask]
+        )
         if self.callback is not None:
             self.callback(layer, probs)
         else:
@@ -195,9 +206,14 @@ def ragged_attention(
     mask: torch.Tensor | None = None
     if blocks is not None:
         lead, sizes = blocks
-        out = lead_and_blocks_attention(query, key, value, lead, sizes, scaling)
+        rows_mask = block_rows_mask(sizes, k_len, query.device)
+        out = lead_and_blocks_attention(query, key, value, lead, sizes, scaling, rows_mask)
         if capture is not None:
-            capture.record(module.layer_idx, query, key, scaling, block_query_mask(sizes, k_len, query.device, lead))
+            picked = capture.rows(module.layer_idx, q_len)
+            if len(picked) and picked.start >= lead:  # pseudo-query rows: the block mask holds them
+                capture.record(module.layer_idx, query, key, scaling, rows_mask, mask_offset=lead)
+            else:
+                capture.record(module.layer_idx, query, key, scaling, block_query_mask(sizes, k_len, query.device, lead))
         return out.transpose(1, 2).contiguous(), None
     if q_len == 1:
         sdpa_mask = None
@@ -278,6 +294,24 @@ class StaticMasks:
             module.hermes_static_limits = None
 
 
+def block_rows_mask(blocks: list[int], k_len: int, device: torch.device) -> torch.Tensor:
+    """The rows of :func:`block_query_mask` that belong to the blocks: ``(sum(blocks), k)``.
+
+    Each block sees the first ``k_len - sum(blocks)`` keys (cache and lead) and, causally,
+    its own tokens only.
+    """
+    q_blocks = sum(blocks)
+    seen = k_len - q_blocks
+    mask = torch.zeros(q_blocks, k_len, dtype=torch.bool, device=device)
+    mask[:, :seen] = True
+    start = 0
+    for size in blocks:
+        block = torch.ones(size, size, dtype=torch.bool, device=device).tril()
+        mask[start : start + size, seen + start : seen + start + size] = block
+        start += size
+    return mask
+
+
 def block_query_mask(blocks: list[int], k_len: int, device: torch.device, lead: int = 0) -> torch.Tensor:
     """Mask ``(q, k)`` for several independent queries prefilled together on one cache.
 
@@ -287,18 +321,13 @@ def block_query_mask(blocks: list[int], k_len: int, device: torch.device, lead: 
     own tokens only, so one forward computes what separate forwards of the lead and then
     of each block would.
     """
-    q_len = lead + sum(blocks)
+    rows = block_rows_mask(blocks, k_len, device)
+    if not lead:
+        return rows
     seen = k_len - sum(blocks)
-    mask = torch.zeros(q_len, k_len, dtype=torch.bool, device=device)
-    if lead:
-        mask[:lead, :seen] = bottom_right_causal_mask(lead, seen, device)
-    mask[lead:, :seen] = True
-    start = 0
-    for size in blocks:
-        block = torch.ones(size, size, dtype=torch.bool, device=device).tril()
-        mask[lead + start : lead + start + size, seen + start : seen + start + size] = block
-        start += size
-    return mask
+    lead_rows = torch.zeros(lead, k_len, dtype=torch.bool, device=device)
+    lead_rows[:, :seen] = bottom_right_causal_mask(lead, seen, device)
+    return torch.cat([lead_rows, rows])
 
 
 def lead_and_blocks_attention(
@@ -308,8 +337,11 @@ def lead_and_blocks_attention(
     lead: int,
     blocks: list[int],
     scaling: float,
+    rows_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Attention under :func:`block_query_mask` in two fused-kernel calls.
+
+    ``rows_mask``: :func:`block_rows_mask` of these blocks, when the caller already has it.
 
     The lead rows are ordinary causal attention over the keys before the blocks (flash
     kernel on CUDA); the block rows use :func:`grouped_masked_attention` with their own
@@ -339,7 +371,7 @@ def lead_and_blocks_attention(
             )
         )
     if q_len > lead:
-        mask = block_query_mask(blocks, k_len, query.device, lead)[lead:]
+        mask = rows_mask if rows_mask is not None else block_rows_mask(blocks, k_len, query.device)
         parts.append(grouped_masked_attention(query[:, :, lead:], key, value, mask, scaling))
     return torch.cat(parts, dim=2) if len(parts) > 1 else parts[0]
 

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import torch
 
+from hermes_policy.models.offline_tokenizer import LLAVA_OV_CHAT_TEMPLATE
+
 try:  # tests/ is on sys.path under pytest (conftest.py); the repository root otherwise
     from tiny_models import byte_tokenizer
 except ImportError:  # pragma: no cover
@@ -23,20 +25,6 @@ except ImportError:  # pragma: no cover
 
 IMAGE_SIZE = 70
 PATCH_SIZE = 14
-
-# Chat format of the LLaVA-OV-Qwen2 processors: "<|im_start|>{role}\n", then one <image>
-# per image, one <video> per video, then "\n" + text for each text part, "<|im_end|>\n".
-LLAVA_OV_CHAT_TEMPLATE = (
-    "{% for message in messages %}"
-    "{{ '<|im_start|>' + message['role'] + '\\n' }}"
-    "{% for part in message['content'] if part['type'] == 'image' %}{{ '<image>' }}{% endfor %}"
-    "{% for part in message['content'] if part['type'] == 'video' %}{{ '<video>' }}{% endfor %}"
-    "{% for part in message['content'] if part['type'] == 'text' %}{{ '\\n' + part['text'] }}{% endfor %}"
-    "{{ '<|im_end|>\\n' }}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
-)
-
 
 def tiny_llava_onevision(
     folder: Path,

@@ -22,6 +22,8 @@ from pathlib import Path
 
 import torch
 
+from hermes_policy.models.offline_tokenizer import QWEN_VL_CHAT_TEMPLATE, qwen_vl_token_ids
+
 try:
     from tiny_models import byte_tokenizer, vocab_size
 except ImportError:  # imported as tests.tiny_qwen_vl
@@ -29,34 +31,6 @@ except ImportError:  # imported as tests.tiny_qwen_vl
 
 FRAME_HEIGHT = 64
 FRAME_WIDTH = 96
-
-# A Qwen-VL style processor chat template: structured content (text / video / image items)
-# or plain strings, ChatML turns. The real Qwen2.5-VL and Qwen3-VL templates render a video
-# item as "<|vision_start|><|video_pad|><|vision_end|>" and text-only turns as plain ChatML.
-QWEN_VL_CHAT_TEMPLATE = (
-    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
-    "{% if message['content'] is string %}{{ message['content'] }}"
-    "{% else %}{% for item in message['content'] %}"
-    "{% if item['type'] == 'video' or 'video' in item %}<|vision_start|><|video_pad|><|vision_end|>"
-    "{% elif item['type'] == 'image' or 'image' in item %}<|vision_start|><|image_pad|><|vision_end|>"
-    "{% elif 'text' in item %}{{ item['text'] }}{% endif %}"
-    "{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
-
-
-def _token_ids(tokenizer) -> dict[str, int]:
-    ids = {
-        name: tokenizer.convert_tokens_to_ids(token)
-        for name, token in (
-            ("image_token_id", "<|image_pad|>"),
-            ("video_token_id", "<|video_pad|>"),
-            ("vision_start_token_id", "<|vision_start|>"),
-            ("vision_end_token_id", "<|vision_end|>"),
-        )
-    }
-    return ids
-
 
 def _text_config(
     tokenizer, layers: int, max_positions: int, mrope_section: list[int], **extra
@@ -120,7 +94,7 @@ def tiny_qwen2_5_vl(
             tokens_per_second=tokens_per_second,
         ),
         tie_word_embeddings=False,
-        **_token_ids(tokenizer),
+        **qwen_vl_token_ids(tokenizer),
     )
     torch.manual_seed(seed)
     model = Qwen2_5_VLForConditionalGeneration(config)
@@ -172,7 +146,7 @@ def tiny_qwen3_vl(folder: Path, layers: int = 3, max_positions: int = 1024, seed
             deepstack_visual_indexes=[0, 1],
         ),
         tie_word_embeddings=False,
-        **_token_ids(tokenizer),
+        **qwen_vl_token_ids(tokenizer),
     )
     torch.manual_seed(seed)
     model = Qwen3VLForConditionalGeneration(config)

@@ -25,10 +25,11 @@ from typing import Any
 
 import torch
 
+from .. import retention
 from ..errors import HermesError
 from ..models.base import ModelAdapter
 from ..policy import ModelInfo, paper_default
-from ..retention import FifoRetention, FullRetention, HermesRetention, RetentionRule
+from ..retention import FifoRetention, FullRetention, RetentionRule
 from ..session import StreamingSession
 from .floor import DeviceCeilings, floor_ms, forward_flops, forward_weight_bytes
 from .shapes import SHAPES, ModelShape, build_random_adapter, get_shape, random_frames
@@ -92,11 +93,9 @@ class EfficiencyConfig:
 
 
 def make_rule(name: str, adapter: ModelAdapter, budget: int) -> RetentionRule:
-    if name == "full":
-        return FullRetention()
-    if name == "fifo":
-        return FifoRetention(budget=budget)
-    return HermesRetention(policy=paper_default(ModelInfo.of(adapter), budget=budget))
+    """A benchmark rule: ``hermes`` with the paper-default policy for this model."""
+    policy = paper_default(ModelInfo.of(adapter), budget=budget) if name == "hermes" else None
+    return retention.make_rule(name, budget=budget, policy=policy)
 
 
 def question_tokens(adapter: ModelAdapter) -> int:

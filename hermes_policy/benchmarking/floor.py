@@ -17,6 +17,7 @@ not counted: a forward reads only the rows of its tokens.
 from __future__ import annotations
 
 import statistics
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -79,14 +80,17 @@ class DeviceCeilings:
         }
 
 
-def _median_ms(fn, repeats: int, device: torch.device) -> float:
+def median_cuda_ms(fn: Callable[[], object], repeats: int = 10, warmup: int = 3) -> float:
+    """Median milliseconds of ``fn`` on the current CUDA stream, timed with events after a warm-up."""
+    for _ in range(warmup):
+        fn()
     times = []
     for _ in range(repeats):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
         fn()
         end.record()
-        torch.cuda.synchronize(device)
+        end.synchronize()
         times.append(start.elapsed_time(end))
     return statistics.median(times)
 
@@ -94,18 +98,19 @@ def _median_ms(fn, repeats: int, device: torch.device) -> float:
 def measure_ceilings(device: torch.device | str = "cuda", copy_gb: float = 4.0, repeats: int = 20) -> DeviceCeilings:
     """Measure copy bandwidth and bf16 matmul rate (random data, warmed up, median)."""
     device = torch.device(device)
+    with torch.cuda.device(device):  # the timing events live on the current device
+        return _measure_ceilings(device, copy_gb, repeats)
+
+
+def _measure_ceilings(device: torch.device, copy_gb: float, repeats: int) -> DeviceCeilings:
     n = int(copy_gb * 1e9) // 2
     src = torch.randn(n, dtype=torch.bfloat16, device=device)
     dst = torch.empty_like(src)
-    for _ in range(3):
-        dst.copy_(src)
-    copy_ms = _median_ms(lambda: dst.copy_(src), repeats, device)
+    copy_ms = median_cuda_ms(lambda: dst.copy_(src), repeats)
     bandwidth = 2 * src.numel() * src.element_size() / (copy_ms / 1e3)
     size = 8192
     a = torch.randn(size, size, dtype=torch.bfloat16, device=device)
     b = torch.randn(size, size, dtype=torch.bfloat16, device=device)
-    for _ in range(3):
-        a @ b
-    mm_ms = _median_ms(lambda: a @ b, repeats, device)
+    mm_ms = median_cuda_ms(lambda: a @ b, repeats)
     rate = 2 * size**3 / (mm_ms / 1e3)
     return DeviceCeilings(torch.cuda.get_device_name(device), bandwidth, rate)

@@ -16,28 +16,22 @@ import torch
 from ..errors import HermesError
 from ..models.base import ModelAdapter
 from ..models.loading import use_ragged_attention
-from ..models.offline_tokenizer import byte_tokenizer
-
-# LLaVA-OV-Qwen2 processor template layout: "<|im_start|>{role}\n", videos, "\n" + text.
-LLAVA_OV_TEMPLATE = (
-    "{% for message in messages %}"
-    "{{ '<|im_start|>' + message['role'] + '\\n' }}"
-    "{% for part in message['content'] if part['type'] == 'video' %}{{ '<video>' }}{% endfor %}"
-    "{% for part in message['content'] if part['type'] == 'text' %}{{ '\\n' + part['text'] }}{% endfor %}"
-    "{{ '<|im_end|>\\n' }}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
-)
-QWEN_VL_TEMPLATE = (
-    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
-    "{% if message['content'] is string %}{{ message['content'] }}"
-    "{% else %}{% for item in message['content'] %}"
-    "{% if item['type'] == 'video' %}<|vision_start|><|video_pad|><|vision_end|>"
-    "{% elif 'text' in item %}{{ item['text'] }}{% endif %}"
-    "{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+from ..models.offline_tokenizer import (
+    LLAVA_OV_CHAT_TEMPLATE,
+    QWEN_VL_CHAT_TEMPLATE,
+    byte_tokenizer,
+    qwen_vl_token_ids,
 )
 
+# SigLIP-so400m as LLaVA-OneVision uses it (26 of its 27 layers), 384px frames
+SIGLIP_SO400M = dict(
+    hidden_size=1152,
+    intermediate_size=4304,
+    num_hidden_layers=26,
+    num_attention_heads=16,
+    image_size=384,
+    patch_size=14,
+)
 QWEN2_7B_TEXT = dict(
     vocab_size=152064,
     hidden_size=3584,
@@ -77,14 +71,7 @@ SHAPES: dict[str, ModelShape] = {
         name="llava-ov-7b",
         family="llava_onevision",
         text=dict(QWEN2_7B_TEXT, vocab_size=152128, max_position_embeddings=32768, rope_theta=1_000_000.0),
-        vision=dict(
-            hidden_size=1152,
-            intermediate_size=4304,
-            num_hidden_layers=26,
-            num_attention_heads=16,
-            image_size=384,
-            patch_size=14,
-        ),
+        vision=SIGLIP_SO400M,
         frame_size=(384, 384),
         source="llava-hf/llava-onevision-qwen2-7b-ov-hf config: Qwen2-7B + SigLIP-so400m (26 layers used), 196 tokens/frame",
     ),
@@ -122,14 +109,7 @@ SHAPES: dict[str, ModelShape] = {
             max_position_embeddings=32768,
             rope_theta=1_000_000.0,
         ),
-        vision=dict(
-            hidden_size=1152,
-            intermediate_size=4304,
-            num_hidden_layers=26,
-            num_attention_heads=16,
-            image_size=384,
-            patch_size=14,
-        ),
+        vision=SIGLIP_SO400M,
         frame_size=(384, 384),
         source="llava-hf/llava-onevision-qwen2-72b-ov-hf config: Qwen2-72B + SigLIP-so400m, 196 tokens/frame",
     ),
@@ -211,7 +191,7 @@ def _llava_onevision(shape: ModelShape, tokenizer: Any) -> tuple[Any, Any]:
         tokenizer=tokenizer,
         num_image_tokens=(size // shape.vision["patch_size"]) ** 2,
         vision_feature_select_strategy="full",
-        chat_template=LLAVA_OV_TEMPLATE,
+        chat_template=LLAVA_OV_CHAT_TEMPLATE,
     )
     return LlavaOnevisionForConditionalGeneration, (config, processor)
 
@@ -227,15 +207,6 @@ def _qwen2_5_vl(shape: ModelShape, tokenizer: Any) -> tuple[Any, Any]:
 
     text = dict(shape.text)
     rope = {"rope_type": "default", "rope_theta": text.pop("rope_theta"), "mrope_section": text.pop("mrope_section")}
-    ids = {
-        name: tokenizer.convert_tokens_to_ids(token)
-        for name, token in (
-            ("image_token_id", "<|image_pad|>"),
-            ("video_token_id", "<|video_pad|>"),
-            ("vision_start_token_id", "<|vision_start|>"),
-            ("vision_end_token_id", "<|vision_end|>"),
-        )
-    }
     config = Qwen2_5_VLConfig(
         text_config=dict(
             text,
@@ -246,7 +217,7 @@ def _qwen2_5_vl(shape: ModelShape, tokenizer: Any) -> tuple[Any, Any]:
         ),
         vision_config=dict(shape.vision),
         tie_word_embeddings=False,
-        **ids,
+        **qwen_vl_token_ids(tokenizer),
     )
     height, width = shape.frame_size
     pixels = height * width
@@ -256,7 +227,7 @@ def _qwen2_5_vl(shape: ModelShape, tokenizer: Any) -> tuple[Any, Any]:
         image_processor=Qwen2VLImageProcessor(size=size, **common),
         tokenizer=tokenizer,
         video_processor=Qwen2VLVideoProcessor(size=size, **common),
-        chat_template=QWEN_VL_TEMPLATE,
+        chat_template=QWEN_VL_CHAT_TEMPLATE,
     )
     return Qwen2_5_VLForConditionalGeneration, (config, processor)
 

@@ -1,8 +1,10 @@
-"""A tokenizer that needs no download: byte-level BPE without merges, ChatML specials.
+"""A tokenizer and chat templates that need no download.
 
-Every byte is one token, so any text round-trips. Used where the token *values* do not
+The tokenizer is a byte-level BPE without merges with ChatML and vision special tokens:
+every byte is one token, so any text round-trips. Used where the token *values* do not
 matter, only that the chat format and special tokens exist: random-weight models in the
-efficiency benchmark, and the tiny test models.
+efficiency benchmark, and the tiny test models. The templates reproduce the layout of the
+released LLaVA-OV-Qwen2 and Qwen-VL processors.
 """
 
 from __future__ import annotations
@@ -41,3 +43,44 @@ def byte_tokenizer() -> Any:
     tokenizer.add_special_tokens({"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>"})
     tokenizer.chat_template = CHATML
     return tokenizer
+
+
+# Chat format of the LLaVA-OV-Qwen2 processors: "<|im_start|>{role}\n", then one <image>
+# per image, one <video> per video, then "\n" + text for each text part, "<|im_end|>\n".
+LLAVA_OV_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' }}"
+    "{% for part in message['content'] if part['type'] == 'image' %}{{ '<image>' }}{% endfor %}"
+    "{% for part in message['content'] if part['type'] == 'video' %}{{ '<video>' }}{% endfor %}"
+    "{% for part in message['content'] if part['type'] == 'text' %}{{ '\\n' + part['text'] }}{% endfor %}"
+    "{{ '<|im_end|>\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+# A Qwen-VL style processor chat template: structured content (text / video / image items)
+# or plain strings, ChatML turns. The real Qwen2.5-VL and Qwen3-VL templates render a video
+# item as "<|vision_start|><|video_pad|><|vision_end|>" and text-only turns as plain ChatML.
+QWEN_VL_CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for item in message['content'] %}"
+    "{% if item['type'] == 'video' or 'video' in item %}<|vision_start|><|video_pad|><|vision_end|>"
+    "{% elif item['type'] == 'image' or 'image' in item %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif 'text' in item %}{{ item['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def qwen_vl_token_ids(tokenizer: Any) -> dict[str, int]:
+    """The Qwen-VL config's vision token ids, as this tokenizer numbers them."""
+    return {
+        name: tokenizer.convert_tokens_to_ids(token)
+        for name, token in (
+            ("image_token_id", "<|image_pad|>"),
+            ("video_token_id", "<|video_pad|>"),
+            ("vision_start_token_id", "<|vision_start|>"),
+            ("vision_end_token_id", "<|vision_end|>"),
+        )
+    }

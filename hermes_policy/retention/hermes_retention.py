@@ -40,7 +40,6 @@ from .scoring import (
     mix_scores,
     recency_scores,
     smooth_across_layers,
-    smooth_rows,
     summary_token,
     top_indices,
 )
@@ -140,7 +139,7 @@ class HermesRetention(RetentionRule):
         rates = torch.tensor([e.forgetting_rate for e in layers], device=device)
         weights = torch.tensor([e.recency_weight for e in layers], device=device)
         scores = batched_mixed_scores(torch.stack(rows), rates, weights)
-        smoothed = smooth_rows(scores, [e.smoothing for e in layers])
+        smoothed = torch.stack(smooth_across_layers(list(scores), [e.smoothing for e in layers]))
         keep = [e.budget - 1 if e.summary_token else e.budget for e in layers]
         return batched_top_indices(smoothed, keep)
 

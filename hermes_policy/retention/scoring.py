@@ -26,9 +26,12 @@ def recency_scores(length: int, forgetting_rate: float, device: torch.device | N
 
 
 def min_max(scores: torch.Tensor) -> torch.Tensor:
-    """Scale to [0, 1]; a constant vector becomes all zeros (no host sync on a GPU)."""
-    lo, hi = scores.min(), scores.max()
-    span = hi - lo
+    """Scale each row (the last axis) to [0, 1]; a constant row becomes all zeros.
+
+    No host sync on a GPU.
+    """
+    lo = scores.min(dim=-1, keepdim=True).values
+    span = scores.max(dim=-1, keepdim=True).values - lo
     scaled = (scores - lo) / torch.where(span > 0, span, torch.ones_like(span))
     return torch.where(span > 0, scaled, torch.zeros_like(scores))
 
@@ -101,24 +104,9 @@ def batched_mixed_scores(
         dt = torch.arange(n - 1, -1, -1, dtype=torch.float32, device=attention.device)
         recency = torch.exp(-forgetting_rates[:, None].float() * dt / (n - 1))
 
-    def rows_min_max(x: torch.Tensor) -> torch.Tensor:
-        lo = x.min(dim=1, keepdim=True).values
-        span = x.max(dim=1, keepdim=True).values - lo
-        scaled = (x - lo) / torch.where(span > 0, span, torch.ones_like(span))
-        return torch.where(span > 0, scaled, torch.zeros_like(x))
-
     w = recency_weights[:, None].float()
-    mixed = (1.0 - w) * rows_min_max(attention.float()) + w * rows_min_max(recency)
-    return torch.where(w >= 1.0, rows_min_max(recency), mixed)
-
-
-def smooth_rows(scores: torch.Tensor, smoothing: list[float]) -> torch.Tensor:
-    """:func:`smooth_across_layers` for layers of one length, rows ``(layers, n)``."""
-    out = scores.float().clone()
-    for layer in range(out.shape[0] - 2, -1, -1):
-        lam = smoothing[layer]
-        out[layer] = (1.0 - lam) * out[layer] + lam * out[layer + 1]
-    return out
+    mixed = (1.0 - w) * min_max(attention.float()) + w * min_max(recency)
+    return torch.where(w >= 1.0, min_max(recency), mixed)
 
 
 def batched_top_indices(scores: torch.Tensor, keep: list[int]) -> list[torch.Tensor]:
