@@ -1,9 +1,11 @@
 """Where the time of streaming goes: torch-profiler tables of ingest and answering.
 
 Builds the random-weight LLaVA-OV-7B shape on one GPU, streams ``--warm`` frames under the
-paper-default ``hermes`` rule (4K budget, chunk 8), then profiles:
+paper-default ``hermes`` rule (4K budget, chunk 8), times the phases of ``--chunks`` more
+compressing chunks (GPU-synchronised), then profiles:
 
-1. one chunk that triggers compression (fused pseudo-queries, scoring, gathering),
+1. one chunk that triggers compression (fused pseudo-queries, scoring, gathering; the
+   session's phases appear as ``ingest:<phase>`` ranges),
 2. the same chunk's prefill alone,
 3. an answer on the fixed-shape path without graphs (the kernels a graph replays),
 
@@ -12,7 +14,7 @@ kernels by GPU time; writes the full tables under ``--out``.
 
 Usage::
 
-    python benchmarks/profile_efficiency.py [--shape llava-ov-7b] [--warm 64] [--out DIR]
+    python benchmarks/profile_efficiency.py [--shape llava-ov-7b] [--warm 64] [--tokenizer auto] [--out DIR]
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from torch.nn.attention.bias import causal_lower_right
 from torch.profiler import ProfilerActivity, profile
 
 from hermes_policy import StreamingSession
-from hermes_policy.benchmarking.efficiency import QUESTIONS, make_rule
+from hermes_policy.benchmarking.efficiency import QUESTIONS, fused_guidance_overhead, make_rule
 from hermes_policy.benchmarking.floor import median_cuda_ms
 from hermes_policy.benchmarking.shapes import build_random_adapter, get_shape, random_frames
 
@@ -43,6 +45,8 @@ def main() -> None:
     parser.add_argument("--shape", default="llava-ov-7b")
     parser.add_argument("--warm", type=int, default=64)
     parser.add_argument("--chunk", type=int, default=8)
+    parser.add_argument("--chunks", type=int, default=8, help="compressing chunks timed by phase")
+    parser.add_argument("--tokenizer", default="auto", help="see `hermes-probe bench --help`")
     parser.add_argument("--out", type=Path, default=Path("profile-out"))
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -61,12 +65,19 @@ def main() -> None:
     print(f"chunk attention per layer: causal bias + enable_gqa {gqa:.3f} ms, repeated KV heads {rep:.3f} ms")
 
     shape = get_shape(args.shape)
-    adapter = build_random_adapter(shape)
+    adapter = build_random_adapter(shape, tokenizer=args.tokenizer)
     session = StreamingSession(adapter, make_rule("hermes", adapter, 4000), chunk_frames=args.chunk, answer_path="static")
     frames = random_frames(shape, args.warm + args.chunk)
     session.add_frames(frames[: args.warm])
     session.ask(QUESTIONS[0], max_new_tokens=4)
     session.time_phases = True
+    for _ in range(args.chunks):
+        session.add_frames(frames[args.warm :])
+    per_chunk = {k: round(v / args.chunks * 1e3, 2) for k, v in session.phase_seconds.items()}
+    overhead = fused_guidance_overhead(session, frames[args.warm :])
+    print(f"phases per compressing chunk of {args.chunk} frames (ms, mean of {args.chunks}): {per_chunk}")
+    print(f"fused pseudo-queries add {1e3 * (overhead or 0):.2f} ms to a chunk's prefill (A/B)")
+    session.phase_seconds = {}
     chunk = frames[args.warm :]
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         session.add_frames(chunk)

@@ -78,6 +78,7 @@ def bench_command(
     questions: Annotated[int, typer.Option(help="Timed questions per checkpoint (median).")] = 5,
     answer_tokens: Annotated[int, typer.Option(help="Tokens decoded per answer (TPOT).")] = 32,
     device_map: Annotated[str | None, typer.Option(help="Split each model over the visible GPUs: balanced or auto (models too large for one GPU, e.g. llava-ov-72b).")] = None,
+    tokenizer: Annotated[str, typer.Option(help="Tokenizer of the random models: auto (the embedded SmolLM2 BPE when installed, else byte), byte, embedded, or a saved tokenizer's folder. Sets the token counts of questions and pseudo-queries.")] = "auto",
     check: Annotated[bool, typer.Option(help="Check greedy tokens: hermes(unlimited) == full, graphs == eager, bf16 and fp32.")] = True,
     out_dir: Annotated[Path, typer.Option(help="Where results go.")] = DEFAULT_OUT,
     append: Annotated[bool, typer.Option(help="Merge into an existing results file of the same device and date.")] = False,
@@ -111,6 +112,7 @@ def bench_command(
         answer_tokens=answer_tokens,
         check_correctness=check,
         device_map=device_map,
+        tokenizer=tokenizer,
     )
     config.validate()
     import torch

@@ -21,6 +21,7 @@ import statistics
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -32,7 +33,15 @@ from ..policy import ModelInfo, paper_default
 from ..retention import FifoRetention, FullRetention, RetentionRule
 from ..session import StreamingSession
 from .floor import DeviceCeilings, floor_ms, forward_flops, forward_weight_bytes
-from .shapes import SHAPES, ModelShape, build_random_adapter, get_shape, random_frames
+from .shapes import (
+    SHAPES,
+    TOKENIZER_SOURCES,
+    ModelShape,
+    build_random_adapter,
+    get_shape,
+    random_frames,
+    tokenizer_description,
+)
 
 SCHEMA = "hermes-efficiency/1"
 RULE_NAMES = ("full", "fifo", "hermes")
@@ -63,6 +72,7 @@ class EfficiencyConfig:
     correctness_frames: int = 32
     seed: int = 0
     device_map: str | None = None  # "balanced" / "auto": split each model over the visible GPUs
+    tokenizer: str = "auto"  # see shapes.benchmark_tokenizer: token counts of questions and prompts
 
     def validate(self) -> None:
         """Raise a HermesError naming the first bad setting."""
@@ -88,6 +98,10 @@ class EfficiencyConfig:
             raise HermesError(f"questions must be between 1 and {len(QUESTIONS) - 1}, got {self.questions}")
         if self.answer_tokens < 2:
             raise HermesError("answer_tokens must be at least 2 (TPOT needs a second token)")
+        if self.tokenizer not in TOKENIZER_SOURCES and not Path(self.tokenizer).is_dir():
+            raise HermesError(
+                f"tokenizer must be one of {', '.join(TOKENIZER_SOURCES)} or a folder, got {self.tokenizer!r}"
+            )
         if self.device_map not in (None, "balanced", "auto"):
             raise HermesError(f"device_map must be 'balanced' or 'auto', got {self.device_map!r}")
 
@@ -107,7 +121,11 @@ def shape_summary(adapter: ModelAdapter, ceilings: DeviceCeilings) -> dict[str, 
     """Weights read per forward and the TTFT / TPOT floors of one shape."""
     weight_bytes, params = forward_weight_bytes(adapter)
     q_tokens = question_tokens(adapter)
+    rule = make_rule("hermes", adapter, 4000)
+    prompts = rule.prompts([])  # (global, mixed): the pseudo-queries of a stream without Q/A
     return {
+        "tokenizer": tokenizer_description(adapter.tokenizer),
+        "guidance_prompt_tokens": [len(adapter.question_piece(p)) for p in prompts],
         "weight_bytes": weight_bytes,
         "weight_params": params,
         "tokens_per_frame": adapter.tokens_per_frame,
@@ -276,7 +294,9 @@ def warm_up(adapter: ModelAdapter, shape: ModelShape, config: EfficiencyConfig) 
 def check_answers(shape: ModelShape, dtype: torch.dtype, config: EfficiencyConfig, device: str = "cuda") -> dict[str, Any]:
     """Greedy answer tokens: ``hermes`` with an unlimited budget vs ``full`` (CUDA graphs),
     and the graph path vs the eager path, on one random-weight model."""
-    adapter = build_random_adapter(shape, device=device, dtype=dtype, seed=config.seed, device_map=config.device_map)
+    adapter = build_random_adapter(
+        shape, device=device, dtype=dtype, seed=config.seed, device_map=config.device_map, tokenizer=config.tokenizer
+    )
     frames = random_frames(shape, config.correctness_frames, seed=config.seed + 1)
     unlimited = 10**9
     # the fixed-shape path: captured as graphs on one GPU, the same code uncaptured otherwise
@@ -357,7 +377,12 @@ def run_efficiency(
                         f"graphs == eager: {result['graphs_equal_eager']}"
                     )
         adapter = build_random_adapter(
-            shape, device=device, dtype=torch.bfloat16, seed=config.seed, device_map=config.device_map
+            shape,
+            device=device,
+            dtype=torch.bfloat16,
+            seed=config.seed,
+            device_map=config.device_map,
+            tokenizer=config.tokenizer,
         )
         shapes[name] = {**shape_summary(adapter, ceilings), "source": shape.source}
         if adapter.spans_devices:

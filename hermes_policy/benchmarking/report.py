@@ -43,6 +43,11 @@ def markdown_table(results: dict[str, Any]) -> str:
             f"{shape['source']}. Language-model weights read per forward: {shape['weight_bytes'] / 1e9:.2f} GB "
             f"-> floor {shape['ttft_floor_ms']:.2f} ms for a {shape['question_tokens']}-token question prefill, "
             f"{shape['tpot_floor_ms']:.2f} ms per decode step."
+            + (
+                f" Tokenizer: {shape['tokenizer']}; pseudo-queries of {' and '.join(map(str, shape['guidance_prompt_tokens']))} tokens."
+                if shape.get("tokenizer")
+                else ""
+            )
             + (f" Split over {', '.join(shape['devices'])} (peak memory per GPU)." if shape.get("devices") else ""),
             "",
             "| rule | chunk | frames | TTFT ms (x floor) | TPOT ms (x floor) | peak GiB | KV GiB | ingest fps | compression |",

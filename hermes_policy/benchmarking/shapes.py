@@ -2,26 +2,32 @@
 
 Speed and memory depend on a model's shapes, not on its weight values, so the efficiency
 benchmark builds the real architectures from their public config values with random
-weights, directly on the GPU, with the offline byte tokenizer and the model's own
-processor classes. The ``tiny-*`` shapes are the same architectures at test size.
+weights, directly on the GPU, with an offline tokenizer (:func:`benchmark_tokenizer`) and
+the model's own processor classes. The ``tiny-*`` shapes are the same architectures at
+test size.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from ..errors import HermesError
 from ..models.base import ModelAdapter
-from ..models.loading import use_ragged_attention
+from ..models.loading import embedded_model_path, use_ragged_attention
 from ..models.offline_tokenizer import (
     LLAVA_OV_CHAT_TEMPLATE,
     QWEN_VL_CHAT_TEMPLATE,
     byte_tokenizer,
     qwen_vl_token_ids,
+    with_chat_tokens,
 )
+
+TOKENIZER_SOURCES = ("auto", "byte", "embedded")
 
 # SigLIP-so400m as LLaVA-OneVision uses it (26 of its 27 layers), 384px frames
 SIGLIP_SO400M = dict(
@@ -152,6 +158,60 @@ def get_shape(name: str) -> ModelShape:
     return SHAPES[name]
 
 
+def benchmark_tokenizer(source: str = "auto", vocab_size: int | None = None) -> Any:
+    """The tokenizer a random-weight model is built with.
+
+    Parameters
+    ----------
+    source : ``"byte"`` (every byte one token: no file needed, but English takes ~5x the
+        tokens of a real BPE), ``"embedded"`` (the BPE of the embedded SmolLM2 GGUF, 49k
+        tokens, English at about the token count of Qwen2's tokenizer), ``"auto"`` (the
+        embedded one when its package is installed and it fits ``vocab_size``, else
+        bytes), or the folder of a saved tokenizer (a model's own, or
+        ``benchmark_tokenizer("embedded").save_pretrained(folder)`` carried to a machine
+        without the embedded model)
+    vocab_size : the model's vocabulary (``"auto"`` falls back to bytes above it)
+
+    The ChatML and vision special tokens are added where missing (:func:`with_chat_tokens`).
+    Loaded once per source and shared.
+    """
+    if source == "auto":
+        try:
+            embedded_model_path()
+        except HermesError:
+            return byte_tokenizer()
+        tokenizer = _real_tokenizer("embedded")
+        return tokenizer if vocab_size is None or len(tokenizer) <= vocab_size else byte_tokenizer()
+    if source == "byte":
+        return byte_tokenizer()
+    return _real_tokenizer(source)
+
+
+@lru_cache(maxsize=4)
+def _real_tokenizer(source: str) -> Any:
+    from transformers import AutoTokenizer
+
+    if source == "embedded":
+        gguf = embedded_model_path()
+        tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    else:
+        if not Path(source).is_dir():
+            raise HermesError(
+                f"tokenizer {source!r} is neither one of {', '.join(TOKENIZER_SOURCES)} nor a folder"
+            )
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=True)
+        except (OSError, ValueError) as err:
+            raise HermesError(f"no tokenizer could be loaded from {source}: {err}") from err
+    return with_chat_tokens(tokenizer)
+
+
+def tokenizer_description(tokenizer: Any) -> str:
+    """One line naming a tokenizer's kind and size, for results files."""
+    kind = "byte-level, no merges" if len(tokenizer) < 512 else "BPE"
+    return f"{type(tokenizer).__name__} ({kind}, {len(tokenizer)} tokens)"
+
+
 def _llava_onevision(shape: ModelShape, tokenizer: Any) -> tuple[Any, Any]:
     from transformers import (
         LlavaOnevisionConfig,
@@ -239,6 +299,7 @@ def build_random_adapter(
     seed: int = 0,
     device_map: str | dict[str, Any] | None = None,
     max_memory: dict[Any, Any] | None = None,
+    tokenizer: Any = "byte",
 ) -> ModelAdapter:
     """A model of ``shape`` with random weights, wrapped in its adapter.
 
@@ -250,12 +311,20 @@ def build_random_adapter(
         names to devices; each weight is created directly on its device, so a model larger
         than one GPU never passes through one
     max_memory : per-device limits for ``"balanced"`` / ``"auto"`` (accelerate's format)
+    tokenizer : a source for :func:`benchmark_tokenizer` or a tokenizer object
     """
     from ..models.llava_onevision import LlavaOnevisionAdapter
     from ..models.qwen_vl import Qwen2_5_VLAdapter
 
     shape = get_shape(shape) if isinstance(shape, str) else shape
-    tokenizer = byte_tokenizer()
+    vocab_size = shape.text["vocab_size"]
+    if isinstance(tokenizer, str):
+        tokenizer = benchmark_tokenizer(tokenizer, vocab_size)
+    if len(tokenizer) > vocab_size:
+        raise HermesError(
+            f"the tokenizer has {len(tokenizer)} tokens, more than the {vocab_size} of shape {shape.name}; "
+            "use the byte tokenizer"
+        )
     builders = {"llava_onevision": (_llava_onevision, LlavaOnevisionAdapter), "qwen2_5_vl": (_qwen2_5_vl, Qwen2_5_VLAdapter)}
     build, adapter_cls = builders[shape.family]
     model_cls, (config, processor) = build(shape, tokenizer)

@@ -38,6 +38,7 @@ import torch
 from ..errors import StreamError
 from ..positions import to_model_position_ids
 from .base import ModelAdapter, StreamPiece, cache_kwargs
+from .pooling import bilinear_pool
 
 VIDEO_KEY = "pixel_values_videos"
 
@@ -48,6 +49,10 @@ class LlavaOnevisionAdapter(ModelAdapter):
     model_types = ("llava_onevision",)
     position_axes = 1
     is_text_only = False
+
+    def __init__(self, model: Any, tokenizer: Any, processor: Any = None, name_or_path: str = ""):
+        super().__init__(model, tokenizer, processor, name_or_path)
+        use_matmul_pooling(self.base_model)
 
     # -- structure -------------------------------------------------------------------
     @property
@@ -222,3 +227,21 @@ class LlavaOnevisionAdapter(ModelAdapter):
             **cache_kwargs(self.base_model, cache),
         )
         return out.last_hidden_state
+
+
+def use_matmul_pooling(base_model: Any) -> None:
+    """Make the model pool frame features with :func:`~.pooling.bilinear_pool`.
+
+    The same bilinear 2x pooling as the model's ``apply_pooling`` (equal up to float
+    rounding), as one float32 matmul instead of the slow bf16 interpolation kernel. Set on
+    this model instance only.
+    """
+    if not hasattr(base_model, "apply_pooling"):
+        return
+    vision = base_model.config.vision_config
+    side = vision.image_size // vision.patch_size
+
+    def apply_pooling(image_features: torch.Tensor) -> torch.Tensor:
+        return bilinear_pool(image_features, side, side)
+
+    base_model.apply_pooling = apply_pooling

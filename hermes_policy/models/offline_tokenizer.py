@@ -1,10 +1,13 @@
-"""A tokenizer and chat templates that need no download.
+"""Tokenizers and chat templates that need no download.
 
-The tokenizer is a byte-level BPE without merges with ChatML and vision special tokens:
-every byte is one token, so any text round-trips. Used where the token *values* do not
-matter, only that the chat format and special tokens exist: random-weight models in the
-efficiency benchmark, and the tiny test models. The templates reproduce the layout of the
-released LLaVA-OV-Qwen2 and Qwen-VL processors.
+:func:`byte_tokenizer` is a byte-level BPE without merges with ChatML and vision special
+tokens: every byte is one token, so any text round-trips. Used where the token *values*
+do not matter, only that the chat format and special tokens exist: the tiny test models
+and random-weight models. English text takes about five times as many tokens as with a
+real BPE, which matters where the *number* of tokens does (the efficiency benchmark's
+questions and pseudo-queries): :func:`with_chat_tokens` turns any real BPE tokenizer
+(the embedded SmolLM2's, or a model's own) into one with the same special tokens.
+The templates reproduce the layout of the released LLaVA-OV-Qwen2 and Qwen-VL processors.
 """
 
 from __future__ import annotations
@@ -41,6 +44,18 @@ def byte_tokenizer() -> Any:
     tokenizer = Qwen2Tokenizer(tokenizer_object=backend)
     tokenizer.add_special_tokens({"additional_special_tokens": SPECIAL_TOKENS[1:]})
     tokenizer.add_special_tokens({"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>"})
+    tokenizer.chat_template = CHATML
+    return tokenizer
+
+
+def with_chat_tokens(tokenizer: Any) -> Any:
+    """Give a real tokenizer the ChatML and vision special tokens (those it lacks) and
+    the ChatML template; end of turn ``<|im_end|>``, padding ``<|endoftext|>``."""
+    from tokenizers import AddedToken
+
+    tokenizer.add_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS], special_tokens=True)
+    tokenizer.eos_token = "<|im_end|>"
+    tokenizer.pad_token = "<|endoftext|>"
     tokenizer.chat_template = CHATML
     return tokenizer
 

@@ -165,7 +165,8 @@ class HermesRetention(RetentionRule):
             indices = torch.cat([torch.arange(prefix, device=kept.device), kept])
             summary = None
             if entry.summary_token:
-                summary = self._summary(store, layer, kept, context)
+                with torch.profiler.record_function("hermes:summary"):
+                    summary = self._summary(store, layer, kept, context)
             decisions[layer] = LayerKeep(indices, summary)
         return decisions
 
