@@ -8,9 +8,10 @@ captured once as CUDA graphs, then replayed:
 - the question is padded to a bucket length (16, 32, 64, ...), one graph per bucket;
 - keys and values are written straight into the stream cache's preallocated buffers at
   slots ``length + i`` of each layer (:class:`~hermes_policy.stream_cache.StaticWrites`)
-  and attention sees the whole buffer, masked by slot
-  (:class:`~hermes_policy.attention.StaticMasks`); nothing is appended, so the cache is
-  back to its state before the question when the answer is done;
+  and attention sees a fixed window of the buffer (the slots the answer can reach,
+  rounded up to 256; one graph per window, so a stream at its budget uses one), masked
+  by slot (:class:`~hermes_policy.attention.StaticMasks`); nothing is appended, so the
+  cache is back to its state before the question when the answer is done;
 - each layer's rotary cos/sin is computed inside the graph from device-side positions;
 - the decode graph reads the previous token from a device buffer, writes the next one
   there and advances its own offset, so the host only replays and reads one integer.
@@ -35,6 +36,8 @@ from .models.base import ModelAdapter, StreamPiece, cache_kwargs
 from .stream_cache import StaticWrites
 
 BUCKETS = (16, 32, 64, 128, 256, 512)
+WINDOW_QUANTUM = 256  # key windows are multiples of this many slots
+MAX_GRAPHS = 24  # captured graphs kept (each holds a memory pool); beyond it, start over
 
 
 def bucket_length(n: int, buckets: tuple[int, ...] = BUCKETS) -> int:
@@ -98,7 +101,7 @@ class AnswerGraphs:
         self._layers = adapter.num_layers
         self._device = adapter.device
         self._batch_axis = batch_axis(adapter.rotary_emb, self._axes, self._device, adapter.dtype)
-        self._graphs: dict[int | str, _Graph] = {}
+        self._graphs: dict[tuple[int | str, int], _Graph] = {}
         self._generation: tuple[int, ...] | None = None
         self._inputs: dict[int, torch.Tensor] = {}
         # decode state shared by all buckets
@@ -124,9 +127,12 @@ class AnswerGraphs:
         q_real = len(piece)
         bucket = bucket_length(q_real)
         lengths = self.store.lengths()
-        self._reserve(max(lengths) + bucket + max_new_tokens)
+        needed = max(lengths) + bucket + max_new_tokens
+        self._reserve(needed)
+        capacity = min(layer.capacity for layer in self.store.cache.layers)
+        window = min(-(-needed // WINDOW_QUANTUM) * WINDOW_QUANTUM, capacity)
         self._load_inputs(piece, bucket, lengths)
-        prefill = self._graph(bucket)
+        prefill = self._graph((bucket, window))
         prefill.run()
         token = int(self._token)
         if on_first_token is not None:
@@ -134,7 +140,7 @@ class AnswerGraphs:
         tokens = [token]
         if token in stop_ids or max_new_tokens <= 1:
             return tokens
-        decode = self._graph("decode")
+        decode = self._graph(("decode", window))
         while len(tokens) < max_new_tokens:
             decode.run()
             token = int(self._token)
@@ -186,10 +192,11 @@ class AnswerGraphs:
         return ids[None], rel.view(axes, bucket), lengths, next_pos.view(layers, axes), tail
 
     # -- the fixed-shape forward -------------------------------------------------------------
-    def _forward(self, ids: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    def _forward(self, ids: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, window: int) -> torch.Tensor:
         """Text-model forward of ``ids (1, q)`` at per-layer ``positions (layers, axes, q)``.
 
-        Writes keys/values at ``slots (layers, q)``; returns hidden states ``(1, q, hidden)``.
+        Writes keys/values at ``slots (layers, q)``, attends over the first ``window`` slots;
+        returns hidden states ``(1, q, hidden)``.
         """
         adapter = self.adapter
         if self._axes == 1:
@@ -206,20 +213,20 @@ class AnswerGraphs:
         text_model = adapter.text_model
         with (
             PerLayerRotary(adapter.decoder_layers, per_layer),
-            StaticWrites(self.store.cache, slots),
+            StaticWrites(self.store.cache, slots, window),
             StaticMasks(adapter.attention_modules, slots),
         ):
             out = text_model(input_ids=ids, position_ids=layer0, **cache_kwargs(text_model, self.store.cache))
         return out.last_hidden_state
 
-    def _prefill_body(self, bucket: int) -> Callable[[], None]:
+    def _prefill_body(self, bucket: int, window: int) -> Callable[[], None]:
         ids, rel, lengths, next_pos, tail = self._views(bucket)
         arange = torch.arange(bucket, device=self._device)
 
         def body() -> None:
             slots = lengths[:, None] + arange  # (layers, bucket)
             positions = next_pos[:, :, None] + rel[None]  # (layers, axes, bucket)
-            hidden = self._forward(ids, positions, slots)
+            hidden = self._forward(ids, positions, slots, window)
             last = hidden.index_select(1, tail[0:1].to(hidden.device) - 1)
             self._token.copy_(self.adapter.logits(last).argmax(-1).view(1))
             # decode continues after the question: slot length + q, position next + extent
@@ -229,21 +236,25 @@ class AnswerGraphs:
 
         return body
 
-    def _decode_body(self) -> Callable[[], None]:
+    def _decode_body(self, window: int) -> Callable[[], None]:
         def body() -> None:
             slots = (self._slot_base + self._offset)[:, None]  # (layers, 1)
             positions = (self._pos_base + self._offset)[:, :, None]  # (layers, axes, 1)
-            hidden = self._forward(self._token.view(1, 1), positions, slots)
+            hidden = self._forward(self._token.view(1, 1), positions, slots, window)
             self._token.copy_(self.adapter.logits(hidden).argmax(-1).view(1))
             self._offset.add_(1)
 
         return body
 
     # -- capture -------------------------------------------------------------------------------
-    def _graph(self, key: int | str) -> _Graph:
+    def _graph(self, key: tuple[int | str, int]) -> _Graph:
+        """The graph of ``(bucket, window)`` or ``("decode", window)``, captured on first use."""
         graph = self._graphs.get(key)
         if graph is None:
-            body = self._decode_body() if key == "decode" else self._prefill_body(int(key))
+            if len(self._graphs) >= MAX_GRAPHS:
+                self._graphs.clear()
+            kind, window = key
+            body = self._decode_body(window) if kind == "decode" else self._prefill_body(int(kind), window)
             graph = self._graphs[key] = self._capture(body) if self.use_graphs else _Graph(None, body)
         return graph
 

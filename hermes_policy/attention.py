@@ -31,7 +31,10 @@ from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface
 
 ATTENTION_NAME = "hermes_ragged"
-FEW_ROWS = 512  # stacked query rows up to which masked attention runs as plain matmuls
+# Masked attention runs as plain matmuls while its float32 score matrix has at most this
+# many elements (128 MiB): a decode step, a question bucket, fused pseudo-queries on a 4K
+# cache; beyond it (long questions on a huge cache) the fused memory-efficient kernel.
+EXPLICIT_SCORES = 1 << 25
 
 PatternCallback = Callable[[int, torch.Tensor], None]
 
@@ -162,6 +165,13 @@ class AttentionCapture:
         probs = attention_probabilities(
             query[:, :, picked.start : picked.stop : picked.step], key, scaling, mask[in_mask]
         )
+        self.hand_over(layer, probs, counted=True)
+
+    def hand_over(self, layer: int, probs: torch.Tensor, counted: bool = False) -> None:
+        """Pass probabilities ``(batch, heads, rows, keys)`` of this layer's selected rows
+        that the attention itself computed (see :meth:`record`)."""
+        if not counted:
+            self.calls += 1
         if self.callback is not None:
             self.callback(layer, probs)
         else:
@@ -198,7 +208,7 @@ def ragged_attention(
     if limits is not None:
         limits = limits if limits.device == query.device else limits.to(query.device)
         mask = torch.arange(k_len, device=query.device)[None, :] <= limits[:, None]
-        out = grouped_masked_attention(query, key, value, mask, scaling)
+        out, _ = grouped_masked_attention(query, key, value, mask, scaling)
         return out.transpose(1, 2).contiguous(), None
     blocks = getattr(module, "hermes_query_blocks", None)
     capture = getattr(module, "hermes_capture", None)
@@ -207,10 +217,15 @@ def ragged_attention(
     if blocks is not None:
         lead, sizes = blocks
         rows_mask = block_rows_mask(sizes, k_len, query.device)
-        out = lead_and_blocks_attention(query, key, value, lead, sizes, scaling, rows_mask)
-        if capture is not None:
-            picked = capture.rows(module.layer_idx, q_len)
-            if len(picked) and picked.start >= lead:  # pseudo-query rows: the block mask holds them
+        picked = capture.rows(module.layer_idx, q_len) if capture is not None else range(0)
+        in_blocks = len(picked) > 0 and picked.start >= lead and picked.step == 1
+        out, probs = lead_and_blocks_attention(
+            query, key, value, lead, sizes, scaling, rows_mask, keep_probs=in_blocks
+        )
+        if probs is not None:  # the pseudo-query rows' own probabilities: no second pass
+            capture.hand_over(module.layer_idx, probs[:, :, picked.start - lead : picked.stop - lead])
+        elif capture is not None:
+            if in_blocks:  # pseudo-query rows: the block mask holds them
                 capture.record(module.layer_idx, query, key, scaling, rows_mask, mask_offset=lead)
             else:
                 capture.record(module.layer_idx, query, key, scaling, block_query_mask(sizes, k_len, query.device, lead))
@@ -229,9 +244,20 @@ def ragged_attention(
     return out.transpose(1, 2).contiguous(), None
 
 
+def runs_explicitly(query: torch.Tensor, key: torch.Tensor) -> bool:
+    """Whether :func:`grouped_masked_attention` computes these rows as plain matmuls."""
+    batch, heads, q_len, _ = query.shape
+    return query.device.type != "cuda" or batch * heads * q_len * key.shape[-2] <= EXPLICIT_SCORES
+
+
 def grouped_masked_attention(
-    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor, scaling: float
-) -> torch.Tensor:
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    mask: torch.Tensor,
+    scaling: float,
+    keep_probs: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Masked attention with grouped KV heads, without repeating the keys per query head.
 
     The ``groups`` query heads sharing one KV head are stacked along the query axis, so
@@ -242,33 +268,37 @@ def grouped_masked_attention(
     query : ``(batch, heads, q, head_dim)``
     key, value : ``(batch, kv_heads, k, head_dim)``
     mask : BoolTensor ``(q, k)``, True where attention is allowed
+    keep_probs : also return the softmax probabilities (only where
+        :func:`runs_explicitly`; they are computed anyway there)
 
     Returns
     -------
-    Tensor ``(batch, heads, q, head_dim)``
+    output ``(batch, heads, q, head_dim)``; probabilities ``(batch, heads, q, k)`` in
+    float32 when asked for and computed explicitly, else None
     """
     batch, heads, q_len, dim = query.shape
     kv_heads, k_len = key.shape[1], key.shape[-2]
     groups = heads // kv_heads
     # head h = kv * groups + j; row j * q + i of the stacked query is (head kv*groups+j, row i)
     stacked = query.reshape(batch, kv_heads, groups * q_len, dim)
-    if query.device.type == "cuda" and groups * q_len > FEW_ROWS:
-        # Many rows: the fused memory-efficient kernel, chosen explicitly (left to itself
-        # SDPA picks cuDNN for masked attention, which builds a new plan, ~30 ms, for
-        # every key length).
+    if not runs_explicitly(query, key):
+        # Many rows on many keys: the fused memory-efficient kernel, chosen explicitly (left
+        # to itself SDPA picks cuDNN for masked attention, which builds a new plan, ~30 ms,
+        # for every key length).
         with sdpa_kernel(SDPBackend.EFFICIENT_ATTENTION):
             out = F.scaled_dot_product_attention(
                 stacked, key, value, attn_mask=mask.repeat(groups, 1), scale=scaling
             )
-        return out.reshape(batch, heads, q_len, dim)
-    # Few rows (a decode step, a question of up to 512 / groups tokens): matmul-softmax-
-    # matmul, where cuBLAS splits the key axis across the GPU; the fused kernels would run
-    # these rows on a handful of blocks (measured on an H200: TTFT 13 ms this way, 16 ms
-    # with the memory-efficient kernel, for a 64-token bucket on a 4K cache).
+        return out.reshape(batch, heads, q_len, dim), None
+    # Matmul-softmax-matmul, where cuBLAS splits the key axis across the GPU; the fused
+    # kernels run few rows on a handful of blocks (measured on an H200: TTFT 13 ms this way,
+    # 16 ms with the memory-efficient kernel, for a 64-token bucket on a 4K cache; 260 us a
+    # layer for 84 fused pseudo-query tokens).
     scores = torch.matmul(stacked, key.transpose(-1, -2)).float() * scaling
     scores = scores.view(batch, kv_heads, groups, q_len, k_len).masked_fill(~mask, float("-inf"))
-    probs = torch.softmax(scores, dim=-1).to(value.dtype).view(batch, kv_heads, groups * q_len, k_len)
-    return torch.matmul(probs, value).reshape(batch, heads, q_len, dim)
+    probs = torch.softmax(scores, dim=-1)
+    out = torch.matmul(probs.to(value.dtype).view(batch, kv_heads, groups * q_len, k_len), value)
+    return out.reshape(batch, heads, q_len, dim), probs.view(batch, heads, q_len, k_len) if keep_probs else None
 
 
 class StaticMasks:
@@ -338,8 +368,9 @@ def lead_and_blocks_attention(
     blocks: list[int],
     scaling: float,
     rows_mask: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Attention under :func:`block_query_mask` in two fused-kernel calls.
+    keep_probs: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Attention under :func:`block_query_mask` in two calls.
 
     ``rows_mask``: :func:`block_rows_mask` of these blocks, when the caller already has it.
 
@@ -349,7 +380,8 @@ def lead_and_blocks_attention(
 
     Returns
     -------
-    Tensor ``(batch, heads, q, head_dim)``
+    output ``(batch, heads, q, head_dim)``; with ``keep_probs``, the block rows'
+    probabilities ``(batch, heads, sum(blocks), k)`` where they were computed explicitly
     """
     q_len, k_len = query.shape[-2], key.shape[-2]
     seen = k_len - sum(blocks)
@@ -370,10 +402,12 @@ def lead_and_blocks_attention(
                 enable_gqa=gqa,
             )
         )
+    probs = None
     if q_len > lead:
         mask = rows_mask if rows_mask is not None else block_rows_mask(blocks, k_len, query.device)
-        parts.append(grouped_masked_attention(query[:, :, lead:], key, value, mask, scaling))
-    return torch.cat(parts, dim=2) if len(parts) > 1 else parts[0]
+        out, probs = grouped_masked_attention(query[:, :, lead:], key, value, mask, scaling, keep_probs)
+        parts.append(out)
+    return (torch.cat(parts, dim=2) if len(parts) > 1 else parts[0]), probs
 
 
 class QueryBlocks:

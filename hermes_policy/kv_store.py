@@ -152,18 +152,35 @@ class KVStore:
             kept ones (a summary token): key/value ``(batch, kv_heads, 1, head_dim)``,
             position ``(axes, 1)``
         """
-        cache_layer = self.cache.layers[layer]
-        host = indices.cpu()  # positions and frames live on the host
-        positions = self.positions[layer].index_select(1, host)
-        frames = self.frame_index[layer].index_select(0, host)
-        summary_kv = None
-        if extra is not None:
-            key, value, position, frame = extra
-            summary_kv = (key, value)
-            positions = torch.cat([positions, position.cpu()], dim=1)
-            frames = torch.cat([frames, torch.tensor([frame])])
-        cache_layer.gather(indices.to(cache_layer.device), summary_kv)
-        self.positions[layer], self.frame_index[layer] = positions, frames
+        self.keep_layers({layer: (indices, extra)})
+
+    def keep_layers(
+        self,
+        decisions: dict[int, tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor, torch.Tensor, int] | None]],
+    ) -> None:
+        """:meth:`keep` for several layers: ``{layer: (indices, extra)}``.
+
+        The indices of all layers on one device travel there in a single copy.
+        """
+        host = {layer: indices.cpu() for layer, (indices, _) in decisions.items()}  # metadata lives on the host
+        by_device: dict[torch.device, list[int]] = {}
+        for layer in decisions:
+            by_device.setdefault(self.cache.layers[layer].device, []).append(layer)
+        on_device: dict[int, torch.Tensor] = {}
+        for device, layers in by_device.items():
+            moved = torch.cat([host[layer] for layer in layers]).to(device, non_blocking=True)
+            on_device.update(zip(layers, moved.split([host[layer].shape[0] for layer in layers]), strict=True))
+        for layer, (_, extra) in decisions.items():
+            positions = self.positions[layer].index_select(1, host[layer])
+            frames = self.frame_index[layer].index_select(0, host[layer])
+            summary_kv = None
+            if extra is not None:
+                key, value, position, frame = extra
+                summary_kv = (key, value)
+                positions = torch.cat([positions, position.cpu()], dim=1)
+                frames = torch.cat([frames, torch.tensor([frame])])
+            self.cache.layers[layer].gather(on_device[layer], summary_kv)
+            self.positions[layer], self.frame_index[layer] = positions, frames
 
     def reindex(self, layer: int, rotary_emb: torch.nn.Module) -> bool:
         """Left-compact one layer's stream positions and rotate its keys to match.

@@ -464,13 +464,14 @@ class StreamingSession:
             with self._phase("select"):
                 decisions = rule.select(self.store, SelectContext(attention=attention, rotary_emb=rotary))
         with self._phase("gather") if decisions else nullcontext():
-            for layer, keep in decisions.items():
-                summary = keep.summary
-                extra = None
-                if summary is not None:
-                    extra = (summary.key, summary.value, summary.position, summary.frame)
-                self.store.keep(layer, keep.indices, extra)
-                if rule.reindex == "eager":
+            self.store.keep_layers(
+                {
+                    layer: (keep.indices, None if keep.summary is None else keep.summary.as_extra())
+                    for layer, keep in decisions.items()
+                }
+            )
+            if rule.reindex == "eager":
+                for layer in decisions:
                     self.store.reindex(layer, rotary)
         if decisions:
             self.compressions += 1

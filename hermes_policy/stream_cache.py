@@ -46,6 +46,7 @@ class PreallocatedLayer(DynamicLayer):
         self.length = 0
         self.generation = 0
         self.static_slots: torch.Tensor | None = None
+        self.static_window: int | None = None
         super().__init__()
 
     # transformers' base class assigns ``keys = values = None`` on init and reset.
@@ -116,7 +117,10 @@ class PreallocatedLayer(DynamicLayer):
         if self.static_slots is not None:
             self._k.index_copy_(-2, self.static_slots, key_states)
             self._v.index_copy_(-2, self.static_slots, value_states)
-            return self._k, self._v
+            window = self.static_window
+            if window is None:
+                return self._k, self._v
+            return self._k[..., :window, :], self._v[..., :window, :]
         # The cache holds values, not autograd history.
         key_states, value_states = key_states.detach(), value_states.detach()
         new = key_states.shape[-2]
@@ -200,11 +204,14 @@ class StaticWrites:
     slots : LongTensor ``(layers, q)`` on the cache's device: where layer ``l`` writes the
         ``q`` new tokens (its length plus an offset; the values may change between graph
         replays, the tensor itself must not)
+    window : attention sees the first ``window`` slots of every buffer (default: all of
+        it); every slot written must lie below it
     """
 
-    def __init__(self, cache: StreamCache, slots: torch.Tensor):
+    def __init__(self, cache: StreamCache, slots: torch.Tensor, window: int | None = None):
         self._cache = cache
         self._slots = slots
+        self._window = window
 
     def __enter__(self) -> StaticWrites:
         for layer, cache_layer in enumerate(self._cache.layers):
@@ -212,8 +219,10 @@ class StaticWrites:
             # a model split over GPUs keeps each layer's cache on that layer's GPU
             device = getattr(cache_layer, "device", slots.device) if cache_layer.is_initialized else slots.device
             cache_layer.static_slots = slots if slots.device == device else slots.to(device)
+            cache_layer.static_window = self._window
         return self
 
     def __exit__(self, *exc: object) -> None:
         for cache_layer in self._cache.layers:
             cache_layer.static_slots = None
+            cache_layer.static_window = None

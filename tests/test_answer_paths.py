@@ -134,3 +134,32 @@ def test_static_answers_follow_a_growing_cache(tiny_adapter):
         second = session.ask("What came last?", max_new_tokens=6).token_ids
         answers[path] = (first, second)
     assert answers["static"] == answers["eager"]
+
+
+def test_static_answers_attend_over_a_window_not_the_whole_buffer(tiny_adapter, monkeypatch):
+    """Spare buffer capacity is not read: attention sees the slots the answer can reach."""
+    from hermes_policy.answer_graphs import WINDOW_QUANTUM
+    from hermes_policy.stream_cache import PreallocatedLayer
+
+    stream = text_frames(tiny_adapter, 16, seed=7)
+    seen: list[int] = []
+    original = PreallocatedLayer.update
+
+    def spy(self, *args, **kwargs):
+        keys, values = original(self, *args, **kwargs)
+        seen.append(keys.shape[-2])
+        return keys, values
+
+    monkeypatch.setattr(PreallocatedLayer, "update", spy)
+    answers = {}
+    for path in ("eager", "static"):
+        session = StreamingSession(tiny_adapter, FullRetention(), chunk_frames=8, answer_path=path)
+        session.add_frames(stream)
+        for layer in session.store.cache.layers:  # lots of spare room, as after a fused pass
+            layer.reserve(4 * WINDOW_QUANTUM + layer.capacity, *layer.buffers)
+        seen.clear()
+        answers[path] = session.ask("Where is the ball?", max_new_tokens=5).token_ids
+    needed = max(session.store.lengths()) + 16 + 5
+    window = -(-needed // WINDOW_QUANTUM) * WINDOW_QUANTUM
+    assert seen and set(seen) == {window} and window < session.store.cache.layers[0].capacity
+    assert answers["static"] == answers["eager"]

@@ -345,3 +345,46 @@ def test_batched_scoring_equals_per_layer_scoring():
     store.cache.layers[0].truncate(n - 1)
     store.positions[0] = store.positions[0][:, :-1]
     assert rule.batched_kept(store, attention) is None  # lengths differ: per-layer path
+
+
+def test_summary_tokens_of_several_layers_equal_one_layer_at_a_time(tiny_adapter):
+    from hermes_policy.retention.scoring import summary_token, summary_tokens
+
+    g = torch.Generator().manual_seed(3)
+    layers, n = 3, 7
+    keys = torch.randn(layers, 1, 2, n, 16, generator=g)
+    values = torch.randn(layers, 1, 2, n, 16, generator=g)
+    positions = torch.stack([torch.randperm(40, generator=g)[:n].sort().values[None] for _ in range(layers)])
+    targets = torch.tensor([[[41]], [[45]], [[50]]])
+    key, value = summary_tokens(keys, values, positions, targets, tiny_adapter.rotary_emb)
+    assert key.shape == value.shape == (layers, 1, 2, 1, 16)
+    for layer in range(layers):
+        one_key, one_value = summary_token(keys[layer], values[layer], positions[layer], targets[layer], tiny_adapter.rotary_emb)
+        torch.testing.assert_close(key[layer], one_key)
+        torch.testing.assert_close(value[layer], one_value)
+
+
+def test_keep_layers_equals_keep_layer_by_layer():
+    from hermes_policy.kv_store import KVStore
+
+    def filled() -> KVStore:
+        store = KVStore(3, 1)
+        for i, layer in enumerate(store.cache.layers):
+            layer.set_contents(torch.arange(40.0).view(1, 1, 10, 4) + i, -torch.arange(40.0).view(1, 1, 10, 4))
+        store.positions = [torch.arange(10)[None] + i for i in range(3)]
+        store.frame_index = [torch.arange(10) // 2 for _ in range(3)]
+        return store
+
+    summary = (torch.ones(1, 1, 1, 4), torch.zeros(1, 1, 1, 4), torch.tensor([[99]]), -1)
+    decisions = {0: (torch.tensor([0, 3, 4]), None), 2: (torch.tensor([1, 2, 8, 9]), summary)}
+    together, one_by_one = filled(), filled()
+    together.keep_layers(decisions)
+    for layer, (indices, extra) in decisions.items():
+        one_by_one.keep(layer, indices, extra)
+    for layer in range(3):
+        assert torch.equal(together.cache.layers[layer].keys, one_by_one.cache.layers[layer].keys)
+        assert torch.equal(together.cache.layers[layer].values, one_by_one.cache.layers[layer].values)
+        assert torch.equal(together.positions[layer], one_by_one.positions[layer])
+        assert torch.equal(together.frame_index[layer], one_by_one.frame_index[layer])
+    assert together.lengths() == [3, 10, 5]
+    assert together.positions[2].tolist() == [[3, 4, 10, 11, 99]]

@@ -42,6 +42,10 @@ class SummaryToken:
     position: torch.Tensor
     frame: int = -1
 
+    def as_extra(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+        """``(key, value, position, frame)``, as :meth:`KVStore.keep` takes it."""
+        return self.key, self.value, self.position, self.frame
+
 
 @dataclass(frozen=True)
 class LayerKeep:

@@ -40,7 +40,7 @@ from .scoring import (
     mix_scores,
     recency_scores,
     smooth_across_layers,
-    summary_token,
+    summary_tokens,
     top_indices,
 )
 
@@ -152,41 +152,53 @@ class HermesRetention(RetentionRule):
             raw = self.layer_scores(store, attention)
             smoothed = smooth_across_layers(raw, [entry.smoothing for entry in self.policy.layers])
         prefix = store.prefix_len
-        decisions = {}
+        lengths = store.stream_lengths()
+        kept_by_layer: dict[int, torch.Tensor] = {}
         for layer, entry in enumerate(self.policy.layers):
-            stream_len = store.stream_lengths()[layer]
-            if stream_len <= entry.budget:
+            if lengths[layer] <= entry.budget:
                 continue
             keep_count = entry.budget - 1 if entry.summary_token else entry.budget
             if batched is not None:
-                kept = batched[layer] + prefix
+                kept_by_layer[layer] = batched[layer] + prefix
             else:
-                kept = top_indices(smoothed[layer], keep_count) + prefix
-            indices = torch.cat([torch.arange(prefix, device=kept.device), kept])
-            summary = None
-            if entry.summary_token:
-                with torch.profiler.record_function("hermes:summary"):
-                    summary = self._summary(store, layer, kept, context)
-            decisions[layer] = LayerKeep(indices, summary)
-        return decisions
+                kept_by_layer[layer] = top_indices(smoothed[layer], keep_count).cpu() + prefix
+        with torch.profiler.record_function("hermes:summary"):
+            summaries = self._summaries(
+                store, {layer: kept for layer, kept in kept_by_layer.items() if self.policy.layers[layer].summary_token}, context
+            )
+        head = torch.arange(prefix)
+        return {
+            layer: LayerKeep(torch.cat([head, kept]), summaries.get(layer)) for layer, kept in kept_by_layer.items()
+        }
 
-    def _summary(self, store: KVStore, layer: int, kept: torch.Tensor, context: SelectContext) -> SummaryToken:
+    def _summaries(
+        self, store: KVStore, kept_by_layer: dict[int, torch.Tensor], context: SelectContext
+    ) -> dict[int, SummaryToken]:
+        """One summary token per layer in ``kept_by_layer`` (kept indices on the host),
+        computed together for layers with as many evicted tokens on one device."""
+        if not kept_by_layer:
+            return {}
         if context.rotary_emb is None:
             raise RetentionError("summary tokens need the model's rotary module")
-        state = store.layer(layer)
-        kept = kept.cpu()  # positions live on the host
-        evicted = torch.ones(state.length, dtype=torch.bool)
-        evicted[: state.prefix_len] = False
-        evicted[kept] = False
-        idx = evicted.nonzero().squeeze(1)
-        positions = state.positions[:, idx]
-        target = torch.full((state.positions.shape[0], 1), int(state.positions[:, kept].max()) + 1)
-        device_idx = idx.to(state.keys.device)
-        key, value = summary_token(
-            state.keys.index_select(-2, device_idx),
-            state.values.index_select(-2, device_idx),
-            positions,
-            target,
-            context.rotary_emb,
-        )
-        return SummaryToken(key=key, value=value, position=target, frame=-1)
+        groups: dict[tuple[int, torch.device], list[tuple[int, torch.Tensor, torch.Tensor]]] = {}
+        for layer, kept in kept_by_layer.items():
+            state = store.layer(layer)
+            evicted = torch.ones(state.length, dtype=torch.bool)
+            evicted[: state.prefix_len] = False
+            evicted[kept] = False
+            idx = evicted.nonzero().squeeze(1)
+            # positions live on the host: the summary's position costs no GPU sync
+            target = torch.full((state.positions.shape[0], 1), int(state.positions[:, kept].max()) + 1)
+            groups.setdefault((len(idx), state.keys.device), []).append((layer, idx, target))
+        out: dict[int, SummaryToken] = {}
+        for (_, device), members in groups.items():
+            indices = torch.stack([idx for _, idx, _ in members]).to(device, non_blocking=True)
+            states = [store.layer(layer) for layer, _, _ in members]
+            keys = torch.stack([st.keys.index_select(-2, indices[i]) for i, st in enumerate(states)])
+            values = torch.stack([st.values.index_select(-2, indices[i]) for i, st in enumerate(states)])
+            positions = torch.stack([st.positions[:, idx] for st, (_, idx, _) in zip(states, members, strict=True)])
+            targets = torch.stack([target for _, _, target in members])
+            key, value = summary_tokens(keys, values, positions, targets, context.rotary_emb)
+            for i, (layer, _, target) in enumerate(members):
+                out[layer] = SummaryToken(key=key[i], value=value[i], position=target, frame=-1)
+        return out

@@ -117,9 +117,13 @@ def batched_top_indices(scores: torch.Tensor, keep: list[int]) -> list[torch.Ten
     """
     n = scores.shape[1]
     ramp = torch.arange(n, dtype=torch.float64, device=scores.device) * 1e-12
-    k_max = min(max(keep), n)
-    order = torch.topk(scores.double() + ramp, k_max, dim=1).indices.cpu()  # descending
-    return [order[row, : min(k, n)].sort().values for row, k in enumerate(keep)]
+    counts = [min(k, n) for k in keep]
+    k_max = max(counts)
+    order = torch.topk(scores.double() + ramp, k_max, dim=1).indices  # descending
+    # sort every row on the device at once: entries past a row's own count sort last
+    past = torch.arange(k_max) >= torch.tensor(counts)[:, None]
+    ordered = order.masked_fill(past.to(order.device), n).sort(dim=1).values.cpu()
+    return [ordered[row, :k] for row, k in enumerate(counts)]
 
 
 def split_budget(weights: list[float], per_layer: int) -> list[int]:
@@ -160,5 +164,35 @@ def summary_token(
     n = keys.shape[-2]
     moved = rerotate_keys(keys, positions, target.expand(-1, n), rotary_emb)
     key = moved.float().mean(dim=-2, keepdim=True).to(keys.dtype)
+    value = values.float().mean(dim=-2, keepdim=True).to(values.dtype)
+    return key, value
+
+
+def summary_tokens(
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    positions: torch.Tensor,
+    targets: torch.Tensor,
+    rotary_emb: nn.Module,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`summary_token` of several layers at once (one rotation, one mean).
+
+    Parameters
+    ----------
+    keys, values : ``(layers, batch, kv_heads, n, head_dim)``: each layer's ``n`` evicted tokens
+    positions : ``(layers, axes, n)`` their positions
+    targets : ``(layers, axes, 1)`` each layer's summary position
+
+    Returns
+    -------
+    key, value : ``(layers, batch, kv_heads, 1, head_dim)``
+    """
+    layers, batch, kv_heads, n, dim = keys.shape
+    # the layers side by side along the sequence axis: one rotary call for all of them
+    flat = keys.permute(1, 2, 0, 3, 4).reshape(batch, kv_heads, layers * n, dim)
+    old = positions.permute(1, 0, 2).reshape(positions.shape[1], layers * n)
+    new = targets.expand(-1, -1, n).permute(1, 0, 2).reshape(old.shape)
+    moved = rerotate_keys(flat, old, new, rotary_emb).view(batch, kv_heads, layers, n, dim)
+    key = moved.float().mean(dim=-2, keepdim=True).permute(2, 0, 1, 3, 4).to(keys.dtype)
     value = values.float().mean(dim=-2, keepdim=True).to(values.dtype)
     return key, value
