@@ -75,3 +75,25 @@ def test_measured_ceilings_are_plausible():
 
     ceilings = measure_ceilings(copy_gb=1.0, repeats=5)
     assert 1e11 < ceilings.bandwidth < 2e13 and 1e12 < ceilings.matmul_rate < 5e15
+
+
+def test_fused_rms_norm_and_matmul_pooling_on_cuda():
+    import torch.nn.functional as F
+    from transformers.models.qwen2.modeling_qwen2 import Qwen2RMSNorm
+
+    from hermes_policy.models.fused_norm import use_fused_rms_norm
+    from hermes_policy.models.pooling import bilinear_pool
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    norm = Qwen2RMSNorm(3584).to("cuda", torch.bfloat16)
+    norm.weight.data.normal_(generator=g)
+    x = torch.randn(64, 3584, device="cuda", generator=g).bfloat16()
+    original = norm(x)
+    use_fused_rms_norm(norm)
+    fused = norm(x)
+    assert (fused != original).float().mean() < 0.01
+    torch.testing.assert_close(fused, original, rtol=2**-7, atol=0)
+    features = torch.randn(8, 27 * 27, 256, device="cuda", generator=g).bfloat16()
+    grid = features.view(8, 27, 27, 256).permute(0, 3, 1, 2).float()
+    reference = F.interpolate(grid, size=[14, 14], mode="bilinear").permute(0, 2, 3, 1).reshape(8, -1, 256)
+    torch.testing.assert_close(bilinear_pool(features, 27, 27).float(), reference, rtol=2**-8, atol=1e-5)
