@@ -40,6 +40,37 @@ def table(prof, out: Path, name: str, rows: int = 18) -> None:
     print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=rows, max_name_column_width=60))
 
 
+def host_profile(session: StreamingSession, chunk, out: Path, chunks: int = 3) -> None:
+    """Python-level time of the compression steps (scoring, summaries, gathering): where
+    the host, not the GPU, sets the pace."""
+    import cProfile
+    import io
+    import pstats
+
+    profiler = cProfile.Profile()
+    apply = session._apply_retention
+
+    def profiled(attention=None):
+        profiler.enable()
+        try:
+            return apply(attention)
+        finally:
+            torch.cuda.synchronize()
+            profiler.disable()
+
+    session._apply_retention = profiled
+    try:
+        for _ in range(chunks):
+            session.add_frames(chunk)
+    finally:
+        session._apply_retention = apply
+    text = io.StringIO()
+    pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(25)
+    (out / "host-compression.txt").write_text(text.getvalue())
+    print(f"== host time of {chunks} compression steps (by own time)")
+    print(text.getvalue()[:6000])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shape", default="llava-ov-7b")
@@ -78,6 +109,7 @@ def main() -> None:
     print(f"phases per compressing chunk of {args.chunk} frames (ms, mean of {args.chunks}): {per_chunk}")
     print(f"fused pseudo-queries add {1e3 * (overhead or 0):.2f} ms to a chunk's prefill (A/B)")
     session.phase_seconds = {}
+    host_profile(session, frames[args.warm :], args.out)
     chunk = frames[args.warm :]
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         session.add_frames(chunk)

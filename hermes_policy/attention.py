@@ -31,9 +31,9 @@ from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface
 
 ATTENTION_NAME = "hermes_ragged"
-# Masked attention runs as plain matmuls while its float32 score matrix has at most this
-# many elements (128 MiB): a decode step, a question bucket, fused pseudo-queries on a 4K
-# cache; beyond it (long questions on a huge cache) the fused memory-efficient kernel.
+# Masked attention (answers on fixed shapes) runs as plain matmuls while its float32 score
+# matrix has at most this many elements (128 MiB): a decode step, a question bucket on a
+# 4K cache; beyond it (long questions on a huge cache) the memory-efficient kernel.
 EXPLICIT_SCORES = 1 << 25
 
 PatternCallback = Callable[[int, torch.Tensor], None]
@@ -65,17 +65,22 @@ def attention_probabilities(
     Tensor ``(batch, heads, q, k)``
     """
     batch, heads, rows, dim = query.shape
-    kv_heads = key.shape[1]
+    kv_heads, k_len = key.shape[1], key.shape[-2]
     groups = heads // kv_heads
     # Stack each KV head's query heads along the rows, so keys are not repeated per head.
     # The product runs in the model's dtype (tensor cores; float32 accumulation) and the
     # softmax in float32.
     stacked = query.reshape(batch, kv_heads, groups * rows, dim)
-    scores = torch.matmul(stacked, key.transpose(-1, -2)).float() * scaling
-    scores = scores.reshape(batch, heads, rows, key.shape[-2])
+    scores = torch.matmul(stacked, key.transpose(-1, -2)).float().mul_(scaling)
+    scores = scores.view(batch, heads, rows, k_len)
     if mask is None:
-        mask = bottom_right_causal_mask(query.shape[-2], key.shape[-2], query.device)
-    return torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1)
+        # bottom-right causal: only the last `rows` keys hold masked entries, so only
+        # they are touched (these matrices are large: rows x a whole cache)
+        tail = scores[..., k_len - rows :]
+        tail.masked_fill_(~torch.ones(rows, rows, dtype=torch.bool, device=query.device).tril(), float("-inf"))
+    else:
+        scores.masked_fill_(~mask, float("-inf"))
+    return torch.softmax(scores, dim=-1)
 
 
 @dataclass
@@ -97,6 +102,10 @@ class AttentionCapture:
     callback : called as ``callback(layer, probs)`` with ``probs`` of shape
         ``(batch, heads, rows, keys)`` in float32. When given, nothing is kept in
         ``patterns`` (so long runs can accumulate statistics without storing matrices).
+
+    Under :class:`QueryBlocks`, rows inside one block get probabilities over the keys that
+    block sees, in the order it would see them alone: the cache and the lead, then its
+    own tokens (other rows: over all keys).
     """
 
     attention_modules: list[nn.Module]
@@ -208,7 +217,7 @@ def ragged_attention(
     if limits is not None:
         limits = limits if limits.device == query.device else limits.to(query.device)
         mask = torch.arange(k_len, device=query.device)[None, :] <= limits[:, None]
-        out, _ = grouped_masked_attention(query, key, value, mask, scaling)
+        out = grouped_masked_attention(query, key, value, mask, scaling)
         return out.transpose(1, 2).contiguous(), None
     blocks = getattr(module, "hermes_query_blocks", None)
     capture = getattr(module, "hermes_capture", None)
@@ -216,19 +225,14 @@ def ragged_attention(
     mask: torch.Tensor | None = None
     if blocks is not None:
         lead, sizes = blocks
-        rows_mask = block_rows_mask(sizes, k_len, query.device)
         picked = capture.rows(module.layer_idx, q_len) if capture is not None else range(0)
-        in_blocks = len(picked) > 0 and picked.start >= lead and picked.step == 1
-        out, probs = lead_and_blocks_attention(
-            query, key, value, lead, sizes, scaling, rows_mask, keep_probs=in_blocks
-        )
-        if probs is not None:  # the pseudo-query rows' own probabilities: no second pass
-            capture.hand_over(module.layer_idx, probs[:, :, picked.start - lead : picked.stop - lead])
-        elif capture is not None:
-            if in_blocks:  # pseudo-query rows: the block mask holds them
-                capture.record(module.layer_idx, query, key, scaling, rows_mask, mask_offset=lead)
-            else:
-                capture.record(module.layer_idx, query, key, scaling, block_query_mask(sizes, k_len, query.device, lead))
+        captured = captured_block(picked, lead, sizes)
+        out, probs = lead_and_blocks_attention(query, key, value, lead, sizes, scaling, captured)
+        if probs is not None:  # the captured block's own probabilities: no second pass
+            start = lead + sum(sizes[:captured])
+            capture.hand_over(module.layer_idx, probs[:, :, picked.start - start : picked.stop - start])
+        elif len(picked):  # rows in the lead or across blocks: over all keys, under the block mask
+            capture.record(module.layer_idx, query, key, scaling, block_query_mask(sizes, k_len, query.device, lead))
         return out.transpose(1, 2).contiguous(), None
     if q_len == 1:
         sdpa_mask = None
@@ -256,8 +260,7 @@ def grouped_masked_attention(
     value: torch.Tensor,
     mask: torch.Tensor,
     scaling: float,
-    keep_probs: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
+) -> torch.Tensor:
     """Masked attention with grouped KV heads, without repeating the keys per query head.
 
     The ``groups`` query heads sharing one KV head are stacked along the query axis, so
@@ -268,13 +271,10 @@ def grouped_masked_attention(
     query : ``(batch, heads, q, head_dim)``
     key, value : ``(batch, kv_heads, k, head_dim)``
     mask : BoolTensor ``(q, k)``, True where attention is allowed
-    keep_probs : also return the softmax probabilities (only where
-        :func:`runs_explicitly`; they are computed anyway there)
 
     Returns
     -------
-    output ``(batch, heads, q, head_dim)``; probabilities ``(batch, heads, q, k)`` in
-    float32 when asked for and computed explicitly, else None
+    Tensor ``(batch, heads, q, head_dim)``
     """
     batch, heads, q_len, dim = query.shape
     kv_heads, k_len = key.shape[1], key.shape[-2]
@@ -289,16 +289,15 @@ def grouped_masked_attention(
             out = F.scaled_dot_product_attention(
                 stacked, key, value, attn_mask=mask.repeat(groups, 1), scale=scaling
             )
-        return out.reshape(batch, heads, q_len, dim), None
+        return out.reshape(batch, heads, q_len, dim)
     # Matmul-softmax-matmul, where cuBLAS splits the key axis across the GPU; the fused
     # kernels run few rows on a handful of blocks (measured on an H200: TTFT 13 ms this way,
-    # 16 ms with the memory-efficient kernel, for a 64-token bucket on a 4K cache; 260 us a
-    # layer for 84 fused pseudo-query tokens).
+    # 16 ms with the memory-efficient kernel, for a 64-token bucket on a 4K cache).
     scores = torch.matmul(stacked, key.transpose(-1, -2)).float() * scaling
     scores = scores.view(batch, kv_heads, groups, q_len, k_len).masked_fill(~mask, float("-inf"))
     probs = torch.softmax(scores, dim=-1)
     out = torch.matmul(probs.to(value.dtype).view(batch, kv_heads, groups * q_len, k_len), value)
-    return out.reshape(batch, heads, q_len, dim), probs.view(batch, heads, q_len, k_len) if keep_probs else None
+    return out.reshape(batch, heads, q_len, dim)
 
 
 class StaticMasks:
@@ -360,6 +359,38 @@ def block_query_mask(blocks: list[int], k_len: int, device: torch.device, lead: 
     return torch.cat([lead_rows, rows])
 
 
+def captured_block(picked: range, lead: int, blocks: list[int]) -> int | None:
+    """The block holding all of the contiguous rows ``picked`` (None: none, or several)."""
+    if len(picked) == 0 or picked.step != 1 or picked.start < lead:
+        return None
+    start = lead
+    for index, size in enumerate(blocks):
+        if start <= picked.start and picked.stop <= start + size:
+            return index
+        start += size
+    return None
+
+
+def block_view(states: torch.Tensor, seen: int, start: int, size: int) -> torch.Tensor:
+    """What one block attends to, as if it ran alone: the first ``seen`` keys (or values)
+    and then its own ``size`` at ``seen + start`` (a view for the first block)."""
+    if start == 0:
+        return states[:, :, : seen + size]
+    return torch.cat([states[:, :, :seen], states[:, :, seen + start : seen + start + size]], dim=2)
+
+
+def causal_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float) -> torch.Tensor:
+    """SDPA of the newest ``q`` tokens over ``k`` keys, bottom-right causal (flash on CUDA)."""
+    q_len, k_len = query.shape[-2], key.shape[-2]
+    if query.device.type == "cuda":
+        mask: object = causal_lower_right(q_len, k_len)
+    else:
+        mask = bottom_right_causal_mask(q_len, k_len, query.device)
+    return F.scaled_dot_product_attention(
+        query, key, value, attn_mask=mask, scale=scaling, enable_gqa=query.shape[1] != key.shape[1]
+    )
+
+
 def lead_and_blocks_attention(
     query: torch.Tensor,
     key: torch.Tensor,
@@ -367,46 +398,42 @@ def lead_and_blocks_attention(
     lead: int,
     blocks: list[int],
     scaling: float,
-    rows_mask: torch.Tensor | None = None,
-    keep_probs: bool = False,
+    keep_probs_of: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Attention under :func:`block_query_mask` in two calls.
+    """Attention under :func:`block_query_mask`, one causal call per part.
 
-    ``rows_mask``: :func:`block_rows_mask` of these blocks, when the caller already has it.
+    The lead rows attend causally to the keys before the blocks; each block attends to
+    those keys and, causally, to its own (:func:`block_view`: exactly what it sees alone),
+    so no call needs an explicit mask over the whole cache.
 
-    The lead rows are ordinary causal attention over the keys before the blocks (flash
-    kernel on CUDA); the block rows use :func:`grouped_masked_attention` with their own
-    small mask.
+    Parameters
+    ----------
+    keep_probs_of : index of a block whose probabilities to compute explicitly and return
 
     Returns
     -------
-    output ``(batch, heads, q, head_dim)``; with ``keep_probs``, the block rows'
-    probabilities ``(batch, heads, sum(blocks), k)`` where they were computed explicitly
+    output ``(batch, heads, q, head_dim)``; that block's probabilities ``(batch, heads,
+    size, seen + size)`` over :func:`block_view` (None without ``keep_probs_of``)
     """
-    q_len, k_len = query.shape[-2], key.shape[-2]
+    k_len = key.shape[-2]
     seen = k_len - sum(blocks)
-    gqa = query.shape[1] != key.shape[1]
     parts = []
     if lead:
-        if query.device.type == "cuda":
-            lead_mask: object = causal_lower_right(lead, seen)
-        else:
-            lead_mask = bottom_right_causal_mask(lead, seen, query.device)
-        parts.append(
-            F.scaled_dot_product_attention(
-                query[:, :, :lead],
-                key[:, :, :seen],
-                value[:, :, :seen],
-                attn_mask=lead_mask,
-                scale=scaling,
-                enable_gqa=gqa,
-            )
-        )
+        parts.append(causal_attention(query[:, :, :lead], key[:, :, :seen], value[:, :, :seen], scaling))
     probs = None
-    if q_len > lead:
-        mask = rows_mask if rows_mask is not None else block_rows_mask(blocks, k_len, query.device)
-        out, probs = grouped_masked_attention(query[:, :, lead:], key, value, mask, scaling, keep_probs)
-        parts.append(out)
+    start = 0
+    for index, size in enumerate(blocks):
+        rows = query[:, :, lead + start : lead + start + size]
+        keys, values = block_view(key, seen, start, size), block_view(value, seen, start, size)
+        if index == keep_probs_of:
+            probs = attention_probabilities(rows, keys, scaling)
+            batch, heads = rows.shape[:2]
+            kv_heads = keys.shape[1]
+            stacked = probs.to(values.dtype).view(batch, kv_heads, heads // kv_heads * size, keys.shape[-2])
+            parts.append(torch.matmul(stacked, values).view(batch, heads, size, -1))
+        else:
+            parts.append(causal_attention(rows, keys, values, scaling))
+        start += size
     return (torch.cat(parts, dim=2) if len(parts) > 1 else parts[0]), probs
 
 

@@ -179,3 +179,28 @@ def test_per_layer_positions_equal_a_rigidly_shifted_cache(tiny_adapter):
         uniform = shifted._prefill(piece)
     assert not torch.equal(session.store.positions[0][:, -1], session.store.positions[1][:, -1])
     torch.testing.assert_close(per_layer, uniform, atol=1e-4, rtol=1e-4)
+
+
+def test_lead_and_blocks_attention_equals_one_masked_attention():
+    from hermes_policy.attention import block_query_mask, block_view, lead_and_blocks_attention
+
+    g = torch.Generator().manual_seed(5)
+    lead, blocks, cached = 3, [4, 2, 5], 9
+    q_len = lead + sum(blocks)
+    k_len = cached + q_len
+    query = torch.randn(1, 6, q_len, 8, generator=g)
+    key, value = torch.randn(1, 2, k_len, 8, generator=g), torch.randn(1, 2, k_len, 8, generator=g)
+    mask = block_query_mask(blocks, k_len, query.device, lead)
+    reference = F.scaled_dot_product_attention(
+        query, key.repeat_interleave(3, 1), value.repeat_interleave(3, 1), attn_mask=mask, scale=0.3
+    )
+    out, probs = lead_and_blocks_attention(query, key, value, lead, blocks, 0.3, keep_probs_of=1)
+    torch.testing.assert_close(out, reference, atol=1e-5, rtol=1e-5)
+    # block 1's probabilities over what it sees alone: the cache and lead, then itself
+    scores = (query @ key.repeat_interleave(3, 1).transpose(-1, -2)) * 0.3
+    full = torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1)[:, :, lead + 4 : lead + 6]
+    seen = k_len - sum(blocks)
+    columns = block_view(torch.arange(k_len)[None, None, :, None], seen, 4, 2)[0, 0, :, 0]
+    assert columns.tolist() == list(range(seen)) + [seen + 4, seen + 5]
+    torch.testing.assert_close(probs, full[..., columns], atol=1e-6, rtol=1e-5)
+    assert probs.shape == (1, 6, 2, seen + 2)
