@@ -426,6 +426,9 @@ def lead_and_blocks_attention(
         rows = query[:, :, lead + start : lead + start + size]
         keys, values = block_view(key, seen, start, size), block_view(value, seen, start, size)
         if index == keep_probs_of:
+            # contiguous operands: cuBLAS picked kernels ~20x slower for strided views of
+            # the cache buffer (measured on an H200)
+            keys, values = keys.contiguous(), values.contiguous()
             probs = attention_probabilities(rows, keys, scaling)
             batch, heads = rows.shape[:2]
             kv_heads = keys.shape[1]

@@ -138,4 +138,8 @@ def next_free_position(positions: torch.Tensor) -> int:
     Text that follows a video restarts all three M-RoPE axes here, the convention of
     Qwen2-VL's original position scheme (see README: "Positions").
     """
-    return int(positions.max()) + 1 if positions.numel() else 0
+    if not positions.numel():
+        return 0
+    # numpy on the host: a torch reduction on the CPU costs far more (thread pool start-up)
+    highest = positions.numpy().max() if positions.device.type == "cpu" else positions.max()
+    return int(highest) + 1

@@ -121,8 +121,8 @@ def batched_top_indices(scores: torch.Tensor, keep: list[int]) -> list[torch.Ten
     k_max = max(counts)
     order = torch.topk(scores.double() + ramp, k_max, dim=1).indices  # descending
     # sort every row on the device at once: entries past a row's own count sort last
-    past = torch.arange(k_max) >= torch.tensor(counts)[:, None]
-    ordered = order.masked_fill(past.to(order.device), n).sort(dim=1).values.cpu()
+    past = torch.arange(k_max, device=order.device) >= torch.tensor(counts, device=order.device)[:, None]
+    ordered = order.masked_fill(past, n).sort(dim=1).values.cpu()
     return [ordered[row, :k] for row, k in enumerate(counts)]
 
 
