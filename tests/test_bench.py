@@ -168,7 +168,13 @@ def results_document():
         "ceilings": CEILINGS.as_dict(),
         "shapes": {"llava-ov-7b": {"weight_bytes": 14e9, "ttft_floor_ms": 3.5, "tpot_floor_ms": 3.5, "question_tokens": 57, "source": "test"}},
         "rows": synthetic_rows(),
-        "correctness": [{"shape": "llava-ov-7b", "dtype": "bfloat16", "hermes_unlimited_equals_full": True, "graphs_equal_eager": True}],
+        "correctness": [
+            {"shape": "llava-ov-7b", "dtype": "float32", "hermes_unlimited_equals_full": True, "graphs_equal_eager": True},
+            {
+                "shape": "llava-ov-7b", "dtype": "bfloat16", "hermes_unlimited_equals_full": True,
+                "graphs_equal_eager": False, "full_tokens": [5, 5, 7, 5], "full_eager_tokens": [5, 5, 5, 7],
+            },
+        ],
         "commands": ["hermes-probe bench --shapes llava-ov-7b"],
         "date": "2026-12-01",
     }
@@ -180,6 +186,8 @@ def test_markdown_and_plot(tmp_path):
     text = markdown_table(results)
     assert "| hermes | 8 | 1024 | 6.5 (1.86x)" in text
     assert "out of memory" in text and "Targets" in text and "Correctness" in text
+    assert "| llava-ov-7b | bfloat16 | True | False (first 2 of 4 tokens equal) |" in text
+    assert "| llava-ov-7b | float32 | True | True |" in text
     path = plot(results, tmp_path / "fig.png")
     assert path.read_bytes()[:4] == b"\x89PNG"
 

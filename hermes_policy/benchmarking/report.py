@@ -84,11 +84,23 @@ def markdown_table(results: dict[str, Any]) -> str:
     if checks:
         lines += ["### Correctness (greedy answer tokens, random weights)", "", "| shape | dtype | hermes(unlimited) == full | CUDA graphs == eager |", "|---|---|---|---|"]
         for c in checks:
-            lines.append(
-                f"| {c['shape']} | {c['dtype']} | {c['hermes_unlimited_equals_full']} | {c['graphs_equal_eager']} |"
-            )
+            graphs = str(c["graphs_equal_eager"])
+            if not c["graphs_equal_eager"]:
+                same = common_prefix(c["full_tokens"], c["full_eager_tokens"])
+                graphs += f" (first {same} of {len(c['full_tokens'])} tokens equal)"
+            lines.append(f"| {c['shape']} | {c['dtype']} | {c['hermes_unlimited_equals_full']} | {graphs} |")
         lines.append("")
     return "\n".join(lines)
+
+
+def common_prefix(a: list[int], b: list[int]) -> int:
+    """How many leading tokens two answers share."""
+    same = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        same += 1
+    return same
 
 
 def plot(results: dict[str, Any], path: Path) -> Path:
