@@ -216,7 +216,7 @@ class AnswerGraphs:
         with (
             PerLayerRotary(adapter.decoder_layers, per_layer),
             StaticWrites(self.store.cache, slots, window),
-            StaticMasks(adapter.attention_modules, slots),
+            StaticMasks(adapter.attention_modules, slots, window),
         ):
             out = text_model(input_ids=ids, position_ids=layer0, **cache_kwargs(text_model, self.store.cache))
         return out.last_hidden_state

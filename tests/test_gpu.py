@@ -97,3 +97,22 @@ def test_fused_rms_norm_and_matmul_pooling_on_cuda():
     grid = features.view(8, 27, 27, 256).permute(0, 3, 1, 2).float()
     reference = F.interpolate(grid, size=[14, 14], mode="bilinear").permute(0, 2, 3, 1).reshape(8, -1, 256)
     torch.testing.assert_close(bilinear_pool(features, 27, 27).float(), reference, rtol=2**-8, atol=1e-5)
+
+
+def test_masked_attention_of_fixed_shapes_on_cuda():
+    """The explicit path (float32 scores straight from the bf16 product) against SDPA."""
+    import torch.nn.functional as F
+
+    from hermes_policy.attention import grouped_masked_attention
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    query = torch.randn(1, 28, 16, 128, device="cuda", generator=g).bfloat16()
+    buffer = torch.randn(2, 1, 4, 5000, 128, device="cuda", generator=g).bfloat16()
+    key, value = buffer[0][..., :4096, :], buffer[1][..., :4096, :]  # strided views, as in the cache
+    limits = torch.arange(16, device="cuda") + 3000
+    blocked = torch.arange(4096, device="cuda")[None, :] > limits[:, None]
+    out = grouped_masked_attention(query, key, value, blocked, 128**-0.5)
+    reference = F.scaled_dot_product_attention(
+        query.float(), key.float().repeat_interleave(7, 1), value.float().repeat_interleave(7, 1), attn_mask=~blocked
+    )
+    torch.testing.assert_close(out.float(), reference, atol=2e-2, rtol=2e-2)
