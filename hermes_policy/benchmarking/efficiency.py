@@ -8,10 +8,12 @@ peak GPU memory since the stream began, KV bytes, ingest throughput over the seg
 since the previous checkpoint, and the share of that ingest time spent compressing.
 
 Compression time is measured, not estimated: the session times its phases (GPU
-synchronised at each boundary) for a separate guidance pass, scoring and gathering; when
+synchronised at each boundary) for a separate guidance pass, scoring and gathering, on one
+chunk in four (:data:`TIMED_EVERY`, at least one per segment; the synchronisation stalls
+the pipeline, so the ingest speed comes from the other chunks); when
 the pseudo-queries ride in the chunk's forward (fused guidance), their marginal cost is
 measured once per stream by timing the same chunk with and without them, and counted for
-every fused pass.
+every fused pass of the timed chunks.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import gc
 import statistics
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -180,14 +182,35 @@ def fused_guidance_overhead(session: StreamingSession, frames: Any, repeats: int
     return max(0.0, fused - plain)
 
 
+TIMED_EVERY = 4  # one chunk in this many runs with the session's synchronised phase timers
+
+
+@dataclass
+class _Segment:
+    """Ingest of the chunks between two checkpoints.
+
+    Phase timers synchronise the GPU at every phase boundary, which stalls the pipeline
+    (the host can no longer queue work ahead): chunks with timers on give the compression
+    share, the others the ingest speed.
+    """
+
+    frames: int = 0
+    seconds: float = 0.0
+    timed_frames: int = 0
+    timed_seconds: float = 0.0
+    fused_timed: int = 0
+
+    def fps(self) -> float | None:
+        if self.frames:
+            return self.frames / self.seconds
+        return self.timed_frames / self.timed_seconds if self.timed_seconds > 0 else None
+
+
 @dataclass
 class _StreamState:
     frames_done: int = 0
+    chunks_done: int = 0
     peak: int = 0
-    ingest_s: float = 0.0
-    phases: dict[str, float] = field(default_factory=dict)
-    fused: int = 0
-    compressions: int = 0
 
 
 def run_stream(
@@ -210,20 +233,30 @@ def run_stream(
     for index in gpus:
         torch.cuda.reset_peak_memory_stats(index)
     session = StreamingSession(adapter, rule, chunk_frames=chunk, max_new_tokens=config.answer_tokens)
-    session.time_phases = True
     base = {"shape": shape.name, "rule": rule_name, "chunk": chunk, "budget": config.budget}
     for target in config.frames:
-        segment_frames = target - state.frames_done
+        segment = _Segment()
         phases_before = dict(session.phase_seconds)
-        fused_before = session.fused_guidance_passes
-        ingest_before = state.ingest_s
+        fused_total_before = session.fused_guidance_passes
         try:
             while state.frames_done < target:
                 start = (state.frames_done // chunk) % 4 * chunk
+                last = state.frames_done + chunk >= target
+                timed = state.chunks_done % TIMED_EVERY == TIMED_EVERY - 1 or (last and not segment.timed_frames)
+                session.time_phases = timed
+                fused_before = session.fused_guidance_passes
                 report = session.add_frames(pool[start : start + chunk])
-                state.ingest_s += report.seconds
+                if timed:
+                    segment.timed_frames += chunk
+                    segment.timed_seconds += report.seconds
+                    segment.fused_timed += session.fused_guidance_passes - fused_before
+                else:
+                    segment.frames += chunk
+                    segment.seconds += report.seconds
                 state.peak = max(state.peak, report.peak_memory_bytes or 0)
                 state.frames_done += chunk
+                state.chunks_done += 1
+            session.time_phases = False
             if overhead is None and session.fused_guidance_passes > 0:
                 overhead = fused_guidance_overhead(session, pool[:chunk])
             session.ask(QUESTIONS[0], max_new_tokens=config.answer_tokens)  # warm-up (graph capture)
@@ -238,11 +271,10 @@ def run_stream(
                 progress(f"{shape.name} {rule_name} chunk {chunk}: out of memory at {target} frames")
             return rows
         state.peak = max([state.peak] + [a.peak_memory_bytes or 0 for a in answers])
-        segment_s = state.ingest_s - ingest_before
         spent = {k: session.phase_seconds.get(k, 0.0) - phases_before.get(k, 0.0) for k in session.phase_seconds}
-        fused = session.fused_guidance_passes - fused_before
+        fused = session.fused_guidance_passes - fused_total_before
         compression_s = spent.get("guidance", 0.0) + spent.get("select", 0.0) + spent.get("gather", 0.0)
-        compression_s += fused * (overhead or 0.0)
+        compression_s += segment.fused_timed * (overhead or 0.0)
         ttft = statistics.median(a.ttft_ms for a in answers)
         tpot = statistics.median(a.tpot_ms for a in answers if a.tpot_ms is not None)
         rows.append(
@@ -257,9 +289,11 @@ def run_stream(
                 "peak_memory_bytes": state.peak,
                 "kv_cache_bytes": session.store.nbytes(),
                 "tokens_kept": max(session.tokens_kept),
-                "ingest_fps": segment_frames / segment_s if segment_s > 0 else None,
-                "compression_share": compression_s / segment_s if segment_s > 0 else None,
+                "ingest_fps": segment.fps(),
+                "compression_share": compression_s / segment.timed_seconds if segment.timed_seconds > 0 else None,
                 "phase_seconds": spent,
+                "timed_chunks_seconds": segment.timed_seconds,
+                "fused_guidance_passes_timed": segment.fused_timed,
                 "fused_guidance_passes": fused,
                 "fused_guidance_overhead_ms": None if overhead is None else overhead * 1e3,
                 "answer_tokens": [len(a.token_ids) for a in answers],
