@@ -164,8 +164,8 @@ def benchmark_tokenizer(source: str = "auto", vocab_size: int | None = None) -> 
     Parameters
     ----------
     source : ``"byte"`` (every byte one token: no file needed, but English takes ~5x the
-        tokens of a real BPE), ``"embedded"`` (the BPE of the embedded SmolLM2 GGUF, 49k
-        tokens, English at about the token count of Qwen2's tokenizer), ``"auto"`` (the
+        tokens of a real BPE), ``"embedded"`` (the byte-level BPE of the embedded SmolLM2
+        GGUF, 49k tokens, of the same kind as Qwen2's 151k-token one), ``"auto"`` (the
         embedded one when its package is installed and it fits ``vocab_size``, else
         bytes), or the folder of a saved tokenizer (a model's own, or
         ``benchmark_tokenizer("embedded").save_pretrained(folder)`` carried to a machine
