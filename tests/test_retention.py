@@ -348,7 +348,8 @@ def test_batched_scoring_equals_per_layer_scoring():
 
 
 def test_summary_tokens_of_several_layers_equal_one_layer_at_a_time(tiny_adapter):
-    from hermes_policy.retention.scoring import summary_token, summary_tokens
+    from hermes_policy.positions import rerotate_keys
+    from hermes_policy.retention.scoring import summary_tokens
 
     g = torch.Generator().manual_seed(3)
     layers, n = 3, 7
@@ -358,10 +359,10 @@ def test_summary_tokens_of_several_layers_equal_one_layer_at_a_time(tiny_adapter
     targets = torch.tensor([[[41]], [[45]], [[50]]])
     key, value = summary_tokens(keys, values, positions, targets, tiny_adapter.rotary_emb)
     assert key.shape == value.shape == (layers, 1, 2, 1, 16)
-    for layer in range(layers):
-        one_key, one_value = summary_token(keys[layer], values[layer], positions[layer], targets[layer], tiny_adapter.rotary_emb)
-        torch.testing.assert_close(key[layer], one_key)
-        torch.testing.assert_close(value[layer], one_value)
+    for layer in range(layers):  # each layer: its evicted keys moved to its target, averaged
+        moved = rerotate_keys(keys[layer], positions[layer], targets[layer].expand(-1, n), tiny_adapter.rotary_emb)
+        torch.testing.assert_close(key[layer], moved.mean(dim=-2, keepdim=True))
+        torch.testing.assert_close(value[layer], values[layer].mean(dim=-2, keepdim=True))
 
 
 def test_keep_layers_equals_keep_layer_by_layer():

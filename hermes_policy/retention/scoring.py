@@ -161,11 +161,8 @@ def summary_token(
     key, value : ``(batch, kv_heads, 1, head_dim)``: the mean of the keys after each was
         re-rotated to ``target`` (so RoPE phases do not cancel), and the mean value.
     """
-    n = keys.shape[-2]
-    moved = rerotate_keys(keys, positions, target.expand(-1, n), rotary_emb)
-    key = moved.float().mean(dim=-2, keepdim=True).to(keys.dtype)
-    value = values.float().mean(dim=-2, keepdim=True).to(values.dtype)
-    return key, value
+    key, value = summary_tokens(keys[None], values[None], positions[None], target[None], rotary_emb)
+    return key[0], value[0]
 
 
 def summary_tokens(
