@@ -116,7 +116,7 @@ class AttentionCapture:
     query_rows: slice | dict[int, slice] = field(default_factory=lambda: slice(None))
     callback: PatternCallback | None = None
     patterns: dict[str, torch.Tensor] = field(default_factory=dict)
-    calls: int = 0
+    calls: int = 0  # layer patterns handed over
 
     def __post_init__(self) -> None:
         if self.layers is not None:
@@ -163,7 +163,6 @@ class AttentionCapture:
         shape ``(q - mask_offset, k)`` (None: bottom-right causal); the captured rows must
         lie in it.
         """
-        self.calls += 1
         q_len, k_len = query.shape[-2], key.shape[-2]
         picked = self.rows(layer, q_len)
         if len(picked) == 0:
@@ -177,13 +176,12 @@ class AttentionCapture:
         probs = attention_probabilities(
             query[:, :, picked.start : picked.stop : picked.step], key, scaling, mask[in_mask]
         )
-        self.hand_over(layer, probs, counted=True)
+        self.hand_over(layer, probs)
 
-    def hand_over(self, layer: int, probs: torch.Tensor, counted: bool = False) -> None:
-        """Pass probabilities ``(batch, heads, rows, keys)`` of this layer's selected rows
-        that the attention itself computed (see :meth:`record`)."""
-        if not counted:
-            self.calls += 1
+    def hand_over(self, layer: int, probs: torch.Tensor) -> None:
+        """Pass on probabilities ``(batch, heads, rows, keys)`` of this layer's selected rows
+        (computed by :meth:`record`, or by the attention itself); counted in ``calls``."""
+        self.calls += 1
         if self.callback is not None:
             self.callback(layer, probs)
         else:
