@@ -50,6 +50,37 @@ def bottom_right_causal_mask(q_len: int, k_len: int, device: torch.device) -> to
     return torch.ones(q_len, k_len, dtype=torch.bool, device=device).tril(k_len - q_len)
 
 
+def grouped_scores(query: torch.Tensor, key: torch.Tensor, scaling: float) -> torch.Tensor:
+    """Scaled attention scores in float32, the query heads of each KV head stacked.
+
+    Parameters
+    ----------
+    query : ``(batch, heads, q, head_dim)``
+    key : ``(batch, kv_heads, k, head_dim)``
+
+    Returns
+    -------
+    Tensor ``(batch, kv_heads, groups * q, k)``: row ``j * q + i`` of KV head ``h`` is query
+    head ``h * groups + j``, token ``i`` (so each key is read once per KV head, not once per
+    query head). The product runs on tensor cores with float32 accumulation; on CUDA in
+    half precision it is written as float32 directly (one kernel, no rounding of the scores
+    to the model's dtype).
+    """
+    batch, heads, q_len, dim = query.shape
+    kv_heads, k_len = key.shape[1], key.shape[-2]
+    groups = heads // kv_heads
+    stacked = query.reshape(batch, kv_heads, groups * q_len, dim)
+    if query.device.type == "cuda" and query.dtype in HALF_DTYPES and BMM_OUT_DTYPE:
+        scores = torch.bmm(
+            stacked.reshape(batch * kv_heads, groups * q_len, dim),
+            key.reshape(batch * kv_heads, k_len, dim).transpose(1, 2),
+            out_dtype=torch.float32,
+        ).view(batch, kv_heads, groups * q_len, k_len)
+    else:
+        scores = torch.matmul(stacked, key.transpose(-1, -2)).float()
+    return scores.mul_(scaling)
+
+
 def attention_probabilities(
     query: torch.Tensor, key: torch.Tensor, scaling: float, mask: torch.Tensor | None = None
 ) -> torch.Tensor:
@@ -67,15 +98,9 @@ def attention_probabilities(
     -------
     Tensor ``(batch, heads, q, k)``
     """
-    batch, heads, rows, dim = query.shape
-    kv_heads, k_len = key.shape[1], key.shape[-2]
-    groups = heads // kv_heads
-    # Stack each KV head's query heads along the rows, so keys are not repeated per head.
-    # The product runs in the model's dtype (tensor cores; float32 accumulation) and the
-    # softmax in float32.
-    stacked = query.reshape(batch, kv_heads, groups * rows, dim)
-    scores = torch.matmul(stacked, key.transpose(-1, -2)).float().mul_(scaling)
-    scores = scores.view(batch, heads, rows, k_len)
+    batch, heads, rows, _ = query.shape
+    k_len = key.shape[-2]
+    scores = grouped_scores(query, key, scaling).view(batch, heads, rows, k_len)
     if mask is None:
         # bottom-right causal: only the last `rows` keys hold masked entries, so only
         # they are touched (these matrices are large: rows x a whole cache)
@@ -284,12 +309,11 @@ def grouped_masked_attention(
     batch, heads, q_len, dim = query.shape
     kv_heads, k_len = key.shape[1], key.shape[-2]
     groups = heads // kv_heads
-    # head h = kv * groups + j; row j * q + i of the stacked query is (head kv*groups+j, row i)
-    stacked = query.reshape(batch, kv_heads, groups * q_len, dim)
     if not runs_explicitly(query, key):
         # Many rows on many keys: the fused memory-efficient kernel, chosen explicitly (left
         # to itself SDPA picks cuDNN for masked attention, which builds a new plan, ~30 ms,
-        # for every key length).
+        # for every key length). Query heads stacked as in grouped_scores.
+        stacked = query.reshape(batch, kv_heads, groups * q_len, dim)
         with sdpa_kernel(SDPBackend.EFFICIENT_ATTENTION):
             out = F.scaled_dot_product_attention(
                 stacked, key, value, attn_mask=~blocked.repeat(groups, 1), scale=scaling
@@ -298,15 +322,7 @@ def grouped_masked_attention(
     # Matmul-softmax-matmul, where cuBLAS splits the key axis across the GPU; the fused
     # kernels run few rows on a handful of blocks (measured on an H200: TTFT 13 ms this way,
     # 16 ms with the memory-efficient kernel, for a 64-token bucket on a 4K cache).
-    if query.device.type == "cuda" and query.dtype in HALF_DTYPES and BMM_OUT_DTYPE:
-        # scores straight to float32 from the half-precision product: one kernel, not three
-        scores = torch.bmm(
-            stacked.reshape(batch * kv_heads, groups * q_len, dim),
-            key.reshape(batch * kv_heads, k_len, dim).transpose(1, 2),
-            out_dtype=torch.float32,
-        ).mul_(scaling)
-    else:
-        scores = torch.matmul(stacked, key.transpose(-1, -2)).float().mul_(scaling)
+    scores = grouped_scores(query, key, scaling)
     scores = scores.view(batch, kv_heads, groups, q_len, k_len).masked_fill_(blocked, float("-inf"))
     probs = torch.softmax(scores, dim=-1)
     out = torch.matmul(probs.to(value.dtype).view(batch, kv_heads, groups * q_len, k_len), value)

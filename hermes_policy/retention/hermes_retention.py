@@ -197,7 +197,7 @@ class HermesRetention(RetentionRule):
             groups.setdefault((len(idx), state.keys.device), []).append((layer, idx, target))
         out: dict[int, SummaryToken] = {}
         for (_, device), members in groups.items():
-            indices = torch.stack([idx for _, idx, _ in members]).to(device, non_blocking=True)
+            indices = torch.stack([idx for _, idx, _ in members]).to(device)
             states = [store.layer(layer) for layer, _, _ in members]
             keys = torch.stack([st.keys.index_select(-2, indices[i]) for i, st in enumerate(states)])
             values = torch.stack([st.values.index_select(-2, indices[i]) for i, st in enumerate(states)])
