@@ -31,6 +31,7 @@ from hermes_policy import StreamingSession
 from hermes_policy.benchmarking.efficiency import QUESTIONS, fused_guidance_overhead, make_rule
 from hermes_policy.benchmarking.floor import median_cuda_ms
 from hermes_policy.benchmarking.shapes import build_random_adapter, get_shape, random_frames
+from hermes_policy.benchmarking.trace import idle_report, load_trace, phase_timeline, sync_sites
 
 
 def table(prof, out: Path, name: str, rows: int = 18) -> None:
@@ -38,6 +39,54 @@ def table(prof, out: Path, name: str, rows: int = 18) -> None:
     (out / f"{name}.txt").write_text(text)
     print(f"== {name}")
     print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=rows, max_name_column_width=60))
+
+
+def idle_time(run, out: Path, name: str) -> None:
+    """Trace ``run`` and report where the GPU sat idle, charged to the host code behind it."""
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], with_stack=True) as prof:
+        run()
+        torch.cuda.synchronize()
+    path = out / f"trace-{name}.json"
+    prof.export_chrome_trace(str(path))
+    report = idle_report(load_trace(path))
+    (out / f"idle-{name}.txt").write_text(report.summary(rows=40) + "\n")
+    print(f"== GPU idle time, {name}")
+    print(report.summary())
+
+
+def timeline(session: StreamingSession, chunk, chunks: int = 8) -> None:
+    """Per phase of ``chunks`` compressing chunks, without synchronising: host time, GPU
+    span, and GPU time spent waiting before the phase (CUDA events at phase boundaries)."""
+    import time
+
+    session.phase_marks = []
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(chunks):
+        session.add_frames(chunk)
+    torch.cuda.synchronize()
+    wall = (time.perf_counter() - start) / chunks * 1e3
+    marks, session.phase_marks = session.phase_marks, None
+    first = marks[0][3]
+    rows = [(name, h0, h1, first.elapsed_time(e0), first.elapsed_time(e1)) for name, h0, h1, e0, e1 in marks]
+    print(f"== phase timeline per chunk (mean of {chunks}; wall {wall:.2f} ms a chunk)")
+    for name, entry in phase_timeline(rows).items():
+        n = entry["count"] / chunks
+        print(
+            f"  {name:8s} x{n:.0f}: host {entry['host_ms'] / chunks:6.2f} ms, GPU span {entry['gpu_ms'] / chunks:6.2f} ms, "
+            f"GPU waiting before it {entry['gpu_wait_before_ms'] / chunks:6.2f} ms"
+        )
+
+
+def synchronising_calls(run, name: str) -> None:
+    """Print the lines that block the host on the GPU while ``run`` runs."""
+    with sync_sites() as sites:
+        run()
+    torch.cuda.synchronize()
+    print(f"== synchronising calls, {name}: {sum(sites.values())}")
+    for site, n in sites.most_common(25):
+        print(f"  {n:4d}  {site}")
 
 
 def host_profile(session: StreamingSession, chunk, out: Path, chunks: int = 3) -> None:
@@ -71,6 +120,57 @@ def host_profile(session: StreamingSession, chunk, out: Path, chunks: int = 3) -
     print(text.getvalue()[:6000])
 
 
+def attention_backends(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    """Time the chunk's attention (bottom-right causal over cache + chunk): the flash kernel
+    with the causal bias, and cuDNN on two parts merged by log-sum-exp (the cache without a
+    mask, the chunk causal), with and without repeated KV heads; the cost of a first call
+    at a new key length (cuDNN builds a plan per shape); the merged output's distance from
+    flash's."""
+    import time
+
+    groups = q.shape[1] // k.shape[1]
+    q_len, k_len = q.shape[-2], k.shape[-2]
+    cache = k_len - q_len
+    scale = q.shape[-1] ** -0.5
+    cudnn = torch.ops.aten._scaled_dot_product_cudnn_attention
+
+    def flash():
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=causal_lower_right(q_len, k_len), enable_gqa=True)
+
+    def split(kk, vv):
+        a, lse_a = cudnn(q, kk[:, :, :cache], vv[:, :, :cache], None, True, 0.0, False, False, scale=scale)[:2]
+        b, lse_b = cudnn(q, kk[:, :, cache:], vv[:, :, cache:], None, True, 0.0, True, False, scale=scale)[:2]
+        w = torch.sigmoid(lse_a.view(a.shape[:-1]) - lse_b.view(b.shape[:-1])).unsqueeze(-1)
+        return torch.lerp(b.float(), a.float(), w).to(q.dtype)
+
+    print(f"flash, causal bias, GQA: {median_cuda_ms(flash):.3f} ms")
+    kr, vr = k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1)
+    reference = flash().float()
+    for label, kk, vv in [("repeated KV heads", kr, vr), ("grouped KV heads", k, v)]:
+        try:
+            out = split(kk, vv)
+            ms = median_cuda_ms(lambda kk=kk, vv=vv: split(kk, vv))
+            diff = (out.float() - reference).abs().max().item()
+            print(f"cuDNN split + merge, {label}: {ms:.3f} ms, max |diff| vs flash {diff:.2e}")
+        except RuntimeError as error:
+            print(f"cuDNN split, {label}: n/a ({str(error).splitlines()[0][:100]})")
+    for extra in (1, 2, 57):
+        kk = torch.randn(1, k.shape[1], k_len + extra, k.shape[-1], dtype=k.dtype, device=k.device)
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        try:
+            cudnn(q, kk[:, :, : cache + extra], kk[:, :, : cache + extra], None, True, 0.0, False, False, scale=scale)
+            torch.cuda.synchronize()
+            print(f"cuDNN first call at cache length {cache + extra}: {1e3 * (time.perf_counter() - start):.1f} ms")
+        except RuntimeError as error:
+            print(f"cuDNN first call: n/a ({str(error).splitlines()[0][:100]})")
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    cudnn(q, k[:, :, :cache], v[:, :, :cache], None, True, 0.0, False, False, scale=scale)
+    torch.cuda.synchronize()
+    print(f"cuDNN repeated shape, wall: {1e3 * (time.perf_counter() - start):.2f} ms")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shape", default="llava-ov-7b")
@@ -79,6 +179,7 @@ def main() -> None:
     parser.add_argument("--chunks", type=int, default=8, help="compressing chunks timed by phase")
     parser.add_argument("--tokenizer", default="auto", help="see `hermes-probe bench --help`")
     parser.add_argument("--out", type=Path, default=Path("profile-out"))
+    parser.add_argument("--attention-only", action="store_true", help="only the attention kernel timings")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
 
@@ -86,14 +187,9 @@ def main() -> None:
     q = torch.randn(1, 28, 1569, 128, dtype=torch.bfloat16, device="cuda")
     k = torch.randn(1, 4, 5700, 128, dtype=torch.bfloat16, device="cuda")
     v = torch.randn_like(k)
-    bias = causal_lower_right(1569, 5700)
-    gqa = median_cuda_ms(lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=bias, enable_gqa=True))
-    rep = median_cuda_ms(
-        lambda: F.scaled_dot_product_attention(
-            q, k.repeat_interleave(7, 1), v.repeat_interleave(7, 1), attn_mask=bias
-        )
-    )
-    print(f"chunk attention per layer: causal bias + enable_gqa {gqa:.3f} ms, repeated KV heads {rep:.3f} ms")
+    attention_backends(q, k, v)
+    if args.attention_only:
+        return
 
     shape = get_shape(args.shape)
     adapter = build_random_adapter(shape, tokenizer=args.tokenizer)
@@ -111,6 +207,13 @@ def main() -> None:
     session.phase_seconds = {}
     host_profile(session, frames[args.warm :], args.out)
     chunk = frames[args.warm :]
+    session.time_phases = False
+    timeline(session, chunk)
+    synchronising_calls(lambda: session.add_frames(chunk), "compressing chunk")
+    synchronising_calls(lambda: session.ask(QUESTIONS[2], max_new_tokens=4), "answer of 4 tokens")
+    idle_time(lambda: session.add_frames(chunk), args.out, "compressing-chunk")
+    idle_time(lambda: session.ask(QUESTIONS[3], max_new_tokens=4), args.out, "answer")
+    session.time_phases = True
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         session.add_frames(chunk)
     print("phases of the compressing chunk (s):", {k: round(v, 4) for k, v in session.phase_seconds.items()})

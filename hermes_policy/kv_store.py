@@ -17,6 +17,7 @@ import torch
 
 from .positions import compact_positions, next_free_position, rerotate_keys
 from .stream_cache import StreamCache
+from .transfer import upload
 
 
 @dataclass
@@ -171,7 +172,7 @@ class KVStore:
             by_device.setdefault(self.cache.layers[layer].device, []).append(layer)
         on_device: dict[int, torch.Tensor] = {}
         for device, layers in by_device.items():
-            moved = torch.from_numpy(np.concatenate([host[layer] for layer in layers])).to(device)
+            moved = upload(torch.from_numpy(np.concatenate([host[layer] for layer in layers])), device)
             on_device.update(zip(layers, moved.split([len(host[layer]) for layer in layers]), strict=True))
         for layer, (_, extra) in decisions.items():
             positions = self.positions[layer].numpy()[:, host[layer]]

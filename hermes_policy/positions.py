@@ -18,6 +18,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .transfer import upload
+
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
     """Rotate the two halves of the last dimension: ``(x1, x2) -> (-x2, x1)``."""
@@ -64,7 +66,7 @@ def rotary_cos_sin(
     home = next(iter(rotary_emb.buffers()), None)
     home_device = home.device if home is not None and home.device.type != "meta" else device
     probe = torch.zeros(1, dtype=torch.float32, device=home_device)
-    cos, sin = rotary_emb(probe, to_model_position_ids(positions.to(home_device)))
+    cos, sin = rotary_emb(probe, to_model_position_ids(upload(positions, home_device)))
     scale = float(getattr(rotary_emb, "attention_scaling", 1.0))
     if scale != 1.0:
         cos, sin = cos / scale, sin / scale

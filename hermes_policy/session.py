@@ -31,6 +31,7 @@ from .errors import StreamError
 from .kv_store import KVStore
 from .models.base import DEFAULT_SYSTEM_PROMPT, ModelAdapter, StreamPiece
 from .retention import FullRetention, GuidanceRequest, RetentionRule, SelectContext
+from .transfer import upload
 
 AnswerPath = Literal["graphs", "static", "eager"]
 ANSWER_PATHS: tuple[str, ...] = ("graphs", "static", "eager")
@@ -157,6 +158,8 @@ class StreamingSession:
         self.fuse_guidance = fuse_guidance
         self.time_phases = False
         self.phase_seconds: dict[str, float] = {}
+        # (phase, host start, host end, CUDA event at start, at end) when set to a list
+        self.phase_marks: list[tuple[str, float, float, Any, Any]] | None = None
         self._answer_graphs: AnswerGraphs | None = None
         self.adapter = adapter
         self.retention = retention if retention is not None else FullRetention()
@@ -366,6 +369,19 @@ class StreamingSession:
         """
         # a named range in torch-profiler traces (nearly free when no profiler runs)
         with torch.profiler.record_function(f"ingest:{name}"):
+            if self.phase_marks is not None and self.adapter.device.type == "cuda":
+                # host clock and a CUDA event at both ends, no synchronisation: comparing
+                # them afterwards shows where the GPU waited for the host
+                begin = torch.cuda.Event(enable_timing=True)
+                begin.record()
+                host_begin = time.perf_counter()
+                try:
+                    yield
+                finally:
+                    end = torch.cuda.Event(enable_timing=True)
+                    end.record()
+                    self.phase_marks.append((name, host_begin, time.perf_counter(), begin, end))
+                return
             if not self.time_phases:
                 yield
                 return
@@ -443,7 +459,7 @@ class StreamingSession:
         for pos in positions:
             key = pos.numpy().tobytes()
             if key not in computed:
-                computed[key] = self.adapter.rotary_emb(probe, to_model_position_ids(pos.to(device)))
+                computed[key] = self.adapter.rotary_emb(probe, to_model_position_ids(upload(pos, device)))
             out.append(computed[key])
         return out
 

@@ -43,6 +43,7 @@ class PreallocatedLayer(DynamicLayer):
     def __init__(self) -> None:
         self._k: torch.Tensor | None = None
         self._v: torch.Tensor | None = None
+        self._kv: torch.Tensor | None = None  # (2, ...) holding both, when their shapes match
         self.length = 0
         self.generation = 0
         self.static_slots: torch.Tensor | None = None
@@ -101,8 +102,14 @@ class PreallocatedLayer(DynamicLayer):
         # (not inference tensors), so a forward outside inference mode may still append
         # to a cache filled inside it.
         with torch.inference_mode(False):
-            new_k = like_keys.new_zeros(batch, heads, capacity, dim)
-            new_v = like_values.new_zeros(batch, like_values.shape[1], capacity, like_values.shape[-1])
+            if like_values.shape[1] == heads and like_values.shape[-1] == dim and like_values.dtype == like_keys.dtype:
+                # keys and values in one allocation: eviction gathers both with one kernel
+                self._kv = like_keys.new_zeros(2, batch, heads, capacity, dim)
+                new_k, new_v = self._kv[0], self._kv[1]
+            else:
+                self._kv = None
+                new_k = like_keys.new_zeros(batch, heads, capacity, dim)
+                new_v = like_values.new_zeros(batch, like_values.shape[1], capacity, like_values.shape[-1])
         if self.length:
             new_k[..., : self.length, :] = self._k[..., : self.length, :]
             new_v[..., : self.length, :] = self._v[..., : self.length, :]
@@ -169,8 +176,11 @@ class PreallocatedLayer(DynamicLayer):
         """
         n = indices.shape[0]
         # index_select makes a copy, so gathering within one buffer is safe
-        self._k[..., :n, :] = self._k[..., : self.length, :].index_select(-2, indices)
-        self._v[..., :n, :] = self._v[..., : self.length, :].index_select(-2, indices)
+        if self._kv is not None:
+            self._kv[..., :n, :] = self._kv[..., : self.length, :].index_select(-2, indices)
+        else:
+            self._k[..., :n, :] = self._k[..., : self.length, :].index_select(-2, indices)
+            self._v[..., :n, :] = self._v[..., : self.length, :].index_select(-2, indices)
         self.length = n
         if extra is not None:
             key, value = extra

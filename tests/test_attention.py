@@ -204,3 +204,56 @@ def test_lead_and_blocks_attention_equals_one_masked_attention():
     assert columns.tolist() == list(range(seen)) + [seen + 4, seen + 5]
     torch.testing.assert_close(probs, full[..., columns], atol=1e-6, rtol=1e-5)
     assert probs.shape == (1, 6, 2, seen + 2)
+
+
+def test_merged_parts_equal_attention_over_all_keys():
+    """Attention over a cache and over a chunk's own keys, merged by log-sum-exp, is the
+    bottom-right causal attention over both (the split the CUDA path uses)."""
+    from hermes_policy.attention import attention_with_lse, merge_attention
+
+    torch.manual_seed(0)
+    cache, q_len = 23, 9
+    query = torch.randn(1, 6, q_len, 16, dtype=torch.float64)
+    key = torch.randn(1, 2, cache + q_len, 16, dtype=torch.float64)
+    value = torch.randn(1, 2, cache + q_len, 16, dtype=torch.float64)
+    scaling = 16**-0.5
+    out_cache, lse_cache = attention_with_lse(query, key[:, :, :cache], value[:, :, :cache], scaling, causal=False)
+    out_new, lse_new = attention_with_lse(query, key[:, :, cache:], value[:, :, cache:], scaling, causal=True)
+    merged = merge_attention(out_cache, lse_cache, out_new, lse_new)
+    expected = reference_attention(query, key, value, scaling).transpose(1, 2)
+    torch.testing.assert_close(merged, expected)
+    # the log-sum-exp is the normaliser of each row's scores
+    groups = 3
+    scores = query @ key[:, :, :cache].repeat_interleave(groups, 1).transpose(-1, -2) * scaling
+    torch.testing.assert_close(lse_cache, torch.logsumexp(scores, -1))
+
+
+def test_merge_weighs_parts_by_their_mass():
+    """A part whose scores are far lower contributes nothing; equal masses average."""
+    from hermes_policy.attention import merge_attention
+
+    a, b = torch.ones(1, 1, 2, 4), torch.zeros(1, 1, 2, 4)
+    out = merge_attention(a, torch.tensor([[[0.0, 0.0]]]), b, torch.tensor([[[-100.0, 0.0]]]))
+    torch.testing.assert_close(out[0, 0, 0], torch.ones(4))
+    torch.testing.assert_close(out[0, 0, 1], torch.full((4,), 0.5))
+
+
+def test_shape_counter_waits_for_recurrence():
+    from hermes_policy.attention import ShapeCounter
+
+    counter = ShapeCounter(after=2, limit=3)
+    assert [counter.recurring(("a",)) for _ in range(4)] == [False, False, True, True]
+    # a stream of ever-new shapes (a growing cache) never qualifies, and is forgotten
+    assert not any(counter.recurring((n,)) for n in range(10))
+    assert len(counter.counts) <= 3
+
+
+def test_canonical_batch_stride_keeps_values():
+    from hermes_policy.attention import canonical_batch_stride
+
+    forward = torch.randn(1, 30, 4, 8).transpose(1, 2)  # (batch, heads, seq, dim), as a forward makes it
+    lead = forward[:, :, :20]
+    other = torch.randn(1, 25, 4, 8).transpose(1, 2)[:, :, :20]
+    a, b = canonical_batch_stride(lead), canonical_batch_stride(other)
+    assert torch.equal(a, lead) and a.stride() == b.stride()
+    assert canonical_batch_stride(torch.randn(2, 3)).stride() == (3, 1)

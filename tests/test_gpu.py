@@ -116,3 +116,23 @@ def test_masked_attention_of_fixed_shapes_on_cuda():
         query.float(), key.float().repeat_interleave(7, 1), value.float().repeat_interleave(7, 1), attn_mask=~blocked
     )
     torch.testing.assert_close(out.float(), reference, atol=2e-2, rtol=2e-2)
+
+
+def test_split_chunk_attention_on_cuda(monkeypatch):
+    """The chunk attention at a recurring shape (cuDNN on cache and chunk, merged by
+    log-sum-exp) against float32 attention over all keys, on strided cache views."""
+    import torch.nn.functional as F
+
+    from hermes_policy import attention
+
+    monkeypatch.setattr(attention, "SPLIT_SHAPES", attention.ShapeCounter(after=0))
+    g = torch.Generator(device="cuda").manual_seed(0)
+    query = torch.randn(1, 28, 392, 128, device="cuda", generator=g).bfloat16()
+    buffer = torch.randn(2, 1, 4, 3000, 128, device="cuda", generator=g).bfloat16()
+    key, value = buffer[0][..., :2392, :], buffer[1][..., :2392, :]
+    out = attention.causal_attention(query, key, value, 128**-0.5)
+    mask = torch.ones(392, 2392, dtype=torch.bool, device="cuda").tril(2000)
+    reference = F.scaled_dot_product_attention(
+        query.float(), key.float().repeat_interleave(7, 1), value.float().repeat_interleave(7, 1), attn_mask=mask
+    )
+    torch.testing.assert_close(out.float(), reference, atol=1e-2, rtol=1e-2)

@@ -29,10 +29,11 @@ from typing import Any
 import torch
 
 from .. import retention
+from ..attention import SPLIT_SHAPES
 from ..errors import HermesError
 from ..models.base import ModelAdapter
 from ..policy import ModelInfo, paper_default
-from ..retention import FifoRetention, FullRetention, RetentionRule
+from ..retention import FullRetention, RetentionRule
 from ..session import StreamingSession
 from .floor import DeviceCeilings, floor_ms, forward_flops, forward_weight_bytes
 from .shapes import (
@@ -316,12 +317,23 @@ def run_stream(
 
 
 def warm_up(adapter: ModelAdapter, shape: ModelShape, config: EfficiencyConfig) -> None:
-    """Run each chunk size once, so one-time costs (kernel and plan selection, processor
-    set-up, first graph captures) stay out of the first measured stream."""
+    """Run each chunk size into a full cache and a few chunks beyond, so one-time costs
+    (kernel and plan selection, processor set-up, first graph captures, the attention
+    plans of the steady state, see :class:`~hermes_policy.attention.ShapeCounter`) stay
+    out of the measured streams."""
+    per_frame = max(1, adapter.tokens_per_frame or 1)
+    steady = SPLIT_SHAPES.after // max(1, adapter.num_layers) + 2  # chunks at one shape before the plans
+    # every bounded rule: their buffers (and so the attention's strides) differ a little
+    bounded = [name for name in config.rules if name != "full"] or ["fifo"]
     for chunk in config.chunks:
-        session = StreamingSession(adapter, FifoRetention(budget=config.budget), chunk_frames=chunk)
-        session.add_frames(random_frames(shape, 2 * chunk, seed=config.seed + 2))
-        session.ask(QUESTIONS[0], max_new_tokens=2)
+        frames = -(-config.budget // per_frame) + chunk * (steady + 1)
+        pool = random_frames(shape, chunk, seed=config.seed + 2)
+        for name in bounded:
+            session = StreamingSession(adapter, make_rule(name, adapter, config.budget), chunk_frames=chunk)
+            for _ in range(-(-frames // chunk)):
+                session.add_frames(pool)
+            session.ask(QUESTIONS[0], max_new_tokens=2)
+            del session
     _release_memory()
 
 

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from ..positions import to_model_position_ids
+from ..transfer import upload
 from .fused_norm import use_fused_rms_norm
 
 DEFAULT_SYSTEM_PROMPT = (
@@ -303,12 +304,10 @@ class ModelAdapter(ABC):
         Tensor ``(1, seq, hidden)``: last hidden states
         """
         device = self.device
-        extra = {
-            k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in piece.model_inputs.items()
-        }
+        extra = {k: upload(v, device) if isinstance(v, torch.Tensor) else v for k, v in piece.model_inputs.items()}
         out = self.base_model(
-            input_ids=piece.input_ids.to(device)[None],
-            position_ids=to_model_position_ids(positions.to(device)),
+            input_ids=upload(piece.input_ids, device)[None],
+            position_ids=to_model_position_ids(upload(positions, device)),
             **cache_kwargs(self.base_model, cache),
             **extra,
         )

@@ -37,6 +37,7 @@ import torch
 
 from ..errors import StreamError
 from ..positions import to_model_position_ids
+from ..transfer import upload
 from .base import ModelAdapter, StreamPiece, cache_kwargs
 from .pooling import bilinear_pool
 
@@ -122,7 +123,10 @@ class LlavaOnevisionAdapter(ModelAdapter):
         video_processor = getattr(self.processor, "video_processor", None)
         if video_processor is None:
             raise StreamError("this LLaVA-OneVision checkpoint has no video processor")
-        pixels = video_processor(videos=[frames], return_tensors="pt", **self.processor_device_kwargs())[VIDEO_KEY]
+        # handed over as a tensor already on the processor's device: its own blocking copy
+        # would wait for every kernel still queued (the previous chunk's compression)
+        video = upload(torch.from_numpy(frames), self.device if self.processor_device_kwargs() else "cpu")
+        pixels = video_processor(videos=[video], return_tensors="pt", **self.processor_device_kwargs())[VIDEO_KEY]
         n_frames = frames.shape[0]
         size = int(self.vision_config.image_size)
         if (
@@ -212,7 +216,7 @@ class LlavaOnevisionAdapter(ModelAdapter):
             return super().forward(piece, positions, cache)
         # Videos of different lengths: encode each, scatter into the placeholders.
         device = self.device
-        input_ids = piece.input_ids.to(device)[None]
+        input_ids = upload(piece.input_ids, device)[None]
         embeds = self.base_model.get_input_embeddings()(input_ids)
         features = torch.cat([self.video_features(v.to(device)) for v in videos]).to(embeds.dtype)
         mask = input_ids == self.video_token_id
@@ -223,7 +227,7 @@ class LlavaOnevisionAdapter(ModelAdapter):
         embeds = embeds.masked_scatter(mask[..., None], features)
         out = self.base_model(
             inputs_embeds=embeds,
-            position_ids=to_model_position_ids(positions.to(device)),
+            position_ids=to_model_position_ids(upload(positions, device)),
             **cache_kwargs(self.base_model, cache),
         )
         return out.last_hidden_state

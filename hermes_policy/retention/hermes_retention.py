@@ -27,6 +27,7 @@ from ..errors import PolicyError, RetentionError
 from ..kv_store import KVStore
 from ..models.base import ModelAdapter
 from ..policy import Policy
+from ..transfer import upload
 from .base import (
     GuidanceRequest,
     LayerKeep,
@@ -137,8 +138,8 @@ class HermesRetention(RetentionRule):
                 attn = torch.zeros(n, device=device)
             rows.append(attn.to(device=device, dtype=torch.float32))
         layers = self.policy.layers
-        rates = torch.tensor([e.forgetting_rate for e in layers], device=device)
-        weights = torch.tensor([e.recency_weight for e in layers], device=device)
+        rates = upload(torch.tensor([e.forgetting_rate for e in layers]), device)
+        weights = upload(torch.tensor([e.recency_weight for e in layers]), device)
         scores = batched_mixed_scores(torch.stack(rows), rates, weights)
         smoothed = torch.stack(smooth_across_layers(list(scores), [e.smoothing for e in layers]))
         keep = [e.budget - 1 if e.summary_token else e.budget for e in layers]
@@ -197,7 +198,7 @@ class HermesRetention(RetentionRule):
             groups.setdefault((len(idx), state.keys.device), []).append((layer, idx, target))
         out: dict[int, SummaryToken] = {}
         for (_, device), members in groups.items():
-            indices = torch.stack([idx for _, idx, _ in members]).to(device)
+            indices = upload(torch.stack([idx for _, idx, _ in members]), device)
             states = [store.layer(layer) for layer, _, _ in members]
             keys = torch.stack([st.keys.index_select(-2, indices[i]) for i, st in enumerate(states)])
             values = torch.stack([st.values.index_select(-2, indices[i]) for i, st in enumerate(states)])
