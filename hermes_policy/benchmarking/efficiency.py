@@ -12,8 +12,9 @@ synchronised at each boundary) for a separate guidance pass, scoring and gatheri
 chunk in four (:data:`TIMED_EVERY`, at least one per segment; the synchronisation stalls
 the pipeline, so the ingest speed comes from the other chunks); when
 the pseudo-queries ride in the chunk's forward (fused guidance), their marginal cost is
-measured once per stream by timing the same chunk with and without them, and counted for
-every fused pass of the timed chunks.
+measured at every checkpoint by timing the same chunk with and without them (the prompts
+lengthen once a question has been asked: they quote the last question and answer), and
+counted for every fused pass of the segment's timed chunks.
 """
 
 from __future__ import annotations
@@ -258,7 +259,9 @@ def run_stream(
                 state.frames_done += chunk
                 state.chunks_done += 1
             session.time_phases = False
-            if overhead is None and session.fused_guidance_passes > 0:
+            if session.fused_guidance_passes > fused_total_before:
+                # at every checkpoint: the pseudo-queries grow once questions are asked
+                # (the guidance prompts quote the last question and answer)
                 overhead = fused_guidance_overhead(session, pool[:chunk])
             session.ask(QUESTIONS[0], max_new_tokens=config.answer_tokens)  # warm-up (graph capture)
             answers = [
