@@ -411,7 +411,7 @@ def block_view(states: torch.Tensor, seen: int, start: int, size: int) -> torch.
 
 class ShapeCounter:
     """How often each attention shape has run; a fused kernel whose first call at a shape
-    is expensive (cuDNN builds an execution plan, ~45 ms on an H200) is used for a shape
+    is expensive (cuDNN builds an execution plan, 40-60 ms on an H200) is used for a shape
     only once it has recurred ``after`` times, so a cache that grows every chunk never pays
     for plans it would use once, and a bounded cache pays once for its steady state."""
 
@@ -456,7 +456,7 @@ def attention_with_lse(
             query, key, value, None, True, 0.0, causal, False, scale=scaling
         )[:2]
         return out, lse.view(out.shape[:-1])
-    batch, heads, q_len, dim = query.shape
+    heads, q_len = query.shape[1], query.shape[2]
     groups = heads // key.shape[1]
     wide = torch.promote_types(query.dtype, torch.float32)
     keys = key.repeat_interleave(groups, 1).to(wide)
@@ -508,8 +508,9 @@ def causal_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
 
     On CUDA, a chunk over a cache at a recurring shape runs as two cuDNN calls merged by
     log-sum-exp (:func:`merge_attention`): the cached keys without a mask, the chunk's own
-    keys causally (0.35 ms against flash's 0.55 ms for 1,569 queries on a 4K cache, 28 heads
-    in 4 groups, on an H200; ``benchmarks/profile_efficiency.py --attention-only``).
+    keys causally (0.38 ms against flash's 0.60 ms for 1,569 queries on a 4K cache, 28 heads
+    in 4 groups, on an H200; ``benchmarks/profile_efficiency.py --attention-only``, output in
+    ``benchmarks/results/profile-llava-ov-7b-nvidia-h200-2026-12-01-timeline.txt``).
     Otherwise the flash kernel with the bottom-right causal bias (no mask materialised).
     """
     q_len, k_len = query.shape[-2], key.shape[-2]

@@ -282,6 +282,14 @@ class ModelAdapter(ABC):
         """Run the video processor's tensor work on the model's GPU (resize, normalise)."""
         return {"device": str(self.device)} if self.device.type == "cuda" else {}
 
+    def processor_video(self, frames: Any) -> torch.Tensor:
+        """uint8 frames ``(T, H, W, 3)`` as a tensor on the video processor's device.
+
+        Copied without waiting for queued GPU work: the processor's own blocking copy
+        would wait for every kernel still queued (the previous chunk's compression).
+        """
+        return upload(torch.as_tensor(frames), self.processor_device_kwargs().get("device", "cpu"))
+
     def concat_model_inputs(self, inputs: list[dict[str, Any]]) -> dict[str, Any]:
         """Merge the extra inputs of several pieces for one forward (reference runs)."""
         keys = {k for d in inputs for k in d}

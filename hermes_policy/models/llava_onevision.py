@@ -123,10 +123,9 @@ class LlavaOnevisionAdapter(ModelAdapter):
         video_processor = getattr(self.processor, "video_processor", None)
         if video_processor is None:
             raise StreamError("this LLaVA-OneVision checkpoint has no video processor")
-        # handed over as a tensor already on the processor's device: its own blocking copy
-        # would wait for every kernel still queued (the previous chunk's compression)
-        video = upload(torch.from_numpy(frames), self.device if self.processor_device_kwargs() else "cpu")
-        pixels = video_processor(videos=[video], return_tensors="pt", **self.processor_device_kwargs())[VIDEO_KEY]
+        pixels = video_processor(
+            videos=[self.processor_video(frames)], return_tensors="pt", **self.processor_device_kwargs()
+        )[VIDEO_KEY]
         n_frames = frames.shape[0]
         size = int(self.vision_config.image_size)
         if (

@@ -251,7 +251,7 @@ class _QwenVLAdapter(ModelAdapter):
             # uncapped per-frame resolution), which we keep: say so explicitly.
             kwargs["cap_pixels_per_frame"] = False
         out = self.video_processor(
-            videos=[frames],
+            videos=[self.processor_video(frames)],
             video_metadata=[metadata],
             do_sample_frames=False,
             return_tensors="pt",
