@@ -171,6 +171,56 @@ def attention_backends(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> Non
     print(f"cuDNN repeated shape, wall: {1e3 * (time.perf_counter() - start):.2f} ms")
 
 
+def ingest_comparison(adapter, shape, chunk_frames: int, warm: int, chunks: int = 8) -> None:
+    """Wall time a compressing chunk takes (each ``add_frames`` synchronised, as the bench
+    times them) with the recurring forwards replayed as CUDA graphs and without."""
+    import time
+
+    frames = random_frames(shape, warm + chunk_frames)
+    chunk = frames[warm:]
+    for graphs in (False, True):
+        session = StreamingSession(adapter, make_rule("hermes", adapter, 4000), chunk_frames=chunk_frames, ingest_graphs=graphs)
+        session.add_frames(frames[:warm])
+        for _ in range(3):  # the steady shape recurs, is captured
+            session.add_frames(chunk)
+        samples = []
+        for _ in range(chunks):
+            start = time.perf_counter()
+            session.add_frames(chunk)
+            samples.append(time.perf_counter() - start)
+        samples.sort()
+        median = samples[len(samples) // 2] * 1e3
+        extra = ""
+        if session.chunk_graphs is not None:
+            extra = f" (captures {session.chunk_graphs.captures}, replays {session.chunk_graphs.replays}, failed {len(session.chunk_graphs.failed)})"
+        print(f"ingest graphs {'on ' if graphs else 'off'}: {median:6.2f} ms a compressing chunk of {chunk_frames} frames, "
+              f"{1e3 * chunk_frames / median:5.1f} frames/s{extra}")
+        del session
+        torch.cuda.empty_cache()
+
+
+def answer_breakdown(session: StreamingSession) -> None:
+    """TTFT split: tokenising the question, the prefill graph, the decode graph (replays
+    timed with CUDA events), against the TTFT and TPOT that ``ask`` reports."""
+    import statistics
+    import time
+
+    answers = [session.ask(q, max_new_tokens=8) for q in QUESTIONS[:5]]
+    ttft = statistics.median(a.ttft_ms for a in answers[1:])
+    tpot = statistics.median(a.tpot_ms for a in answers[1:] if a.tpot_ms is not None)
+    start = time.perf_counter()
+    for _ in range(20):
+        session.adapter.question_piece(QUESTIONS[1])
+    tokenize = (time.perf_counter() - start) / 20 * 1e3
+    graphs = session.answer_graphs
+    timings = {}
+    with torch.inference_mode():
+        for key, graph in graphs._graphs.items():
+            timings[str(key)] = median_cuda_ms(graph.run)
+    print(f"== answer: TTFT {ttft:.2f} ms, TPOT {tpot:.2f} ms; question tokenised in {tokenize:.3f} ms; "
+          f"graph replays (ms): {', '.join(f'{k} {v:.2f}' for k, v in timings.items())}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shape", default="llava-ov-7b")
@@ -180,6 +230,7 @@ def main() -> None:
     parser.add_argument("--tokenizer", default="auto", help="see `hermes-probe bench --help`")
     parser.add_argument("--out", type=Path, default=Path("profile-out"))
     parser.add_argument("--attention-only", action="store_true", help="only the attention kernel timings")
+    parser.add_argument("--quick", action="store_true", help="only attention, ingest A/B and the answer breakdown")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
 
@@ -193,7 +244,16 @@ def main() -> None:
 
     shape = get_shape(args.shape)
     adapter = build_random_adapter(shape, tokenizer=args.tokenizer)
-    session = StreamingSession(adapter, make_rule("hermes", adapter, 4000), chunk_frames=args.chunk, answer_path="static")
+    ingest_comparison(adapter, shape, args.chunk, args.warm)
+    answering = StreamingSession(adapter, make_rule("hermes", adapter, 4000), chunk_frames=args.chunk)
+    answering.add_frames(random_frames(shape, args.warm))
+    answer_breakdown(answering)
+    del answering
+    if args.quick:
+        return
+    session = StreamingSession(
+        adapter, make_rule("hermes", adapter, 4000), chunk_frames=args.chunk, answer_path="static", ingest_graphs=True
+    )
     frames = random_frames(shape, args.warm + args.chunk)
     session.add_frames(frames[: args.warm])
     session.ask(QUESTIONS[0], max_new_tokens=4)

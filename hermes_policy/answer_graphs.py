@@ -31,10 +31,13 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .attention import PerLayerRotary, StaticMasks
+from .attention import StaticMasks
+from .chunk_graphs import batch_axis, per_layer_text_forward
 from .kv_store import KVStore
-from .models.base import ModelAdapter, StreamPiece, cache_kwargs
+from .models.base import ModelAdapter, StreamPiece
 from .stream_cache import StaticWrites
+
+__all__ = ["AnswerGraphs", "batch_axis", "bucket_length"]
 
 BUCKETS = (16, 32, 64, 128, 256, 512)
 WINDOW_QUANTUM = 256  # key windows are multiples of this many slots
@@ -48,25 +51,6 @@ def bucket_length(n: int, buckets: tuple[int, ...] = BUCKETS) -> int:
             return size
     top = buckets[-1]
     return -(-n // top) * top
-
-
-def batch_axis(rotary_emb: torch.nn.Module, axes: int, device: torch.device, dtype: torch.dtype) -> int:
-    """The axis of the rotary module's output that indexes the batch of position rows.
-
-    Found by running the module on batches of 1 and 2 (output layouts differ between
-    1D RoPE and the multimodal variants).
-    """
-    probe = torch.zeros(1, dtype=dtype, device=device)
-    shapes = []
-    for batch in (1, 2):
-        ids = torch.zeros(batch, 3, dtype=torch.long, device=device)
-        if axes > 1:
-            ids = ids[None].expand(axes, -1, -1)
-        shapes.append(rotary_emb(probe, ids)[0].shape)
-    differing = [i for i, (a, b) in enumerate(zip(*shapes, strict=True)) if a != b]
-    if len(differing) != 1:
-        raise RuntimeError(f"cannot locate the batch axis of rotary outputs {shapes}")
-    return differing[0]
 
 
 @dataclass
@@ -110,7 +94,6 @@ class AnswerGraphs:
         self._offset = torch.zeros(1, dtype=torch.long, device=self._device)
         self._slot_base = torch.zeros(self._layers, dtype=torch.long, device=self._device)
         self._pos_base = torch.zeros(self._layers, self._axes, dtype=torch.long, device=self._device)
-        self._probe = torch.zeros(1, dtype=adapter.dtype, device=self._device)
 
     # -- public --------------------------------------------------------------------------
     def answer(
@@ -200,26 +183,11 @@ class AnswerGraphs:
         Writes keys/values at ``slots (layers, q)``, attends over the first ``window`` slots;
         returns hidden states ``(1, q, hidden)``.
         """
-        adapter = self.adapter
-        if self._axes == 1:
-            batched = positions[:, 0, :]  # (layers, q)
-            layer0 = positions[0]  # (1, q)
-        else:
-            batched = positions.permute(1, 0, 2)  # (axes, layers, q)
-            layer0 = positions[0][:, None, :]  # (axes, 1, q)
-        cos, sin = adapter.rotary_emb(self._probe, batched)
-        per_layer = [
-            (cos.narrow(self._batch_axis, layer, 1), sin.narrow(self._batch_axis, layer, 1))
-            for layer in range(self._layers)
-        ]
-        text_model = adapter.text_model
         with (
-            PerLayerRotary(adapter.decoder_layers, per_layer),
             StaticWrites(self.store.cache, slots, window),
-            StaticMasks(adapter.attention_modules, slots, window),
+            StaticMasks(self.adapter.attention_modules, slots, window),
         ):
-            out = text_model(input_ids=ids, position_ids=layer0, **cache_kwargs(text_model, self.store.cache))
-        return out.last_hidden_state
+            return per_layer_text_forward(self.adapter, positions, self.store.cache, self._batch_axis, input_ids=ids)
 
     def _prefill_body(self, bucket: int, window: int) -> Callable[[], None]:
         ids, rel, lengths, next_pos, tail = self._views(bucket)

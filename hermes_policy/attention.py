@@ -19,7 +19,8 @@ Static mode (CUDA graphs, see ``hermes_policy.answer_graphs``): inside
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -432,6 +433,21 @@ class ShapeCounter:
 
 # three forwards of a 28-layer model at one shape before cuDNN plans are built for it
 SPLIT_SHAPES = ShapeCounter(after=96)
+_STEADY = [0]  # depth of active steady_shapes() contexts
+
+
+@contextmanager
+def steady_shapes() -> Iterator[None]:
+    """Within this context every chunk-attention shape counts as recurring.
+
+    For forwards known to repeat (those captured as CUDA graphs, which are replayed at one
+    shape): they take the kernels of a stream's steady state from the first run on.
+    """
+    _STEADY[0] += 1
+    try:
+        yield
+    finally:
+        _STEADY[0] -= 1
 HAS_CUDNN_SDPA = hasattr(torch.ops.aten, "_scaled_dot_product_cudnn_attention")
 
 
@@ -524,7 +540,7 @@ def causal_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
         parts = [canonical_batch_stride(t) for t in (key[:, :, :cache], value[:, :, :cache], key[:, :, cache:], value[:, :, cache:])]
         # cuDNN keys its plans on shapes and strides
         shape = tuple((t.shape, t.stride()) for t in (query, *parts)) + (query.dtype,)
-        if SPLIT_SHAPES.recurring(shape):
+        if SPLIT_SHAPES.recurring(shape) or _STEADY[0]:
             out_cache, lse_cache = attention_with_lse(query, parts[0], parts[1], scaling, causal=False)
             out_new, lse_new = attention_with_lse(query, parts[2], parts[3], scaling, causal=True)
             return merge_attention(out_cache, lse_cache, out_new, lse_new)

@@ -27,6 +27,7 @@ import torch
 
 from .answer_graphs import AnswerGraphs
 from .attention import AttentionCapture, PerLayerRotary, QueryBlocks
+from .chunk_graphs import ChunkGraphs
 from .errors import StreamError
 from .kv_store import KVStore
 from .models.base import DEFAULT_SYSTEM_PROMPT, ModelAdapter, StreamPiece
@@ -126,6 +127,9 @@ class StreamingSession:
     fuse_guidance : run a rule's pseudo-queries in the same forward as the chunk that
         triggers compression (one pass over the weights instead of two; the result is
         the same up to rounding)
+    ingest_graphs : replay recurring ingest forwards (a bounded rule's steady state) as
+        CUDA graphs (see :mod:`hermes_policy.chunk_graphs`); default: where answers use
+        graphs
     """
 
     def __init__(
@@ -141,6 +145,7 @@ class StreamingSession:
         history_limit: int = 16,
         answer_path: AnswerPath | None = None,
         fuse_guidance: bool = True,
+        ingest_graphs: bool | None = None,
     ):
         if chunk_frames < 1:
             raise StreamError(f"chunk_frames must be at least 1, got {chunk_frames}")
@@ -155,6 +160,10 @@ class StreamingSession:
         if answer_path == "graphs" and (adapter.device.type != "cuda" or split):
             raise StreamError("answer_path='graphs' needs the whole model on one CUDA device")
         self.answer_path = answer_path
+        if ingest_graphs is None:
+            ingest_graphs = answer_path == "graphs"
+        if ingest_graphs and (adapter.device.type != "cuda" or split):
+            raise StreamError("ingest_graphs needs the whole model on one CUDA device")
         self.fuse_guidance = fuse_guidance
         self.time_phases = False
         self.phase_seconds: dict[str, float] = {}
@@ -178,6 +187,7 @@ class StreamingSession:
         self._pending_times: list[float | None] = []
         self._warned_positions = False
         self.store = KVStore(adapter.num_layers, adapter.position_axes, adapter.text_config)
+        self.chunk_graphs = ChunkGraphs(adapter, self.store) if ingest_graphs else None
         with torch.inference_mode():
             self._prefill(adapter.prefix_piece(system_prompt))
         self.store.mark_prefix()
@@ -427,19 +437,37 @@ class StreamingSession:
 
     def layer_positions(self, piece: StreamPiece) -> list[torch.Tensor]:
         """Absolute positions of a piece in each layer: that layer's next free position + relative."""
-        return [self.store.next_position(layer) + piece.positions for layer in range(self.store.num_layers)]
+        relative = piece.positions.numpy()
+        return [
+            torch.from_numpy(self.store.next_position(layer) + relative) for layer in range(self.store.num_layers)
+        ]
 
-    def _prefill(self, piece: StreamPiece, last_only: bool = False, ingest: bool = False) -> torch.Tensor:
+    def _prefill(
+        self,
+        piece: StreamPiece,
+        last_only: bool = False,
+        ingest: bool = False,
+        context: tuple = (),
+        collected: list[Any] | None = None,
+    ) -> torch.Tensor:
         """Run a piece on top of the store; returns hidden states (all, or the last one).
 
         ``ingest``: the piece is stream input or a pseudo-query (not a question or answer),
-        so lazy re-indexing may run first if the piece would reach the position limit.
+        so lazy re-indexing may run first if the piece would reach the position limit, and
+        a recurring shape may be replayed from a CUDA graph; ``context`` describes the
+        attention contexts active around the call and ``collected`` is the list their
+        callbacks fill (both for :class:`~hermes_policy.chunk_graphs.ChunkGraphs`).
         """
         if ingest and self.retention.reindex == "lazy" and self._near_position_limit(piece.extent):
             self._reindex_all()
         positions = self.layer_positions(piece)
         self._check_position_limit(positions)
-        uniform = all(torch.equal(positions[0], p) for p in positions[1:])
+        if ingest and self.chunk_graphs is not None:
+            hidden = self.chunk_graphs.prefill(piece, positions, context, collected)
+            if hidden is not None:
+                self.store.record_appended(positions, piece.frame_index)
+                return hidden[:, -1:] if last_only else hidden
+        uniform = all(np.array_equal(positions[0].numpy(), p.numpy()) for p in positions[1:])
         if uniform:
             hidden = self.adapter.forward(piece, positions[0], self.store.cache)
         else:
@@ -554,9 +582,12 @@ class StreamingSession:
             result[layer] = stream.mean(dim=(0, 1)).float()  # stays on the device: no sync per layer
 
         capture = AttentionCapture(self.adapter.attention_modules, query_rows=rows, callback=keep_stream)
-        blocks = QueryBlocks(self.adapter.attention_modules, [len(p) for p in pieces], lead=lead_len)
+        sizes = [len(p) for p in pieces]
+        blocks = QueryBlocks(self.adapter.attention_modules, sizes, lead=lead_len)
+        # what shapes this forward besides its length and the cache lengths (graph keys)
+        context = ("guidance", lead_len, tuple(sizes), tuple(sorted((k, v.start, v.stop) for k, v in rows.items())))
         with blocks, capture, torch.inference_mode():
-            self._prefill(merged, ingest=True)
+            self._prefill(merged, ingest=True, context=context, collected=result)
         self.store.truncate(lengths)
         return result
 
@@ -565,7 +596,7 @@ class StreamingSession:
         return self.store.max_position() + upcoming >= self.adapter.max_positions - self.reindex_margin
 
     def _check_position_limit(self, positions: list[torch.Tensor]) -> None:
-        highest = max(int(p.max()) for p in positions) if positions[0].numel() else 0
+        highest = max(int(p.numpy().max()) for p in positions) if positions[0].numel() else 0
         if highest >= self.adapter.max_positions and not self._warned_positions:
             self._warned_positions = True
             warnings.warn(

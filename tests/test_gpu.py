@@ -136,3 +136,32 @@ def test_split_chunk_attention_on_cuda(monkeypatch):
         query.float(), key.float().repeat_interleave(7, 1), value.float().repeat_interleave(7, 1), attn_mask=mask
     )
     torch.testing.assert_close(out.float(), reference, atol=1e-2, rtol=1e-2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_ingest_graphs_equal_eager_ingest(tiny_llama_dir, dtype):
+    """Recurring ingest forwards replayed as CUDA graphs (chunks with fused pseudo-queries
+    and the attention they collect) against the same stream ingested eagerly."""
+    from hermes_policy.models import load_adapter
+    from hermes_policy.policy import ModelInfo, paper_default
+    from hermes_policy.retention import HermesRetention
+
+    adapter = load_adapter(tiny_llama_dir, device="cuda", dtype=dtype, tokens_per_frame=8)
+    frames = torch.randint(0, 250, (96, 8), generator=torch.Generator().manual_seed(4))
+    runs = {}
+    for graphs in (False, True):
+        rule = HermesRetention(policy=paper_default(ModelInfo.of(adapter), budget=96))
+        session = StreamingSession(adapter, rule, chunk_frames=4, ingest_graphs=graphs)
+        session.add_frames(frames[:48])
+        first = session.ask("Where?", max_new_tokens=8).token_ids
+        session.add_frames(frames[48:])
+        runs[graphs] = (session, [first, session.ask("What now?", max_new_tokens=8).token_ids])
+    (eager, eager_answers), (graphed, graphed_answers) = runs[False], runs[True]
+    assert graphed.chunk_graphs.captures >= 2 and graphed.chunk_graphs.replays > graphed.chunk_graphs.captures
+    assert not graphed.chunk_graphs.failed
+    tol = 1e-4 if dtype == torch.float32 else 5e-2
+    for layer in range(adapter.num_layers):
+        assert torch.equal(graphed.store.layer(layer).positions, eager.store.layer(layer).positions)
+        torch.testing.assert_close(graphed.store.layer(layer).keys, eager.store.layer(layer).keys, atol=tol, rtol=tol)
+    if dtype == torch.float32:
+        assert graphed_answers == eager_answers

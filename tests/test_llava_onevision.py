@@ -248,3 +248,36 @@ def test_session_rejects_bad_frames_and_stays_usable(adapter):
     assert session.frames_seen == 0 and session.tokens_kept == [0] * adapter.num_layers
     session.add_frames(random_frames(2, size=(16, 16)))
     assert session.ask(QUESTION).frames_seen == 2
+
+
+def test_input_embeddings_feed_the_text_model_like_the_forward(adapter):
+    """The split the ingest graphs use: embeddings (vision features in place) then the
+    decoder stack alone, against the model's own forward of the same chunk."""
+    piece = adapter.frames_piece(random_frames(3, seed=4), 0, None)
+    positions = torch.arange(len(piece))[None]
+    with torch.inference_mode():
+        whole = adapter.forward(piece, positions)
+        embeds = adapter.input_embeddings(piece)
+        split = adapter.text_model(inputs_embeds=embeds, position_ids=positions).last_hidden_state
+    assert embeds.shape == (1, len(piece), adapter.text_config.hidden_size)
+    torch.testing.assert_close(split, whole, atol=1e-5, rtol=1e-5)
+
+
+def test_fixed_buffer_ingest_of_video_chunks(adapter):
+    from hermes_policy.chunk_graphs import ChunkGraphs
+    from hermes_policy.retention import FifoRetention
+
+    frames = random_frames(12, seed=5)
+    budget = 3 * adapter.tokens_per_frame + 2
+    results = []
+    for fixed in (False, True):
+        session = StreamingSession(adapter, FifoRetention(budget=budget), chunk_frames=2, answer_path="static")
+        if fixed:
+            session.chunk_graphs = ChunkGraphs(adapter, session.store, use_graphs=False, after=1)
+        session.add_frames(frames)
+        results.append((session, session.ask(QUESTION, max_new_tokens=5).token_ids))
+    (plain, plain_answer), (fixed, fixed_answer) = results
+    assert fixed.chunk_graphs.replays > 0 and fixed_answer == plain_answer
+    for layer in range(adapter.num_layers):
+        torch.testing.assert_close(fixed.store.layer(layer).keys, plain.store.layer(layer).keys, atol=1e-5, rtol=1e-5)
+        assert torch.equal(fixed.store.layer(layer).frame_index, plain.store.layer(layer).frame_index)

@@ -321,6 +321,19 @@ class ModelAdapter(ABC):
         )
         return out.last_hidden_state
 
+    def input_embeddings(self, piece: StreamPiece) -> torch.Tensor | None:
+        """The text model's input embeddings ``(1, seq, hidden)`` of a piece, on the model's device.
+
+        What :meth:`forward` feeds the decoder stack, computed without waiting for the GPU
+        (so the stack itself can be replayed from a CUDA graph, see
+        :mod:`hermes_policy.chunk_graphs`). None where this adapter cannot split its forward
+        so: here, pieces with extra model inputs (adapters of vision models override it).
+        """
+        if piece.model_inputs:
+            return None
+        ids = upload(piece.input_ids, self.device)[None]
+        return self.text_model.get_input_embeddings()(ids)
+
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """LM-head logits for hidden states ``(1, seq, hidden)`` -> ``(1, seq, vocab)``."""
         return self.model.get_output_embeddings()(hidden)

@@ -207,6 +207,25 @@ class LlavaOnevisionAdapter(ModelAdapter):
             )
         return features.reshape(-1, features.shape[-1])
 
+    def input_embeddings(self, piece: StreamPiece) -> torch.Tensor | None:
+        """Token embeddings with the chunk's video features in place of its ``<video>`` tokens.
+
+        The model's forward does the same (a masked scatter) after checking the counts on
+        the GPU, which waits for it; here the placeholders are found in the host-side ids.
+        """
+        pixels = piece.model_inputs.get(VIDEO_KEY)
+        if pixels is None:
+            return super().input_embeddings(piece)
+        if not isinstance(pixels, torch.Tensor) or set(piece.model_inputs) != {VIDEO_KEY}:
+            return None
+        device = self.device
+        embeds = self.base_model.get_input_embeddings()(upload(piece.input_ids, device)[None])
+        features = self.video_features(upload(pixels, device))
+        slots = np.flatnonzero(piece.input_ids.numpy() == self.video_token_id)
+        if len(slots) != features.shape[0]:
+            raise StreamError(f"{len(slots)} video tokens but {features.shape[0]} video features")
+        return embeds.index_copy(1, upload(torch.from_numpy(slots), device), features[None].to(embeds.dtype))
+
     def forward(
         self, piece: StreamPiece, positions: torch.Tensor, cache: Any | None = None
     ) -> torch.Tensor:

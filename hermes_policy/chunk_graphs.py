@@ -1,0 +1,280 @@
+"""Ingest on fixed shapes: a chunk's pass through the text model replayed as a CUDA graph.
+
+Once a bounded rule has reached its budget, every chunk runs the same shapes: the same
+number of new tokens on the same per-layer cache lengths, with the same pseudo-query
+blocks when it compresses. Launching the ~40 kernels of each decoder layer from Python
+takes about as long as the GPU takes to run them (LLaVA-OV-7B shape on an H200: the host
+launched a fused chunk prefill in 56 ms, the GPU ran it in 77; a trace showed the GPU
+waiting between kernels), so after a shape has recurred ``after`` times the text-model
+part of the prefill is captured once and then replayed:
+
+- the chunk's input embeddings (vision features already merged, computed eagerly by
+  :meth:`~hermes_policy.models.base.ModelAdapter.input_embeddings`) and the per-layer
+  positions are copied into static buffers the graph reads;
+- rotary cos/sin are computed per layer inside the graph from those positions;
+- the model writes keys and values as usual, at each layer's current length: the lengths
+  are part of the graph's key, and after a replay each layer's length is advanced by hand
+  (the host-side counter is not part of the graph);
+- attention runs the kernels it runs eagerly on a recurring shape (the split cuDNN path,
+  :func:`~hermes_policy.attention.steady_shapes`), pseudo-query blocks and their captured
+  probabilities included;
+- outputs (hidden states and what the forward collected, e.g. per-layer pseudo-query
+  attention) live in the graph's memory and are returned by reference: valid until the
+  next replay.
+
+Graphs share one memory pool, at most :data:`MAX_GRAPHS` are kept, and all are dropped
+when a layer's buffer moves (grew). A shape whose capture fails runs eagerly from then on.
+``use_graphs=False`` runs the same fixed-buffer code eagerly (CPU, tests).
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from .attention import PerLayerRotary, steady_shapes
+from .kv_store import KVStore
+from .models.base import ModelAdapter, StreamPiece, cache_kwargs
+from .transfer import upload
+
+MAX_GRAPHS = 4
+RECUR_AFTER = 2  # eager runs of a shape before it is captured (warm kernels, plans built)
+
+Outputs = tuple[torch.Tensor, tuple[Any, ...]]
+
+
+def batch_axis(rotary_emb: torch.nn.Module, axes: int, device: torch.device, dtype: torch.dtype) -> int:
+    """The axis of the rotary module's output that indexes the batch of position rows.
+
+    Found by running the module on batches of 1 and 2 (output layouts differ between
+    1D RoPE and the multimodal variants).
+    """
+    probe = torch.zeros(1, dtype=dtype, device=device)
+    shapes = []
+    for batch in (1, 2):
+        ids = torch.zeros(batch, 3, dtype=torch.long, device=device)
+        if axes > 1:
+            ids = ids[None].expand(axes, -1, -1)
+        shapes.append(rotary_emb(probe, ids)[0].shape)
+    differing = [i for i, (a, b) in enumerate(zip(*shapes, strict=True)) if a != b]
+    if len(differing) != 1:
+        raise RuntimeError(f"cannot locate the batch axis of rotary outputs {shapes}")
+    return differing[0]
+
+
+def per_layer_text_forward(
+    adapter: ModelAdapter, positions: torch.Tensor, cache: Any, rotary_batch_axis: int, **inputs: torch.Tensor
+) -> torch.Tensor:
+    """Text-model forward with each layer's rotary cos/sin computed from its own positions.
+
+    Parameters
+    ----------
+    positions : LongTensor ``(layers, axes, q)`` on the model's device
+    rotary_batch_axis : see :func:`batch_axis`
+    inputs : ``input_ids (1, q)`` or ``inputs_embeds (1, q, hidden)``
+
+    Returns
+    -------
+    hidden states ``(1, q, hidden)``. Every shape is fixed by ``positions``' shape: the
+    body of a CUDA graph.
+    """
+    axes, layers = positions.shape[1], positions.shape[0]
+    if axes == 1:
+        batched = positions[:, 0, :]  # (layers, q)
+        layer0 = positions[0]  # (1, q)
+    else:
+        batched = positions.permute(1, 0, 2)  # (axes, layers, q)
+        layer0 = positions[0][:, None, :]  # (axes, 1, q)
+    probe = torch.zeros((), dtype=adapter.dtype, device=positions.device)
+    cos, sin = adapter.rotary_emb(probe, batched)
+    per_layer = [
+        (cos.narrow(rotary_batch_axis, layer, 1), sin.narrow(rotary_batch_axis, layer, 1)) for layer in range(layers)
+    ]
+    text_model = adapter.text_model
+    with PerLayerRotary(adapter.decoder_layers, per_layer):
+        out = text_model(position_ids=layer0, **inputs, **cache_kwargs(text_model, cache))
+    return out.last_hidden_state
+
+
+@dataclass
+class _ChunkGraph:
+    graph: torch.cuda.CUDAGraph | None
+    body: Callable[[], Outputs]
+    embeds: torch.Tensor
+    positions: torch.Tensor
+    collected: list[Any] | None = None  # the calling forward's list (see ChunkGraphs.prefill)
+    outputs: Outputs | None = None
+
+    def run(self) -> Outputs:
+        if self.graph is None:
+            return self.body()
+        self.graph.replay()
+        assert self.outputs is not None
+        return self.outputs
+
+
+class ChunkGraphs:
+    """Replays a session's recurring ingest forwards as CUDA graphs.
+
+    Parameters
+    ----------
+    adapter : the model adapter (whole model on one device)
+    store : the session's KV store
+    use_graphs : capture CUDA graphs (needs a CUDA device); False runs the same fixed-buffer
+        code eagerly (tests)
+    after : eager runs of a shape before it is captured
+    """
+
+    def __init__(self, adapter: ModelAdapter, store: KVStore, use_graphs: bool = True, after: int = RECUR_AFTER):
+        if use_graphs and (adapter.device.type != "cuda" or adapter.spans_devices):
+            raise ValueError("CUDA graphs need the whole model on one CUDA device")
+        self.adapter = adapter
+        self.store = store
+        self.use_graphs = use_graphs
+        self.after = after
+        self.captures = 0
+        self.replays = 0
+        self.failed: set[tuple] = set()
+        self._seen: dict[tuple, int] = {}
+        self._graphs: dict[tuple, _ChunkGraph] = {}
+        self._generation: tuple[int, ...] | None = None
+        self._pool: Any = None
+        self._batch_axis = batch_axis(adapter.rotary_emb, adapter.position_axes, adapter.device, adapter.dtype)
+
+    def prefill(
+        self,
+        piece: StreamPiece,
+        positions: list[torch.Tensor],
+        context: tuple = (),
+        collected: list[Any] | None = None,
+    ) -> torch.Tensor | None:
+        """Run ``piece`` through the text model from a graph, or None: the caller runs it eagerly.
+
+        A shape (its length, every layer's length, ``context``: what else shapes the
+        forward, such as pseudo-query blocks) is captured on its ``after + 1``-th call.
+
+        Parameters
+        ----------
+        positions : per layer, LongTensor ``(axes, q)``: absolute positions
+        context : a hashable description of the attention contexts active around the call
+        collected : a list the forward fills (an attention capture's callback); after a
+            replay it holds what the captured forward put there (graph memory)
+
+        Returns
+        -------
+        hidden states ``(1, q, hidden)`` in graph memory, or None (not captured yet, or
+        this shape cannot be)
+        """
+        store = self.store
+        lengths = tuple(store.lengths())
+        key = (len(piece), lengths, store.prefix_len, context, None if collected is None else len(collected))
+        graph = self._graphs.get(key)
+        if graph is None:
+            if key in self.failed:
+                return None
+            seen = self._seen.get(key, 0)
+            if seen < self.after:
+                if len(self._seen) > 4096:  # ever-new shapes (a growing cache): forget them
+                    self._seen.clear()
+                self._seen[key] = seen + 1
+                return None
+            embeds = self.adapter.input_embeddings(piece)
+            if embeds is None:
+                self.failed.add(key)
+                return None
+            self._reserve(lengths, len(piece))
+            graph = self._build(key, embeds, positions, collected)
+            if graph is None:
+                return None
+        else:
+            embeds = self.adapter.input_embeddings(piece)
+            if embeds is None:  # pragma: no cover - the adapter answered once for this shape
+                return None
+            self._load(graph, embeds, positions)
+        graph.collected = collected
+        hidden, extra = graph.run()
+        self.replays += 1
+        self._advance(lengths, len(piece))
+        if collected is not None:
+            collected[:] = list(extra)
+        return hidden
+
+    # -- internals ---------------------------------------------------------------------------
+    def _reserve(self, lengths: tuple[int, ...], new: int) -> None:
+        for layer, n in zip(self.store.cache.layers, lengths, strict=True):
+            layer.reserve(n + new, *layer.buffers)
+        generation = self.store.cache.generation
+        if generation != self._generation:
+            self._graphs.clear()
+            self._generation = generation
+
+    def _load(self, graph: _ChunkGraph, embeds: torch.Tensor, positions: list[torch.Tensor]) -> None:
+        graph.embeds.copy_(embeds)
+        # stacked in numpy: torch's CPU ops cost ~1 ms a call on a many-core GPU host
+        stacked = torch.from_numpy(np.stack([p.numpy() for p in positions]))
+        graph.positions.copy_(upload(stacked, graph.positions.device))
+
+    def _advance(self, lengths: tuple[int, ...], new: int) -> None:
+        """Each layer's length after the forward appended ``new`` tokens at ``lengths``
+        (a replay writes the keys and values but cannot move the host-side counters)."""
+        for layer, n in zip(self.store.cache.layers, lengths, strict=True):
+            if n + new > layer.capacity:
+                raise RuntimeError(f"a chunk graph wrote past a layer's capacity ({n + new} > {layer.capacity})")
+            layer.length = n + new
+
+    def _build(
+        self, key: tuple, embeds: torch.Tensor, positions: list[torch.Tensor], collected: list[Any] | None
+    ) -> _ChunkGraph | None:
+        device = embeds.device
+        lengths = key[1]
+        static_embeds = torch.empty_like(embeds)
+        static_positions = torch.empty((len(positions), *positions[0].shape), dtype=torch.long, device=device)
+        adapter, cache, axis = self.adapter, self.store.cache, self._batch_axis
+
+        def body() -> Outputs:
+            for layer, n in zip(cache.layers, lengths, strict=True):  # every run writes at the same slots
+                layer.truncate(n)
+            with steady_shapes():
+                hidden = per_layer_text_forward(adapter, static_positions, cache, axis, inputs_embeds=static_embeds)
+            # what the forward's callbacks put in the calling forward's list (when run eagerly)
+            return hidden, tuple(graph.collected) if graph.collected is not None else ()
+
+        graph = _ChunkGraph(None, body, static_embeds, static_positions, collected=collected)
+        self._load(graph, embeds, positions)
+        if self.use_graphs:
+            if len(self._graphs) >= MAX_GRAPHS:
+                self._graphs.clear()
+            try:
+                graph.graph, graph.outputs = self._capture(body)
+            except Exception as error:  # a forward that syncs with the host, an uncapturable kernel
+                warnings.warn(
+                    f"CUDA graph capture of an ingest forward failed ({error}); this shape runs eagerly",
+                    stacklevel=4,
+                )
+                self.failed.add(key)
+                for layer, n in zip(cache.layers, lengths, strict=True):
+                    layer.truncate(n)
+                return None
+            self.captures += 1
+        self._graphs[key] = graph
+        return graph
+
+    def _capture(self, body: Callable[[], Outputs]) -> tuple[torch.cuda.CUDAGraph, Outputs]:
+        """Warm up on a side stream (plans and workspaces for the steady kernels), then capture."""
+        device = self.adapter.device
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
+        stream = torch.cuda.Stream(device)
+        stream.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(stream):
+            body()
+        torch.cuda.current_stream(device).wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._pool):
+            outputs = body()
+        return graph, outputs

@@ -1,0 +1,85 @@
+"""Ingest forwards on fixed buffers (the code CUDA graphs replay), against the ordinary path.
+
+``ChunkGraphs(use_graphs=False)`` runs exactly the body that is captured on a GPU: static
+input buffers, per-layer rotary computed from a positions buffer, keys written at each
+layer's recorded length, lengths advanced by hand afterwards, collected pseudo-query
+attention handed back. On the CPU it must give the ordinary session's results: the same
+kept tokens, the same cache, the same answers.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_answer_paths import rules, text_frames
+
+from hermes_policy import StreamingSession
+from hermes_policy.chunk_graphs import ChunkGraphs
+from hermes_policy.errors import StreamError
+
+
+def run_stream(adapter, name, fixed_buffers, frames=48, chunk=4, budget=64, after=1):
+    session = StreamingSession(adapter, rules(adapter, budget)[name], chunk_frames=chunk, answer_path="static")
+    if fixed_buffers:
+        session.chunk_graphs = ChunkGraphs(adapter, session.store, use_graphs=False, after=after)
+    stream = text_frames(adapter, frames, seed=5)
+    half = frames // 2
+    session.add_frames(stream[:half])
+    first = session.ask("Where is the ball?", max_new_tokens=6)
+    session.add_frames(stream[half:])  # the pseudo-queries now quote the question: new shapes
+    second = session.ask("And the cat?", max_new_tokens=6)
+    return session, [first.token_ids, second.token_ids]
+
+
+@pytest.mark.parametrize(
+    "name,after",
+    # ragged: every layer at its own length and positions, a new shape each chunk (so
+    # built at first sight here)
+    [("fifo", 1), ("hermes", 1), ("hermes-eager", 1), ("ragged", 0)],
+)
+def test_fixed_buffer_ingest_equals_ordinary_ingest(tiny_adapter, name, after):
+    plain, plain_answers = run_stream(tiny_adapter, name, fixed_buffers=False)
+    fixed, fixed_answers = run_stream(tiny_adapter, name, fixed_buffers=True, after=after)
+    graphs = fixed.chunk_graphs
+    assert graphs.replays > 0  # the steady state ran from fixed buffers
+    assert fixed_answers == plain_answers
+    assert fixed.store.lengths() == plain.store.lengths()
+    for layer in range(tiny_adapter.num_layers):
+        a, b = plain.store.layer(layer), fixed.store.layer(layer)
+        assert torch.equal(a.positions, b.positions) and torch.equal(a.frame_index, b.frame_index)
+        torch.testing.assert_close(b.keys, a.keys, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(b.values, a.values, atol=1e-5, rtol=1e-5)
+
+
+def test_fused_pseudo_queries_replayed_from_fixed_buffers(tiny_adapter):
+    """Compressing chunks (chunk plus pseudo-query blocks, attention collected) take the
+    fixed-buffer path too, and the collected attention drives the same evictions."""
+    fixed, _ = run_stream(tiny_adapter, "hermes", fixed_buffers=True)
+    keys = list(fixed.chunk_graphs._graphs)
+    assert any(key[3] and key[3][0] == "guidance" for key in keys)
+    assert fixed.fused_guidance_passes > 0
+
+
+def test_shapes_run_eagerly_until_they_recur(tiny_adapter):
+    session = StreamingSession(tiny_adapter, rules(tiny_adapter, 64)["fifo"], chunk_frames=4, answer_path="static")
+    graphs = session.chunk_graphs = ChunkGraphs(tiny_adapter, session.store, use_graphs=False, after=3)
+    stream = text_frames(tiny_adapter, 64, seed=6)
+    for start in range(0, 64, 4):
+        session.add_frames(stream[start : start + 4])
+    # fifo at its budget: one shape per chunk, built on its fourth call
+    assert len(graphs._graphs) == 1 and sum(graphs._seen.values()) >= 3
+    assert graphs.replays >= 1
+
+
+def test_growing_cache_never_builds(tiny_adapter):
+    session = StreamingSession(tiny_adapter, rules(tiny_adapter, 64)["full"], chunk_frames=4, answer_path="static")
+    graphs = session.chunk_graphs = ChunkGraphs(tiny_adapter, session.store, use_graphs=False)
+    session.add_frames(text_frames(tiny_adapter, 32, seed=7))
+    assert graphs.replays == 0 and not graphs._graphs
+
+
+def test_ingest_graphs_need_cuda(tiny_adapter):
+    with pytest.raises(StreamError, match="CUDA"):
+        StreamingSession(tiny_adapter, ingest_graphs=True)
+    with pytest.raises(ValueError, match="CUDA"):
+        ChunkGraphs(tiny_adapter, StreamingSession(tiny_adapter).store, use_graphs=True)
