@@ -22,8 +22,8 @@ part of the prefill is captured once and then replayed:
   attention) live in the graph's memory and are returned by reference: valid until the
   next replay.
 
-Graphs share one memory pool, at most :data:`MAX_GRAPHS` are kept, and all are dropped
-when a layer's buffer moves (grew). A shape whose capture fails runs eagerly from then on.
+Graphs share one memory pool, at most :data:`MAX_GRAPHS` are kept (the oldest goes
+first), and all are dropped when a layer's buffer moves (grew). A shape whose capture fails runs eagerly from then on.
 ``use_graphs=False`` runs the same fixed-buffer code eagerly (CPU, tests).
 """
 
@@ -42,7 +42,7 @@ from .kv_store import KVStore
 from .models.base import ModelAdapter, StreamPiece, cache_kwargs
 from .transfer import upload
 
-MAX_GRAPHS = 4
+MAX_GRAPHS = 6
 RECUR_AFTER = 2  # eager runs of a shape before it is captured (warm kernels, plans built)
 
 Outputs = tuple[torch.Tensor, tuple[Any, ...]]
@@ -247,8 +247,8 @@ class ChunkGraphs:
         graph = _ChunkGraph(None, body, static_embeds, static_positions, collected=collected)
         self._load(graph, embeds, positions)
         if self.use_graphs:
-            if len(self._graphs) >= MAX_GRAPHS:
-                self._graphs.clear()
+            while len(self._graphs) >= MAX_GRAPHS:  # the least recently built goes
+                self._graphs.pop(next(iter(self._graphs)))
             try:
                 graph.graph, graph.outputs = self._capture(body)
             except Exception as error:  # a forward that syncs with the host, an uncapturable kernel
