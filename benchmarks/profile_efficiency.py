@@ -171,6 +171,20 @@ def attention_backends(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> Non
     print(f"cuDNN repeated shape, wall: {1e3 * (time.perf_counter() - start):.2f} ms")
 
 
+def gemm_rows(rows=(1569, 1600, 1647, 1648, 1664, 1696, 1728, 1792)) -> None:
+    """The language model's projections at the token counts a chunk forward can have
+    (cuBLAS picks kernels by shape; a fused forward's extra tokens change the pick)."""
+    shapes = {"gate/up 3584->18944": (3584, 18944), "down 18944->3584": (18944, 3584), "q 3584->3584": (3584, 3584)}
+    weights = {name: torch.randn(n, k, dtype=torch.bfloat16, device="cuda") for name, (k, n) in shapes.items()}
+    print("== projection time by token count (ms; median of CUDA-event timings)")
+    for m in rows:
+        cells = []
+        for name, (k, _) in shapes.items():
+            x = torch.randn(m, k, dtype=torch.bfloat16, device="cuda")
+            cells.append(f"{name} {median_cuda_ms(lambda x=x, w=weights[name]: F.linear(x, w)):.3f}")
+        print(f"  {m:5d} tokens: " + ", ".join(cells))
+
+
 def ingest_comparison(adapter, shape, chunk_frames: int, warm: int, chunks: int = 8) -> None:
     """Wall time a compressing chunk takes (each ``add_frames`` synchronised, as the bench
     times them) with the recurring forwards replayed as CUDA graphs and without."""
@@ -239,6 +253,7 @@ def main() -> None:
     k = torch.randn(1, 4, 5700, 128, dtype=torch.bfloat16, device="cuda")
     v = torch.randn_like(k)
     attention_backends(q, k, v)
+    gemm_rows()
     if args.attention_only:
         return
 

@@ -169,3 +169,19 @@ def test_ingest_graphs_equal_eager_ingest(tiny_llama_dir, dtype):
             torch.testing.assert_close(
                 graphed.store.layer(layer).keys, eager.store.layer(layer).keys, atol=1e-4, rtol=1e-4
             )
+
+
+def test_upload_through_the_pinned_ring():
+    """Staged copies of every dtype and size, the ring wrapped several times, against .to()."""
+    from hermes_policy.transfer import upload
+
+    g = torch.Generator().manual_seed(0)
+    sources = []
+    for i in range(80):
+        n = int(torch.randint(1, 5000 if i % 9 else 600_000, (1,), generator=g))
+        sources.append(torch.randn(n, generator=g).to((torch.bfloat16, torch.float32, torch.int64, torch.bool)[i % 4]))
+    sources.append(torch.arange(12).view(3, 4).t())  # not contiguous
+    moved = [upload(t, "cuda") for t in sources]
+    for source, out in zip(sources, moved, strict=True):
+        assert out.device.type == "cuda" and out.dtype == source.dtype and out.shape == source.shape
+        assert torch.equal(out.cpu(), source)

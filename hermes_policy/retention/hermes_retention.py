@@ -59,6 +59,7 @@ class HermesRetention(RetentionRule):
         if self.policy is None:
             raise PolicyError("the hermes rule needs a policy (a policy.json or paper-default)")
         self.reindex = self.policy.reindex
+        self._on_device: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 
     # -- protocol --------------------------------------------------------------------
     def budget_of(self, layer: int) -> int:
@@ -138,12 +139,22 @@ class HermesRetention(RetentionRule):
                 attn = torch.zeros(n, device=device)
             rows.append(attn.to(device=device, dtype=torch.float32))
         layers = self.policy.layers
-        rates = upload(torch.tensor([e.forgetting_rate for e in layers]), device)
-        weights = upload(torch.tensor([e.recency_weight for e in layers]), device)
+        rates, weights = self._layer_parameters(device)
         scores = batched_mixed_scores(torch.stack(rows), rates, weights)
         smoothed = torch.stack(smooth_across_layers(list(scores), [e.smoothing for e in layers]))
         keep = [e.budget - 1 if e.summary_token else e.budget for e in layers]
         return batched_top_indices(smoothed, keep)
+
+    def _layer_parameters(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Forgetting rates and recency weights ``(layers,)`` on ``device`` (copied once)."""
+        cached = self._on_device.get(device)
+        if cached is None:
+            layers = self.policy.layers
+            cached = self._on_device[device] = (
+                upload(torch.tensor([e.forgetting_rate for e in layers]), device),
+                upload(torch.tensor([e.recency_weight for e in layers]), device),
+            )
+        return cached
 
     def select(self, store: KVStore, context: SelectContext) -> dict[int, LayerKeep]:
         batched = self.batched_kept(store, context.attention)
