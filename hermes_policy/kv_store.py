@@ -166,28 +166,51 @@ class KVStore:
     ) -> None:
         """:meth:`keep` for several layers: ``{layer: (indices, extra)}``.
 
-        The indices of all layers on one device travel there in a single copy.
+        Indices (and a summary token's position) may live on the host or on the cache's
+        device. The gathers are queued first, with indices already on the device used as
+        they are and host ones copied there in one transfer per device; the host-side
+        metadata is then updated from one device-to-host copy of whatever lived on a GPU,
+        the only point where this waits for the GPU (after everything is queued).
         """
-        # metadata lives on the host, indexed with numpy (torch's CPU indexing costs ~1 ms a
-        # call on a many-core GPU host)
-        host = {layer: indices.cpu().numpy() for layer, (indices, _) in decisions.items()}
-        by_device: dict[torch.device, list[int]] = {}
-        for layer in decisions:
-            by_device.setdefault(self.cache.layers[layer].device, []).append(layer)
-        on_device: dict[int, torch.Tensor] = {}
-        for device, layers in by_device.items():
-            moved = upload(torch.from_numpy(np.concatenate([host[layer] for layer in layers])), device)
-            on_device.update(zip(layers, moved.split([len(host[layer]) for layer in layers]), strict=True))
+        # -- the GPU's work: every layer's gather
+        pending: dict[torch.device, list[int]] = {}
+        for layer, (indices, _) in decisions.items():
+            target = self.cache.layers[layer].device
+            if indices.device != target:
+                pending.setdefault(target, []).append(layer)
+        on_device: dict[int, torch.Tensor] = {layer: indices for layer, (indices, _) in decisions.items()}
+        for device, layers in pending.items():
+            host = [decisions[layer][0].cpu().numpy() for layer in layers]
+            moved = upload(torch.from_numpy(np.concatenate(host)), device)
+            on_device.update(zip(layers, moved.split([len(h) for h in host]), strict=True))
         for layer, (_, extra) in decisions.items():
-            positions = self.positions[layer].numpy()[:, host[layer]]
-            frames = self.frame_index[layer].numpy()[host[layer]]
-            summary_kv = None
-            if extra is not None:
-                key, value, position, frame = extra
-                summary_kv = (key, value)
-                positions = np.concatenate([positions, position.cpu().numpy()], axis=1)
-                frames = np.append(frames, frame)
+            summary_kv = None if extra is None else (extra[0], extra[1])
             self.cache.layers[layer].gather(on_device[layer], summary_kv)
+        # -- the host's metadata (numpy: torch's CPU indexing costs ~1 ms a call on a
+        # many-core GPU host), from one copy back of what lives on a GPU
+        parts: list[tuple[int, str, torch.Tensor]] = []
+        for layer, (indices, extra) in decisions.items():
+            parts.append((layer, "indices", indices))
+            if extra is not None:
+                parts.append((layer, "position", extra[2]))
+        host_values: dict[tuple[int, str], np.ndarray] = {}
+        remote: dict[torch.device, list[tuple[int, str, torch.Tensor]]] = {}
+        for layer, kind, tensor in parts:
+            if tensor.device.type == "cpu":
+                host_values[(layer, kind)] = tensor.numpy()
+            else:  # a model split over GPUs: one copy per device
+                remote.setdefault(tensor.device, []).append((layer, kind, tensor))
+        for entries in remote.values():
+            fetched = torch.cat([t.reshape(-1) for _, _, t in entries]).cpu()
+            for (layer, kind, tensor), value in zip(entries, fetched.split([t.numel() for _, _, t in entries]), strict=True):
+                host_values[(layer, kind)] = value.view(tensor.shape).numpy()
+        for layer, (_, extra) in decisions.items():
+            kept = host_values[(layer, "indices")]
+            positions = self.positions[layer].numpy()[:, kept]
+            frames = self.frame_index[layer].numpy()[kept]
+            if extra is not None:
+                positions = np.concatenate([positions, host_values[(layer, "position")]], axis=1)
+                frames = np.append(frames, extra[3])
             self.positions[layer] = torch.from_numpy(np.ascontiguousarray(positions))
             self.frame_index[layer] = torch.from_numpy(frames)
 

@@ -95,10 +95,11 @@ def rerotate_keys(
     -------
     Tensor, same shape and dtype as ``keys``: ``RoPE(new - old) @ keys``, computed in float32.
     """
-    # the difference where the positions live (the host, in a session): checking it for
-    # zeros there costs no wait for the GPU
+    # the difference where the positions live; on the host, a zero shift is skipped (on a
+    # GPU the check would wait for it, and a rotation by zero leaves the keys as they are,
+    # up to rounding where the module scales its cos/sin)
     delta = new_positions - old_positions.to(new_positions.device)
-    if not bool(delta.any()):
+    if delta.device.type == "cpu" and not bool(delta.any()):
         return keys
     cos, sin = rotary_cos_sin(rotary_emb, delta, keys.device)
     return apply_rotation(keys, cos, sin)

@@ -95,6 +95,30 @@ def _stack_frames(frames: list[Any]) -> Any:
     return np.stack(frames)
 
 
+PROMPT_QUANTUM = 16  # pseudo-query prompts are padded to a multiple of this many tokens
+
+
+def pad_piece(piece: StreamPiece, quantum: int) -> StreamPiece:
+    """``piece`` followed by copies of its last token, to a multiple of ``quantum`` tokens.
+
+    The padding continues the positions (every axis one past the piece's largest) and
+    belongs to no frame; prefilled causally after the piece, it changes nothing the
+    piece's own tokens compute.
+    """
+    n = len(piece)
+    extra = -(-n // quantum) * quantum - n
+    if extra == 0 or n == 0:
+        return piece
+    start = piece.extent
+    positions = torch.arange(start, start + extra).expand(piece.positions.shape[0], -1)
+    return StreamPiece(
+        input_ids=torch.cat([piece.input_ids, piece.input_ids[-1:].expand(extra)]),
+        positions=torch.cat([piece.positions, positions], dim=1),
+        frame_index=torch.cat([piece.frame_index, torch.full((extra,), -1, dtype=piece.frame_index.dtype)]),
+        model_inputs=piece.model_inputs,
+    )
+
+
 def _split_frames(frames: Any) -> list[Any]:
     if isinstance(frames, str):
         return [frames]
@@ -428,7 +452,7 @@ class StreamingSession:
             request = rule.guidance(self.store, [(t.question, t.answer) for t in self.history])
             if request is not None:
                 prompts = [self.adapter.question_piece(p) for p in request.prompts]
-                reach = piece.extent + max(p.extent for p in prompts)
+                reach = piece.extent + max(p.extent for p in prompts) + PROMPT_QUANTUM  # padding
                 if not (rule.reindex == "lazy" and self._near_position_limit(reach)):
                     self.fused_guidance_passes += 1
                     return self.guidance_attention(request, lead=piece, prompt_pieces=prompts)
@@ -555,6 +579,11 @@ class StreamingSession:
         """
         self.guidance_passes += 1
         pieces = prompt_pieces or [self.adapter.question_piece(p) for p in request.prompts]
+        # each prompt padded to a multiple of PROMPT_QUANTUM tokens: a forward's shape then
+        # changes only when a prompt crosses a multiple (its CUDA graph is reused across
+        # questions); the padding comes after the prompt's tokens, which do not see it
+        real_lengths = [len(p) for p in pieces]
+        pieces = [pad_piece(p, PROMPT_QUANTUM) for p in pieces]
         lead_len = len(lead) if lead is not None else 0
         starts = [lead_len]
         for piece in pieces:
@@ -579,7 +608,7 @@ class StreamingSession:
 
         def keep_stream(layer: int, probs: torch.Tensor) -> None:
             stream = probs[0, :, :, prefix : lengths[layer]]  # (heads, rows, stream)
-            result[layer] = stream.mean(dim=(0, 1)).float()  # stays on the device: no sync per layer
+            result[layer] = stream.mean(dim=0).float()  # stays on the device: no sync per layer
 
         capture = AttentionCapture(self.adapter.attention_modules, query_rows=rows, callback=keep_stream)
         sizes = [len(p) for p in pieces]
@@ -589,6 +618,10 @@ class StreamingSession:
         with blocks, capture, torch.inference_mode():
             self._prefill(merged, ingest=True, context=context, collected=result)
         self.store.truncate(lengths)
+        # the mean over each prompt's own tokens (its padding left out)
+        for layer, idx in enumerate(request.layer_prompt):
+            if idx is not None and result[layer] is not None:
+                result[layer] = result[layer][: real_lengths[idx]].mean(dim=0)
         return result
 
     def _near_position_limit(self, upcoming: int = 0) -> bool:

@@ -83,3 +83,37 @@ def test_ingest_graphs_need_cuda(tiny_adapter):
         StreamingSession(tiny_adapter, ingest_graphs=True)
     with pytest.raises(ValueError, match="CUDA"):
         ChunkGraphs(tiny_adapter, StreamingSession(tiny_adapter).store, use_graphs=True)
+
+
+def test_pad_piece():
+    from hermes_policy.models.base import StreamPiece
+    from hermes_policy.session import pad_piece
+
+    piece = StreamPiece.text([5, 6, 7], axes=3)
+    padded = pad_piece(piece, 4)
+    assert padded.input_ids.tolist() == [5, 6, 7, 7]
+    assert padded.positions.tolist() == [[0, 1, 2, 3]] * 3 and padded.frame_index.tolist() == [-1] * 4
+    assert pad_piece(padded, 4) is padded and len(pad_piece(piece, 16)) == 16
+
+
+def test_padded_prompts_leave_the_pseudo_query_attention_unchanged(tiny_adapter, monkeypatch):
+    """Pseudo-queries padded to a multiple of 16 tokens (stable graph shapes) against the
+    same prompts unpadded, alone and fused with a chunk."""
+    from hermes_policy import session as session_module
+
+    results = {}
+    for quantum in (1, 16):
+        monkeypatch.setattr(session_module, "PROMPT_QUANTUM", quantum)
+        session = StreamingSession(tiny_adapter, rules(tiny_adapter, 64)["hermes"], chunk_frames=4, answer_path="static")
+        session.add_frames(text_frames(tiny_adapter, 12, seed=8))
+        request = session.retention.guidance(session.store, [("Where is it?", "On the table.")])
+        lead = tiny_adapter.frames_piece(text_frames(tiny_adapter, 4, seed=9), session.frames_seen)
+        lengths = session.store.lengths()
+        results[quantum] = (session.guidance_attention(request), session.guidance_attention(request, lead=lead))
+        assert session.store.lengths() == [n + len(lead) for n in lengths]  # the lead stays, the prompts go
+    for unpadded, padded in zip(results[1], results[16], strict=True):  # alone, then fused
+        assert any(a is not None for a in unpadded)
+        for a, b in zip(unpadded, padded, strict=True):
+            assert (a is None) == (b is None)
+            if a is not None:
+                torch.testing.assert_close(b, a, atol=1e-6, rtol=1e-5)

@@ -185,3 +185,40 @@ def test_upload_through_the_pinned_ring():
     for source, out in zip(sources, moved, strict=True):
         assert out.device.type == "cuda" and out.dtype == source.dtype and out.shape == source.shape
         assert torch.equal(out.cpu(), source)
+
+
+def test_hermes_eviction_on_cuda_equals_cpu(tiny_llama_dir):
+    """The eviction path that keeps indices on the GPU (kept and evicted indices, summary
+    positions, one copy back after the gathers) against the same step on the CPU."""
+    from hermes_policy.kv_store import KVStore
+    from hermes_policy.models import load_adapter
+    from hermes_policy.policy import ModelInfo, paper_default
+    from hermes_policy.retention import HermesRetention, SelectContext
+
+    layers, n, prefix = 6, 300, 5
+    g = torch.Generator().manual_seed(0)
+    keys = torch.randn(layers, 1, 2, n, 16, generator=g)
+    values = torch.randn(layers, 1, 2, n, 16, generator=g)
+    attention = [torch.rand(n - prefix, generator=g) for _ in range(layers)]
+    stores = {}
+    for device in ("cpu", "cuda"):
+        rotary = load_adapter(tiny_llama_dir, device=device, dtype=torch.float32, tokens_per_frame=8).rotary_emb
+        store = KVStore(layers, 1)
+        for layer, cache_layer in enumerate(store.cache.layers):
+            cache_layer.set_contents(keys[layer].to(device), values[layer].to(device))
+        store.positions = [torch.arange(n)[None] * 2 for _ in range(layers)]
+        store.frame_index = [torch.arange(n) // 10 for _ in range(layers)]
+        store.prefix_len = prefix
+        rule = HermesRetention(policy=paper_default(ModelInfo("x", "y", layers, 4, 2, 10), budget=120))
+        context = SelectContext(attention=[a.to(device) for a in attention], rotary_emb=rotary)
+        decisions = rule.select(store, context)
+        assert any(keep.summary is not None for keep in decisions.values())
+        store.keep_layers(
+            {layer: (k.indices, None if k.summary is None else k.summary.as_extra()) for layer, k in decisions.items()}
+        )
+        stores[device] = store
+    for layer in range(layers):
+        cpu, cuda = stores["cpu"].layer(layer), stores["cuda"].layer(layer)
+        assert torch.equal(cpu.positions, cuda.positions) and torch.equal(cpu.frame_index, cuda.frame_index)
+        torch.testing.assert_close(cuda.keys.cpu(), cpu.keys, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(cuda.values.cpu(), cpu.values, atol=1e-5, rtol=1e-5)

@@ -157,6 +157,12 @@ class HermesRetention(RetentionRule):
         return cached
 
     def select(self, store: KVStore, context: SelectContext) -> dict[int, LayerKeep]:
+        """Kept indices per layer over budget, with summary tokens where the policy asks.
+
+        On the batched path (all layers of one length) indices and summary positions stay
+        where the scores were computed (the GPU in a session): nothing here waits for it;
+        :meth:`KVStore.keep_layers` reads them back once, after queueing the gathers.
+        """
         batched = self.batched_kept(store, context.attention)
         if batched is None:
             attention = context.attention
@@ -179,45 +185,50 @@ class HermesRetention(RetentionRule):
             summaries = self._summaries(
                 store, {layer: kept for layer, kept in kept_by_layer.items() if self.policy.layers[layer].summary_token}, context
             )
-        head = torch.arange(prefix)
-        return {
-            layer: LayerKeep(torch.cat([head, kept]), summaries.get(layer)) for layer, kept in kept_by_layer.items()
-        }
+        heads: dict[torch.device, torch.Tensor] = {}
+        out = {}
+        for layer, kept in kept_by_layer.items():
+            head = heads.get(kept.device)
+            if head is None:
+                head = heads[kept.device] = torch.arange(prefix, device=kept.device)
+            out[layer] = LayerKeep(torch.cat([head, kept]), summaries.get(layer))
+        return out
 
     def _summaries(
         self, store: KVStore, kept_by_layer: dict[int, torch.Tensor], context: SelectContext
     ) -> dict[int, SummaryToken]:
-        """One summary token per layer in ``kept_by_layer`` (kept indices on the host),
-        computed together for layers with as many evicted tokens on one device."""
+        """One summary token per layer in ``kept_by_layer`` (sorted kept stream indices,
+        prefix excluded), computed together for layers of one length and as many evicted
+        tokens, where their indices live (no host copy: the evicted indices are the kept
+        ones' complement, sorted on the device, and the positions travel there)."""
         if not kept_by_layer:
             return {}
         if context.rotary_emb is None:
             raise RetentionError("summary tokens need the model's rotary module")
-        groups: dict[tuple[int, torch.device], list[tuple[int, torch.Tensor, torch.Tensor]]] = {}
+        groups: dict[tuple[int, int, torch.device], list[tuple[int, torch.Tensor]]] = {}
         for layer, kept in kept_by_layer.items():
-            state = store.layer(layer)
-            # index bookkeeping in numpy: torch's CPU indexing cost ~1 ms a layer on a
-            # 16-core GPU host (its thread pool), numpy's a few microseconds
-            kept_np = kept.numpy()
-            positions = state.positions.numpy()
-            evicted = np.ones(state.length, dtype=bool)
-            evicted[: state.prefix_len] = False
-            evicted[kept_np] = False
-            idx = torch.from_numpy(np.flatnonzero(evicted))
-            # positions live on the host: the summary's position costs no GPU sync
-            target = torch.full((positions.shape[0], 1), int(positions[:, kept_np].max()) + 1)
-            groups.setdefault((len(idx), state.keys.device), []).append((layer, idx, target))
+            length = store.length(layer)
+            evicted = length - store.prefix_len - kept.shape[0]
+            groups.setdefault((length, evicted, kept.device), []).append((layer, kept))
         out: dict[int, SummaryToken] = {}
-        for (_, device), members in groups.items():
-            indices = upload(torch.stack([idx for _, idx, _ in members]), device)
-            states = [store.layer(layer) for layer, _, _ in members]
-            keys = torch.stack([st.keys.index_select(-2, indices[i]) for i, st in enumerate(states)])
-            values = torch.stack([st.values.index_select(-2, indices[i]) for i, st in enumerate(states)])
-            positions = torch.from_numpy(
-                np.stack([st.positions.numpy()[:, idx.numpy()] for st, (_, idx, _) in zip(states, members, strict=True)])
-            )
-            targets = torch.stack([target for _, _, target in members])
-            key, value = summary_tokens(keys, values, positions, targets, context.rotary_emb)
-            for i, (layer, _, target) in enumerate(members):
-                out[layer] = SummaryToken(key=key[i], value=value[i], position=target, frame=-1)
+        for (length, n_evicted, device), members in groups.items():
+            kept = torch.stack([k for _, k in members])  # (m, k)
+            states = [store.layer(layer) for layer, _ in members]
+            # the complement of the kept stream tokens, ascending (a stable sort of the mask)
+            evict_mask = torch.ones(len(members), length, dtype=torch.uint8, device=device)
+            evict_mask[:, : store.prefix_len] = 0
+            evict_mask.scatter_(1, kept, 0)
+            evicted = torch.sort(evict_mask, dim=1, descending=True, stable=True).indices[:, :n_evicted]
+            # positions live on the host: one copy of this group's (no wait for the GPU)
+            host_positions = np.stack([st.positions.numpy() for st in states])  # (m, axes, length)
+            positions = upload(torch.from_numpy(host_positions), device)
+            axes = positions.shape[1]
+            evicted_positions = positions.gather(2, evicted[:, None, :].expand(-1, axes, -1))
+            kept_positions = positions.gather(2, kept[:, None, :].expand(-1, axes, -1))
+            targets = (kept_positions.amax(dim=(1, 2)) + 1)[:, None, None].expand(-1, axes, 1)
+            keys = torch.stack([st.keys.index_select(-2, evicted[i]) for i, st in enumerate(states)])
+            values = torch.stack([st.values.index_select(-2, evicted[i]) for i, st in enumerate(states)])
+            key, value = summary_tokens(keys, values, evicted_positions, targets, context.rotary_emb)
+            for i, (layer, _) in enumerate(members):
+                out[layer] = SummaryToken(key=key[i], value=value[i], position=targets[i], frame=-1)
         return out

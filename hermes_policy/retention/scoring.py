@@ -110,10 +110,10 @@ def batched_mixed_scores(
 
 
 def batched_top_indices(scores: torch.Tensor, keep: list[int]) -> list[torch.Tensor]:
-    """:func:`top_indices` of every row ``(layers, n)``, with one top-k and one host copy.
+    """:func:`top_indices` of every row ``(layers, n)``, with one top-k and one sort.
 
-    Returns, per row, the ``keep[l]`` indices on the CPU, in temporal order (ties go to the
-    newer token).
+    Returns, per row, the ``keep[l]`` indices where ``scores`` live (no host copy, so no wait
+    for the GPU), in temporal order (ties go to the newer token).
     """
     n = scores.shape[1]
     ramp = torch.arange(n, dtype=torch.float64, device=scores.device) * 1e-12
@@ -122,7 +122,7 @@ def batched_top_indices(scores: torch.Tensor, keep: list[int]) -> list[torch.Ten
     order = torch.topk(scores.double() + ramp, k_max, dim=1).indices  # descending
     # sort every row on the device at once: entries past a row's own count sort last
     past = torch.arange(k_max, device=order.device) >= torch.tensor(counts, device=order.device)[:, None]
-    ordered = order.masked_fill(past, n).sort(dim=1).values.cpu()
+    ordered = order.masked_fill(past, n).sort(dim=1).values
     return [ordered[row, :k] for row, k in enumerate(counts)]
 
 
