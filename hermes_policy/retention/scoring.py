@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..positions import rerotate_keys
+from ..transfer import upload
 
 
 def recency_scores(length: int, forgetting_rate: float, device: torch.device | None = None) -> torch.Tensor:
@@ -121,7 +122,8 @@ def batched_top_indices(scores: torch.Tensor, keep: list[int]) -> list[torch.Ten
     k_max = max(counts)
     order = torch.topk(scores.double() + ramp, k_max, dim=1).indices  # descending
     # sort every row on the device at once: entries past a row's own count sort last
-    past = torch.arange(k_max, device=order.device) >= torch.tensor(counts, device=order.device)[:, None]
+    # (the counts travel without a blocking copy, which would wait for the queued forward)
+    past = torch.arange(k_max, device=order.device) >= upload(torch.tensor(counts), order.device)[:, None]
     ordered = order.masked_fill(past, n).sort(dim=1).values
     return [ordered[row, :k] for row, k in enumerate(counts)]
 
