@@ -42,7 +42,7 @@ from .kv_store import KVStore
 from .models.base import ModelAdapter, StreamPiece, cache_kwargs
 from .transfer import upload
 
-MAX_GRAPHS = 6
+MAX_GRAPHS = 3
 RECUR_AFTER = 2  # eager runs of a shape before it is captured (warm kernels, plans built)
 
 Outputs = tuple[torch.Tensor, tuple[Any, ...]]
