@@ -200,7 +200,9 @@ def test_merge_results_replaces_same_rows_and_keeps_others():
     new["rows"] = [dict(new["rows"][0], ttft_ms=1.0)]
     new["shapes"] = {"qwen2.5-vl-7b": {"source": "x"}}
     new["commands"] = ["second"]
+    old["notes"] = ["a note written by hand"]
     merged = merge_results(old, new)
+    assert merged["notes"] == ["a note written by hand"]
     assert len(merged["rows"]) == len(old["rows"])
     assert [r["ttft_ms"] for r in merged["rows"] if r["frames"] == 16 and r["rule"] == "hermes"] == [1.0]
     assert set(merged["shapes"]) == {"llava-ov-7b", "qwen2.5-vl-7b"}

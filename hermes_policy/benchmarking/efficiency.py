@@ -466,4 +466,7 @@ def merge_results(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
     merged["rows"] = sorted(rows.values(), key=lambda r: (r["shape"], r["chunk"], r["rule"], r["frames"]))
     merged["correctness"] = list(checks.values())
     merged["commands"] = list(dict.fromkeys(old.get("commands", []) + new.get("commands", [])))
+    notes = list(dict.fromkeys(old.get("notes", []) + new.get("notes", [])))  # written by hand: kept
+    if notes:
+        merged["notes"] = notes
     return merged
