@@ -37,8 +37,6 @@ from .kv_store import KVStore
 from .models.base import ModelAdapter, StreamPiece
 from .stream_cache import StaticWrites
 
-__all__ = ["AnswerGraphs", "batch_axis", "bucket_length"]
-
 BUCKETS = (16, 32, 64, 128, 256, 512)
 WINDOW_QUANTUM = 256  # key windows are multiples of this many slots
 MAX_GRAPHS = 24  # captured graphs kept (each holds a memory pool); beyond it, start over

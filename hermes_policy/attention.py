@@ -448,6 +448,8 @@ def steady_shapes() -> Iterator[None]:
         yield
     finally:
         _STEADY[0] -= 1
+
+
 HAS_CUDNN_SDPA = hasattr(torch.ops.aten, "_scaled_dot_product_cudnn_attention")
 
 

@@ -22,8 +22,8 @@ part of the prefill is captured once and then replayed:
   attention) live in the graph's memory and are returned by reference: valid until the
   next replay.
 
-Graphs share one memory pool, at most :data:`MAX_GRAPHS` are kept (the oldest goes
-first), and all are dropped when a layer's buffer moves (grew). A shape whose capture fails runs eagerly from then on.
+Graphs share one memory pool, at most :data:`MAX_GRAPHS` are kept (the least recently
+used goes first), and all are dropped when a layer's buffer moves (grew). A shape whose capture fails runs eagerly from then on.
 ``use_graphs=False`` runs the same fixed-buffer code eagerly (CPU, tests).
 """
 
@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .attention import PerLayerRotary, steady_shapes
+from .attention import PerLayerRotary, ShapeCounter, steady_shapes
 from .kv_store import KVStore
 from .models.base import ModelAdapter, StreamPiece, cache_kwargs
 from .transfer import upload
@@ -140,7 +140,7 @@ class ChunkGraphs:
         self.captures = 0
         self.replays = 0
         self.failed: set[tuple] = set()
-        self._seen: dict[tuple, int] = {}
+        self._shapes = ShapeCounter(after=after)
         self._graphs: dict[tuple, _ChunkGraph] = {}
         self._generation: tuple[int, ...] | None = None
         self._pool: Any = None
@@ -171,31 +171,24 @@ class ChunkGraphs:
         this shape cannot be)
         """
         store = self.store
+        self._drop_stale()
         lengths = tuple(store.lengths())
         key = (len(piece), lengths, store.prefix_len, context, None if collected is None else len(collected))
-        graph = self._graphs.get(key)
+        graph = self._graphs.pop(key, None)
+        if graph is None and (key in self.failed or not self._shapes.recurring(key)):
+            return None
+        embeds = self.adapter.input_embeddings(piece)
+        if embeds is None:
+            self.failed.add(key)
+            return None
         if graph is None:
-            if key in self.failed:
-                return None
-            seen = self._seen.get(key, 0)
-            if seen < self.after:
-                if len(self._seen) > 4096:  # ever-new shapes (a growing cache): forget them
-                    self._seen.clear()
-                self._seen[key] = seen + 1
-                return None
-            embeds = self.adapter.input_embeddings(piece)
-            if embeds is None:
-                self.failed.add(key)
-                return None
             self._reserve(lengths, len(piece))
             graph = self._build(key, embeds, positions, collected)
             if graph is None:
                 return None
         else:
-            embeds = self.adapter.input_embeddings(piece)
-            if embeds is None:  # pragma: no cover - the adapter answered once for this shape
-                return None
             self._load(graph, embeds, positions)
+        self._graphs[key] = graph  # (re)inserted last: the least recently used goes first
         graph.collected = collected
         hidden, extra = graph.run()
         self.replays += 1
@@ -205,13 +198,18 @@ class ChunkGraphs:
         return hidden
 
     # -- internals ---------------------------------------------------------------------------
-    def _reserve(self, lengths: tuple[int, ...], new: int) -> None:
-        for layer, n in zip(self.store.cache.layers, lengths, strict=True):
-            layer.reserve(n + new, *layer.buffers)
+    def _drop_stale(self) -> None:
+        """Forget every graph once a layer's buffer moved (graphs hold the old addresses);
+        the answer graphs' reservations can move them between two chunks."""
         generation = self.store.cache.generation
         if generation != self._generation:
             self._graphs.clear()
             self._generation = generation
+
+    def _reserve(self, lengths: tuple[int, ...], new: int) -> None:
+        for layer, n in zip(self.store.cache.layers, lengths, strict=True):
+            layer.reserve(n + new, *layer.buffers)
+        self._drop_stale()
 
     def _load(self, graph: _ChunkGraph, embeds: torch.Tensor, positions: list[torch.Tensor]) -> None:
         graph.embeds.copy_(embeds)
@@ -247,7 +245,7 @@ class ChunkGraphs:
         graph = _ChunkGraph(None, body, static_embeds, static_positions, collected=collected)
         self._load(graph, embeds, positions)
         if self.use_graphs:
-            while len(self._graphs) >= MAX_GRAPHS:  # the least recently built goes
+            while len(self._graphs) >= MAX_GRAPHS:  # the least recently used goes
                 self._graphs.pop(next(iter(self._graphs)))
             try:
                 graph.graph, graph.outputs = self._capture(body)

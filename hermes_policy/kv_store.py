@@ -20,6 +20,21 @@ from .stream_cache import StreamCache
 from .transfer import upload
 
 
+def to_host(tensors: list[torch.Tensor]) -> list[np.ndarray]:
+    """The tensors as numpy arrays, those on a GPU read back in one copy per device (one
+    wait for it, where several ``.cpu()`` calls would each wait)."""
+    out: list[np.ndarray | None] = [t.numpy() if t.device.type == "cpu" else None for t in tensors]
+    remote: dict[torch.device, list[int]] = {}
+    for i, tensor in enumerate(tensors):
+        if out[i] is None:
+            remote.setdefault(tensor.device, []).append(i)
+    for members in remote.values():
+        flat = torch.cat([tensors[i].reshape(-1) for i in members]).cpu()
+        for i, part in zip(members, flat.split([tensors[i].numel() for i in members]), strict=True):
+            out[i] = part.view(tensors[i].shape).numpy()
+    return out
+
+
 @dataclass
 class LayerState:
     """A read-only view of one layer's cache.
@@ -188,29 +203,15 @@ class KVStore:
             self.cache.layers[layer].gather(on_device[layer], summary_kv)
         # -- the host's metadata (numpy: torch's CPU indexing costs ~1 ms a call on a
         # many-core GPU host), from one copy back of what lives on a GPU
-        parts: list[tuple[int, str, torch.Tensor]] = []
-        for layer, (indices, extra) in decisions.items():
-            parts.append((layer, "indices", indices))
-            if extra is not None:
-                parts.append((layer, "position", extra[2]))
-        host_values: dict[tuple[int, str], np.ndarray] = {}
-        remote: dict[torch.device, list[tuple[int, str, torch.Tensor]]] = {}
-        for layer, kind, tensor in parts:
-            if tensor.device.type == "cpu":
-                host_values[(layer, kind)] = tensor.numpy()
-            else:  # a model split over GPUs: one copy per device
-                remote.setdefault(tensor.device, []).append((layer, kind, tensor))
-        for entries in remote.values():
-            fetched = torch.cat([t.reshape(-1) for _, _, t in entries]).cpu()
-            for (layer, kind, tensor), value in zip(entries, fetched.split([t.numel() for _, _, t in entries]), strict=True):
-                host_values[(layer, kind)] = value.view(tensor.shape).numpy()
-        for layer, (_, extra) in decisions.items():
-            kept = host_values[(layer, "indices")]
-            positions = self.positions[layer].numpy()[:, kept]
-            frames = self.frame_index[layer].numpy()[kept]
-            if extra is not None:
-                positions = np.concatenate([positions, host_values[(layer, "position")]], axis=1)
-                frames = np.append(frames, extra[3])
+        extras = {layer: extra for layer, (_, extra) in decisions.items() if extra is not None}
+        host = to_host([indices for indices, _ in decisions.values()] + [extra[2] for extra in extras.values()])
+        summary_positions = dict(zip(extras, host[len(decisions) :], strict=True))
+        for layer, host_indices in zip(decisions, host[: len(decisions)], strict=True):
+            positions = self.positions[layer].numpy()[:, host_indices]
+            frames = self.frame_index[layer].numpy()[host_indices]
+            if layer in extras:
+                positions = np.concatenate([positions, summary_positions[layer]], axis=1)
+                frames = np.append(frames, extras[layer][3])
             self.positions[layer] = torch.from_numpy(np.ascontiguousarray(positions))
             self.frame_index[layer] = torch.from_numpy(frames)
 

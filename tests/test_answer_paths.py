@@ -13,7 +13,8 @@ import torch
 from test_attention import RaggedTestRule
 
 from hermes_policy import StreamingSession
-from hermes_policy.answer_graphs import AnswerGraphs, batch_axis, bucket_length
+from hermes_policy.answer_graphs import AnswerGraphs, bucket_length
+from hermes_policy.chunk_graphs import batch_axis
 from hermes_policy.errors import StreamError
 from hermes_policy.policy import ModelInfo, paper_default
 from hermes_policy.retention import FifoRetention, FullRetention, HermesRetention

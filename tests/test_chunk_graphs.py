@@ -67,8 +67,25 @@ def test_shapes_run_eagerly_until_they_recur(tiny_adapter):
     for start in range(0, 64, 4):
         session.add_frames(stream[start : start + 4])
     # fifo at its budget: one shape per chunk, built on its fourth call
-    assert len(graphs._graphs) == 1 and sum(graphs._seen.values()) >= 3
+    assert len(graphs._graphs) == 1 and sum(graphs._shapes.counts.values()) >= 3
     assert graphs.replays >= 1
+
+
+def test_graphs_are_dropped_when_a_buffer_moves(tiny_adapter):
+    """A graph holds the cache buffers' addresses: once any layer's buffer grows (an answer
+    reserving room, say), no graph built before may run again."""
+    session = StreamingSession(tiny_adapter, rules(tiny_adapter, 64)["fifo"], chunk_frames=4, answer_path="static")
+    graphs = session.chunk_graphs = ChunkGraphs(tiny_adapter, session.store, use_graphs=False, after=1)
+    stream = text_frames(tiny_adapter, 40, seed=6)
+    for start in range(0, 32, 4):
+        session.add_frames(stream[start : start + 4])
+    assert len(graphs._graphs) == 1
+    layer = session.store.cache.layers[0]
+    layer.reserve(layer.capacity + 1, *layer.buffers)  # the buffer moves
+    replays = graphs.replays
+    session.add_frames(stream[32:36])  # this shape has recurred: rebuilt, not replayed stale
+    assert graphs.replays == replays + 1 and len(graphs._graphs) == 1
+    assert graphs._generation == session.store.cache.generation
 
 
 def test_growing_cache_never_builds(tiny_adapter):
