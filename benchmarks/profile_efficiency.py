@@ -235,6 +235,134 @@ def answer_breakdown(session: StreamingSession) -> None:
           f"graph replays (ms): {', '.join(f'{k} {v:.2f}' for k, v in timings.items())}")
 
 
+def graph_ms(fn, calls: int = 28) -> float:
+    """Milliseconds per call of ``fn`` replayed ``calls`` times in one CUDA graph (no launch gaps)."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            fn()
+    return median_cuda_ms(graph.replay) / calls
+
+
+def slot_attention_backends(window: int = 4352, used: int = 4100) -> None:
+    """The answer's attention of q new tokens over a window of a layer's buffer (LLaVA-OV-7B
+    heads), per layer inside a graph: explicit matmuls vs flash varlen with seqused_k."""
+    from hermes_policy.static_forward import slot_attention
+
+    print(f"== slot attention per layer, window {window}, {used} slots used (us, in a graph)")
+    buf = torch.randn(2, 1, 4, window + 256, 128, dtype=torch.bfloat16, device="cuda")
+    keys, values = buf[0][:, :, :window], buf[1][:, :, :window]
+    for q_len in (1, 16):
+        q = torch.randn(q_len, 28, 128, dtype=torch.bfloat16, device="cuda")
+        limits = used - q_len + torch.arange(q_len, device="cuda")
+        blocked = torch.arange(window, device="cuda")[None, :] > limits[:, None]
+        explicit = lambda q=q, blocked=blocked: slot_attention(q, keys, values, blocked, 128**-0.5)  # noqa: E731
+        reference = explicit().float()
+        cells = [f"explicit {1e3 * graph_ms(explicit):6.1f}"]
+        cu_q = torch.tensor([0, q_len], dtype=torch.int32, device="cuda")
+        cu_k = torch.tensor([0, window], dtype=torch.int32, device="cuda")
+        seqused = torch.tensor([used], dtype=torch.int32, device="cuda")
+        for name, k, v in [("flash strided", keys[0].transpose(0, 1), values[0].transpose(0, 1)),
+                           ("flash contiguous", keys[0].transpose(0, 1).contiguous(), values[0].transpose(0, 1).contiguous())]:
+            def flash(q=q, k=k, v=v, q_len=q_len, cu_q=cu_q, cu_k=cu_k, seqused=seqused):
+                return torch.ops.aten._flash_attention_forward(
+                    q, k, v, cu_q, cu_k, q_len, window, 0.0, True, False, scale=128**-0.5, seqused_k=seqused
+                )[0]
+            try:
+                diff = (flash().float() - reference).abs().max().item()
+                cells.append(f"{name} {1e3 * graph_ms(flash):6.1f} (max |diff| {diff:.1e})")
+            except Exception as error:  # noqa: BLE001
+                cells.append(f"{name} n/a ({str(error).splitlines()[0][:120]})")
+        print(f"  q={q_len:2d}: " + ", ".join(cells))
+
+
+def answer_ab(adapter, shape, warm: int) -> None:
+    """Answer graphs with the fewer-kernel forward and with the transformers forward, same
+    session, side by side."""
+    from hermes_policy.answer_graphs import AnswerGraphs
+
+    session = StreamingSession(adapter, make_rule("hermes", adapter, 4000), chunk_frames=8)
+    session.add_frames(random_frames(shape, warm))
+    for fewer in (True, False, True, False):
+        session._answer_graphs = AnswerGraphs(adapter, session.store, fewer_kernels=fewer)
+        print(f"-- answer graphs, {'fewer kernels' if fewer else 'transformers forward'}:")
+        answer_breakdown(session)
+        session._answer_graphs = None
+        torch.cuda.empty_cache()
+
+
+def diagnose(adapter, shape, chunk_frames: int, warm: int, out: Path) -> None:
+    """Eager (no ingest graphs) profiles grouped by input shape: a chunk's prefill alone and
+    with its fused pseudo-queries (what the fusion adds, by operator), and the host time of
+    an answer's first token (cProfile of ``ask`` with the answer graphs warm)."""
+    import cProfile
+    import io
+    import pstats
+
+    frames = random_frames(shape, warm + chunk_frames)
+    chunk = frames[warm:]
+    session = StreamingSession(adapter, make_rule("hermes", adapter, 4000), chunk_frames=chunk_frames, ingest_graphs=False)
+    session.add_frames(frames[:warm])
+    for _ in range(3):
+        session.add_frames(chunk)
+    store = session.store
+    request = session.retention.guidance(store, [])
+    with torch.inference_mode():
+        piece = adapter.frames_piece(chunk, session.frames_seen)
+        prompts = [adapter.question_piece(p) for p in request.prompts]
+    lengths = store.lengths()
+    totals = {}
+    for name, run in [
+        ("plain", lambda: session._prefill(piece, ingest=True)),
+        ("fused", lambda: session.guidance_attention(request, lead=piece, prompt_pieces=prompts)),
+    ]:
+        for _ in range(2):
+            with torch.inference_mode():
+                run()
+            store.truncate(lengths)
+        torch.cuda.synchronize()
+        with torch.inference_mode(), profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=True) as prof:
+            run()
+            torch.cuda.synchronize()
+        store.truncate(lengths)
+        averages = prof.key_averages(group_by_input_shape=True)
+        text = averages.table(sort_by="self_cuda_time_total", row_limit=30, max_name_column_width=40, max_shapes_column_width=90)
+        (out / f"shapes-{name}.txt").write_text(text)
+        print(f"== {name} chunk prefill, eager, by operator and input shape")
+        print(text)
+        totals[name] = {e.key: (e.self_device_time_total, e.count) for e in prof.key_averages() if e.key.startswith("aten::")}
+    print("== what the fused pseudo-queries add, by operator (self GPU ms, calls)")
+    diff = {k: (totals["fused"].get(k, (0, 0))[0] - totals["plain"].get(k, (0, 0))[0],
+                totals["fused"].get(k, (0, 0))[1] - totals["plain"].get(k, (0, 0))[1])
+            for k in set(totals["fused"]) | set(totals["plain"])}
+    for key, (us, calls) in sorted(diff.items(), key=lambda kv: -abs(kv[1][0]))[:20]:
+        print(f"  {key:40s} {us / 1e3:+8.3f} ms {calls:+5d} calls")
+    session = None
+    torch.cuda.empty_cache()
+
+    answering = StreamingSession(adapter, make_rule("hermes", adapter, 4000), chunk_frames=chunk_frames)
+    answering.add_frames(frames[:warm])
+    for q in QUESTIONS[:3]:
+        answering.ask(q, max_new_tokens=2)
+    profiler = cProfile.Profile()
+    profiler.enable()
+    for _ in range(10):
+        answering.ask(QUESTIONS[1], max_new_tokens=1)
+    profiler.disable()
+    text = io.StringIO()
+    pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(30)
+    print("== host time of 10 one-token answers (by own time; the graph replay's wait is in `item`/`int`)")
+    print(text.getvalue()[:7000])
+    del answering
+    torch.cuda.empty_cache()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shape", default="llava-ov-7b")
@@ -245,9 +373,20 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("profile-out"))
     parser.add_argument("--attention-only", action="store_true", help="only the attention kernel timings")
     parser.add_argument("--quick", action="store_true", help="only attention, ingest A/B and the answer breakdown")
+    parser.add_argument("--answers", action="store_true", help="only the answer's attention backends and the fewer-kernel forward A/B")
+    parser.add_argument("--diagnose", action="store_true", help="only shape-level profiles of the fused prefill and the answer's host time")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
 
+    if args.answers:
+        slot_attention_backends()
+        shape = get_shape(args.shape)
+        answer_ab(build_random_adapter(shape, tokenizer=args.tokenizer), shape, args.warm)
+        return
+    if args.diagnose:
+        shape = get_shape(args.shape)
+        diagnose(build_random_adapter(shape, tokenizer=args.tokenizer), shape, args.chunk, args.warm, args.out)
+        return
     # attention kernels for a chunk prefill on a 4K cache
     q = torch.randn(1, 28, 1569, 128, dtype=torch.bfloat16, device="cuda")
     k = torch.randn(1, 4, 5700, 128, dtype=torch.bfloat16, device="cuda")

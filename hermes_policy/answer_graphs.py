@@ -35,6 +35,7 @@ from .attention import StaticMasks
 from .chunk_graphs import batch_axis, per_layer_text_forward
 from .kv_store import KVStore
 from .models.base import ModelAdapter, StreamPiece
+from .static_forward import prepare_static_forward, static_text_forward, supports_static_forward
 from .stream_cache import StaticWrites
 
 BUCKETS = (16, 32, 64, 128, 256, 512)
@@ -71,9 +72,13 @@ class AnswerGraphs:
     adapter : the model adapter
     store : the session's KV store (its cache must be a ``StreamCache``)
     use_graphs : capture CUDA graphs (needs a CUDA device); False runs the same code eagerly
+    fewer_kernels : run Llama/Qwen2-form text models through
+        :func:`~hermes_policy.static_forward.static_text_forward` (fused projections, fewer
+        kernels per layer; fuses the model's projection weights in place); other models, or
+        False, run the transformers forward
     """
 
-    def __init__(self, adapter: ModelAdapter, store: KVStore, use_graphs: bool = True):
+    def __init__(self, adapter: ModelAdapter, store: KVStore, use_graphs: bool = True, fewer_kernels: bool = True):
         if use_graphs and (adapter.device.type != "cuda" or adapter.spans_devices):
             raise ValueError("CUDA graphs need the whole model on one CUDA device")
         self.adapter = adapter
@@ -92,6 +97,9 @@ class AnswerGraphs:
         self._offset = torch.zeros(1, dtype=torch.long, device=self._device)
         self._slot_base = torch.zeros(self._layers, dtype=torch.long, device=self._device)
         self._pos_base = torch.zeros(self._layers, self._axes, dtype=torch.long, device=self._device)
+        self.fewer_kernels = fewer_kernels and supports_static_forward(adapter)
+        if self.fewer_kernels:
+            prepare_static_forward(adapter)
 
     # -- public --------------------------------------------------------------------------
     def answer(
@@ -181,6 +189,8 @@ class AnswerGraphs:
         Writes keys/values at ``slots (layers, q)``, attends over the first ``window`` slots;
         returns hidden states ``(1, q, hidden)``.
         """
+        if self.fewer_kernels:
+            return static_text_forward(self.adapter, ids, positions, slots, window, self.store.cache)
         with (
             StaticWrites(self.store.cache, slots, window),
             StaticMasks(self.adapter.attention_modules, slots, window),

@@ -137,29 +137,32 @@ def test_static_answers_follow_a_growing_cache(tiny_adapter):
     assert answers["static"] == answers["eager"]
 
 
-def test_static_answers_attend_over_a_window_not_the_whole_buffer(tiny_adapter, monkeypatch):
+@pytest.mark.parametrize("fewer_kernels", [True, False])
+def test_static_answers_attend_over_a_window_not_the_whole_buffer(tiny_adapter, monkeypatch, fewer_kernels):
     """Spare buffer capacity is not read: attention sees the slots the answer can reach."""
+    from hermes_policy import attention, static_forward
     from hermes_policy.answer_graphs import WINDOW_QUANTUM
-    from hermes_policy.stream_cache import PreallocatedLayer
 
     stream = text_frames(tiny_adapter, 16, seed=7)
     seen: list[int] = []
-    original = PreallocatedLayer.update
+    original = attention.grouped_masked_attention
 
-    def spy(self, *args, **kwargs):
-        keys, values = original(self, *args, **kwargs)
-        seen.append(keys.shape[-2])
-        return keys, values
+    def spy(query, key, value, blocked, scaling):
+        seen.append(key.shape[-2])
+        return original(query, key, value, blocked, scaling)
 
-    monkeypatch.setattr(PreallocatedLayer, "update", spy)
+    monkeypatch.setattr(attention, "grouped_masked_attention", spy)
+    monkeypatch.setattr(static_forward, "grouped_masked_attention", spy)
     answers = {}
     for path in ("eager", "static"):
         session = StreamingSession(tiny_adapter, FullRetention(), chunk_frames=8, answer_path=path)
+        session._answer_graphs = AnswerGraphs(tiny_adapter, session.store, use_graphs=False, fewer_kernels=fewer_kernels)
         session.add_frames(stream)
         for layer in session.store.cache.layers:  # lots of spare room, as after a fused pass
             layer.reserve(4 * WINDOW_QUANTUM + layer.capacity, *layer.buffers)
         seen.clear()
         answers[path] = session.ask("Where is the ball?", max_new_tokens=5).token_ids
+    assert session.answer_graphs.fewer_kernels == fewer_kernels
     needed = max(session.store.lengths()) + 16 + 5
     window = -(-needed // WINDOW_QUANTUM) * WINDOW_QUANTUM
     assert seen and set(seen) == {window} and window < session.store.cache.layers[0].capacity

@@ -1,0 +1,112 @@
+"""The answer graphs' fewer-kernel forward against the transformers forward it replaces."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from transformers.models.qwen2.modeling_qwen2 import apply_rotary_pos_emb
+
+from hermes_policy.answer_graphs import AnswerGraphs
+from hermes_policy.attention import StaticMasks
+from hermes_policy.benchmarking.shapes import build_random_adapter
+from hermes_policy.chunk_graphs import batch_axis, per_layer_text_forward
+from hermes_policy.static_forward import (
+    fuse_linear_weights,
+    rotate_half_pairs,
+    signed_sin,
+    static_text_forward,
+    supports_static_forward,
+)
+from hermes_policy.stream_cache import StaticWrites, StreamCache
+
+
+def test_rotary_in_three_kernels_equals_the_transformers_form():
+    g = torch.Generator().manual_seed(0)
+    q, k = torch.randn(1, 6, 5, 16, generator=g), torch.randn(1, 2, 5, 16, generator=g)
+    angles = torch.randn(1, 5, 8, generator=g) * 3
+    cos, sin = torch.cat([angles, angles], -1).cos(), torch.cat([angles, angles], -1).sin()
+    q_ref, k_ref = apply_rotary_pos_emb(q, k, cos, sin)
+    sin_signed = signed_sin(sin)
+    torch.testing.assert_close(rotate_half_pairs(q, cos[:, None], sin_signed[:, None]), q_ref, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(rotate_half_pairs(k, cos[:, None], sin_signed[:, None]), k_ref, rtol=1e-6, atol=1e-6)
+
+
+def test_fused_linear_weights_are_views_and_compute_the_concatenation():
+    g = torch.Generator().manual_seed(1)
+    owner = nn.Module()
+    layers = [nn.Linear(8, n, bias=True) for n in (6, 2, 2)]
+    for layer in layers:
+        nn.init.normal_(layer.weight, generator=g)
+        nn.init.normal_(layer.bias, generator=g)
+    x = torch.randn(3, 8, generator=g)
+    expected = torch.cat([layer(x) for layer in layers], dim=-1)
+    weight, bias = fuse_linear_weights(layers, owner, "fused")
+    torch.testing.assert_close(torch.nn.functional.linear(x, weight, bias), expected)
+    torch.testing.assert_close(torch.cat([layer(x) for layer in layers], dim=-1), expected)  # modules unchanged
+    assert layers[1].weight.data_ptr() == weight[6:8].data_ptr()  # views, no copy
+    assert fuse_linear_weights(layers, owner, "fused")[0] is weight  # reused
+    layers[0].weight = nn.Parameter(layers[0].weight.detach().clone())  # e.g. reloaded
+    again, _ = fuse_linear_weights(layers, owner, "fused")
+    assert again is not weight
+    torch.testing.assert_close(torch.nn.functional.linear(x, again, bias), expected)
+    with pytest.raises(ValueError, match="bias"):
+        fuse_linear_weights([nn.Linear(8, 2), nn.Linear(8, 2, bias=False)], owner, "mixed")
+
+
+def test_which_models_it_supports(tiny_adapter):
+    assert supports_static_forward(tiny_adapter)  # Llama
+    assert supports_static_forward(build_random_adapter("tiny-llava-ov", device="cpu", dtype=torch.float32))  # Qwen2
+    assert not supports_static_forward(build_random_adapter("tiny-qwen2.5-vl", device="cpu", dtype=torch.float32))  # M-RoPE
+
+
+def filled_cache(adapter, lengths, capacity, seed):
+    """A stream cache whose layers hold ``lengths[l]`` random tokens in ``capacity`` slots."""
+    g = torch.Generator().manual_seed(seed)
+    cache = StreamCache(adapter.num_layers)
+    head_dim = adapter.text_config.hidden_size // adapter.num_heads
+    for layer, n in zip(cache.layers, lengths, strict=True):
+        keys = torch.randn(1, adapter.num_kv_heads, n, head_dim, generator=g)
+        layer.set_contents(keys, torch.randn(keys.shape, generator=g))
+        layer.reserve(capacity, *layer.buffers)
+    return cache
+
+
+@pytest.mark.parametrize("shape", ["tiny-llama", "tiny-llava-ov"])
+@pytest.mark.parametrize("q_len", [1, 5])
+def test_static_forward_equals_the_transformers_forward(tiny_adapter, shape, q_len):
+    """Ragged layers (each at its own length and positions): hidden states and written keys
+    and values equal those of the transformers text model in the same static mode."""
+    adapter = tiny_adapter if shape == "tiny-llama" else build_random_adapter(shape, device="cpu", dtype=torch.float32)
+    layers = adapter.num_layers
+    lengths = [20 + 3 * layer for layer in range(layers)]
+    window, capacity = 64, 96
+    g = torch.Generator().manual_seed(2)
+    ids = torch.randint(0, 100, (1, q_len), generator=g)
+    slots = torch.tensor(lengths)[:, None] + torch.arange(q_len)
+    positions = (torch.tensor(lengths)[:, None] + 7 * torch.arange(layers)[:, None] + torch.arange(q_len))[:, None, :]
+    results = {}
+    for name in ("transformers", "static"):
+        cache = filled_cache(adapter, lengths, capacity, seed=3)
+        with torch.inference_mode():
+            if name == "static":
+                hidden = static_text_forward(adapter, ids, positions, slots, window, cache)
+            else:
+                axis = batch_axis(adapter.rotary_emb, 1, torch.device("cpu"), adapter.dtype)
+                with StaticWrites(cache, slots, window), StaticMasks(adapter.attention_modules, slots, window):
+                    hidden = per_layer_text_forward(adapter, positions, cache, axis, input_ids=ids)
+        results[name] = (hidden, [layer.buffers for layer in cache.layers])
+    torch.testing.assert_close(results["static"][0], results["transformers"][0], rtol=1e-5, atol=1e-5)
+    for (k_s, v_s), (k_t, v_t) in zip(results["static"][1], results["transformers"][1], strict=True):
+        torch.testing.assert_close(k_s, k_t, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(v_s, v_t, rtol=1e-5, atol=1e-5)
+
+
+def test_answer_graphs_choose_the_forward_by_model(tiny_adapter):
+    from hermes_policy.kv_store import KVStore
+
+    store = KVStore(tiny_adapter.num_layers, 1)
+    assert AnswerGraphs(tiny_adapter, store, use_graphs=False).fewer_kernels
+    assert not AnswerGraphs(tiny_adapter, store, use_graphs=False, fewer_kernels=False).fewer_kernels
+    qwen = build_random_adapter("tiny-qwen2.5-vl", device="cpu", dtype=torch.float32)
+    assert not AnswerGraphs(qwen, KVStore(qwen.num_layers, 3), use_graphs=False).fewer_kernels
