@@ -265,6 +265,26 @@ def slot_attention_backends(window: int = 4352, used: int = 4100) -> None:
         explicit = lambda q=q, blocked=blocked: slot_attention(q, keys, values, blocked, 128**-0.5)  # noqa: E731
         reference = explicit().float()
         cells = [f"explicit {1e3 * graph_ms(explicit):6.1f}"]
+        stacked = q.transpose(0, 1).reshape(4, 7 * q_len, 128)
+        kt = keys[0].transpose(1, 2)
+        zero = torch.zeros(1, 1, 1, device="cuda")
+        bias = torch.zeros(7 * q_len, window, device="cuda").masked_fill_(blocked.repeat(7, 1), float("-inf"))
+
+        def folded(bias=bias, stacked=stacked, q_len=q_len, kt=kt, zero=zero, blocked=blocked, with_bias=False):
+            if with_bias:
+                scores = torch.baddbmm(bias, stacked, kt, out_dtype=torch.float32, alpha=128**-0.5)
+            else:
+                scores = torch.baddbmm(zero, stacked, kt, out_dtype=torch.float32, beta=0, alpha=128**-0.5)
+                scores = scores.view(4, 7, q_len, window).masked_fill_(blocked, float("-inf"))
+            probs = torch.softmax(scores, dim=-1).to(values.dtype).view(4, 7 * q_len, window)
+            return torch.bmm(probs, values[0]).view(4, 7, q_len, 128).permute(2, 0, 1, 3).reshape(q_len, 28, 128)
+
+        for name, fn in [("scale folded", folded), ("scale+mask folded", lambda: folded(with_bias=True))]:
+            try:
+                diff = (fn().float() - reference).abs().max().item()
+                cells.append(f"{name} {1e3 * graph_ms(fn):6.1f} (max |diff| {diff:.1e})")
+            except Exception as error:  # noqa: BLE001
+                cells.append(f"{name} n/a ({str(error).splitlines()[0][:120]})")
         cu_q = torch.tensor([0, q_len], dtype=torch.int32, device="cuda")
         cu_k = torch.tensor([0, window], dtype=torch.int32, device="cuda")
         seqused = torch.tensor([used], dtype=torch.int32, device="cuda")
@@ -282,6 +302,43 @@ def slot_attention_backends(window: int = 4352, used: int = 4100) -> None:
         print(f"  q={q_len:2d}: " + ", ".join(cells))
 
 
+def ttft_host(session: StreamingSession, repeats: int = 20) -> None:
+    """Host-side steps of an answer's first token, each timed (median ms): what ``ask`` does
+    before and around the prefill graph's replay."""
+    import statistics
+    import time
+
+    from hermes_policy.answer_graphs import WINDOW_QUANTUM, bucket_length
+
+    graphs, store = session.answer_graphs, session.store
+    steps: dict[str, list[float]] = {}
+    with torch.inference_mode():
+        for _ in range(repeats):
+            marks = [("start", time.perf_counter())]
+            session._reset_peak_memory()
+            marks.append(("reset peak memory", time.perf_counter()))
+            session.flush()
+            marks.append(("flush", time.perf_counter()))
+            piece = session.adapter.question_piece(QUESTIONS[1])
+            marks.append(("tokenise", time.perf_counter()))
+            lengths = store.lengths()
+            bucket = bucket_length(len(piece))
+            needed = max(lengths) + bucket + 8
+            graphs._reserve(needed)
+            window = min(-(-needed // WINDOW_QUANTUM) * WINDOW_QUANTUM, min(layer.capacity for layer in store.cache.layers))
+            marks.append(("lengths+reserve", time.perf_counter()))
+            graphs._load_inputs(piece, bucket, lengths)
+            marks.append(("load inputs", time.perf_counter()))
+            graph = graphs._graph((bucket, window))
+            graph.run()
+            marks.append(("replay call", time.perf_counter()))
+            int(graphs._token)
+            marks.append(("wait for token", time.perf_counter()))
+            for (_, a), (name, b) in zip(marks, marks[1:], strict=False):
+                steps.setdefault(name, []).append((b - a) * 1e3)
+    print("== first-token steps (median ms): " + ", ".join(f"{k} {statistics.median(v):.3f}" for k, v in steps.items()))
+
+
 def answer_ab(adapter, shape, warm: int) -> None:
     """Answer graphs with the fewer-kernel forward and with the transformers forward, same
     session, side by side."""
@@ -293,8 +350,23 @@ def answer_ab(adapter, shape, warm: int) -> None:
         session._answer_graphs = AnswerGraphs(adapter, session.store, fewer_kernels=fewer)
         print(f"-- answer graphs, {'fewer kernels' if fewer else 'transformers forward'}:")
         answer_breakdown(session)
+        ttft_host(session)
         session._answer_graphs = None
         torch.cuda.empty_cache()
+    # the kernels of the fewer-kernel question prefill (run eagerly: the kernels a graph replays)
+    graphs = AnswerGraphs(adapter, session.store, use_graphs=False)
+    session._answer_graphs = graphs
+    session.ask(QUESTIONS[1], max_new_tokens=2)
+    with torch.inference_mode():
+        graphs._load_inputs(adapter.question_piece(QUESTIONS[1]), 16, session.store.lengths())
+        body = graphs._graph((16, 4096))
+        body.run()
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            body.run()
+            torch.cuda.synchronize()
+    print("== kernels of the fewer-kernel 16-token prefill (eager run)")
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=70))
 
 
 def diagnose(adapter, shape, chunk_frames: int, warm: int, out: Path) -> None:

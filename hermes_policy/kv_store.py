@@ -80,6 +80,9 @@ class KVStore:
         self.positions = [torch.zeros(position_axes, 0, dtype=torch.long) for _ in range(num_layers)]
         self.frame_index = [torch.zeros(0, dtype=torch.long) for _ in range(num_layers)]
         self.prefix_len = 0
+        # next free position per layer, with the positions tensor it was computed from
+        # (every change assigns a new tensor, so identity tells whether it is current)
+        self._next_positions: list[tuple[torch.Tensor, int] | None] = [None] * num_layers
 
     # -- reading ---------------------------------------------------------------------
     def length(self, layer: int) -> int:
@@ -99,7 +102,13 @@ class KVStore:
         return first.device if first.is_initialized else torch.device("cpu")
 
     def next_position(self, layer: int) -> int:
-        return next_free_position(self.positions[layer])
+        positions = self.positions[layer]
+        cached = self._next_positions[layer]
+        if cached is not None and cached[0] is positions:
+            return cached[1]
+        value = next_free_position(positions)
+        self._next_positions[layer] = (positions, value)
+        return value
 
     def max_position(self) -> int:
         return max(self.next_position(layer) for layer in range(self.num_layers)) - 1

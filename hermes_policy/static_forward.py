@@ -25,7 +25,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attention import grouped_masked_attention
+from .attention import BMM_OUT_DTYPE, HALF_DTYPES, grouped_masked_attention
+
+# the additive masks of all layers, built once per forward, at most this many bytes
+# (a 16-token question on a 4K window: 55 MB for 28 layers)
+MASK_BIAS_BYTES = 1 << 28
 
 # decoder layers whose forward is: x + o(attn(rope(qkv(norm1(x))))), then
 # x + down(act(gate(norm2(x))) * up(norm2(x))), with rotate-half RoPE
@@ -150,6 +154,41 @@ def slot_attention(
     return out[0].transpose(0, 1)
 
 
+def stacked_mask_bias(blocked: torch.Tensor, groups: int) -> torch.Tensor:
+    """Additive float32 masks ``(layers, groups * q, window)`` from ``blocked (layers, q, window)``:
+    ``-inf`` where blocked, else 0; row ``j * q + i`` is token ``i`` (query heads stacked
+    per KV head, as :func:`~hermes_policy.attention.grouped_scores` stacks them)."""
+    layers, q_len, window = blocked.shape
+    stacked = blocked[:, None].expand(layers, groups, q_len, window).reshape(layers, groups * q_len, window)
+    return torch.zeros(stacked.shape, dtype=torch.float32, device=blocked.device).masked_fill_(stacked, float("-inf"))
+
+
+def biased_slot_attention(
+    query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, bias: torch.Tensor, scaling: float
+) -> torch.Tensor:
+    """:func:`slot_attention` with the mask as an additive bias, on CUDA in half precision:
+    scale, mask and score product in one kernel (``baddbmm`` writing float32), then the
+    softmax and the value product.
+
+    Parameters
+    ----------
+    query : ``(q, heads, head_dim)``
+    keys, values : ``(1, kv_heads, window, head_dim)``
+    bias : ``(groups * q, window)`` from :func:`stacked_mask_bias`
+    """
+    q_len, heads, dim = query.shape
+    kv_heads = keys.shape[1]
+    groups = heads // kv_heads
+    stacked = query.permute(1, 0, 2).reshape(kv_heads, groups * q_len, dim)
+    if query.device.type == "cuda" and BMM_OUT_DTYPE:
+        scores = torch.baddbmm(bias, stacked, keys[0].transpose(1, 2), out_dtype=torch.float32, alpha=scaling)
+    else:  # the same arithmetic in float32 (CPU, tests)
+        scores = torch.baddbmm(bias, stacked.float(), keys[0].transpose(1, 2).float(), alpha=scaling)
+    probs = torch.softmax(scores, dim=-1).to(values.dtype)
+    out = torch.bmm(probs, values[0])  # (kv_heads, groups * q, dim)
+    return out.view(kv_heads, groups, q_len, dim).permute(2, 0, 1, 3).reshape(q_len, heads, dim)
+
+
 def static_text_forward(
     adapter: object, input_ids: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, window: int, cache: object
 ) -> torch.Tensor:
@@ -174,6 +213,16 @@ def static_text_forward(
     cos, sin = adapter.rotary_emb(probe, positions[:, 0, :])  # (layers, q, head_dim)
     cos, sin = cos[:, :, None, :], signed_sin(sin)[:, :, None, :]  # broadcast over heads
     blocked = torch.arange(window, device=slots.device)[None, None, :] > slots[:, :, None]  # (layers, q, window)
+    first = layers[0].self_attn
+    groups = first.q_proj.out_features // first.k_proj.out_features
+    bias = None
+    if (
+        positions.device.type == "cuda"
+        and adapter.dtype in HALF_DTYPES
+        and BMM_OUT_DTYPE
+        and blocked.numel() * groups * 4 <= MASK_BIAS_BYTES
+    ):
+        bias = stacked_mask_bias(blocked, groups)
     hidden = text.embed_tokens(input_ids)
     for index, layer in enumerate(layers):
         attn, mlp = layer.self_attn, layer.mlp
@@ -187,9 +236,11 @@ def static_text_forward(
         key_buffer, value_buffer = cache.layers[index].buffers  # (1, kv_heads, capacity, head_dim)
         key_buffer[0].index_copy_(1, slots[index], key.transpose(0, 1))
         value_buffer[0].index_copy_(1, slots[index], value.transpose(0, 1))
-        out = slot_attention(
-            query, key_buffer[:, :, :window], value_buffer[:, :, :window], blocked[index], attn.scaling
-        )
+        window_keys, window_values = key_buffer[:, :, :window], value_buffer[:, :, :window]
+        if bias is None:
+            out = slot_attention(query, window_keys, window_values, blocked[index], attn.scaling)
+        else:
+            out = biased_slot_attention(query, window_keys, window_values, bias[index], attn.scaling)
         hidden = hidden + attn.o_proj(out.reshape(1, q_len, heads * head_dim))
         gate_up_weight, gate_up_bias = fuse_linear_weights([mlp.gate_proj, mlp.up_proj], mlp, "hermes_fused_gate_up")
         gate, up = F.linear(layer.post_attention_layernorm(hidden), gate_up_weight, gate_up_bias).chunk(2, dim=-1)

@@ -61,3 +61,8 @@ def test_the_dequantized_copy_is_lossless(smollm2, monkeypatch):
         a = smollm2.model(input_ids=ids).logits
         b = from_gguf.model(input_ids=ids).logits
     assert torch.equal(a, b)
+
+
+def test_fast_encoding_equals_the_tokenizer_call(smollm2):
+    for text in ["Where is the ball?", "<|im_start|>user\nhi<|im_end|>\n", "  spaces\tand\n\nlines", "émoji 🎉 ünïcode"]:
+        assert smollm2.encode_text(text) == list(smollm2.tokenizer(text, add_special_tokens=False)["input_ids"])

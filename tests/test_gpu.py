@@ -222,3 +222,15 @@ def test_hermes_eviction_on_cuda_equals_cpu(tiny_llama_dir):
         assert torch.equal(cpu.positions, cuda.positions) and torch.equal(cpu.frame_index, cuda.frame_index)
         torch.testing.assert_close(cuda.keys.cpu(), cpu.keys, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(cuda.values.cpu(), cpu.values, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.bfloat16, 5e-2)])
+@pytest.mark.parametrize("q_len", [1, 5])
+def test_fewer_kernel_forward_on_cuda(tiny_llama_dir, dtype, tol, q_len):
+    """The answer graphs' own forward (additive-mask attention in bf16) against transformers'."""
+    from test_static_forward import assert_forwards_close, both_forwards
+
+    from hermes_policy.models import load_adapter
+
+    adapter = load_adapter(tiny_llama_dir, device="cuda", dtype=dtype, tokens_per_frame=8)
+    assert_forwards_close(both_forwards(adapter, q_len), tol)

@@ -66,25 +66,23 @@ def filled_cache(adapter, lengths, capacity, seed):
     cache = StreamCache(adapter.num_layers)
     head_dim = adapter.text_config.hidden_size // adapter.num_heads
     for layer, n in zip(cache.layers, lengths, strict=True):
-        keys = torch.randn(1, adapter.num_kv_heads, n, head_dim, generator=g)
-        layer.set_contents(keys, torch.randn(keys.shape, generator=g))
+        keys = torch.randn(2, 1, adapter.num_kv_heads, n, head_dim, generator=g).to(adapter.device, adapter.dtype)
+        layer.set_contents(keys[0], keys[1])
         layer.reserve(capacity, *layer.buffers)
     return cache
 
 
-@pytest.mark.parametrize("shape", ["tiny-llama", "tiny-llava-ov"])
-@pytest.mark.parametrize("q_len", [1, 5])
-def test_static_forward_equals_the_transformers_forward(tiny_adapter, shape, q_len):
-    """Ragged layers (each at its own length and positions): hidden states and written keys
-    and values equal those of the transformers text model in the same static mode."""
-    adapter = tiny_adapter if shape == "tiny-llama" else build_random_adapter(shape, device="cpu", dtype=torch.float32)
-    layers = adapter.num_layers
+def both_forwards(adapter, q_len: int) -> dict:
+    """Hidden states and buffers after the fewer-kernel and the transformers static forward,
+    on ragged layers (each at its own length and positions)."""
+    layers, device = adapter.num_layers, adapter.device
     lengths = [20 + 3 * layer for layer in range(layers)]
     window, capacity = 64, 96
     g = torch.Generator().manual_seed(2)
-    ids = torch.randint(0, 100, (1, q_len), generator=g)
-    slots = torch.tensor(lengths)[:, None] + torch.arange(q_len)
+    ids = torch.randint(0, 100, (1, q_len), generator=g).to(device)
+    slots = (torch.tensor(lengths)[:, None] + torch.arange(q_len)).to(device)
     positions = (torch.tensor(lengths)[:, None] + 7 * torch.arange(layers)[:, None] + torch.arange(q_len))[:, None, :]
+    positions = positions.to(device)
     results = {}
     for name in ("transformers", "static"):
         cache = filled_cache(adapter, lengths, capacity, seed=3)
@@ -92,14 +90,27 @@ def test_static_forward_equals_the_transformers_forward(tiny_adapter, shape, q_l
             if name == "static":
                 hidden = static_text_forward(adapter, ids, positions, slots, window, cache)
             else:
-                axis = batch_axis(adapter.rotary_emb, 1, torch.device("cpu"), adapter.dtype)
+                axis = batch_axis(adapter.rotary_emb, 1, device, adapter.dtype)
                 with StaticWrites(cache, slots, window), StaticMasks(adapter.attention_modules, slots, window):
                     hidden = per_layer_text_forward(adapter, positions, cache, axis, input_ids=ids)
         results[name] = (hidden, [layer.buffers for layer in cache.layers])
-    torch.testing.assert_close(results["static"][0], results["transformers"][0], rtol=1e-5, atol=1e-5)
+    return results
+
+
+def assert_forwards_close(results: dict, tol: float) -> None:
+    torch.testing.assert_close(results["static"][0], results["transformers"][0], rtol=tol, atol=tol)
     for (k_s, v_s), (k_t, v_t) in zip(results["static"][1], results["transformers"][1], strict=True):
-        torch.testing.assert_close(k_s, k_t, rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(v_s, v_t, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(k_s, k_t, rtol=tol, atol=tol)
+        torch.testing.assert_close(v_s, v_t, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("shape", ["tiny-llama", "tiny-llava-ov"])
+@pytest.mark.parametrize("q_len", [1, 5])
+def test_static_forward_equals_the_transformers_forward(tiny_adapter, shape, q_len):
+    """Hidden states and written keys and values equal those of the transformers text model
+    in the same static mode."""
+    adapter = tiny_adapter if shape == "tiny-llama" else build_random_adapter(shape, device="cpu", dtype=torch.float32)
+    assert_forwards_close(both_forwards(adapter, q_len), 1e-5)
 
 
 def test_answer_graphs_choose_the_forward_by_model(tiny_adapter):
@@ -110,3 +121,23 @@ def test_answer_graphs_choose_the_forward_by_model(tiny_adapter):
     assert not AnswerGraphs(tiny_adapter, store, use_graphs=False, fewer_kernels=False).fewer_kernels
     qwen = build_random_adapter("tiny-qwen2.5-vl", device="cpu", dtype=torch.float32)
     assert not AnswerGraphs(qwen, KVStore(qwen.num_layers, 3), use_graphs=False).fewer_kernels
+
+
+def test_biased_attention_equals_masked_attention():
+    """The additive-bias form (used on CUDA in half precision) against the boolean mask."""
+    from hermes_policy.static_forward import (
+        biased_slot_attention,
+        slot_attention,
+        stacked_mask_bias,
+    )
+
+    g = torch.Generator().manual_seed(4)
+    layers, q_len, window, heads, kv_heads, dim = 2, 5, 24, 6, 2, 8
+    query = torch.randn(q_len, heads, dim, generator=g)
+    keys, values = torch.randn(2, 1, kv_heads, window, dim, generator=g)
+    slots = torch.tensor([[9, 10, 11, 12, 13], [3, 4, 5, 6, 7]])
+    blocked = torch.arange(window)[None, None, :] > slots[:, :, None]
+    bias = stacked_mask_bias(blocked, heads // kv_heads)
+    for layer in range(layers):
+        expected = slot_attention(query, keys, values, blocked[layer], 0.3)
+        torch.testing.assert_close(biased_slot_attention(query, keys, values, bias[layer], 0.3), expected)

@@ -87,3 +87,20 @@ def test_fresh_buffers_are_zero_not_garbage():
     layer.update(*kv(3))
     k, v = layer.buffers
     assert torch.count_nonzero(k[..., 3:, :]) == 0 and torch.count_nonzero(v[..., 3:, :]) == 0
+
+
+def test_next_positions_follow_every_change_of_the_store():
+    """The cached next free position is recomputed whenever a layer's positions change."""
+    from hermes_policy.kv_store import KVStore
+
+    store = KVStore(2, 1)
+    k = torch.randn(1, 2, 5, 4)
+    for layer in store.cache.layers:
+        layer.update(k, k)
+    store.record_appended([torch.arange(5)[None], torch.arange(10, 15)[None]], torch.zeros(5, dtype=torch.long))
+    assert [store.next_position(layer) for layer in range(2)] == [5, 15]
+    assert store.next_position(0) == 5  # from the cache
+    store.truncate([3, 5])
+    assert [store.next_position(layer) for layer in range(2)] == [3, 15]
+    store.keep_layers({1: (torch.tensor([0, 1]), None)})
+    assert [store.next_position(layer) for layer in range(2)] == [3, 12]
