@@ -37,6 +37,7 @@ from .kv_store import KVStore
 from .models.base import ModelAdapter, StreamPiece
 from .static_forward import prepare_static_forward, static_text_forward, supports_static_forward
 from .stream_cache import StaticWrites
+from .transfer import upload
 
 BUCKETS = (16, 32, 64, 128, 256, 512)
 WINDOW_QUANTUM = 256  # key windows are multiples of this many slots
@@ -173,7 +174,8 @@ class AnswerGraphs:
         staging = self._inputs.get(bucket)
         if staging is None:
             staging = self._inputs[bucket] = torch.empty_like(host, device=self._device)
-        staging.copy_(host, non_blocking=False)
+        # through pinned memory: the host does not wait for the copy
+        staging.copy_(upload(host, self._device))
 
     def _views(self, bucket: int) -> tuple[torch.Tensor, ...]:
         staging = self._inputs[bucket]

@@ -273,8 +273,9 @@ class StreamingSession:
         """
         if not question or not question.strip():
             raise StreamError("the question is empty")
-        arrival = time.perf_counter()
+        # the peak-memory counter is instrumentation of this answer, reset before it arrives
         self._reset_peak_memory()
+        arrival = time.perf_counter()
         pending = self.flush()
         if self.frames_seen == 0:
             raise StreamError("a question was asked before any frame was streamed")

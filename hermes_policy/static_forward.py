@@ -9,11 +9,14 @@ Llama/Qwen2 form, this module runs the same arithmetic with fewer kernels:
 - the query, key and value projections as one matrix product, and the gate and up
   projections as one (:func:`fuse_linear_weights`: the layers' weights become views of one
   buffer, so no memory is added and the transformers modules keep working);
-- rotary embedding of all query and key heads in three kernels (:func:`rotate_half_pairs`);
+- rotary embedding of all query and key heads at once; the residual adds with the next
+  RMSNorm, SiLU with the product by the up projection, and the softmax with its cast each
+  as one kernel on CUDA (:mod:`hermes_policy.fused_ops`);
 - keys and values written into the stream cache's buffers at device-side slots, and
   attention over a fixed window of those buffers masked by slot, as in
   :class:`~hermes_policy.attention.StaticMasks`;
-- the norms are the model's own modules (fused RMSNorm, the model's rounding).
+- the norms round where the model's modules round (normalised in float32, rounded to
+  the input dtype, then weighted).
 
 Only the answer path uses it (no attention capture, no per-layer hooks run inside); other
 layer types fall back to the transformers forward (:func:`supports_static_forward`).
@@ -26,6 +29,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .attention import BMM_OUT_DTYPE, HALF_DTYPES, grouped_masked_attention
+from .fused_ops import add_rms_norm, rms_norm, rotate_half_pairs, silu_and_mul, softmax_to
+from .models.fused_norm import STANDARD_RMS_NORMS
 
 # the additive masks of all layers, built once per forward, at most this many bytes
 # (a 16-token question on a 4K window: 55 MB for 28 layers)
@@ -34,6 +39,17 @@ MASK_BIAS_BYTES = 1 << 28
 # decoder layers whose forward is: x + o(attn(rope(qkv(norm1(x))))), then
 # x + down(act(gate(norm2(x))) * up(norm2(x))), with rotate-half RoPE
 STATIC_LAYER_TYPES = frozenset({"LlamaDecoderLayer", "Qwen2DecoderLayer", "MistralDecoderLayer"})
+
+
+SILU_TYPES = frozenset({"SiLU", "SiLUActivation"})
+
+
+def _norm_parameters(module: nn.Module) -> tuple[torch.Tensor, float] | None:
+    """``(weight, eps)`` of a standard RMSNorm module (``weight * rmsnorm(x)``), else None."""
+    if type(module).__name__ not in STANDARD_RMS_NORMS:
+        return None
+    eps = getattr(module, "variance_epsilon", getattr(module, "eps", None))
+    return None if eps is None else (module.weight, float(eps))
 
 
 def supports_static_forward(adapter: object) -> bool:
@@ -56,7 +72,11 @@ def supports_static_forward(adapter: object) -> bool:
             return False
         if not all(isinstance(getattr(layer.mlp, p, None), nn.Linear) for p in ("gate_proj", "up_proj", "down_proj")):
             return False
-    return True
+        if type(getattr(layer.mlp, "act_fn", None)).__name__ not in SILU_TYPES:
+            return False
+        if not all(_norm_parameters(n) for n in (layer.input_layernorm, layer.post_attention_layernorm)):
+            return False
+    return _norm_parameters(text.norm) is not None
 
 
 def _same_storage_in_order(tensors: list[torch.Tensor], fused: torch.Tensor) -> bool:
@@ -119,22 +139,6 @@ def signed_sin(sin: torch.Tensor) -> torch.Tensor:
     return torch.cat([-sin[..., :half], sin[..., half:]], dim=-1)
 
 
-def rotate_half_pairs(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch.Tensor:
-    """Rotary embedding in the rotate-half layout: ``x * cos + rotate_half(x) * sin``.
-
-    Three kernels (a product, a swap of the two halves, a fused multiply-add) instead of
-    the five of the transformers form; in float32 equal to it up to rounding of the sum.
-
-    Parameters
-    ----------
-    x : ``(..., head_dim)``
-    cos, sin_signed : broadcastable to ``x`` (``sin_signed`` from :func:`signed_sin`)
-    """
-    half = x.shape[-1] // 2
-    swapped = x.unflatten(-1, (2, half)).flip(-2).flatten(-2)
-    return torch.addcmul(x * cos, swapped, sin_signed)
-
-
 def slot_attention(
     query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, blocked: torch.Tensor, scaling: float
 ) -> torch.Tensor:
@@ -184,7 +188,7 @@ def biased_slot_attention(
         scores = torch.baddbmm(bias, stacked, keys[0].transpose(1, 2), out_dtype=torch.float32, alpha=scaling)
     else:  # the same arithmetic in float32 (CPU, tests)
         scores = torch.baddbmm(bias, stacked.float(), keys[0].transpose(1, 2).float(), alpha=scaling)
-    probs = torch.softmax(scores, dim=-1).to(values.dtype)
+    probs = softmax_to(scores, values.dtype)
     out = torch.bmm(probs, values[0])  # (kv_heads, groups * q, dim)
     return out.view(kv_heads, groups, q_len, dim).permute(2, 0, 1, 3).reshape(q_len, heads, dim)
 
@@ -224,13 +228,14 @@ def static_text_forward(
     ):
         bias = stacked_mask_bias(blocked, groups)
     hidden = text.embed_tokens(input_ids)
+    normed = rms_norm(hidden, *_norm_parameters(layers[0].input_layernorm))
     for index, layer in enumerate(layers):
         attn, mlp = layer.self_attn, layer.mlp
         head_dim = attn.head_dim
         heads = attn.q_proj.out_features // head_dim
         kv_heads = attn.k_proj.out_features // head_dim
         qkv_weight, qkv_bias = fuse_linear_weights([attn.q_proj, attn.k_proj, attn.v_proj], attn, "hermes_fused_qkv")
-        qkv = F.linear(layer.input_layernorm(hidden), qkv_weight, qkv_bias).view(q_len, heads + 2 * kv_heads, head_dim)
+        qkv = F.linear(normed, qkv_weight, qkv_bias).view(q_len, heads + 2 * kv_heads, head_dim)
         rotated = rotate_half_pairs(qkv[:, : heads + kv_heads], cos[index], sin[index])
         query, key, value = rotated[:, :heads], rotated[:, heads:], qkv[:, heads + kv_heads :]
         key_buffer, value_buffer = cache.layers[index].buffers  # (1, kv_heads, capacity, head_dim)
@@ -241,8 +246,11 @@ def static_text_forward(
             out = slot_attention(query, window_keys, window_values, blocked[index], attn.scaling)
         else:
             out = biased_slot_attention(query, window_keys, window_values, bias[index], attn.scaling)
-        hidden = hidden + attn.o_proj(out.reshape(1, q_len, heads * head_dim))
+        attended = attn.o_proj(out.reshape(1, q_len, heads * head_dim))
+        hidden, normed = add_rms_norm(hidden, attended, *_norm_parameters(layer.post_attention_layernorm))
         gate_up_weight, gate_up_bias = fuse_linear_weights([mlp.gate_proj, mlp.up_proj], mlp, "hermes_fused_gate_up")
-        gate, up = F.linear(layer.post_attention_layernorm(hidden), gate_up_weight, gate_up_bias).chunk(2, dim=-1)
-        hidden = hidden + mlp.down_proj(mlp.act_fn(gate) * up)
-    return text.norm(hidden)
+        mlp_out = mlp.down_proj(silu_and_mul(F.linear(normed, gate_up_weight, gate_up_bias)))
+        # the residual add with the next layer's input norm (after the last: the final norm)
+        next_norm = layers[index + 1].input_layernorm if index + 1 < len(layers) else text.norm
+        hidden, normed = add_rms_norm(hidden, mlp_out, *_norm_parameters(next_norm))
+    return normed

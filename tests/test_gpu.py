@@ -234,3 +234,31 @@ def test_fewer_kernel_forward_on_cuda(tiny_llama_dir, dtype, tol, q_len):
 
     adapter = load_adapter(tiny_llama_dir, device="cuda", dtype=dtype, tokens_per_frame=8)
     assert_forwards_close(both_forwards(adapter, q_len), tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_compiled_fused_ops_equal_their_eager_code(dtype):
+    """Each fused op compiled (one kernel) against its eager code, at two token counts."""
+    from hermes_policy import fused_ops
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    for rows in (1, 16):
+        hidden = torch.randn(1, rows, 256, device="cuda", generator=g).to(dtype) * 3
+        delta = torch.randn(1, rows, 256, device="cuda", generator=g).to(dtype)
+        weight = torch.randn(256, device="cuda", generator=g).to(dtype)
+        qk = torch.randn(rows, 6, 64, device="cuda", generator=g).to(dtype)
+        cos, sin = torch.randn(2, rows, 1, 64, device="cuda", generator=g).to(dtype)
+        scores = torch.randn(4, 3 * rows, 300, device="cuda", generator=g)
+        cases = [
+            (fused_ops.add_rms_norm, (hidden, delta, weight, 1e-6)),
+            (fused_ops.rms_norm, (hidden, weight, 1e-6)),
+            (fused_ops.rotate_half_pairs, (qk, cos, sin)),
+            (fused_ops.silu_and_mul, (torch.cat([hidden, delta], -1),)),
+            (fused_ops.softmax_to, (scores, dtype)),
+        ]
+        for op, args in cases:
+            got, expected = op(*args), op.eager(*args)
+            assert not op.failed and op._compiled is not None, op.name
+            for a, b in zip(got if isinstance(got, tuple) else (got,), expected if isinstance(expected, tuple) else (expected,), strict=True):
+                torch.testing.assert_close(a, b, rtol=tol, atol=tol, msg=op.name)

@@ -11,9 +11,9 @@ from hermes_policy.answer_graphs import AnswerGraphs
 from hermes_policy.attention import StaticMasks
 from hermes_policy.benchmarking.shapes import build_random_adapter
 from hermes_policy.chunk_graphs import batch_axis, per_layer_text_forward
+from hermes_policy.fused_ops import rotate_half_pairs
 from hermes_policy.static_forward import (
     fuse_linear_weights,
-    rotate_half_pairs,
     signed_sin,
     static_text_forward,
     supports_static_forward,

@@ -257,6 +257,12 @@ class ModelAdapter(ABC):
 
     @property
     def stop_token_ids(self) -> set[int]:
+        cached = getattr(self, "_stop_token_ids", None)
+        if cached is None:
+            cached = self._stop_token_ids = frozenset(self._find_stop_token_ids())
+        return set(cached)
+
+    def _find_stop_token_ids(self) -> set[int]:
         ids = set()
         for token in (self.tokenizer.eos_token, "<|im_end|>", "<|eot_id|>", "<|endoftext|>"):
             if token is None:

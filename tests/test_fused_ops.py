@@ -1,0 +1,54 @@
+"""The fused element-wise steps against the transformers modules they stand for.
+
+On the CPU the eager code runs (these tests); on CUDA the same functions are compiled
+(tests/test_gpu.py compares the two there).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers.activations import ACT2FN
+from transformers.models.qwen2.modeling_qwen2 import Qwen2RMSNorm
+
+from hermes_policy import fused_ops
+from hermes_policy.fused_ops import FusedOp, add_rms_norm, rms_norm, silu_and_mul, softmax_to
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_add_rms_norm_rounds_like_a_residual_add_and_the_module(dtype):
+    g = torch.Generator().manual_seed(0)
+    norm = Qwen2RMSNorm(64, eps=1e-6)
+    torch.nn.init.normal_(norm.weight, generator=g)
+    norm = norm.to(dtype)
+    hidden, delta = (torch.randn(2, 3, 64, generator=g) * 3).to(dtype), torch.randn(2, 3, 64, generator=g).to(dtype)
+    summed, normed = add_rms_norm(hidden, delta, norm.weight, norm.variance_epsilon)
+    expected_sum = hidden + delta
+    assert torch.equal(summed, expected_sum)
+    tol = 1e-6 if dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(normed, type(norm).forward(norm, expected_sum), rtol=tol, atol=tol)
+    torch.testing.assert_close(rms_norm(expected_sum, norm.weight, 1e-6), normed, rtol=0, atol=0)
+
+
+def test_silu_and_mul_and_softmax_to():
+    g = torch.Generator().manual_seed(1)
+    gate_up = torch.randn(4, 10, generator=g)
+    torch.testing.assert_close(silu_and_mul(gate_up), ACT2FN["silu"](gate_up[:, :5]) * gate_up[:, 5:])
+    scores = torch.randn(3, 7, generator=g).masked_fill(torch.rand(3, 7, generator=g) > 0.7, float("-inf"))
+    out = softmax_to(scores, torch.bfloat16)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out, torch.softmax(scores, -1).to(torch.bfloat16))
+
+
+def test_fused_ops_run_eagerly_off_cuda_and_when_disabled(monkeypatch):
+    calls = []
+
+    def double(x):
+        calls.append(x)
+        return 2 * x
+
+    op = FusedOp(double)
+    assert torch.equal(op(torch.ones(2)), torch.full((2,), 2.0)) and len(calls) == 1  # CPU: the eager code
+    assert op._compiled is None
+    monkeypatch.setattr(fused_ops, "ENABLED", False)
+    assert torch.equal(op(torch.ones(2)), torch.full((2,), 2.0)) and op._compiled is None
