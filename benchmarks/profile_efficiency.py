@@ -366,7 +366,7 @@ def answer_ab(adapter, shape, warm: int) -> None:
             body.run()
             torch.cuda.synchronize()
     print("== kernels of the fewer-kernel 16-token prefill (eager run)")
-    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=70))
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=16, max_name_column_width=60))
 
 
 def diagnose(adapter, shape, chunk_frames: int, warm: int, out: Path) -> None:

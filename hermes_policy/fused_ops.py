@@ -1,7 +1,7 @@
 """Element-wise steps of a decoder layer fused into single kernels on CUDA.
 
 Inside the answer graphs, a decoder layer's element-wise steps (residual add, RMSNorm and
-its weight, rotary embedding, SiLU times the up projection, softmax and its cast) each
+its weight, rotary embedding, SiLU times the up projection) each
 cost a kernel of a few microseconds that reads and writes a few kilobytes: on the
 LLaVA-OV-7B shape ~16 such kernels a layer, ~1 ms of a 6.5 ms question prefill on an
 H200. Each function here is written once in plain torch (the reference, and what runs on
@@ -50,10 +50,6 @@ def _silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
     return F.silu(gate) * up
 
 
-def _softmax_to(scores: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    return torch.softmax(scores, dim=-1).to(dtype)
-
-
 class FusedOp:
     """A function run eagerly, or compiled into one kernel when its first argument is on CUDA."""
 
@@ -95,6 +91,3 @@ rotate_half_pairs = FusedOp(_rotate_half_pairs)
 
 silu_and_mul = FusedOp(_silu_and_mul)
 """``silu(gate) * up`` of ``gate_up (..., 2 * intermediate)`` (gate first)."""
-
-softmax_to = FusedOp(_softmax_to)
-"""Softmax over the last axis, cast to ``dtype``."""

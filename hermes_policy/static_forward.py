@@ -9,12 +9,13 @@ Llama/Qwen2 form, this module runs the same arithmetic with fewer kernels:
 - the query, key and value projections as one matrix product, and the gate and up
   projections as one (:func:`fuse_linear_weights`: the layers' weights become views of one
   buffer, so no memory is added and the transformers modules keep working);
-- rotary embedding of all query and key heads at once; the residual adds with the next
-  RMSNorm, SiLU with the product by the up projection, and the softmax with its cast each
-  as one kernel on CUDA (:mod:`hermes_policy.fused_ops`);
+- rotary embedding of all query and key heads at once; rotary, each residual add with
+  the next RMSNorm, and SiLU with the product by the up projection each as one kernel on
+  CUDA (:mod:`hermes_policy.fused_ops`);
 - keys and values written into the stream cache's buffers at device-side slots, and
   attention over a fixed window of those buffers masked by slot, as in
-  :class:`~hermes_policy.attention.StaticMasks`;
+  :class:`~hermes_policy.attention.StaticMasks` (on CUDA in half precision the scale and
+  the mask folded into the score product, :func:`biased_slot_attention`);
 - the norms round where the model's modules round (normalised in float32, rounded to
   the input dtype, then weighted).
 
@@ -29,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .attention import BMM_OUT_DTYPE, HALF_DTYPES, grouped_masked_attention
-from .fused_ops import add_rms_norm, rms_norm, rotate_half_pairs, silu_and_mul, softmax_to
+from .fused_ops import add_rms_norm, rms_norm, rotate_half_pairs, silu_and_mul
 from .models.fused_norm import STANDARD_RMS_NORMS
 
 # the additive masks of all layers, built once per forward, at most this many bytes
@@ -188,7 +189,9 @@ def biased_slot_attention(
         scores = torch.baddbmm(bias, stacked, keys[0].transpose(1, 2), out_dtype=torch.float32, alpha=scaling)
     else:  # the same arithmetic in float32 (CPU, tests)
         scores = torch.baddbmm(bias, stacked.float(), keys[0].transpose(1, 2).float(), alpha=scaling)
-    probs = softmax_to(scores, values.dtype)
+    # (a compiled softmax-and-cast split the 4K-key reduction: 17.6 us against 10.7 for the
+    # two kernels, H200)
+    probs = torch.softmax(scores, dim=-1).to(values.dtype)
     out = torch.bmm(probs, values[0])  # (kv_heads, groups * q, dim)
     return out.view(kv_heads, groups, q_len, dim).permute(2, 0, 1, 3).reshape(q_len, heads, dim)
 
