@@ -339,6 +339,45 @@ def ttft_host(session: StreamingSession, repeats: int = 20) -> None:
     print("== first-token steps (median ms): " + ", ".join(f"{k} {statistics.median(v):.3f}" for k, v in steps.items()))
 
 
+def ttft_trace(session: StreamingSession, repeats: int = 8) -> None:
+    """Where ``ask``'s time to first token goes, from marks set by wrappers around its steps
+    (median ms from the call, and the answer's own TTFT)."""
+    import statistics
+    import time
+
+    graphs = session.answer_graphs
+    marks: list[tuple[str, float]] = []
+
+    def wrap(owner, name):
+        original = getattr(owner, name)
+
+        def wrapped(*args, **kwargs):
+            marks.append((f"{name} start", time.perf_counter()))
+            out = original(*args, **kwargs)
+            marks.append((f"{name} end", time.perf_counter()))
+            return out
+
+        setattr(owner, name, wrapped)
+        return original
+
+    saved = {name: wrap(owner, name) for owner, name in [
+        (session.adapter, "question_piece"), (graphs, "_reserve"), (graphs, "_load_inputs"), (graphs, "_graph"), (session, "flush")]}
+    rows: dict[str, list[float]] = {}
+    ttfts = []
+    for _ in range(repeats):
+        marks.clear()
+        start = time.perf_counter()
+        answer = session.ask(QUESTIONS[1], max_new_tokens=1)
+        ttfts.append(answer.ttft_ms)
+        for name, at in marks:
+            rows.setdefault(name, []).append((at - start) * 1e3)
+    for (owner, name), original in zip([(session.adapter, "question_piece"), (graphs, "_reserve"), (graphs, "_load_inputs"),
+                                        (graphs, "_graph"), (session, "flush")], saved.values(), strict=True):
+        delattr(owner, name) if name in vars(owner) else setattr(owner, name, original)
+    print(f"== ask() trace (median ms since the call; TTFT {statistics.median(ttfts):.3f}): "
+          + ", ".join(f"{k} {statistics.median(v):.3f}" for k, v in rows.items()))
+
+
 def answer_ab(adapter, shape, warm: int) -> None:
     """Answer graphs with the fewer-kernel forward and with the transformers forward, same
     session, side by side."""
@@ -351,6 +390,7 @@ def answer_ab(adapter, shape, warm: int) -> None:
         print(f"-- answer graphs, {'fewer kernels' if fewer else 'transformers forward'}:")
         answer_breakdown(session)
         ttft_host(session)
+        ttft_trace(session)
         session._answer_graphs = None
         torch.cuda.empty_cache()
     # the kernels of the fewer-kernel question prefill (run eagerly: the kernels a graph replays)
