@@ -14,10 +14,11 @@ Questions never trigger retention work: everything the rule needs happens at ing
 
 from __future__ import annotations
 
+import gc
 import time
 import warnings
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -125,6 +126,24 @@ def _split_frames(frames: Any) -> list[Any]:
     if isinstance(frames, (np.ndarray, torch.Tensor)):
         return list(frames)
     return list(frames)
+
+
+@contextmanager
+def paused_collection(pause: bool = True) -> Iterator[Callable[[], None]]:
+    """Within this context Python's garbage collector does not run (when ``pause``, and it
+    was running); the yielded function resumes it early. Restored on exit either way."""
+    paused = pause and gc.isenabled()
+    if paused:
+        gc.disable()
+
+    def resume() -> None:
+        if paused:
+            gc.enable()
+
+    try:
+        yield resume
+    finally:
+        resume()
 
 
 class StreamingSession:
@@ -276,39 +295,45 @@ class StreamingSession:
         # the peak-memory counter is instrumentation of this answer, reset before it arrives
         self._reset_peak_memory()
         arrival = time.perf_counter()
-        pending = self.flush()
-        if self.frames_seen == 0:
-            raise StreamError("a question was asked before any frame was streamed")
-        limit = self.max_new_tokens if max_new_tokens is None else max_new_tokens
-        stops = self.adapter.stop_token_ids
-        saved_lengths = self.store.lengths()
-        kept = self.store.stream_lengths()
-        tokens: list[int] = []
-        first_token_at = arrival
-        piece = self.adapter.question_piece(question)
-        if self.answer_path != "eager":
-            marks: list[float] = []
-            with torch.inference_mode():
-                tokens = self.answer_graphs.answer(
-                    piece, limit, stops, on_first_token=lambda: marks.append(time.perf_counter())
-                )
-            first_token_at = marks[0]
-        else:
-            try:
+        # no garbage-collection pause between the question and its first token on the graph
+        # path (a collection takes up to a millisecond); collection resumes at that token
+        with paused_collection(self.answer_path != "eager") as resume_gc:
+            pending = self.flush()
+            if self.frames_seen == 0:
+                raise StreamError("a question was asked before any frame was streamed")
+            limit = self.max_new_tokens if max_new_tokens is None else max_new_tokens
+            stops = self.adapter.stop_token_ids
+            saved_lengths = self.store.lengths()
+            kept = self.store.stream_lengths()
+            tokens: list[int] = []
+            first_token_at = arrival
+            piece = self.adapter.question_piece(question)
+            if self.answer_path != "eager":
+                marks: list[float] = []
+
+                def first_token() -> None:
+                    marks.append(time.perf_counter())
+                    resume_gc()
+
                 with torch.inference_mode():
-                    hidden = self._prefill(piece, last_only=True)
-                    token = int(self.adapter.logits(hidden[:, -1:]).argmax(-1))
-                    self._sync()
-                    first_token_at = time.perf_counter()
-                    tokens.append(token)
-                    while token not in stops and len(tokens) < limit:
-                        hidden = self._prefill(StreamPiece.text([token], self.adapter.position_axes))
+                    tokens = self.answer_graphs.answer(piece, limit, stops, on_first_token=first_token)
+                first_token_at = marks[0]
+            else:
+                try:
+                    with torch.inference_mode():
+                        hidden = self._prefill(piece, last_only=True)
                         token = int(self.adapter.logits(hidden[:, -1:]).argmax(-1))
+                        self._sync()
+                        first_token_at = time.perf_counter()
                         tokens.append(token)
-                    self._sync()
-            finally:
-                self.store.truncate(saved_lengths)
-        done = time.perf_counter()
+                        while token not in stops and len(tokens) < limit:
+                            hidden = self._prefill(StreamPiece.text([token], self.adapter.position_axes))
+                            token = int(self.adapter.logits(hidden[:, -1:]).argmax(-1))
+                            tokens.append(token)
+                        self._sync()
+                finally:
+                    self.store.truncate(saved_lengths)
+            done = time.perf_counter()
         answer_ids = [t for t in tokens if t not in stops]
         text = self.adapter.decode(answer_ids)
         self.history.append(Turn(question, text, self.frames_seen))

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from hermes_policy import StreamingSession
+from hermes_policy.errors import StreamError
 from hermes_policy.positions import compact_positions
 from hermes_policy.reference import one_shot_logits
 from hermes_policy.retention import FifoRetention, FullRetention
@@ -126,3 +127,25 @@ def test_text_frames_are_exactly_n_tokens(tiny_adapter):
     piece = tiny_adapter.frames_piece(["one", "two two two two two"], first_frame=5)
     assert len(piece) == 2 * n
     assert piece.frame_index.tolist() == [5] * n + [6] * n
+
+
+def test_garbage_collection_pauses_only_until_the_first_token(tiny_adapter):
+    import gc
+
+    from hermes_policy.session import paused_collection
+
+    assert gc.isenabled()
+    with paused_collection() as resume:
+        assert not gc.isenabled()
+        resume()
+        assert gc.isenabled()
+    with pytest.raises(ValueError), paused_collection():
+        raise ValueError
+    assert gc.isenabled()
+    session = StreamingSession(tiny_adapter, chunk_frames=4, answer_path="static")
+    with pytest.raises(StreamError):
+        session.ask("Too early?")
+    assert gc.isenabled()
+    session.add_frames(torch.randint(0, 250, (4, tiny_adapter.tokens_per_frame)))
+    session.ask("Where?", max_new_tokens=3)
+    assert gc.isenabled()
