@@ -279,7 +279,11 @@ def slot_attention_backends(window: int = 4352, used: int = 4100) -> None:
             probs = torch.softmax(scores, dim=-1).to(values.dtype).view(4, 7 * q_len, window)
             return torch.bmm(probs, values[0]).view(4, 7, q_len, 128).permute(2, 0, 1, 3).reshape(q_len, 28, 128)
 
-        for name, fn in [("scale folded", folded), ("scale+mask folded", lambda: folded(with_bias=True))]:
+        from hermes_policy.static_forward import biased_slot_attention
+
+        product = lambda q=q, bias=bias: biased_slot_attention(q, keys, values, bias, 128**-0.5)  # noqa: E731
+        for name, fn in [("scale folded", folded), ("scale+mask folded", lambda: folded(with_bias=True)),
+                         ("product (compiled softmax)", product)]:
             try:
                 diff = (fn().float() - reference).abs().max().item()
                 cells.append(f"{name} {1e3 * graph_ms(fn):6.1f} (max |diff| {diff:.1e})")

@@ -45,6 +45,19 @@ def _rotate_half_pairs(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Ten
     return torch.addcmul(x * cos, swapped, sin_signed)
 
 
+def _rotary_and_pack(
+    qkv: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor, heads: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    kv_heads = (qkv.shape[1] - heads) // 2
+    rotated = _rotate_half_pairs(qkv[:, : heads + kv_heads], cos, sin_signed)
+    packed = torch.stack([rotated[:, heads:], qkv[:, heads + kv_heads :]]).transpose(1, 2)
+    return rotated[:, :heads], packed
+
+
+def _softmax_to(scores: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return torch.softmax(scores, dim=-1).to(dtype)
+
+
 def _silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
     gate, up = gate_up.chunk(2, dim=-1)
     return F.silu(gate) * up
@@ -53,8 +66,9 @@ def _silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
 class FusedOp:
     """A function run eagerly, or compiled into one kernel when its first argument is on CUDA."""
 
-    def __init__(self, eager: Callable[..., object]):
+    def __init__(self, eager: Callable[..., object], **options: object):
         self.eager = eager
+        self.options = {"emulate_precision_casts": True, **options}
         self.name = eager.__name__.lstrip("_")
         self._compiled: Callable[..., object] | None = None
         self.failed = False
@@ -65,7 +79,7 @@ class FusedOp:
             return self.eager(*args)
         if self._compiled is None:
             self._compiled = torch.compile(
-                self.eager, dynamic=True, fullgraph=True, options={"emulate_precision_casts": True}
+                self.eager, dynamic=True, fullgraph=True, options=self.options
             )
         try:
             return self._compiled(*args)
@@ -91,3 +105,13 @@ rotate_half_pairs = FusedOp(_rotate_half_pairs)
 
 silu_and_mul = FusedOp(_silu_and_mul)
 """``silu(gate) * up`` of ``gate_up (..., 2 * intermediate)`` (gate first)."""
+
+rotary_and_pack = FusedOp(_rotary_and_pack)
+"""Rotary embedding of the query and key heads of ``qkv (q, heads + 2 * kv_heads, head_dim)``
+(queries, keys, values in that order); returns the rotated queries ``(q, heads, head_dim)``
+and the keys and values packed as ``(2, kv_heads, q, head_dim)``, ready for one write into
+a layer's combined buffer."""
+
+softmax_to = FusedOp(_softmax_to, split_reductions=False)
+"""Softmax over the last axis in the input's precision, cast to ``dtype``; compiled as one
+pass per row (a split reduction ran slower on few rows of a 4K-key window)."""

@@ -80,6 +80,12 @@ class PreallocatedLayer(DynamicLayer):
             raise RuntimeError("the layer holds nothing yet")
         return self._k, self._v
 
+    @property
+    def kv_buffer(self) -> torch.Tensor | None:
+        """Keys and values in one buffer ``(2, batch, kv_heads, capacity, head_dim)`` (their
+        shapes match), or None."""
+        return self._kv
+
     def allocated_bytes(self) -> int:
         if self._k is None or self._v is None:
             return 0

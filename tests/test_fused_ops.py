@@ -12,7 +12,14 @@ from transformers.activations import ACT2FN
 from transformers.models.qwen2.modeling_qwen2 import Qwen2RMSNorm
 
 from hermes_policy import fused_ops
-from hermes_policy.fused_ops import FusedOp, add_rms_norm, rms_norm, silu_and_mul
+from hermes_policy.fused_ops import (
+    FusedOp,
+    add_rms_norm,
+    rms_norm,
+    rotary_and_pack,
+    silu_and_mul,
+    softmax_to,
+)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -34,6 +41,25 @@ def test_silu_and_mul():
     g = torch.Generator().manual_seed(1)
     gate_up = torch.randn(4, 10, generator=g)
     torch.testing.assert_close(silu_and_mul(gate_up), ACT2FN["silu"](gate_up[:, :5]) * gate_up[:, 5:])
+
+
+def test_rotary_and_pack_and_softmax_to():
+    from hermes_policy.fused_ops import rotate_half_pairs
+
+    g = torch.Generator().manual_seed(2)
+    heads, kv_heads = 6, 2
+    qkv = torch.randn(5, heads + 2 * kv_heads, 8, generator=g)
+    cos, sin = torch.randn(2, 5, 1, 8, generator=g)
+    query, packed = rotary_and_pack(qkv, cos, sin, heads)
+    rotated = rotate_half_pairs(qkv[:, : heads + kv_heads], cos, sin)
+    assert torch.equal(query, rotated[:, :heads])
+    assert packed.shape == (2, kv_heads, 5, 8)
+    assert torch.equal(packed[0], rotated[:, heads:].transpose(0, 1))
+    assert torch.equal(packed[1], qkv[:, heads + kv_heads :].transpose(0, 1))
+    scores = torch.randn(3, 7, generator=g).masked_fill(torch.rand(3, 7, generator=g) > 0.7, float("-inf"))
+    probs = softmax_to(scores, torch.bfloat16)
+    assert probs.dtype == torch.bfloat16
+    assert torch.equal(probs, torch.softmax(scores, -1).to(torch.bfloat16))
 
 
 def test_fused_ops_run_eagerly_off_cuda_and_when_disabled(monkeypatch):

@@ -106,9 +106,14 @@ def assert_forwards_close(results: dict, tol: float) -> None:
 
 @pytest.mark.parametrize("shape", ["tiny-llama", "tiny-llava-ov"])
 @pytest.mark.parametrize("q_len", [1, 5])
-def test_static_forward_equals_the_transformers_forward(tiny_adapter, shape, q_len):
+@pytest.mark.parametrize("combined", [True, False])
+def test_static_forward_equals_the_transformers_forward(tiny_adapter, shape, q_len, combined, monkeypatch):
     """Hidden states and written keys and values equal those of the transformers text model
-    in the same static mode."""
+    in the same static mode (keys and values in one buffer, written together, or apart)."""
+    from hermes_policy.stream_cache import PreallocatedLayer
+
+    if not combined:
+        monkeypatch.setattr(PreallocatedLayer, "kv_buffer", property(lambda self: None))
     adapter = tiny_adapter if shape == "tiny-llama" else build_random_adapter(shape, device="cpu", dtype=torch.float32)
     assert_forwards_close(both_forwards(adapter, q_len), 1e-5)
 
