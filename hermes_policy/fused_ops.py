@@ -54,10 +54,6 @@ def _rotary_and_pack(
     return rotated[:, :heads], packed
 
 
-def _softmax_to(scores: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    return torch.softmax(scores, dim=-1).to(dtype)
-
-
 def _silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
     gate, up = gate_up.chunk(2, dim=-1)
     return F.silu(gate) * up
@@ -66,9 +62,8 @@ def _silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
 class FusedOp:
     """A function run eagerly, or compiled into one kernel when its first argument is on CUDA."""
 
-    def __init__(self, eager: Callable[..., object], **options: object):
+    def __init__(self, eager: Callable[..., object]):
         self.eager = eager
-        self.options = {"emulate_precision_casts": True, **options}
         self.name = eager.__name__.lstrip("_")
         self._compiled: Callable[..., object] | None = None
         self.failed = False
@@ -79,7 +74,7 @@ class FusedOp:
             return self.eager(*args)
         if self._compiled is None:
             self._compiled = torch.compile(
-                self.eager, dynamic=True, fullgraph=True, options=self.options
+                self.eager, dynamic=True, fullgraph=True, options={"emulate_precision_casts": True}
             )
         try:
             return self._compiled(*args)
@@ -111,7 +106,3 @@ rotary_and_pack = FusedOp(_rotary_and_pack)
 (queries, keys, values in that order); returns the rotated queries ``(q, heads, head_dim)``
 and the keys and values packed as ``(2, kv_heads, q, head_dim)``, ready for one write into
 a layer's combined buffer."""
-
-softmax_to = FusedOp(_softmax_to, split_reductions=False)
-"""Softmax over the last axis in the input's precision, cast to ``dtype``; compiled as one
-pass per row (a split reduction ran slower on few rows of a 4K-key window)."""
