@@ -382,14 +382,14 @@ def ttft_trace(session: StreamingSession, repeats: int = 8) -> None:
           + ", ".join(f"{k} {statistics.median(v):.3f}" for k, v in rows.items()))
 
 
-def answer_ab(adapter, shape, warm: int) -> None:
+def answer_ab(adapter, shape, warm: int, rounds: int = 2) -> None:
     """Answer graphs with the fewer-kernel forward and with the transformers forward, same
-    session, side by side."""
+    session, side by side (``rounds`` times each, alternating)."""
     from hermes_policy.answer_graphs import AnswerGraphs
 
     session = StreamingSession(adapter, make_rule("hermes", adapter, 4000), chunk_frames=8)
     session.add_frames(random_frames(shape, warm))
-    for fewer in (True, False, True, False):
+    for fewer in (True, False) * rounds:
         session._answer_graphs = AnswerGraphs(adapter, session.store, fewer_kernels=fewer)
         print(f"-- answer graphs, {'fewer kernels' if fewer else 'transformers forward'}:")
         answer_breakdown(session)
@@ -490,14 +490,16 @@ def main() -> None:
     parser.add_argument("--attention-only", action="store_true", help="only the attention kernel timings")
     parser.add_argument("--quick", action="store_true", help="only attention, ingest A/B and the answer breakdown")
     parser.add_argument("--answers", action="store_true", help="only the answer's attention backends and the fewer-kernel forward A/B")
+    parser.add_argument("--ab-rounds", type=int, default=2, help="--answers: A/B rounds (1: also skips the attention microbenchmark)")
     parser.add_argument("--diagnose", action="store_true", help="only shape-level profiles of the fused prefill and the answer's host time")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
 
     if args.answers:
-        slot_attention_backends()
+        if args.ab_rounds > 1:
+            slot_attention_backends()
         shape = get_shape(args.shape)
-        answer_ab(build_random_adapter(shape, tokenizer=args.tokenizer), shape, args.warm)
+        answer_ab(build_random_adapter(shape, tokenizer=args.tokenizer), shape, args.warm, args.ab_rounds)
         return
     if args.diagnose:
         shape = get_shape(args.shape)

@@ -46,6 +46,8 @@ MASK_BIAS_BYTES = 1 << 28
 # decoder layers whose forward is: x + o(attn(rope(qkv(norm1(x))))), then
 # x + down(act(gate(norm2(x))) * up(norm2(x))), with rotate-half RoPE
 STATIC_LAYER_TYPES = frozenset({"LlamaDecoderLayer", "Qwen2DecoderLayer", "MistralDecoderLayer"})
+# the same form with sectioned 3D M-RoPE (temporal, height, width sections of the rotary axis)
+SECTIONED_LAYER_TYPES = frozenset({"Qwen2VLDecoderLayer", "Qwen2_5_VLDecoderLayer"})
 
 
 SILU_TYPES = frozenset({"SiLU", "SiLUActivation"})
@@ -62,15 +64,21 @@ def _norm_parameters(module: nn.Module) -> tuple[torch.Tensor, float] | None:
 def supports_static_forward(adapter: object) -> bool:
     """Whether :func:`static_text_forward` computes what the adapter's text model computes.
 
-    Llama/Qwen2-form decoder layers, one position axis (1D RoPE), no sliding window.
+    Llama/Qwen2-form decoder layers with 1D RoPE, or Qwen2(.5)-VL's with sectioned M-RoPE;
+    no sliding window.
     """
-    if getattr(adapter, "position_axes", None) != 1:
+    axes = getattr(adapter, "position_axes", None)
+    if axes == 1:
+        layer_types = STATIC_LAYER_TYPES
+    elif axes == 3 and mrope_section(adapter) is not None:
+        layer_types = SECTIONED_LAYER_TYPES
+    else:
         return False
     text = adapter.text_model
     if not all(hasattr(text, name) for name in ("embed_tokens", "norm", "layers")):
         return False
     for layer in text.layers:
-        if type(layer).__name__ not in STATIC_LAYER_TYPES:
+        if type(layer).__name__ not in layer_types:
             return False
         attn = layer.self_attn
         if getattr(attn, "sliding_window", None) is not None:
@@ -84,6 +92,39 @@ def supports_static_forward(adapter: object) -> bool:
         if not all(_norm_parameters(n) for n in (layer.input_layernorm, layer.post_attention_layernorm)):
             return False
     return _norm_parameters(text.norm) is not None
+
+
+def mrope_section(adapter: object) -> list[int] | None:
+    """The rotary half-dimensions of M-RoPE's temporal, height and width sections."""
+    section = getattr(adapter.rotary_emb, "mrope_section", None)
+    if section is None:
+        config = adapter.text_config
+        for name in ("rope_parameters", "rope_scaling"):
+            params = getattr(config, name, None)
+            if isinstance(params, dict) and params.get("mrope_section") is not None:
+                section = params["mrope_section"]
+                break
+    return None if section is None else [int(n) for n in section]
+
+
+def layer_rotary(adapter: object, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotary cos and sin ``(layers, q, head_dim)`` of each layer's ``positions (layers, axes, q)``.
+
+    With M-RoPE, transformers versions differ: some rotary modules return one table per
+    axis ``(3, batch, q, head_dim)`` and the attention picks each section from its axis,
+    others return the sections already picked; both come out here as the picked table.
+    """
+    probe = torch.zeros((), dtype=adapter.dtype, device=positions.device)
+    if positions.shape[1] == 1:
+        return adapter.rotary_emb(probe, positions[:, 0, :])
+    cos, sin = adapter.rotary_emb(probe, positions.permute(1, 0, 2))
+    if cos.dim() == 4:  # (3, layers, q, head_dim): take each section from its axis
+        sections = mrope_section(adapter) * 2
+        cos, sin = (
+            torch.cat([part[i % 3] for i, part in enumerate(table.split(sections, dim=-1))], dim=-1)
+            for table in (cos, sin)
+        )
+    return cos, sin
 
 
 def _same_storage_in_order(tensors: list[torch.Tensor], fused: torch.Tensor) -> bool:
@@ -210,7 +251,7 @@ def static_text_forward(
 
     Parameters
     ----------
-    positions : LongTensor ``(layers, 1, q)``: each layer's RoPE positions of the new tokens
+    positions : LongTensor ``(layers, axes, q)``: each layer's RoPE positions of the new tokens
     slots : LongTensor ``(layers, q)``: where layer ``l`` writes token ``i``; token ``i``
         attends to the slots ``<= slots[l, i]`` of the first ``window``
     cache : a :class:`~hermes_policy.stream_cache.StreamCache` with room for the slots
@@ -223,8 +264,7 @@ def static_text_forward(
     text = adapter.text_model
     layers = list(text.layers)
     q_len = input_ids.shape[-1]
-    probe = torch.zeros((), dtype=adapter.dtype, device=positions.device)
-    cos, sin = adapter.rotary_emb(probe, positions[:, 0, :])  # (layers, q, head_dim)
+    cos, sin = layer_rotary(adapter, positions)  # (layers, q, head_dim)
     cos, sin = cos[:, :, None, :], signed_sin(sin)[:, :, None, :]  # broadcast over heads
     blocked = torch.arange(window, device=slots.device)[None, None, :] > slots[:, :, None]  # (layers, q, window)
     first = layers[0].self_attn

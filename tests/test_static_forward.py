@@ -54,10 +54,16 @@ def test_fused_linear_weights_are_views_and_compute_the_concatenation():
         fuse_linear_weights([nn.Linear(8, 2), nn.Linear(8, 2, bias=False)], owner, "mixed")
 
 
-def test_which_models_it_supports(tiny_adapter):
+def test_which_models_it_supports(tiny_adapter, tmp_path):
+    from tiny_qwen_vl import tiny_qwen3_vl
+
+    from hermes_policy.models import load_adapter
+
     assert supports_static_forward(tiny_adapter)  # Llama
     assert supports_static_forward(build_random_adapter("tiny-llava-ov", device="cpu", dtype=torch.float32))  # Qwen2
-    assert not supports_static_forward(build_random_adapter("tiny-qwen2.5-vl", device="cpu", dtype=torch.float32))  # M-RoPE
+    assert supports_static_forward(build_random_adapter("tiny-qwen2.5-vl", device="cpu", dtype=torch.float32))  # M-RoPE
+    # query/key norms and interleaved M-RoPE: not this form
+    assert not supports_static_forward(load_adapter(tiny_qwen3_vl(tmp_path / "qwen3"), device="cpu"))
 
 
 def filled_cache(adapter, lengths, capacity, seed):
@@ -74,15 +80,16 @@ def filled_cache(adapter, lengths, capacity, seed):
 
 def both_forwards(adapter, q_len: int) -> dict:
     """Hidden states and buffers after the fewer-kernel and the transformers static forward,
-    on ragged layers (each at its own length and positions)."""
-    layers, device = adapter.num_layers, adapter.device
+    on ragged layers (each at its own length and positions; with M-RoPE, a different
+    position on each axis, so every section counts)."""
+    layers, device, axes = adapter.num_layers, adapter.device, adapter.position_axes
     lengths = [20 + 3 * layer for layer in range(layers)]
     window, capacity = 64, 96
     g = torch.Generator().manual_seed(2)
     ids = torch.randint(0, 100, (1, q_len), generator=g).to(device)
     slots = (torch.tensor(lengths)[:, None] + torch.arange(q_len)).to(device)
     positions = (torch.tensor(lengths)[:, None] + 7 * torch.arange(layers)[:, None] + torch.arange(q_len))[:, None, :]
-    positions = positions.to(device)
+    positions = (positions + 5 * torch.arange(axes)[None, :, None]).to(device)  # (layers, axes, q)
     results = {}
     for name in ("transformers", "static"):
         cache = filled_cache(adapter, lengths, capacity, seed=3)
@@ -90,7 +97,7 @@ def both_forwards(adapter, q_len: int) -> dict:
             if name == "static":
                 hidden = static_text_forward(adapter, ids, positions, slots, window, cache)
             else:
-                axis = batch_axis(adapter.rotary_emb, 1, device, adapter.dtype)
+                axis = batch_axis(adapter.rotary_emb, axes, device, adapter.dtype)
                 with StaticWrites(cache, slots, window), StaticMasks(adapter.attention_modules, slots, window):
                     hidden = per_layer_text_forward(adapter, positions, cache, axis, input_ids=ids)
         results[name] = (hidden, [layer.buffers for layer in cache.layers])
@@ -104,7 +111,7 @@ def assert_forwards_close(results: dict, tol: float) -> None:
         torch.testing.assert_close(v_s, v_t, rtol=tol, atol=tol)
 
 
-@pytest.mark.parametrize("shape", ["tiny-llama", "tiny-llava-ov"])
+@pytest.mark.parametrize("shape", ["tiny-llama", "tiny-llava-ov", "tiny-qwen2.5-vl"])
 @pytest.mark.parametrize("q_len", [1, 5])
 @pytest.mark.parametrize("combined", [True, False])
 def test_static_forward_equals_the_transformers_forward(tiny_adapter, shape, q_len, combined, monkeypatch):
@@ -125,7 +132,7 @@ def test_answer_graphs_choose_the_forward_by_model(tiny_adapter):
     assert AnswerGraphs(tiny_adapter, store, use_graphs=False).fewer_kernels
     assert not AnswerGraphs(tiny_adapter, store, use_graphs=False, fewer_kernels=False).fewer_kernels
     qwen = build_random_adapter("tiny-qwen2.5-vl", device="cpu", dtype=torch.float32)
-    assert not AnswerGraphs(qwen, KVStore(qwen.num_layers, 3), use_graphs=False).fewer_kernels
+    assert AnswerGraphs(qwen, KVStore(qwen.num_layers, 3), use_graphs=False).fewer_kernels
 
 
 def test_biased_attention_equals_masked_attention():
@@ -146,3 +153,25 @@ def test_biased_attention_equals_masked_attention():
     for layer in range(layers):
         expected = slot_attention(query, keys, values, blocked[layer], 0.3)
         torch.testing.assert_close(biased_slot_attention(query, keys, values, bias[layer], 0.3), expected)
+
+
+def test_rotary_tables_per_axis_are_sectioned_like_the_model():
+    """transformers versions whose M-RoPE module returns one table per axis (the attention
+    then picks the sections) give the same per-layer tables as those that pick them inside."""
+    from types import SimpleNamespace
+
+    from hermes_policy.static_forward import layer_rotary
+
+    adapter = build_random_adapter("tiny-qwen2.5-vl", device="cpu", dtype=torch.float32)
+    rotary = adapter.rotary_emb
+    positions = torch.tensor([[[3, 4, 5], [9, 11, 13], [20, 21, 40]], [[1, 2, 3], [1, 2, 3], [1, 2, 3]]])
+
+    def per_axis(x, position_ids):  # (3, batch, q) -> (3, batch, q, head_dim) each
+        freqs = position_ids[..., None].float() * rotary.inv_freq
+        emb = torch.cat([freqs, freqs], dim=-1)
+        return (emb.cos() * rotary.attention_scaling).to(x.dtype), (emb.sin() * rotary.attention_scaling).to(x.dtype)
+
+    stub = SimpleNamespace(rotary_emb=per_axis, dtype=adapter.dtype, text_config=adapter.text_config)
+    for got, expected in zip(layer_rotary(stub, positions), layer_rotary(adapter, positions), strict=True):
+        assert got.shape == expected.shape == (2, 3, expected.shape[-1])
+        torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
