@@ -74,8 +74,8 @@ class AnswerGraphs:
     use_graphs : capture CUDA graphs (needs a CUDA device); False runs the same code eagerly
     fewer_kernels : run Llama/Qwen2-form text models through
         :func:`~hermes_policy.static_forward.static_text_forward` (fused projections, fewer
-        kernels per layer; fuses the model's projection weights in place); other models, or
-        False, run the transformers forward
+        kernels per layer; fuses the model's projection weights in place); other models, a
+        model split over several GPUs, or False, run the transformers forward
     """
 
     def __init__(self, adapter: ModelAdapter, store: KVStore, use_graphs: bool = True, fewer_kernels: bool = True):
@@ -98,7 +98,8 @@ class AnswerGraphs:
         self._offset = torch.zeros(1, dtype=torch.long, device=self._device)
         self._slot_base = torch.zeros(self._layers, dtype=torch.long, device=self._device)
         self._pos_base = torch.zeros(self._layers, self._axes, dtype=torch.long, device=self._device)
-        self.fewer_kernels = fewer_kernels and supports_static_forward(adapter)
+        # (one device: the model's own forward moves activations between GPUs of a split model)
+        self.fewer_kernels = fewer_kernels and not adapter.spans_devices and supports_static_forward(adapter)
         if self.fewer_kernels:
             prepare_static_forward(adapter)
 

@@ -125,7 +125,7 @@ def test_static_forward_equals_the_transformers_forward(tiny_adapter, shape, q_l
     assert_forwards_close(both_forwards(adapter, q_len), 1e-5)
 
 
-def test_answer_graphs_choose_the_forward_by_model(tiny_adapter):
+def test_answer_graphs_choose_the_forward_by_model(tiny_adapter, monkeypatch):
     from hermes_policy.kv_store import KVStore
 
     store = KVStore(tiny_adapter.num_layers, 1)
@@ -133,6 +133,8 @@ def test_answer_graphs_choose_the_forward_by_model(tiny_adapter):
     assert not AnswerGraphs(tiny_adapter, store, use_graphs=False, fewer_kernels=False).fewer_kernels
     qwen = build_random_adapter("tiny-qwen2.5-vl", device="cpu", dtype=torch.float32)
     assert AnswerGraphs(qwen, KVStore(qwen.num_layers, 3), use_graphs=False).fewer_kernels
+    monkeypatch.setattr(type(tiny_adapter), "spans_devices", property(lambda self: True))
+    assert not AnswerGraphs(tiny_adapter, store, use_graphs=False).fewer_kernels  # a model split over GPUs
 
 
 def test_biased_attention_equals_masked_attention():
