@@ -55,6 +55,12 @@ SECTIONED_LAYER_TYPES = frozenset({"Qwen2VLDecoderLayer", "Qwen2_5_VLDecoderLaye
 SILU_TYPES = frozenset({"SiLU", "SiLUActivation"})
 
 
+def _plain_linear(module: object) -> bool:
+    """A ``torch.nn.Linear`` itself (not a quantised or adapter-wrapped subclass) with
+    floating-point weights: stacking its weight gives the same products."""
+    return type(module) is nn.Linear and module.weight.is_floating_point()
+
+
 def _norm_parameters(module: nn.Module) -> tuple[torch.Tensor, float] | None:
     """``(weight, eps)`` of a standard RMSNorm module (``weight * rmsnorm(x)``), else None."""
     if type(module).__name__ not in STANDARD_RMS_NORMS:
@@ -85,9 +91,9 @@ def supports_static_forward(adapter: object) -> bool:
         attn = layer.self_attn
         if getattr(attn, "sliding_window", None) is not None:
             return False
-        if not all(isinstance(getattr(attn, p, None), nn.Linear) for p in ("q_proj", "k_proj", "v_proj", "o_proj")):
+        if not all(_plain_linear(getattr(attn, p, None)) for p in ("q_proj", "k_proj", "v_proj", "o_proj")):
             return False
-        if not all(isinstance(getattr(layer.mlp, p, None), nn.Linear) for p in ("gate_proj", "up_proj", "down_proj")):
+        if not all(_plain_linear(getattr(layer.mlp, p, None)) for p in ("gate_proj", "up_proj", "down_proj")):
             return False
         if type(getattr(layer.mlp, "act_fn", None)).__name__ not in SILU_TYPES:
             return False
@@ -145,7 +151,9 @@ def fuse_linear_weights(modules: list[nn.Linear], owner: nn.Module, name: str) -
     memory added once the old tensors are freed), so ``F.linear(x, weight, bias)`` of the
     result equals the concatenation of the modules' outputs. Kept on ``owner`` under
     ``name`` and reused while the modules still point into it (a model moved or reloaded
-    since is fused again).
+    since is fused again). The parameters then share one storage, which safetensors
+    refuses to save: save a model from a fresh load, not after it has answered on CUDA
+    graphs' fixed-shape path.
 
     Returns
     -------

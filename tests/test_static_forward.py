@@ -65,6 +65,14 @@ def test_which_models_it_supports(tiny_adapter, tmp_path):
     # query/key norms and interleaved M-RoPE: not this form
     assert not supports_static_forward(load_adapter(tiny_qwen3_vl(tmp_path / "qwen3"), device="cpu"))
 
+    class QuantisedLinear(nn.Linear):  # stands for bitsandbytes / adapter-wrapped layers
+        pass
+
+    adapter = build_random_adapter("tiny-llava-ov", device="cpu", dtype=torch.float32)
+    proj = adapter.text_model.layers[1].mlp.up_proj
+    adapter.text_model.layers[1].mlp.up_proj = QuantisedLinear(proj.in_features, proj.out_features, bias=False)
+    assert not supports_static_forward(adapter)
+
 
 def filled_cache(adapter, lengths, capacity, seed):
     """A stream cache whose layers hold ``lengths[l]`` random tokens in ``capacity`` slots."""
