@@ -185,3 +185,17 @@ def test_rotary_tables_per_axis_are_sectioned_like_the_model():
     for got, expected in zip(layer_rotary(stub, positions), layer_rotary(adapter, positions), strict=True):
         assert got.shape == expected.shape == (2, 3, expected.shape[-1])
         torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
+
+
+def test_a_fused_model_saves_and_reloads_its_weights(tmp_path):
+    from transformers import AutoModelForImageTextToText
+
+    from hermes_policy.static_forward import prepare_static_forward
+
+    adapter = build_random_adapter("tiny-llava-ov", device="cpu", dtype=torch.float32)
+    prepare_static_forward(adapter)
+    adapter.model.save_pretrained(tmp_path)
+    reloaded = AutoModelForImageTextToText.from_pretrained(tmp_path).state_dict()
+    saved = adapter.model.state_dict()
+    assert saved.keys() == reloaded.keys()
+    assert all(torch.equal(saved[k], reloaded[k]) for k in saved)
