@@ -352,7 +352,7 @@ def ttft_trace(session: StreamingSession, repeats: int = 8) -> None:
     graphs = session.answer_graphs
     marks: list[tuple[str, float]] = []
 
-    def wrap(owner, name):
+    def wrap(owner, name):  # an instance attribute shadowing the method until deleted
         original = getattr(owner, name)
 
         def wrapped(*args, **kwargs):
@@ -362,10 +362,10 @@ def ttft_trace(session: StreamingSession, repeats: int = 8) -> None:
             return out
 
         setattr(owner, name, wrapped)
-        return original
 
-    saved = {name: wrap(owner, name) for owner, name in [
-        (session.adapter, "question_piece"), (graphs, "_reserve"), (graphs, "_load_inputs"), (graphs, "_graph"), (session, "flush")]}
+    steps = [(session.adapter, "question_piece"), (graphs, "_reserve"), (graphs, "_load_inputs"), (graphs, "_graph"), (session, "flush")]
+    for owner, name in steps:
+        wrap(owner, name)
     rows: dict[str, list[float]] = {}
     ttfts = []
     for _ in range(repeats):
@@ -375,9 +375,8 @@ def ttft_trace(session: StreamingSession, repeats: int = 8) -> None:
         ttfts.append(answer.ttft_ms)
         for name, at in marks:
             rows.setdefault(name, []).append((at - start) * 1e3)
-    for (owner, name), original in zip([(session.adapter, "question_piece"), (graphs, "_reserve"), (graphs, "_load_inputs"),
-                                        (graphs, "_graph"), (session, "flush")], saved.values(), strict=True):
-        delattr(owner, name) if name in vars(owner) else setattr(owner, name, original)
+    for owner, name in steps:
+        delattr(owner, name)
     print(f"== ask() trace (median ms since the call; TTFT {statistics.median(ttfts):.3f}): "
           + ", ".join(f"{k} {statistics.median(v):.3f}" for k, v in rows.items()))
 

@@ -22,6 +22,8 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from .models.fused_norm import fused_rms_norm
+
 ENABLED = os.environ.get("HERMES_FUSED_OPS", "1") != "0"
 
 
@@ -29,12 +31,7 @@ def _add_rms_norm(
     hidden: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
     summed = hidden + delta
-    normed = F.rms_norm(summed.float(), (summed.shape[-1],), None, eps).to(summed.dtype)
-    return summed, weight * normed
-
-
-def _rms_norm(hidden: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    return weight * F.rms_norm(hidden.float(), (hidden.shape[-1],), None, eps).to(hidden.dtype)
+    return summed, fused_rms_norm(summed, weight, eps)
 
 
 def _rotate_half_pairs(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch.Tensor:
@@ -91,7 +88,7 @@ add_rms_norm = FusedOp(_add_rms_norm)
 RMSNorm (normalised in float32, rounded to the input dtype, then weighted: the
 transformers modules' order). Shapes ``(..., hidden)``, ``weight (hidden,)``."""
 
-rms_norm = FusedOp(_rms_norm)
+rms_norm = FusedOp(fused_rms_norm)
 """``weight * rmsnorm(hidden)``, as :data:`add_rms_norm` without the add."""
 
 rotate_half_pairs = FusedOp(_rotate_half_pairs)

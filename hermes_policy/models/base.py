@@ -81,7 +81,7 @@ class StreamPiece:
     def text(cls, ids: list[int] | torch.Tensor, axes: int) -> StreamPiece:
         # built in numpy: small torch operations on the CPU cost ~10 us each, and a
         # question's piece is on the time to first token
-        ids = np.asarray(ids.numpy() if isinstance(ids, torch.Tensor) else ids, dtype=np.int64).reshape(-1)
+        ids = np.asarray(ids.detach().cpu().numpy() if isinstance(ids, torch.Tensor) else ids, dtype=np.int64).reshape(-1)
         positions = np.broadcast_to(np.arange(ids.shape[0], dtype=np.int64), (axes, ids.shape[0])).copy()
         return cls(torch.from_numpy(ids), torch.from_numpy(positions), torch.from_numpy(np.full(ids.shape, -1, dtype=np.int64)))
 
