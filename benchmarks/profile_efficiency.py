@@ -213,6 +213,33 @@ def ingest_comparison(adapter, shape, chunk_frames: int, warm: int, chunks: int 
         torch.cuda.empty_cache()
 
 
+def ingest_phases(adapter, shape, chunk_frames: int, warm: int, chunks: int):
+    """A session past its budget and past a question (the guidance prompts quote it), then
+    per compressing chunk: the phases timed with synchronisation, the fused pseudo-queries'
+    cost (A/B) and the phase timeline without synchronisation. Returns the session and chunk."""
+    session = StreamingSession(
+        adapter, make_rule("hermes", adapter, 4000), chunk_frames=chunk_frames, answer_path="static", ingest_graphs=True
+    )
+    frames = random_frames(shape, warm + chunk_frames)
+    chunk = frames[warm:]
+    session.add_frames(frames[:warm])
+    session.ask(QUESTIONS[0], max_new_tokens=4)
+    for _ in range(3):  # the steady shape with these prompts recurs, is captured
+        session.add_frames(chunk)
+    session.time_phases = True
+    session.phase_seconds = {}
+    for _ in range(chunks):
+        session.add_frames(chunk)
+    per_chunk = {k: round(v / chunks * 1e3, 2) for k, v in session.phase_seconds.items()}
+    overhead = fused_guidance_overhead(session, chunk)
+    print(f"phases per compressing chunk of {chunk_frames} frames (ms, synchronised, mean of {chunks}): {per_chunk}")
+    print(f"fused pseudo-queries add {1e3 * (overhead or 0):.2f} ms to a chunk's prefill (A/B)")
+    session.phase_seconds = {}
+    session.time_phases = False
+    timeline(session, chunk)
+    return session, chunk
+
+
 def answer_breakdown(session: StreamingSession) -> None:
     """TTFT split: tokenising the question, the prefill graph, the decode graph (replays
     timed with CUDA events), against the TTFT and TPOT that ``ask`` reports."""
@@ -490,6 +517,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="only attention, ingest A/B and the answer breakdown")
     parser.add_argument("--answers", action="store_true", help="only the answer's attention backends and the fewer-kernel forward A/B")
     parser.add_argument("--ab-rounds", type=int, default=2, help="--answers: A/B rounds (1: also skips the attention microbenchmark)")
+    parser.add_argument("--ingest", action="store_true", help="only the ingest A/B, phases, the fused pseudo-queries' cost and the phase timeline")
     parser.add_argument("--diagnose", action="store_true", help="only shape-level profiles of the fused prefill and the answer's host time")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -499,6 +527,12 @@ def main() -> None:
             slot_attention_backends()
         shape = get_shape(args.shape)
         answer_ab(build_random_adapter(shape, tokenizer=args.tokenizer), shape, args.warm, args.ab_rounds)
+        return
+    if args.ingest:
+        shape = get_shape(args.shape)
+        adapter = build_random_adapter(shape, tokenizer=args.tokenizer)
+        ingest_comparison(adapter, shape, args.chunk, args.warm)
+        ingest_phases(adapter, shape, args.chunk, args.warm, args.chunks)
         return
     if args.diagnose:
         shape = get_shape(args.shape)
@@ -522,24 +556,8 @@ def main() -> None:
     del answering
     if args.quick:
         return
-    session = StreamingSession(
-        adapter, make_rule("hermes", adapter, 4000), chunk_frames=args.chunk, answer_path="static", ingest_graphs=True
-    )
-    frames = random_frames(shape, args.warm + args.chunk)
-    session.add_frames(frames[: args.warm])
-    session.ask(QUESTIONS[0], max_new_tokens=4)
-    session.time_phases = True
-    for _ in range(args.chunks):
-        session.add_frames(frames[args.warm :])
-    per_chunk = {k: round(v / args.chunks * 1e3, 2) for k, v in session.phase_seconds.items()}
-    overhead = fused_guidance_overhead(session, frames[args.warm :])
-    print(f"phases per compressing chunk of {args.chunk} frames (ms, mean of {args.chunks}): {per_chunk}")
-    print(f"fused pseudo-queries add {1e3 * (overhead or 0):.2f} ms to a chunk's prefill (A/B)")
-    session.phase_seconds = {}
-    host_profile(session, frames[args.warm :], args.out)
-    chunk = frames[args.warm :]
-    session.time_phases = False
-    timeline(session, chunk)
+    session, chunk = ingest_phases(adapter, shape, args.chunk, args.warm, args.chunks)
+    host_profile(session, chunk, args.out)
     synchronising_calls(lambda: session.add_frames(chunk), "compressing chunk")
     synchronising_calls(lambda: session.ask(QUESTIONS[2], max_new_tokens=4), "answer of 4 tokens")
     idle_time(lambda: session.add_frames(chunk), args.out, "compressing-chunk")

@@ -31,6 +31,8 @@ from torch.nn.attention.bias import causal_lower_right
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface
 
+from .fusion import FusedOp
+
 ATTENTION_NAME = "hermes_ragged"
 # Masked attention (answers on fixed shapes) runs as plain matmuls while its float32 score
 # matrix has at most this many elements (128 MiB): a decode step, a question bucket on a
@@ -51,13 +53,15 @@ def bottom_right_causal_mask(q_len: int, k_len: int, device: torch.device) -> to
     return torch.ones(q_len, k_len, dtype=torch.bool, device=device).tril(k_len - q_len)
 
 
-def grouped_scores(query: torch.Tensor, key: torch.Tensor, scaling: float) -> torch.Tensor:
+def grouped_scores(query: torch.Tensor, key: torch.Tensor, scaling: float | None) -> torch.Tensor:
     """Scaled attention scores in float32, the query heads of each KV head stacked.
 
     Parameters
     ----------
     query : ``(batch, heads, q, head_dim)``
     key : ``(batch, kv_heads, k, head_dim)``
+    scaling : the softmax scale, or None for the raw products (a caller that folds the
+        scale into a later step saves a pass over the scores)
 
     Returns
     -------
@@ -79,7 +83,7 @@ def grouped_scores(query: torch.Tensor, key: torch.Tensor, scaling: float) -> to
         ).view(batch, kv_heads, groups * q_len, k_len)
     else:
         scores = torch.matmul(stacked, key.transpose(-1, -2)).float()
-    return scores.mul_(scaling)
+    return scores if scaling is None else scores.mul_(scaling)
 
 
 def attention_probabilities(
@@ -141,6 +145,7 @@ class AttentionCapture:
     layers: Iterable[int] | None = None
     query_rows: slice | dict[int, slice] = field(default_factory=lambda: slice(None))
     callback: PatternCallback | None = None
+    head_mean: bool = False
     patterns: dict[str, torch.Tensor] = field(default_factory=dict)
     calls: int = 0  # layer patterns handed over
 
@@ -202,11 +207,12 @@ class AttentionCapture:
         probs = attention_probabilities(
             query[:, :, picked.start : picked.stop : picked.step], key, scaling, mask[in_mask]
         )
-        self.hand_over(layer, probs)
+        self.hand_over(layer, probs.mean(dim=1, keepdim=True) if self.head_mean else probs)
 
     def hand_over(self, layer: int, probs: torch.Tensor) -> None:
         """Pass on probabilities ``(batch, heads, rows, keys)`` of this layer's selected rows
-        (computed by :meth:`record`, or by the attention itself); counted in ``calls``."""
+        (``(batch, 1, rows, keys)``, the mean over heads, with :attr:`head_mean`), computed
+        by :meth:`record` or by the attention itself; counted in ``calls``."""
         self.calls += 1
         if self.callback is not None:
             self.callback(layer, probs)
@@ -256,11 +262,13 @@ def ragged_attention(
     if blocks is not None:
         lead, sizes = blocks
         picked = capture.rows(module.layer_idx, q_len) if capture is not None else range(0)
-        captured = captured_block(picked, lead, sizes)
-        out, probs = lead_and_blocks_attention(query, key, value, lead, sizes, scaling, captured)
-        if probs is not None:  # the captured block's own probabilities: no second pass
-            start = lead + sum(sizes[:captured])
-            capture.hand_over(module.layer_idx, probs[:, :, picked.start - start : picked.stop - start])
+        # rows within one block: their probabilities come with the attention (no second pass)
+        within = captured_block(picked, lead, sizes) is not None
+        keep = (picked.start - lead, picked.stop - lead) if within else None
+        head_mean = capture is not None and capture.head_mean
+        out, probs = lead_and_blocks_attention(query, key, value, lead, sizes, scaling, keep, head_mean)
+        if probs is not None:
+            capture.hand_over(module.layer_idx, probs)
         elif len(picked):  # rows in the lead or across blocks: over all keys, under the block mask
             capture.record(module.layer_idx, query, key, scaling, block_query_mask(sizes, k_len, query.device, lead))
         return out.transpose(1, 2).contiguous(), None
@@ -400,14 +408,6 @@ def captured_block(picked: range, lead: int, blocks: list[int]) -> int | None:
             return index
         start += size
     return None
-
-
-def block_view(states: torch.Tensor, seen: int, start: int, size: int) -> torch.Tensor:
-    """What one block attends to, as if it ran alone: the first ``seen`` keys (or values)
-    and then its own ``size`` at ``seen + start`` (a view for the first block)."""
-    if start == 0:
-        return states[:, :, : seen + size]
-    return torch.cat([states[:, :, :seen], states[:, :, seen + start : seen + start + size]], dim=2)
 
 
 class ShapeCounter:
@@ -557,41 +557,127 @@ def lead_and_blocks_attention(
     lead: int,
     blocks: list[int],
     scaling: float,
-    keep_probs_of: int | None = None,
+    keep_rows: tuple[int, int] | None = None,
+    head_mean: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Attention under :func:`block_query_mask`, one causal call per part.
+    """Attention under :func:`block_query_mask`, without a mask over the whole cache.
 
-    The lead rows attend causally to the keys before the blocks; each block attends to
-    those keys and, causally, to its own (:func:`block_view`: exactly what it sees alone),
-    so no call needs an explicit mask over the whole cache.
+    The lead rows attend causally to the keys before the blocks (:func:`causal_attention`).
+    The blocks' rows attend to those keys (the cache and the lead: one call for all blocks,
+    no mask) and, causally, to their own block's keys (one small explicit product); the
+    two parts are merged by log-sum-exp (:func:`merge_attention`). No block's view of the
+    cache is ever copied, and the probabilities of captured rows come from the same
+    log-sum-exp: one score product and one exponential, no softmax pass.
 
     Parameters
     ----------
-    keep_probs_of : index of a block whose probabilities to compute explicitly and return
+    query : ``(batch, heads, lead + sum(blocks), head_dim)``
+    key, value : ``(batch, kv_heads, k, head_dim)``: the cache, the lead, then the blocks
+    keep_rows : ``(start, stop)``, rows counted from the first block's first row, lying in
+        one block: return their probabilities
+    head_mean : return those probabilities averaged over heads
 
     Returns
     -------
-    output ``(batch, heads, q, head_dim)``; that block's probabilities ``(batch, heads,
-    size, seen + size)`` over :func:`block_view` (None without ``keep_probs_of``)
+    output ``(batch, heads, q, head_dim)``; the kept rows' probabilities over the keys
+    before the blocks, float32 ``(batch, heads or 1, stop - start, k - sum(blocks))``
+    (their own block's keys take the rest of each row's mass), or None
     """
-    k_len = key.shape[-2]
-    seen = k_len - sum(blocks)
+    seen = key.shape[-2] - sum(blocks)
     parts = []
     if lead:
         parts.append(causal_attention(query[:, :, :lead], key[:, :, :seen], value[:, :, :seen], scaling))
+    rows = query[:, :, lead:]
+    out, lse = own_blocks_attention(rows, key[:, :, seen:], value[:, :, seen:], blocks, scaling)
+    lse_seen = None
+    if seen:
+        out_seen, lse_seen = unmasked_attention_with_lse(rows, key[:, :, :seen], value[:, :, :seen], scaling)
+        out = merge_attention(out_seen, lse_seen, out, lse)
+    parts.append(out)
     probs = None
-    start = 0
-    for index, size in enumerate(blocks):
-        rows = query[:, :, lead + start : lead + start + size]
-        keys, values = block_view(key, seen, start, size), block_view(value, seen, start, size)
-        if index == keep_probs_of:
-            # the probabilities for the capture; the output still from the fused kernel (a
-            # probabilities-times-values product over a 4K cache ran on a few dozen blocks,
-            # ~150 us a layer on an H200, the kernel ~30 us)
-            probs = attention_probabilities(rows, keys, scaling)
-        parts.append(causal_attention(rows, keys, values, scaling))
-        start += size
+    if keep_rows is not None and lse_seen is not None:
+        start, stop = keep_rows
+        total = torch.logaddexp(lse_seen[:, :, start:stop], lse[:, :, start:stop])
+        scores = grouped_scores(rows[:, :, start:stop], key[:, :, :seen], None)
+        probs = probabilities_from_lse(scores.view(*total.shape, seen), total, scaling, head_mean)
     return (torch.cat(parts, dim=2) if len(parts) > 1 else parts[0]), probs
+
+
+def own_blocks_attention(
+    rows: torch.Tensor, key: torch.Tensor, value: torch.Tensor, blocks: list[int], scaling: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each block's rows over its own keys, causally; output and log-sum-exp.
+
+    Parameters
+    ----------
+    rows : ``(batch, heads, sum(blocks), head_dim)``
+    key, value : ``(batch, kv_heads, sum(blocks), head_dim)``: the blocks' own keys
+
+    Returns
+    -------
+    output ``(batch, heads, sum(blocks), head_dim)`` in the rows' dtype, log-sum-exp
+    ``(batch, heads, sum(blocks))`` float32. Explicit products (a few dozen keys a row).
+    """
+    batch, heads, total, dim = rows.shape
+    kv_heads = key.shape[1]
+    groups = heads // kv_heads
+    scores = grouped_scores(rows, key, scaling).view(batch, kv_heads, groups, total, total)
+    scores.masked_fill_(~block_rows_mask(blocks, total, rows.device), float("-inf"))
+    lse = torch.logsumexp(scores, dim=-1)
+    probs = torch.exp(scores - lse.unsqueeze(-1)).to(value.dtype)
+    out = torch.matmul(probs.view(batch, kv_heads, groups * total, total), value)
+    return out.view(batch, heads, total, dim), lse.view(batch, heads, total)
+
+
+HAS_FLASH_LSE = hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention")
+
+
+def unmasked_attention_with_lse(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every query over every key, and each row's log-sum-exp (natural logarithm).
+
+    The query heads of each KV head are stacked along the query axis (exact without a
+    mask), so grouped heads need no repeated keys. On CUDA in half precision the flash
+    kernel, which needs no execution plan per shape (cuDNN's costs ~65 ms for each new key
+    length, and a growing cache has a new one every chunk); elsewhere explicit float32
+    products (CPU, tests).
+
+    Parameters
+    ----------
+    query : ``(batch, heads, q, head_dim)``
+    key, value : ``(batch, kv_heads, k, head_dim)``
+
+    Returns
+    -------
+    output ``(batch, heads, q, head_dim)``, lse ``(batch, heads, q)`` float32 (or wider)
+    """
+    batch, heads, q_len, dim = query.shape
+    kv_heads = key.shape[1]
+    stacked = query.reshape(batch, kv_heads, heads // kv_heads * q_len, dim)
+    if query.device.type == "cuda" and query.dtype in HALF_DTYPES and HAS_FLASH_LSE:
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention(
+            stacked, key, value, 0.0, False, False, scale=scaling
+        )[:2]
+    else:
+        wide = torch.promote_types(query.dtype, torch.float32)
+        scores = torch.matmul(stacked.to(wide), key.to(wide).transpose(-1, -2)) * scaling
+        lse = torch.logsumexp(scores, dim=-1)
+        out = torch.matmul(torch.exp(scores - lse.unsqueeze(-1)), value.to(wide)).to(query.dtype)
+    return out.reshape(batch, heads, q_len, dim), lse.reshape(batch, heads, q_len)
+
+
+def _probabilities_from_lse(scores: torch.Tensor, lse: torch.Tensor, scaling: float, head_mean: bool) -> torch.Tensor:
+    probs = torch.exp(scores * scaling - lse.unsqueeze(-1))
+    return probs.mean(dim=1, keepdim=True) if head_mean else probs
+
+
+probabilities_from_lse = FusedOp(_probabilities_from_lse)
+"""Softmax probabilities from raw scores ``(batch, heads, q, k)`` (float32, unscaled) and
+each row's log-sum-exp ``(batch, heads, q)`` over all the keys it sees, which may be more
+than these ``k``: ``exp(scaling * scores - lse)``, averaged over heads (kept as an axis of
+size 1) if ``head_mean``. One kernel on CUDA (the scale, the shift, the exponential and the
+mean together), where a softmax would read the scores twice and write them once more."""
 
 
 class QueryBlocks:

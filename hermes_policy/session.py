@@ -623,8 +623,9 @@ class StreamingSession:
             frame_index=torch.cat([p.frame_index for p in parts]),
             model_inputs=lead.model_inputs if lead is not None else {},
         )
+        # each layer's prompt's own tokens (its padding is never captured)
         rows = {
-            layer: slice(starts[idx], starts[idx + 1])
+            layer: slice(starts[idx], starts[idx] + real_lengths[idx])
             for layer, idx in enumerate(request.layer_prompt)
             if idx is not None
         }
@@ -633,10 +634,12 @@ class StreamingSession:
         lengths = [n + lead_len for n in self.store.lengths()]
 
         def keep_stream(layer: int, probs: torch.Tensor) -> None:
-            stream = probs[0, :, :, prefix : lengths[layer]]  # (heads, rows, stream)
-            result[layer] = stream.mean(dim=0).float()  # stays on the device: no sync per layer
+            # (rows, stream) of the mean over heads; stays on the device: no sync per layer
+            result[layer] = probs[0, 0, :, prefix : lengths[layer]].float()
 
-        capture = AttentionCapture(self.adapter.attention_modules, query_rows=rows, callback=keep_stream)
+        capture = AttentionCapture(
+            self.adapter.attention_modules, query_rows=rows, callback=keep_stream, head_mean=True
+        )
         sizes = [len(p) for p in pieces]
         blocks = QueryBlocks(self.adapter.attention_modules, sizes, lead=lead_len)
         # what shapes this forward besides its length and the cache lengths (graph keys)
@@ -644,11 +647,8 @@ class StreamingSession:
         with blocks, capture, torch.inference_mode():
             self._prefill(merged, ingest=True, context=context, collected=result)
         self.store.truncate(lengths)
-        # the mean over each prompt's own tokens (its padding left out)
-        for layer, idx in enumerate(request.layer_prompt):
-            if idx is not None and result[layer] is not None:
-                result[layer] = result[layer][: real_lengths[idx]].mean(dim=0)
-        return result
+        # the mean over each prompt's own tokens
+        return [None if r is None else r.mean(dim=0) for r in result]
 
     def _near_position_limit(self, upcoming: int = 0) -> bool:
         """True when positions (plus ``upcoming`` new ones) come within the margin of the limit."""

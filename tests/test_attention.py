@@ -181,29 +181,54 @@ def test_per_layer_positions_equal_a_rigidly_shifted_cache(tiny_adapter):
     torch.testing.assert_close(per_layer, uniform, atol=1e-4, rtol=1e-4)
 
 
-def test_lead_and_blocks_attention_equals_one_masked_attention():
-    from hermes_policy.attention import block_query_mask, block_view, lead_and_blocks_attention
+@pytest.mark.parametrize("lead, cached", [(3, 9), (0, 9), (3, 0), (0, 0)])
+def test_lead_and_blocks_attention_equals_one_masked_attention(lead, cached):
+    from hermes_policy.attention import block_query_mask, lead_and_blocks_attention
 
     g = torch.Generator().manual_seed(5)
-    lead, blocks, cached = 3, [4, 2, 5], 9
+    blocks = [4, 2, 5]
     q_len = lead + sum(blocks)
     k_len = cached + q_len
     query = torch.randn(1, 6, q_len, 8, generator=g)
-    key, value = torch.randn(1, 2, k_len, 8, generator=g), torch.randn(1, 2, k_len, 8, generator=g)
+    key = torch.randn(1, 2, k_len, 8, generator=g)
+    value = torch.randn(1, 2, k_len, 8, generator=g)
     mask = block_query_mask(blocks, k_len, query.device, lead)
     reference = F.scaled_dot_product_attention(
         query, key.repeat_interleave(3, 1), value.repeat_interleave(3, 1), attn_mask=mask, scale=0.3
     )
-    out, probs = lead_and_blocks_attention(query, key, value, lead, blocks, 0.3, keep_probs_of=1)
+    out, probs = lead_and_blocks_attention(query, key, value, lead, blocks, 0.3, keep_rows=(4, 6))
     torch.testing.assert_close(out, reference, atol=1e-5, rtol=1e-5)
-    # block 1's probabilities over what it sees alone: the cache and lead, then itself
+    seen = k_len - sum(blocks)
+    if not seen:  # nothing before the blocks: no probabilities to give
+        assert probs is None
+        return
+    # block 1's probabilities over the keys before the blocks, normalised over all it sees
     scores = (query @ key.repeat_interleave(3, 1).transpose(-1, -2)) * 0.3
     full = torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1)[:, :, lead + 4 : lead + 6]
-    seen = k_len - sum(blocks)
-    columns = block_view(torch.arange(k_len)[None, None, :, None], seen, 4, 2)[0, 0, :, 0]
-    assert columns.tolist() == list(range(seen)) + [seen + 4, seen + 5]
-    torch.testing.assert_close(probs, full[..., columns], atol=1e-6, rtol=1e-5)
-    assert probs.shape == (1, 6, 2, seen + 2)
+    assert probs.shape == (1, 6, 2, seen) and probs.dtype == torch.float32
+    torch.testing.assert_close(probs, full[..., :seen], atol=1e-6, rtol=1e-5)
+    _, mean = lead_and_blocks_attention(query, key, value, lead, blocks, 0.3, keep_rows=(5, 6), head_mean=True)
+    torch.testing.assert_close(mean, full[:, :, 1:, :seen].mean(dim=1, keepdim=True), atol=1e-6, rtol=1e-5)
+
+
+def test_unmasked_attention_and_own_blocks_give_the_log_sum_exp():
+    from hermes_policy.attention import (
+        block_rows_mask,
+        own_blocks_attention,
+        unmasked_attention_with_lse,
+    )
+
+    g = torch.Generator().manual_seed(6)
+    query = torch.randn(1, 6, 7, 8, generator=g)
+    key, value = torch.randn(2, 1, 2, 7, 8, generator=g)
+    scores = query @ key.repeat_interleave(3, 1).transpose(-1, -2) * 0.5
+    out, lse = unmasked_attention_with_lse(query, key, value, 0.5)
+    torch.testing.assert_close(lse, torch.logsumexp(scores, -1), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out, torch.softmax(scores, -1) @ value.repeat_interleave(3, 1), atol=1e-5, rtol=1e-5)
+    blocked = scores.masked_fill(~block_rows_mask([3, 4], 7, query.device), float("-inf"))
+    out, lse = own_blocks_attention(query, key, value, [3, 4], 0.5)
+    torch.testing.assert_close(lse, torch.logsumexp(blocked, -1), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out, torch.softmax(blocked, -1) @ value.repeat_interleave(3, 1), atol=1e-5, rtol=1e-5)
 
 
 def test_merged_parts_equal_attention_over_all_keys():

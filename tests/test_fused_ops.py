@@ -11,7 +11,7 @@ import torch
 from transformers.activations import ACT2FN
 from transformers.models.qwen2.modeling_qwen2 import Qwen2RMSNorm
 
-from hermes_policy import fused_ops
+from hermes_policy import fusion
 from hermes_policy.fused_ops import (
     FusedOp,
     add_rms_norm,
@@ -67,5 +67,5 @@ def test_fused_ops_run_eagerly_off_cuda_and_when_disabled(monkeypatch):
     op = FusedOp(double)
     assert torch.equal(op(torch.ones(2)), torch.full((2,), 2.0)) and len(calls) == 1  # CPU: the eager code
     assert op._compiled is None
-    monkeypatch.setattr(fused_ops, "ENABLED", False)
+    monkeypatch.setattr(fusion, "ENABLED", False)
     assert torch.equal(op(torch.ones(2)), torch.full((2,), 2.0)) and op._compiled is None

@@ -138,6 +138,35 @@ def test_split_chunk_attention_on_cuda(monkeypatch):
     torch.testing.assert_close(out.float(), reference, atol=1e-2, rtol=1e-2)
 
 
+@pytest.mark.parametrize("head_mean", [False, True])
+def test_pseudo_query_blocks_on_cuda(head_mean):
+    """A chunk with pseudo-query blocks behind it (flash over the cache with its log-sum-exp,
+    the blocks' own keys explicitly, merged; captured probabilities from the log-sum-exp,
+    compiled) against float32 attention under the whole mask, on strided cache views."""
+    import torch.nn.functional as F
+
+    from hermes_policy.attention import block_query_mask, lead_and_blocks_attention
+
+    g = torch.Generator(device="cuda").manual_seed(1)
+    lead, blocks, cached = 200, [32, 64], 1500
+    q_len = lead + sum(blocks)
+    query = torch.randn(1, 28, q_len, 128, device="cuda", generator=g).bfloat16()
+    buffer = torch.randn(2, 1, 4, 2500, 128, device="cuda", generator=g).bfloat16()
+    key, value = buffer[0][..., : cached + q_len, :], buffer[1][..., : cached + q_len, :]
+    keep = (40, 80)  # rows of the second block
+    out, probs = lead_and_blocks_attention(query, key, value, lead, blocks, 128**-0.5, keep, head_mean)
+    mask = block_query_mask(blocks, cached + q_len, query.device, lead)
+    wide_keys = key.float().repeat_interleave(7, 1)
+    reference = F.scaled_dot_product_attention(query.float(), wide_keys, value.float().repeat_interleave(7, 1), attn_mask=mask)
+    torch.testing.assert_close(out.float(), reference, atol=1e-2, rtol=1e-2)
+    scores = (query.float() @ wide_keys.transpose(-1, -2)) * 128**-0.5
+    expected = torch.softmax(scores.masked_fill(~mask, float("-inf")), -1)[:, :, lead + 40 : lead + 80, : cached + lead]
+    if head_mean:
+        expected = expected.mean(dim=1, keepdim=True)
+    assert probs.dtype == torch.float32 and probs.shape == expected.shape
+    torch.testing.assert_close(probs, expected, atol=1e-4, rtol=2e-2)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_ingest_graphs_equal_eager_ingest(tiny_llama_dir, dtype):
     """Recurring ingest forwards replayed as CUDA graphs (chunks with fused pseudo-queries
