@@ -339,9 +339,12 @@ def test_batched_scoring_equals_per_layer_scoring():
     batched = rule.batched_kept(store, attention)
     raw = rule.layer_scores(store, attention)
     smoothed = smooth_across_layers(raw, [e.smoothing for e in rule.policy.layers])
+    with_prefix = rule.batched_kept(store, attention, lead=prefix)
     for layer, entry in enumerate(rule.policy.layers):
         keep = entry.budget - 1 if entry.summary_token else entry.budget
         assert torch.equal(batched[layer], top_indices(smoothed[layer], keep))
+        # the prefix's indices ahead, the kept ones shifted past it
+        assert torch.equal(with_prefix[layer], torch.cat([torch.arange(prefix), batched[layer] + prefix]))
     store.cache.layers[0].truncate(n - 1)
     store.positions[0] = store.positions[0][:, :-1]
     assert rule.batched_kept(store, attention) is None  # lengths differ: per-layer path

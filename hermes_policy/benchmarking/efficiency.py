@@ -7,14 +7,23 @@ the questions, CUDA-synchronised), their ratios to the physical floor (:mod:`.fl
 peak GPU memory since the stream began, KV bytes, ingest throughput over the segment
 since the previous checkpoint, and the share of that ingest time spent compressing.
 
-Compression time is measured, not estimated: the session times its phases (GPU
-synchronised at each boundary) for a separate guidance pass, scoring and gathering, on one
-chunk in four (:data:`TIMED_EVERY`, at least one per segment; the synchronisation stalls
-the pipeline, so the ingest speed comes from the other chunks); when
-the pseudo-queries ride in the chunk's forward (fused guidance), their marginal cost is
+Compression time is measured, not estimated, two ways (both reported):
+
+- synchronised (``compression_share``): the session times its phases (GPU synchronised at
+  each boundary) for a separate guidance pass, scoring and gathering, on one chunk in four
+  (:data:`TIMED_EVERY`, at least one per segment). The synchronisation stalls the pipeline:
+  the host's time to launch the phases' kernels, which otherwise overlaps the GPU's work on
+  the forward queued before them, is counted too. So the ingest speed comes from the other
+  chunks, and this share is an upper bound.
+- pipelined (``compression_share_pipelined``, one GPU): on the other chunks, which run as
+  a stream runs, CUDA events recorded at the phase boundaries without synchronising give
+  each phase's span on the GPU's timeline: its kernels, and any time the GPU waited for the
+  host inside the phase (host work after the gather's one wait for the GPU included).
+
+When the pseudo-queries ride in the chunk's forward (fused guidance), their marginal cost is
 measured at every checkpoint by timing the same chunk with and without them (the prompts
 lengthen once a question has been asked: they quote the last question and answer), and
-counted for every fused pass of the segment's timed chunks.
+counted for every fused pass of the chunks each share covers.
 """
 
 from __future__ import annotations
@@ -185,6 +194,7 @@ def fused_guidance_overhead(session: StreamingSession, frames: Any, repeats: int
 
 
 TIMED_EVERY = 4  # one chunk in this many runs with the session's synchronised phase timers
+COMPRESSION_PHASES = ("guidance", "select", "gather")
 
 
 @dataclass
@@ -201,11 +211,29 @@ class _Segment:
     timed_frames: int = 0
     timed_seconds: float = 0.0
     fused_timed: int = 0
+    fused_untimed: int = 0
+    gpu_compression_seconds: float | None = None  # phase spans of the untimed chunks (CUDA events)
 
     def fps(self) -> float | None:
         if self.frames:
             return self.frames / self.seconds
         return self.timed_frames / self.timed_seconds if self.timed_seconds > 0 else None
+
+
+def compression_span_seconds(marks: list[tuple[str, float, float, Any, Any]]) -> float:
+    """Seconds of GPU timeline the compression phases spanned, from a session's
+    ``phase_marks`` (``(phase, host start, host end, start event, end event)``, events
+    complete)."""
+    return sum(begin.elapsed_time(end) for name, _, _, begin, end in marks if name in COMPRESSION_PHASES) / 1e3
+
+
+def pipelined_share(segment: _Segment, fused_overhead_s: float | None) -> float | None:
+    """Share of the untimed chunks' ingest time spent compressing: the phases' GPU spans
+    plus each fused pseudo-query pass's measured cost. None without event timings."""
+    if segment.gpu_compression_seconds is None or segment.seconds <= 0:
+        return None
+    spent = segment.gpu_compression_seconds + segment.fused_untimed * (fused_overhead_s or 0.0)
+    return spent / segment.seconds
 
 
 @dataclass
@@ -235,6 +263,7 @@ def run_stream(
     for index in gpus:
         torch.cuda.reset_peak_memory_stats(index)
     session = StreamingSession(adapter, rule, chunk_frames=chunk, max_new_tokens=config.answer_tokens)
+    events = adapter.device.type == "cuda" and not adapter.spans_devices
     base = {"shape": shape.name, "rule": rule_name, "chunk": chunk, "budget": config.budget}
     for target in config.frames:
         segment = _Segment()
@@ -246,6 +275,8 @@ def run_stream(
                 last = state.frames_done + chunk >= target
                 timed = state.chunks_done % TIMED_EVERY == TIMED_EVERY - 1 or (last and not segment.timed_frames)
                 session.time_phases = timed
+                # events at the phase boundaries, no synchronisation (one GPU only)
+                session.phase_marks = [] if events and not timed else None
                 fused_before = session.fused_guidance_passes
                 report = session.add_frames(pool[start : start + chunk])
                 if timed:
@@ -255,10 +286,15 @@ def run_stream(
                 else:
                     segment.frames += chunk
                     segment.seconds += report.seconds
+                    segment.fused_untimed += session.fused_guidance_passes - fused_before
+                    if session.phase_marks is not None:  # add_frames ended synchronised: events are done
+                        spans = compression_span_seconds(session.phase_marks)
+                        segment.gpu_compression_seconds = (segment.gpu_compression_seconds or 0.0) + spans
                 state.peak = max(state.peak, report.peak_memory_bytes or 0)
                 state.frames_done += chunk
                 state.chunks_done += 1
             session.time_phases = False
+            session.phase_marks = None
             if session.fused_guidance_passes > fused_total_before:
                 # at every checkpoint: the pseudo-queries grow once questions are asked
                 # (the guidance prompts quote the last question and answer)
@@ -295,6 +331,7 @@ def run_stream(
                 "tokens_kept": max(session.tokens_kept),
                 "ingest_fps": segment.fps(),
                 "compression_share": compression_s / segment.timed_seconds if segment.timed_seconds > 0 else None,
+                "compression_share_pipelined": pipelined_share(segment, overhead),
                 "phase_seconds": spent,
                 "timed_chunks_seconds": segment.timed_seconds,
                 "fused_guidance_passes_timed": segment.fused_timed,
@@ -397,7 +434,11 @@ def evaluate_targets(rows: list[dict[str, Any]], shape: str = "llava-ov-7b", chu
         fps = min(r["ingest_fps"] for r in steady)
         share = max(r["compression_share"] for r in steady)
         add("ingest fps (slowest segment after 16 frames)", fps, ">= 100", fps >= 100)
-        add("compression share of ingest (largest)", share, "< 10%", share < 0.10)
+        add("compression share of ingest, synchronised timers (largest)", share, "< 10%", share < 0.10)
+        pipelined = [r.get("compression_share_pipelined") for r in steady]
+        if all(p is not None for p in pipelined):
+            share = max(pipelined)
+            add("compression share of ingest, pipelined GPU time (largest)", share, "< 10%", share < 0.10)
     return out
 
 

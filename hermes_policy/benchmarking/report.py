@@ -50,7 +50,8 @@ def markdown_table(results: dict[str, Any]) -> str:
             )
             + (f" Split over {', '.join(shape['devices'])} (peak memory per GPU)." if shape.get("devices") else ""),
             "",
-            "| rule | chunk | frames | TTFT ms (x floor) | TPOT ms (x floor) | peak GiB | KV GiB | ingest fps | compression |",
+            "| rule | chunk | frames | TTFT ms (x floor) | TPOT ms (x floor) | peak GiB | KV GiB | ingest fps "
+            "| compression (synchronised / pipelined) |",
             "|---|---|---|---|---|---|---|---|---|",
         ]
         for row in (r for r in results["rows"] if r["shape"] == name):
@@ -67,7 +68,7 @@ def markdown_table(results: dict[str, Any]) -> str:
                 f"| {row['ttft_ms']:.1f} ({row['ttft_floor_ratio']:.2f}x) "
                 f"| {row['tpot_ms']:.1f} ({row['tpot_floor_ratio']:.2f}x) "
                 f"| {peak} | {_gib(row['kv_cache_bytes'])} "
-                f"| {_num(row.get('ingest_fps'), 0)} | {'-' if share is None else f'{share:.1%}'} |"
+                f"| {_num(row.get('ingest_fps'), 0)} | {_share(share, row.get('compression_share_pipelined'))} |"
             )
         lines.append("")
     targets = results.get("targets") or []
@@ -91,6 +92,14 @@ def markdown_table(results: dict[str, Any]) -> str:
             lines.append(f"| {c['shape']} | {c['dtype']} | {c['hermes_unlimited_equals_full']} | {graphs} |")
         lines.append("")
     return "\n".join(lines)
+
+
+def _share(synchronised: float | None, pipelined: float | None) -> str:
+    """The compression shares of a row: ``-`` when none, the pipelined one after a slash."""
+    if synchronised is None and pipelined is None:
+        return "-"
+    text = "-" if synchronised is None else f"{synchronised:.1%}"
+    return text if pipelined is None else f"{text} / {pipelined:.1%}"
 
 
 def common_prefix(a: list[int], b: list[int]) -> int:

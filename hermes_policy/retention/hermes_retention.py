@@ -117,12 +117,16 @@ class HermesRetention(RetentionRule):
             scores.append(mix_scores(attn, recency, entry.recency_weight))
         return scores
 
-    def batched_kept(self, store: KVStore, attention: list[torch.Tensor | None] | None) -> list[torch.Tensor] | None:
-        """Stream indices each layer keeps (CPU), scored for all layers at once.
+    def batched_kept(
+        self, store: KVStore, attention: list[torch.Tensor | None] | None, lead: int = 0
+    ) -> list[torch.Tensor] | None:
+        """Stream indices each layer keeps, scored for all layers at once, where the
+        attention lives (no host copy: on a GPU, no wait for it).
 
-        The same decisions as the per-layer path, as a few whole-tensor operations and one
-        host copy (on a GPU: no sync per layer). None when layers differ in length (the
-        per-layer path resamples scores between them).
+        The same decisions as the per-layer path, as a few whole-tensor operations. None
+        when layers differ in length (the per-layer path resamples scores between them).
+        ``lead``: see :func:`~hermes_policy.retention.scoring.batched_top_indices` (the
+        system prefix ahead of the stream).
         """
         lengths = store.stream_lengths()
         if len(set(lengths)) != 1:
@@ -143,7 +147,7 @@ class HermesRetention(RetentionRule):
         scores = batched_mixed_scores(torch.stack(rows), rates, weights)
         smoothed = torch.stack(smooth_across_layers(list(scores), [e.smoothing for e in layers]))
         keep = [e.budget - 1 if e.summary_token else e.budget for e in layers]
-        return batched_top_indices(smoothed, keep)
+        return batched_top_indices(smoothed, keep, lead)
 
     def _layer_parameters(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """Forgetting rates and recency weights ``(layers,)`` on ``device`` (copied once)."""
@@ -163,36 +167,33 @@ class HermesRetention(RetentionRule):
         where the scores were computed (the GPU in a session): nothing here waits for it;
         :meth:`KVStore.keep_layers` reads them back once, after queueing the gathers.
         """
-        batched = self.batched_kept(store, context.attention)
+        prefix = store.prefix_len
+        # on the batched path each row holds the prefix's indices, then the kept ones
+        batched = self.batched_kept(store, context.attention, lead=prefix)
         if batched is None:
             attention = context.attention
             if attention is not None:  # per-layer scoring is cheaper on the host
                 attention = [None if a is None else a.cpu() for a in attention]
             raw = self.layer_scores(store, attention)
             smoothed = smooth_across_layers(raw, [entry.smoothing for entry in self.policy.layers])
-        prefix = store.prefix_len
         lengths = store.stream_lengths()
-        kept_by_layer: dict[int, torch.Tensor] = {}
+        indices: dict[int, torch.Tensor] = {}  # prefix included
         for layer, entry in enumerate(self.policy.layers):
             if lengths[layer] <= entry.budget:
                 continue
-            keep_count = entry.budget - 1 if entry.summary_token else entry.budget
             if batched is not None:
-                kept_by_layer[layer] = batched[layer] + prefix
+                indices[layer] = batched[layer]
             else:
-                kept_by_layer[layer] = top_indices(smoothed[layer], keep_count).cpu() + prefix
+                keep_count = entry.budget - 1 if entry.summary_token else entry.budget
+                kept = top_indices(smoothed[layer], keep_count).cpu() + prefix
+                indices[layer] = torch.cat([torch.arange(prefix), kept])
         with torch.profiler.record_function("hermes:summary"):
             summaries = self._summaries(
-                store, {layer: kept for layer, kept in kept_by_layer.items() if self.policy.layers[layer].summary_token}, context
+                store,
+                {layer: kept[prefix:] for layer, kept in indices.items() if self.policy.layers[layer].summary_token},
+                context,
             )
-        heads: dict[torch.device, torch.Tensor] = {}
-        out = {}
-        for layer, kept in kept_by_layer.items():
-            head = heads.get(kept.device)
-            if head is None:
-                head = heads[kept.device] = torch.arange(prefix, device=kept.device)
-            out[layer] = LayerKeep(torch.cat([head, kept]), summaries.get(layer))
-        return out
+        return {layer: LayerKeep(kept, summaries.get(layer)) for layer, kept in indices.items()}
 
     def _summaries(
         self, store: KVStore, kept_by_layer: dict[int, torch.Tensor], context: SelectContext

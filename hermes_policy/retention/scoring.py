@@ -110,11 +110,13 @@ def batched_mixed_scores(
     return torch.where(w >= 1.0, min_max(recency), mixed)
 
 
-def batched_top_indices(scores: torch.Tensor, keep: list[int]) -> list[torch.Tensor]:
+def batched_top_indices(scores: torch.Tensor, keep: list[int], lead: int = 0) -> list[torch.Tensor]:
     """:func:`top_indices` of every row ``(layers, n)``, with one top-k and one sort.
 
     Returns, per row, the ``keep[l]`` indices where ``scores`` live (no host copy, so no wait
-    for the GPU), in temporal order (ties go to the newer token).
+    for the GPU), in temporal order (ties go to the newer token). With ``lead``, every
+    row's indices are shifted by ``lead`` and preceded by ``0 .. lead - 1`` (a fixed prefix
+    ahead of the scored tokens), for all rows in one addition and one concatenation.
     """
     n = scores.shape[1]
     ramp = torch.arange(n, dtype=torch.float64, device=scores.device) * 1e-12
@@ -125,7 +127,10 @@ def batched_top_indices(scores: torch.Tensor, keep: list[int]) -> list[torch.Ten
     # (the counts travel without a blocking copy, which would wait for the queued forward)
     past = torch.arange(k_max, device=order.device) >= upload(torch.tensor(counts), order.device)[:, None]
     ordered = order.masked_fill(past, n).sort(dim=1).values
-    return [ordered[row, :k] for row, k in enumerate(counts)]
+    if lead:
+        head = torch.arange(lead, device=ordered.device).expand(ordered.shape[0], lead)
+        ordered = torch.cat([head, ordered + lead], dim=1)
+    return [ordered[row, : lead + k] for row, k in enumerate(counts)]
 
 
 def split_budget(weights: list[float], per_layer: int) -> list[int]:
