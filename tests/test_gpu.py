@@ -200,6 +200,33 @@ def test_ingest_graphs_equal_eager_ingest(tiny_llama_dir, dtype):
             )
 
 
+def test_qwen2_5_vl_ingest_graphs_equal_eager_ingest(tmp_path):
+    """Qwen2.5-VL's recurring ingest forwards (vision features merged outside the graph,
+    sectioned 3D rotary per layer inside it) replayed as CUDA graphs, against eager ingest."""
+    import numpy as np
+    from tiny_qwen_vl import FRAME_HEIGHT, FRAME_WIDTH, tiny_qwen2_5_vl
+
+    from hermes_policy.models import load_adapter
+    from hermes_policy.policy import ModelInfo, paper_default
+    from hermes_policy.retention import HermesRetention
+
+    adapter = load_adapter(tiny_qwen2_5_vl(tmp_path, max_positions=4096), device="cuda", dtype=torch.float32)
+    frames = np.random.default_rng(5).integers(0, 256, (48, FRAME_HEIGHT, FRAME_WIDTH, 3), dtype=np.uint8)
+    runs = {}
+    for graphs in (False, True):
+        rule = HermesRetention(policy=paper_default(ModelInfo.of(adapter), budget=3 * adapter.tokens_per_frame + 6))
+        session = StreamingSession(adapter, rule, chunk_frames=4, ingest_graphs=graphs)
+        session.add_frames(frames)
+        runs[graphs] = (session, session.ask("What moved?", max_new_tokens=6).token_ids)
+    (eager, eager_answer), (graphed, graphed_answer) = runs[False], runs[True]
+    assert graphed.chunk_graphs.captures >= 1 and graphed.chunk_graphs.replays > graphed.chunk_graphs.captures
+    assert not graphed.chunk_graphs.failed
+    assert graphed_answer == eager_answer and graphed.store.lengths() == eager.store.lengths()
+    for layer in range(adapter.num_layers):
+        assert torch.equal(graphed.store.layer(layer).positions, eager.store.layer(layer).positions)
+        torch.testing.assert_close(graphed.store.layer(layer).keys, eager.store.layer(layer).keys, atol=1e-4, rtol=1e-4)
+
+
 def test_upload_through_the_pinned_ring():
     """Staged copies of every dtype and size, the ring wrapped several times, against .to()."""
     from hermes_policy.transfer import upload

@@ -475,3 +475,55 @@ def test_question_after_odd_flush(q3):
     assert pieces[2].frame_index[pieces[2].input_ids == q3.video_token_id].unique().tolist() == [4]
     reference = one_shot_logits(q3, pieces)[0, -1]
     assert torch.allclose(streamed, reference, atol=TOL, rtol=0)
+
+
+# -- the decoder stack on its own (what ingest CUDA graphs replay) -----------------------------
+def test_qwen2_5_input_embeddings_feed_the_decoder_like_the_forward(q25, q3):
+    """The chunk embedded with its video features in place (vision tower run here), then
+    the language model alone, against the model's own forward of the same chunk."""
+    piece = q25.frames_piece(random_frames(4, seed=4), 0, None)
+    positions = piece.positions + 7
+    with torch.inference_mode():
+        whole = q25.forward(piece, positions)
+        embeds = q25.input_embeddings(piece)
+        split = q25.text_model(inputs_embeds=embeds, position_ids=to_model_position_ids(positions)).last_hidden_state
+    assert embeds.shape == (1, len(piece), q25.text_config.hidden_size)
+    torch.testing.assert_close(split, whole, atol=1e-5, rtol=1e-5)
+    # text pieces: the token embeddings; Qwen3-VL's DeepStack cannot be split off
+    question = q25.question_piece(QUESTION)
+    assert torch.equal(q25.input_embeddings(question)[0], q25.text_model.get_input_embeddings()(question.input_ids))
+    assert q3.input_embeddings(q3.frames_piece(random_frames(4, seed=4), 0, None)) is None
+
+
+@pytest.mark.parametrize("rule", ["fifo", "hermes"])
+def test_qwen2_5_fixed_buffer_ingest_equals_ordinary_ingest(q25, rule):
+    """The body an ingest CUDA graph replays (fixed buffers, per-layer 3D rotary from a
+    positions buffer, pseudo-query blocks and their attention), run eagerly, against the
+    ordinary session: same cache, same positions, same answer."""
+    from hermes_policy.chunk_graphs import ChunkGraphs
+    from hermes_policy.policy import ModelInfo, paper_default
+    from hermes_policy.retention import HermesRetention
+
+    frames = random_frames(24, seed=5)
+    budget = 3 * q25.tokens_per_frame + 6
+    results = []
+    for fixed in (False, True):
+        if rule == "fifo":
+            retention = FifoRetention(budget=budget)
+        else:
+            retention = HermesRetention(policy=paper_default(ModelInfo.of(q25), budget=budget))
+        session = StreamingSession(q25, retention, chunk_frames=4, answer_path="static", system_prompt=SYSTEM)
+        if fixed:
+            session.chunk_graphs = ChunkGraphs(q25, session.store, use_graphs=False, after=1)
+        session.add_frames(frames)
+        results.append((session, session.ask(QUESTION, max_new_tokens=5).token_ids))
+    (plain, plain_answer), (fixed, fixed_answer) = results
+    assert fixed.chunk_graphs.replays > 0 and not fixed.chunk_graphs.failed
+    assert fixed_answer == plain_answer
+    if rule == "hermes":
+        assert fixed.fused_guidance_passes > 0
+    for layer in range(q25.num_layers):
+        a, b = plain.store.layer(layer), fixed.store.layer(layer)
+        assert torch.equal(a.positions, b.positions) and torch.equal(a.frame_index, b.frame_index)
+        torch.testing.assert_close(b.keys, a.keys, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(b.values, a.values, atol=1e-5, rtol=1e-5)

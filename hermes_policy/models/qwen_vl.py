@@ -79,6 +79,7 @@ import torch
 from torch import nn
 
 from ..errors import ModelLoadError, StreamError
+from ..transfer import upload
 from .base import ModelAdapter, StreamPiece
 
 VIDEO_KEY = "pixel_values_videos"
@@ -389,6 +390,36 @@ class Qwen2_5_VLAdapter(_QwenVLAdapter):
             + self._token(self.video_token_id) * n
             + self._token(self.vision_end_id)
         )
+
+    def input_embeddings(self, piece: StreamPiece) -> torch.Tensor | None:
+        """Token embeddings with the chunk's video features in place of its video tokens.
+
+        What the model's forward feeds its decoder stack (its forward scatters the same
+        features after checking their count on the GPU, which waits for it; here the
+        placeholders are found in the host-side ids), so a chunk's decoder pass can be
+        replayed from a CUDA graph. Qwen3-VL has no such split: its DeepStack adds vision
+        features inside the first decoder layers.
+        """
+        pixels, grid = piece.model_inputs.get(VIDEO_KEY), piece.model_inputs.get(GRID_KEY)
+        if pixels is None and grid is None:
+            return super().input_embeddings(piece)
+        if set(piece.model_inputs) != {VIDEO_KEY, GRID_KEY} or not isinstance(pixels, torch.Tensor):
+            return None
+        device = self.device
+        base = self.base_model
+        embeds = base.get_input_embeddings()(upload(piece.input_ids, device)[None])
+        out = base.get_video_features(upload(pixels, device), upload(grid, device))
+        # an output object whose pooler_output holds them, or the features themselves;
+        # one tensor, or one per video (transformers versions differ)
+        features = out if isinstance(out, (torch.Tensor, tuple, list)) else getattr(out, "pooler_output", None)
+        if isinstance(features, (tuple, list)) and all(isinstance(f, torch.Tensor) for f in features):
+            features = torch.cat(list(features))
+        if not isinstance(features, torch.Tensor):
+            return None  # an unknown layout: the model's own forward runs (eagerly)
+        slots = np.flatnonzero(piece.input_ids.numpy() == self.video_token_id)
+        if len(slots) != features.shape[0]:
+            raise StreamError(f"{len(slots)} video tokens but {features.shape[0]} video features")
+        return embeds.index_copy(1, upload(torch.from_numpy(slots), device), features[None].to(embeds.dtype))
 
 
 class Qwen3VLAdapter(_QwenVLAdapter):
