@@ -12,6 +12,10 @@ part of the prefill is captured once and then replayed:
   :meth:`~hermes_policy.models.base.ModelAdapter.input_embeddings`) and the per-layer
   positions are copied into static buffers the graph reads;
 - rotary cos/sin are computed per layer inside the graph from those positions;
+- for Llama/Qwen2-form layers the decoder runs in about half the kernels of the
+  transformers forward (:func:`~hermes_policy.static_forward.chunk_text_forward`: fused
+  projections, rotary with key/value packing, residual adds with the next norm); other
+  layers run the transformers forward;
 - the model writes keys and values as usual, at each layer's current length: the lengths
   are part of the graph's key, and after a replay each layer's length is advanced by hand
   (the host-side counter is not part of the graph);
@@ -40,6 +44,7 @@ import torch
 from .attention import PerLayerRotary, ShapeCounter, steady_shapes
 from .kv_store import KVStore
 from .models.base import ModelAdapter, StreamPiece, cache_kwargs
+from .static_forward import chunk_text_forward, prepare_static_forward, supports_static_forward
 from .transfer import upload
 
 MAX_GRAPHS = 3
@@ -128,11 +133,24 @@ class ChunkGraphs:
     use_graphs : capture CUDA graphs (needs a CUDA device); False runs the same fixed-buffer
         code eagerly (tests)
     after : eager runs of a shape before it is captured
+    fewer_kernels : run Llama/Qwen2-form text models through
+        :func:`~hermes_policy.static_forward.chunk_text_forward` (others, and False: the
+        transformers forward)
     """
 
-    def __init__(self, adapter: ModelAdapter, store: KVStore, use_graphs: bool = True, after: int = RECUR_AFTER):
+    def __init__(
+        self,
+        adapter: ModelAdapter,
+        store: KVStore,
+        use_graphs: bool = True,
+        after: int = RECUR_AFTER,
+        fewer_kernels: bool = True,
+    ):
         if use_graphs and (adapter.device.type != "cuda" or adapter.spans_devices):
             raise ValueError("CUDA graphs need the whole model on one CUDA device")
+        self.fewer_kernels = fewer_kernels and not adapter.spans_devices and supports_static_forward(adapter)
+        if self.fewer_kernels:
+            prepare_static_forward(adapter)  # fusing allocates: not inside a capture
         self.adapter = adapter
         self.store = store
         self.use_graphs = use_graphs
@@ -238,7 +256,10 @@ class ChunkGraphs:
             for layer, n in zip(cache.layers, lengths, strict=True):  # every run writes at the same slots
                 layer.truncate(n)
             with steady_shapes():
-                hidden = per_layer_text_forward(adapter, static_positions, cache, axis, inputs_embeds=static_embeds)
+                if self.fewer_kernels:
+                    hidden = chunk_text_forward(adapter, static_embeds, static_positions, cache, lengths)
+                else:
+                    hidden = per_layer_text_forward(adapter, static_positions, cache, axis, inputs_embeds=static_embeds)
             # what the forward's callbacks put in the calling forward's list (when run eagerly)
             return hidden, tuple(graph.collected) if graph.collected is not None else ()
 

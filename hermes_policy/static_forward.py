@@ -21,7 +21,10 @@ same arithmetic with fewer kernels:
 - the norms round where the model's modules round (normalised in float32, rounded to
   the input dtype, then weighted).
 
-Only the answer path uses it (no attention capture, no per-layer hooks run inside); other
+:func:`chunk_text_forward` is the same forward for the ingest graphs
+(:mod:`hermes_policy.chunk_graphs`): a chunk's input embeddings appended at each layer's
+length, attention by the registered ragged attention function (so pseudo-query blocks and
+attention captures active on the modules apply as in the transformers forward). Other
 layer types fall back to the transformers forward (:func:`supports_static_forward`).
 """
 
@@ -31,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attention import BMM_OUT_DTYPE, HALF_DTYPES, grouped_masked_attention
+from .attention import BMM_OUT_DTYPE, HALF_DTYPES, grouped_masked_attention, ragged_attention
 from .fused_ops import (
     add_rms_norm,
     rms_norm,
@@ -315,6 +318,71 @@ def static_text_forward(
         gate_up_weight, gate_up_bias = fuse_linear_weights([mlp.gate_proj, mlp.up_proj], mlp, "hermes_fused_gate_up")
         mlp_out = mlp.down_proj(silu_and_mul(F.linear(normed, gate_up_weight, gate_up_bias)))
         # the residual add with the next layer's input norm (after the last: the final norm)
+        next_norm = layers[index + 1].input_layernorm if index + 1 < len(layers) else text.norm
+        hidden, normed = add_rms_norm(hidden, mlp_out, *_norm_parameters(next_norm))
+    return normed
+
+
+def chunk_text_forward(
+    adapter: object, inputs_embeds: torch.Tensor, positions: torch.Tensor, cache: object, lengths: tuple[int, ...]
+) -> torch.Tensor:
+    """The text model on ``inputs_embeds (1, q, hidden)`` appended at each layer's length.
+
+    The decoder layers' arithmetic of :func:`static_text_forward` (fused projections,
+    rotary with key/value packing, residual adds with the next norm, SiLU-and-multiply);
+    attention through :func:`~hermes_policy.attention.ragged_attention` over the layer's
+    keys up to the new tokens, as the transformers forward calls it (pseudo-query blocks,
+    attention captures and the split chunk attention all apply).
+
+    Parameters
+    ----------
+    positions : LongTensor ``(layers, axes, q)``: each layer's RoPE positions of the new tokens
+    cache : a :class:`~hermes_policy.stream_cache.StreamCache` with room for ``q`` more
+        tokens after ``lengths``; every layer's length is set to its ``length + q``
+    lengths : each layer's length before the chunk
+
+    Returns
+    -------
+    hidden states ``(1, q, hidden)`` after the final norm (the text model's last hidden
+    state). Every shape is fixed by the inputs' shapes and ``lengths``: the body of a CUDA
+    graph.
+    """
+    text = adapter.text_model
+    layers = list(text.layers)
+    q_len = inputs_embeds.shape[1]
+    cos, sin = layer_rotary(adapter, positions)  # (layers, q, head_dim)
+    cos, sin = cos[:, :, None, :], signed_sin(sin)[:, :, None, :]  # broadcast over heads
+    hidden = inputs_embeds
+    normed = rms_norm(hidden, *_norm_parameters(layers[0].input_layernorm))
+    for index, layer in enumerate(layers):
+        attn, mlp = layer.self_attn, layer.mlp
+        head_dim = attn.head_dim
+        heads = attn.q_proj.out_features // head_dim
+        kv_heads = attn.k_proj.out_features // head_dim
+        qkv_weight, qkv_bias = fuse_linear_weights([attn.q_proj, attn.k_proj, attn.v_proj], attn, "hermes_fused_qkv")
+        qkv = F.linear(normed, qkv_weight, qkv_bias).view(q_len, heads + 2 * kv_heads, head_dim)
+        cache_layer = cache.layers[index]
+        start = lengths[index]
+        end = start + q_len
+        key_buffer, value_buffer = cache_layer.buffers  # (1, kv_heads, capacity, head_dim)
+        combined = cache_layer.kv_buffer  # (2, 1, kv_heads, capacity, head_dim) or None
+        if combined is not None:  # keys and values written by one kernel
+            query, packed = rotary_and_pack(qkv, cos[index], sin[index], heads)
+            combined[:, 0, :, start:end] = packed
+        else:
+            rotated = rotate_half_pairs(qkv[:, : heads + kv_heads], cos[index], sin[index])
+            query = rotated[:, :heads]
+            key_buffer[0, :, start:end] = rotated[:, heads:].transpose(0, 1)
+            value_buffer[0, :, start:end] = qkv[:, heads + kv_heads :].transpose(0, 1)
+        cache_layer.length = end
+        # (1, heads, q, head_dim) over the token-major rows, the layout transformers passes
+        out, _ = ragged_attention(
+            attn, query.transpose(0, 1)[None], key_buffer[:, :, :end], value_buffer[:, :, :end], None, attn.scaling
+        )
+        attended = attn.o_proj(out.reshape(1, q_len, heads * head_dim))
+        hidden, normed = add_rms_norm(hidden, attended, *_norm_parameters(layer.post_attention_layernorm))
+        gate_up_weight, gate_up_bias = fuse_linear_weights([mlp.gate_proj, mlp.up_proj], mlp, "hermes_fused_gate_up")
+        mlp_out = mlp.down_proj(silu_and_mul(F.linear(normed, gate_up_weight, gate_up_bias)))
         next_norm = layers[index + 1].input_layernorm if index + 1 < len(layers) else text.norm
         hidden, normed = add_rms_norm(hidden, mlp_out, *_norm_parameters(next_norm))
     return normed

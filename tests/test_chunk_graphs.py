@@ -18,10 +18,12 @@ from hermes_policy.chunk_graphs import ChunkGraphs
 from hermes_policy.errors import StreamError
 
 
-def run_stream(adapter, name, fixed_buffers, frames=48, chunk=4, budget=64, after=1):
+def run_stream(adapter, name, fixed_buffers, frames=48, chunk=4, budget=64, after=1, fewer_kernels=True):
     session = StreamingSession(adapter, rules(adapter, budget)[name], chunk_frames=chunk, answer_path="static")
     if fixed_buffers:
-        session.chunk_graphs = ChunkGraphs(adapter, session.store, use_graphs=False, after=after)
+        session.chunk_graphs = ChunkGraphs(
+            adapter, session.store, use_graphs=False, after=after, fewer_kernels=fewer_kernels
+        )
     stream = text_frames(adapter, frames, seed=5)
     half = frames // 2
     session.add_frames(stream[:half])
@@ -37,10 +39,13 @@ def run_stream(adapter, name, fixed_buffers, frames=48, chunk=4, budget=64, afte
     # built at first sight here)
     [("fifo", 1), ("hermes", 1), ("hermes-eager", 1), ("ragged", 0)],
 )
-def test_fixed_buffer_ingest_equals_ordinary_ingest(tiny_adapter, name, after):
+# the decoder in fewer kernels (static_forward.chunk_text_forward) or the transformers forward
+@pytest.mark.parametrize("fewer_kernels", [True, False])
+def test_fixed_buffer_ingest_equals_ordinary_ingest(tiny_adapter, name, after, fewer_kernels):
     plain, plain_answers = run_stream(tiny_adapter, name, fixed_buffers=False)
-    fixed, fixed_answers = run_stream(tiny_adapter, name, fixed_buffers=True, after=after)
+    fixed, fixed_answers = run_stream(tiny_adapter, name, fixed_buffers=True, after=after, fewer_kernels=fewer_kernels)
     graphs = fixed.chunk_graphs
+    assert graphs.fewer_kernels == fewer_kernels
     assert graphs.replays > 0  # the steady state ran from fixed buffers
     assert fixed_answers == plain_answers
     assert fixed.store.lengths() == plain.store.lengths()

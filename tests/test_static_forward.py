@@ -133,6 +133,52 @@ def test_static_forward_equals_the_transformers_forward(tiny_adapter, shape, q_l
     assert_forwards_close(both_forwards(adapter, q_len), 1e-5)
 
 
+@pytest.mark.parametrize("shape", ["tiny-llama", "tiny-llava-ov", "tiny-qwen2.5-vl"])
+@pytest.mark.parametrize("blocks", [False, True])
+@pytest.mark.parametrize("combined", [True, False])
+def test_chunk_forward_equals_the_transformers_forward(tiny_adapter, shape, blocks, combined, monkeypatch):
+    """The ingest graphs' fewer-kernel forward: a chunk appended at each layer's own length
+    and positions (ragged), with pseudo-query blocks behind it and one layer's attention
+    captured, against the transformers text model with per-layer rotary."""
+    from hermes_policy.attention import AttentionCapture, QueryBlocks
+    from hermes_policy.static_forward import chunk_text_forward
+    from hermes_policy.stream_cache import PreallocatedLayer
+
+    if not combined:
+        monkeypatch.setattr(PreallocatedLayer, "kv_buffer", property(lambda self: None))
+    adapter = tiny_adapter if shape == "tiny-llama" else build_random_adapter(shape, device="cpu", dtype=torch.float32)
+    layers, axes, q_len = adapter.num_layers, adapter.position_axes, 9
+    lengths = tuple(20 + 3 * layer for layer in range(layers))
+    g = torch.Generator().manual_seed(4)
+    embeds = torch.randn(1, q_len, adapter.text_config.hidden_size, generator=g)
+    positions = (torch.tensor(lengths)[:, None] + 7 * torch.arange(layers)[:, None] + torch.arange(q_len))[:, None, :]
+    positions = positions + 5 * torch.arange(axes)[None, :, None]  # (layers, axes, q)
+    results = {}
+    for name in ("transformers", "chunk"):
+        cache = filled_cache(adapter, lengths, 64, seed=3)
+        captured: dict[int, torch.Tensor] = {}
+        capture = AttentionCapture(adapter.attention_modules, query_rows={1: slice(6, 8)}, callback=captured.__setitem__)
+        contexts = [QueryBlocks(adapter.attention_modules, [2, 3], lead=4), capture] if blocks else []
+        with torch.inference_mode():
+            for context in contexts:
+                context.__enter__()
+            try:
+                if name == "chunk":
+                    hidden = chunk_text_forward(adapter, embeds, positions, cache, lengths)
+                else:
+                    axis = batch_axis(adapter.rotary_emb, axes, adapter.device, adapter.dtype)
+                    hidden = per_layer_text_forward(adapter, positions, cache, axis, inputs_embeds=embeds)
+            finally:
+                for context in reversed(contexts):
+                    context.__exit__(None, None, None)
+        assert [layer.length for layer in cache.layers] == [n + q_len for n in lengths]
+        results[name] = (hidden, [layer.buffers for layer in cache.layers], captured.get(1))
+    assert_forwards_close({"static": results["chunk"][:2], "transformers": results["transformers"][:2]}, 1e-5)
+    if blocks:  # the captured rows' probabilities, over the cache and the lead
+        assert results["chunk"][2].shape == (1, adapter.num_heads, 2, lengths[1] + 4)
+        torch.testing.assert_close(results["chunk"][2], results["transformers"][2], rtol=1e-5, atol=1e-6)
+
+
 def test_answer_graphs_choose_the_forward_by_model(tiny_adapter, monkeypatch):
     from hermes_policy.kv_store import KVStore
 
