@@ -317,3 +317,22 @@ def test_compiled_fused_ops_equal_their_eager_code(dtype):
             assert not op.failed and op._compiled is not None, op.name
             for a, b in zip(got if isinstance(got, tuple) else (got,), expected if isinstance(expected, tuple) else (expected,), strict=True):
                 torch.testing.assert_close(a, b, rtol=tol, atol=tol, msg=op.name)
+
+
+def test_compiled_scoring_ops_equal_their_eager_code():
+    """The compression step's compiled ops (captured probabilities from the log-sum-exp,
+    the cross-layer smoothing) against their eager code."""
+    from hermes_policy.attention import probabilities_from_lse
+    from hermes_policy.retention.scoring import smooth_rows
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    scores = torch.randn(1, 28, 29, 4000, device="cuda", generator=g) * 20
+    lse = torch.logsumexp(scores * 0.088, dim=-1) + 0.5
+    for head_mean in (False, True):
+        got = probabilities_from_lse(scores, lse, 0.088, head_mean)
+        torch.testing.assert_close(got, probabilities_from_lse.eager(scores, lse, 0.088, head_mean), rtol=1e-5, atol=1e-7)
+    assert not probabilities_from_lse.failed
+    rows = torch.rand(28, 4000, device="cuda", generator=g)
+    lambdas = tuple(float(x) for x in torch.linspace(0.05, 0.6, 28))
+    torch.testing.assert_close(smooth_rows(rows, lambdas), smooth_rows.eager(rows, lambdas), rtol=1e-6, atol=1e-6)
+    assert not smooth_rows.failed and smooth_rows._compiled is not None

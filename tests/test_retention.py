@@ -60,6 +60,16 @@ def test_cross_layer_smoothing_deep_to_shallow():
     torch.testing.assert_close(out[0], 0.9 * s0 + 0.1 * smoothed1)
 
 
+def test_smoothing_of_rows_equals_the_per_layer_smoothing():
+    from hermes_policy.retention.scoring import smooth_rows
+
+    g = torch.Generator().manual_seed(3)
+    scores = torch.rand(7, 50, generator=g)
+    lambdas = (0.1, 0.25, 0.0, 0.5, 0.3, 0.9, 0.2)
+    expected = torch.stack(smooth_across_layers(list(scores), list(lambdas)))
+    assert torch.equal(smooth_rows(scores, lambdas), expected)  # the same arithmetic, bit for bit
+
+
 def test_smoothing_interpolates_different_lengths():
     deeper = torch.tensor([0.0, 1.0])  # 2 tokens, resampled to 3: [0, .5, 1]
     torch.testing.assert_close(interpolate_scores(deeper, 3), torch.tensor([0.0, 0.5, 1.0]))

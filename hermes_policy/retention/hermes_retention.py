@@ -42,6 +42,7 @@ from .scoring import (
     mix_scores,
     recency_scores,
     smooth_across_layers,
+    smooth_rows,
     summary_tokens,
     top_indices,
 )
@@ -145,7 +146,7 @@ class HermesRetention(RetentionRule):
         layers = self.policy.layers
         rates, weights = self._layer_parameters(device)
         scores = batched_mixed_scores(torch.stack(rows), rates, weights)
-        smoothed = torch.stack(smooth_across_layers(list(scores), [e.smoothing for e in layers]))
+        smoothed = smooth_rows(scores, tuple(float(e.smoothing) for e in layers))
         keep = [e.budget - 1 if e.summary_token else e.budget for e in layers]
         return batched_top_indices(smoothed, keep, lead)
 

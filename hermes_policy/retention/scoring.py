@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..fusion import FusedOp
 from ..positions import rerotate_keys
 from ..transfer import upload
 
@@ -68,6 +69,21 @@ def smooth_across_layers(scores: list[torch.Tensor], smoothing: list[float]) -> 
         deeper = interpolate_scores(out[layer + 1], out[layer].shape[0])
         out[layer] = (1.0 - lam) * out[layer] + lam * deeper
     return out
+
+
+def _smooth_rows(scores: torch.Tensor, smoothing: tuple[float, ...]) -> torch.Tensor:
+    rows = list(scores.float().unbind(0))
+    for layer in range(len(rows) - 2, -1, -1):
+        lam = smoothing[layer]
+        rows[layer] = (1.0 - lam) * rows[layer] + lam * rows[layer + 1]
+    return torch.stack(rows)
+
+
+smooth_rows = FusedOp(_smooth_rows)
+""":func:`smooth_across_layers` of layers of one length, ``scores (layers, n)`` -> ``(layers, n)``
+float32, with ``smoothing`` a tuple of the layers' lambdas. The same arithmetic; on CUDA
+compiled into one kernel (the recurrence runs down the layers within each column), where
+it was three small kernels a layer."""
 
 
 def top_indices(scores: torch.Tensor, keep: int) -> torch.Tensor:
