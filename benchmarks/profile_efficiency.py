@@ -187,13 +187,19 @@ def gemm_rows(rows=(1569, 1600, 1647, 1648, 1664, 1696, 1728, 1792)) -> None:
 
 def ingest_comparison(adapter, shape, chunk_frames: int, warm: int, chunks: int = 8) -> None:
     """Wall time a compressing chunk takes (each ``add_frames`` synchronised, as the bench
-    times them) with the recurring forwards replayed as CUDA graphs and without."""
+    times them) without CUDA graphs, with graphs of the transformers layers and with graphs
+    of the fewer-kernel forward (`chunk_text_forward`), side by side."""
     import time
+
+    from hermes_policy.chunk_graphs import ChunkGraphs
 
     frames = random_frames(shape, warm + chunk_frames)
     chunk = frames[warm:]
-    for graphs in (False, True):
+    # no graphs; graphs of the transformers layers; graphs of the fewer-kernel forward
+    for graphs, fewer in ((False, False), (True, False), (True, True)):
         session = StreamingSession(adapter, make_rule("hermes", adapter, 4000), chunk_frames=chunk_frames, ingest_graphs=graphs)
+        if graphs:
+            session.chunk_graphs = ChunkGraphs(adapter, session.store, fewer_kernels=fewer)
         session.add_frames(frames[:warm])
         for _ in range(3):  # the steady shape recurs, is captured
             session.add_frames(chunk)
@@ -207,7 +213,8 @@ def ingest_comparison(adapter, shape, chunk_frames: int, warm: int, chunks: int 
         extra = ""
         if session.chunk_graphs is not None:
             extra = f" (captures {session.chunk_graphs.captures}, replays {session.chunk_graphs.replays}, failed {len(session.chunk_graphs.failed)})"
-        print(f"ingest graphs {'on ' if graphs else 'off'}: {median:6.2f} ms a compressing chunk of {chunk_frames} frames, "
+        name = "off" if not graphs else ("on, fewer kernels" if session.chunk_graphs.fewer_kernels else "on, transformers layers")
+        print(f"ingest graphs {name}: {median:6.2f} ms a compressing chunk of {chunk_frames} frames, "
               f"{1e3 * chunk_frames / median:5.1f} frames/s{extra}")
         del session
         torch.cuda.empty_cache()

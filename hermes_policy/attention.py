@@ -19,6 +19,7 @@ Static mode (CUDA graphs, see ``hermes_policy.answer_graphs``): inside
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -630,6 +631,7 @@ def own_blocks_attention(
 
 
 HAS_FLASH_LSE = hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention")
+_FLASH_LSE = [HAS_FLASH_LSE]  # turned off, with a warning, if the kernel ever fails
 
 
 def unmasked_attention_with_lse(
@@ -655,11 +657,18 @@ def unmasked_attention_with_lse(
     batch, heads, q_len, dim = query.shape
     kv_heads = key.shape[1]
     stacked = query.reshape(batch, kv_heads, heads // kv_heads * q_len, dim)
-    if query.device.type == "cuda" and query.dtype in HALF_DTYPES and HAS_FLASH_LSE:
-        out, lse = torch.ops.aten._scaled_dot_product_flash_attention(
-            stacked, key, value, 0.0, False, False, scale=scaling
-        )[:2]
-    else:
+    out = lse = None
+    if query.device.type == "cuda" and query.dtype in HALF_DTYPES and _FLASH_LSE[0]:
+        try:
+            out, lse = torch.ops.aten._scaled_dot_product_flash_attention(
+                stacked, key, value, 0.0, False, False, scale=scaling
+            )[:2]
+        except RuntimeError as error:  # a build or device without the kernel: explicit from now on
+            if torch.cuda.is_current_stream_capturing():
+                raise
+            _FLASH_LSE[0] = False
+            warnings.warn(f"flash attention with log-sum-exp failed ({error}); using explicit products", stacklevel=2)
+    if out is None:
         wide = torch.promote_types(query.dtype, torch.float32)
         scores = torch.matmul(stacked.to(wide), key.to(wide).transpose(-1, -2)) * scaling
         lse = torch.logsumexp(scores, dim=-1)
