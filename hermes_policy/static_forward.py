@@ -255,6 +255,49 @@ def biased_slot_attention(
     return out.view(kv_heads, groups, q_len, dim).permute(2, 0, 1, 3).reshape(q_len, heads, dim)
 
 
+def _rotated_projections(
+    attn: nn.Module, normed: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, packed: bool
+) -> tuple[torch.Tensor, torch.Tensor | tuple[torch.Tensor, torch.Tensor]]:
+    """One matrix product for the query, key and value projections of ``normed (1, q,
+    hidden)``, then rotary.
+
+    Returns
+    -------
+    query ``(q, heads, head_dim)``, and the keys and values: packed ``(2, kv_heads, q,
+    head_dim)`` for one write into a combined buffer (``packed``), else ``(key, value)``
+    each ``(kv_heads, q, head_dim)``
+    """
+    head_dim = attn.head_dim
+    heads = attn.q_proj.out_features // head_dim
+    kv_heads = attn.k_proj.out_features // head_dim
+    q_len = normed.shape[-2]
+    weight, bias = fuse_linear_weights([attn.q_proj, attn.k_proj, attn.v_proj], attn, "hermes_fused_qkv")
+    qkv = F.linear(normed, weight, bias).view(q_len, heads + 2 * kv_heads, head_dim)
+    if packed:
+        return rotary_and_pack(qkv, cos, sin, heads)
+    rotated = rotate_half_pairs(qkv[:, : heads + kv_heads], cos, sin)
+    return rotated[:, :heads], (rotated[:, heads:].transpose(0, 1), qkv[:, heads + kv_heads :].transpose(0, 1))
+
+
+def _rest_of_layer(layer: nn.Module, hidden: torch.Tensor, attended: torch.Tensor, next_norm: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """After attention: the output projection of ``attended (q, heads, head_dim)``, the
+    residual add with the post-attention norm, the MLP (gate and up as one product, SiLU
+    times up as one kernel), and the residual add with ``next_norm`` (the next layer's
+    input norm, or the final norm). Returns ``(hidden, normed)``, each ``(1, q, hidden)``."""
+    attn, mlp = layer.self_attn, layer.mlp
+    q_len = attended.shape[0]
+    out = attn.o_proj(attended.reshape(1, q_len, -1))
+    hidden, normed = add_rms_norm(hidden, out, *_norm_parameters(layer.post_attention_layernorm))
+    weight, bias = fuse_linear_weights([mlp.gate_proj, mlp.up_proj], mlp, "hermes_fused_gate_up")
+    mlp_out = mlp.down_proj(silu_and_mul(F.linear(normed, weight, bias)))
+    return add_rms_norm(hidden, mlp_out, *_norm_parameters(next_norm))
+
+
+def _next_norm(text: nn.Module, index: int) -> nn.Module:
+    """The norm after layer ``index``'s residual: the next layer's input norm, or the final one."""
+    return text.layers[index + 1].input_layernorm if index + 1 < len(text.layers) else text.norm
+
+
 def static_text_forward(
     adapter: object, input_ids: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, window: int, cache: object
 ) -> torch.Tensor:
@@ -274,7 +317,6 @@ def static_text_forward(
     """
     text = adapter.text_model
     layers = list(text.layers)
-    q_len = input_ids.shape[-1]
     cos, sin = layer_rotary(adapter, positions)  # (layers, q, head_dim)
     cos, sin = cos[:, :, None, :], signed_sin(sin)[:, :, None, :]  # broadcast over heads
     blocked = torch.arange(window, device=slots.device)[None, None, :] > slots[:, :, None]  # (layers, q, window)
@@ -291,35 +333,22 @@ def static_text_forward(
     hidden = text.embed_tokens(input_ids)
     normed = rms_norm(hidden, *_norm_parameters(layers[0].input_layernorm))
     for index, layer in enumerate(layers):
-        attn, mlp = layer.self_attn, layer.mlp
-        head_dim = attn.head_dim
-        heads = attn.q_proj.out_features // head_dim
-        kv_heads = attn.k_proj.out_features // head_dim
-        qkv_weight, qkv_bias = fuse_linear_weights([attn.q_proj, attn.k_proj, attn.v_proj], attn, "hermes_fused_qkv")
-        qkv = F.linear(normed, qkv_weight, qkv_bias).view(q_len, heads + 2 * kv_heads, head_dim)
+        attn = layer.self_attn
         cache_layer = cache.layers[index]
         key_buffer, value_buffer = cache_layer.buffers  # (1, kv_heads, capacity, head_dim)
         combined = cache_layer.kv_buffer  # (2, 1, kv_heads, capacity, head_dim) or None
+        query, new = _rotated_projections(attn, normed, cos[index], sin[index], packed=combined is not None)
         if combined is not None:  # keys and values written by one kernel
-            query, packed = rotary_and_pack(qkv, cos[index], sin[index], heads)
-            combined[:, 0].index_copy_(2, slots[index], packed)
+            combined[:, 0].index_copy_(2, slots[index], new)
         else:
-            rotated = rotate_half_pairs(qkv[:, : heads + kv_heads], cos[index], sin[index])
-            query, key, value = rotated[:, :heads], rotated[:, heads:], qkv[:, heads + kv_heads :]
-            key_buffer[0].index_copy_(1, slots[index], key.transpose(0, 1))
-            value_buffer[0].index_copy_(1, slots[index], value.transpose(0, 1))
+            key_buffer[0].index_copy_(1, slots[index], new[0])
+            value_buffer[0].index_copy_(1, slots[index], new[1])
         window_keys, window_values = key_buffer[:, :, :window], value_buffer[:, :, :window]
         if bias is None:
             out = slot_attention(query, window_keys, window_values, blocked[index], attn.scaling)
         else:
             out = biased_slot_attention(query, window_keys, window_values, bias[index], attn.scaling)
-        attended = attn.o_proj(out.reshape(1, q_len, heads * head_dim))
-        hidden, normed = add_rms_norm(hidden, attended, *_norm_parameters(layer.post_attention_layernorm))
-        gate_up_weight, gate_up_bias = fuse_linear_weights([mlp.gate_proj, mlp.up_proj], mlp, "hermes_fused_gate_up")
-        mlp_out = mlp.down_proj(silu_and_mul(F.linear(normed, gate_up_weight, gate_up_bias)))
-        # the residual add with the next layer's input norm (after the last: the final norm)
-        next_norm = layers[index + 1].input_layernorm if index + 1 < len(layers) else text.norm
-        hidden, normed = add_rms_norm(hidden, mlp_out, *_norm_parameters(next_norm))
+        hidden, normed = _rest_of_layer(layer, hidden, out, _next_norm(text, index))
     return normed
 
 
@@ -355,34 +384,20 @@ def chunk_text_forward(
     hidden = inputs_embeds
     normed = rms_norm(hidden, *_norm_parameters(layers[0].input_layernorm))
     for index, layer in enumerate(layers):
-        attn, mlp = layer.self_attn, layer.mlp
-        head_dim = attn.head_dim
-        heads = attn.q_proj.out_features // head_dim
-        kv_heads = attn.k_proj.out_features // head_dim
-        qkv_weight, qkv_bias = fuse_linear_weights([attn.q_proj, attn.k_proj, attn.v_proj], attn, "hermes_fused_qkv")
-        qkv = F.linear(normed, qkv_weight, qkv_bias).view(q_len, heads + 2 * kv_heads, head_dim)
+        attn = layer.self_attn
         cache_layer = cache.layers[index]
-        start = lengths[index]
-        end = start + q_len
+        start, end = lengths[index], lengths[index] + q_len
         key_buffer, value_buffer = cache_layer.buffers  # (1, kv_heads, capacity, head_dim)
         combined = cache_layer.kv_buffer  # (2, 1, kv_heads, capacity, head_dim) or None
+        query, new = _rotated_projections(attn, normed, cos[index], sin[index], packed=combined is not None)
         if combined is not None:  # keys and values written by one kernel
-            query, packed = rotary_and_pack(qkv, cos[index], sin[index], heads)
-            combined[:, 0, :, start:end] = packed
+            combined[:, 0, :, start:end] = new
         else:
-            rotated = rotate_half_pairs(qkv[:, : heads + kv_heads], cos[index], sin[index])
-            query = rotated[:, :heads]
-            key_buffer[0, :, start:end] = rotated[:, heads:].transpose(0, 1)
-            value_buffer[0, :, start:end] = qkv[:, heads + kv_heads :].transpose(0, 1)
+            key_buffer[0, :, start:end], value_buffer[0, :, start:end] = new
         cache_layer.length = end
         # (1, heads, q, head_dim) over the token-major rows, the layout transformers passes
         out, _ = ragged_attention(
             attn, query.transpose(0, 1)[None], key_buffer[:, :, :end], value_buffer[:, :, :end], None, attn.scaling
         )
-        attended = attn.o_proj(out.reshape(1, q_len, heads * head_dim))
-        hidden, normed = add_rms_norm(hidden, attended, *_norm_parameters(layer.post_attention_layernorm))
-        gate_up_weight, gate_up_bias = fuse_linear_weights([mlp.gate_proj, mlp.up_proj], mlp, "hermes_fused_gate_up")
-        mlp_out = mlp.down_proj(silu_and_mul(F.linear(normed, gate_up_weight, gate_up_bias)))
-        next_norm = layers[index + 1].input_layernorm if index + 1 < len(layers) else text.norm
-        hidden, normed = add_rms_norm(hidden, mlp_out, *_norm_parameters(next_norm))
+        hidden, normed = _rest_of_layer(layer, hidden, out[0], _next_norm(text, index))
     return normed
