@@ -32,8 +32,8 @@ def min_max(scores: torch.Tensor) -> torch.Tensor:
 
     No host sync on a GPU.
     """
-    lo = scores.min(dim=-1, keepdim=True).values
-    span = scores.max(dim=-1, keepdim=True).values - lo
+    lo, hi = torch.aminmax(scores, dim=-1, keepdim=True)  # one reduction for both
+    span = hi - lo
     scaled = (scores - lo) / torch.where(span > 0, span, torch.ones_like(span))
     return torch.where(span > 0, scaled, torch.zeros_like(scores))
 
@@ -122,8 +122,9 @@ def batched_mixed_scores(
         recency = torch.exp(-forgetting_rates[:, None].float() * dt / (n - 1))
 
     w = recency_weights[:, None].float()
-    mixed = (1.0 - w) * min_max(attention.float()) + w * min_max(recency)
-    return torch.where(w >= 1.0, min_max(recency), mixed)
+    scaled_recency = min_max(recency)
+    mixed = (1.0 - w) * min_max(attention.float()) + w * scaled_recency
+    return torch.where(w >= 1.0, scaled_recency, mixed)
 
 
 def batched_top_indices(scores: torch.Tensor, keep: list[int], lead: int = 0) -> list[torch.Tensor]:
