@@ -357,3 +357,28 @@ def test_bad_tokenizer_sources_raise_one_clear_error(tmp_path):
         benchmark_tokenizer("bytes")
     with pytest.raises(HermesError, match="no tokenizer could be loaded"):
         benchmark_tokenizer(str(tmp_path))
+
+
+def test_compression_ops_benchmark_counts_launches(tmp_path):
+    """benchmarks/compression_ops.py on a 3-layer model: it writes its figures, and the
+    fewer-kernel chunk forward launches fewer kernels outside attention than the
+    transformers layers (each fused op counted once, as compiled on CUDA)."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "compression_ops.py"
+    done = subprocess.run(
+        [sys.executable, str(script), "--layers", "3", "--chunks", "1", "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=300, check=False,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    (path,) = tmp_path.glob("compression-ops-*.json")
+    (run,) = json.loads(path.read_text())["runs"]
+    decoder = run["decoder_forward_of_a_compressing_chunk"]
+    fewer, plain = decoder["fewer kernels"], decoder["transformers layers"]
+    assert fewer["inside_attention"] == plain["inside_attention"] > 0  # the same attention calls
+    assert 0 < fewer["outside_attention_launches_on_cuda"] < plain["outside_attention_launches_on_cuda"]
+    assert run["per_compressing_chunk"]["select"]["launches_on_cuda"] > 0
+    assert run["per_compressing_chunk"]["gather"]["operators"] > 0
