@@ -109,11 +109,16 @@ def per_layer_text_forward(
     return out.last_hidden_state
 
 
+def _given_embeddings(inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The embeddings themselves, computed before the graph (see ChunkGraphs.prefill)."""
+    return inputs["embeds"]
+
+
 @dataclass
 class _ChunkGraph:
     graph: torch.cuda.CUDAGraph | None
     body: Callable[[], Outputs]
-    embeds: torch.Tensor
+    inputs: dict[str, torch.Tensor]  # static buffers the body embeds from
     positions: torch.Tensor
     collected: list[Any] | None = None  # the calling forward's list (see ChunkGraphs.prefill)
     outputs: Outputs | None = None
@@ -152,6 +157,9 @@ class ChunkGraphs:
         if use_graphs and (adapter.device.type != "cuda" or adapter.spans_devices):
             raise ValueError("CUDA graphs need the whole model on one CUDA device")
         self.fewer_kernels = fewer_kernels and not adapter.spans_devices and supports_static_forward(adapter)
+        # the embedding step (vision tower included) inside the graph where the adapter can
+        # (ModelAdapter.embedding_graph_inputs); turned off if such a capture ever fails
+        self.embeddings_in_graph = True
         if self.fewer_kernels:
             prepare_static_forward(adapter)  # fusing allocates: not inside a capture
         self.adapter = adapter
@@ -194,21 +202,27 @@ class ChunkGraphs:
         store = self.store
         self._drop_stale()
         lengths = tuple(store.lengths())
-        key = (len(piece), lengths, store.prefix_len, context, None if collected is None else len(collected))
+        graph_inputs = self.adapter.embedding_graph_inputs(piece) if self.embeddings_in_graph else None
+        signature = None if graph_inputs is None else tuple((k, tuple(v.shape), v.dtype) for k, v in graph_inputs.items())
+        key = (len(piece), lengths, store.prefix_len, context, None if collected is None else len(collected), signature)
         graph = self._graphs.pop(key, None)
         if graph is None and (key in self.failed or not self._shapes.recurring(key)):
             return None
-        embeds = self.adapter.input_embeddings(piece)
-        if embeds is None:
-            self.failed.add(key)
-            return None
+        if graph_inputs is None:  # embedded before the graph, which reads the embeddings
+            embeds = self.adapter.input_embeddings(piece)
+            if embeds is None:
+                self.failed.add(key)
+                return None
+            inputs, embed = {"embeds": embeds}, _given_embeddings
+        else:
+            inputs, embed = graph_inputs, self.adapter.embeddings_from_inputs
         if graph is None:
             self._reserve(lengths, len(piece))
-            graph = self._build(key, embeds, positions, collected)
+            graph = self._build(key, inputs, embed, positions, collected)
             if graph is None:
                 return None
         else:
-            self._load(graph, embeds, positions)
+            self._load(graph, inputs, positions)
         self._graphs[key] = graph  # (re)inserted last: the least recently used goes first
         graph.collected = collected
         hidden, extra = graph.run()
@@ -232,8 +246,10 @@ class ChunkGraphs:
             layer.reserve(n + new, *layer.buffers)
         self._drop_stale()
 
-    def _load(self, graph: _ChunkGraph, embeds: torch.Tensor, positions: list[torch.Tensor]) -> None:
-        graph.embeds.copy_(embeds)
+    def _load(self, graph: _ChunkGraph, inputs: dict[str, torch.Tensor], positions: list[torch.Tensor]) -> None:
+        device = graph.positions.device
+        for name, value in inputs.items():
+            graph.inputs[name].copy_(upload(value, device))
         # stacked in numpy: torch's CPU ops cost ~1 ms a call on a many-core GPU host
         stacked = torch.from_numpy(np.stack([p.numpy() for p in positions]))
         graph.positions.copy_(upload(stacked, graph.positions.device))
@@ -247,17 +263,23 @@ class ChunkGraphs:
             layer.length = n + new
 
     def _build(
-        self, key: tuple, embeds: torch.Tensor, positions: list[torch.Tensor], collected: list[Any] | None
+        self,
+        key: tuple,
+        inputs: dict[str, torch.Tensor],
+        embed: Callable[[dict[str, torch.Tensor]], torch.Tensor],
+        positions: list[torch.Tensor],
+        collected: list[Any] | None,
     ) -> _ChunkGraph | None:
-        device = embeds.device
+        device = self.adapter.device
         lengths = key[1]
-        static_embeds = torch.empty_like(embeds)
+        static_inputs = {name: torch.empty(v.shape, dtype=v.dtype, device=device) for name, v in inputs.items()}
         static_positions = torch.empty((len(positions), *positions[0].shape), dtype=torch.long, device=device)
         adapter, cache, axis = self.adapter, self.store.cache, self._batch_axis
 
         def body() -> Outputs:
             for layer, n in zip(cache.layers, lengths, strict=True):  # every run writes at the same slots
                 layer.truncate(n)
+            static_embeds = embed(static_inputs)
             with steady_shapes():
                 if self.fewer_kernels:
                     hidden = chunk_text_forward(adapter, static_embeds, static_positions, cache, lengths)
@@ -266,18 +288,27 @@ class ChunkGraphs:
             # what the forward's callbacks put in the calling forward's list (when run eagerly)
             return hidden, tuple(graph.collected) if graph.collected is not None else ()
 
-        graph = _ChunkGraph(None, body, static_embeds, static_positions, collected=collected)
-        self._load(graph, embeds, positions)
+        graph = _ChunkGraph(None, body, static_inputs, static_positions, collected=collected)
+        self._load(graph, inputs, positions)
         if self.use_graphs:
             while len(self._graphs) >= MAX_GRAPHS:  # the least recently used goes
                 self._graphs.pop(next(iter(self._graphs)))
             try:
                 graph.graph, graph.outputs = self._capture(body)
             except Exception as error:  # a forward that syncs with the host, an uncapturable kernel
-                warnings.warn(
-                    f"CUDA graph capture of an ingest forward failed ({error}); this shape runs eagerly",
-                    stacklevel=4,
-                )
+                if embed is not _given_embeddings:
+                    # the embedding step is the likelier culprit: embed before the graph from now on
+                    self.embeddings_in_graph = False
+                    warnings.warn(
+                        f"CUDA graph capture of an ingest forward with its embedding step failed ({error}); "
+                        "the embeddings are computed before the graph from now on",
+                        stacklevel=4,
+                    )
+                else:
+                    warnings.warn(
+                        f"CUDA graph capture of an ingest forward failed ({error}); this shape runs eagerly",
+                        stacklevel=4,
+                    )
                 self.failed.add(key)
                 for layer, n in zip(cache.layers, lengths, strict=True):
                     layer.truncate(n)

@@ -227,6 +227,33 @@ def test_qwen2_5_vl_ingest_graphs_equal_eager_ingest(tmp_path):
         torch.testing.assert_close(graphed.store.layer(layer).keys, eager.store.layer(layer).keys, atol=1e-4, rtol=1e-4)
 
 
+def test_llava_ingest_graphs_with_the_vision_tower_equal_eager_ingest():
+    """LLaVA-OV's recurring ingest forwards captured with their embedding step (vision
+    tower, pooling, projector, features scattered into the ids' embeddings) and the
+    fused pseudo-queries, against eager ingest (random-weight tiny shape, float32)."""
+    from hermes_policy.benchmarking.shapes import build_random_adapter, get_shape, random_frames
+    from hermes_policy.policy import ModelInfo, paper_default
+    from hermes_policy.retention import HermesRetention
+
+    adapter = build_random_adapter("tiny-llava-ov", device="cuda", dtype=torch.float32)
+    frames = random_frames(get_shape("tiny-llava-ov"), 40, seed=3)
+    runs = {}
+    for graphs in (False, True):
+        rule = HermesRetention(policy=paper_default(ModelInfo.of(adapter), budget=3 * adapter.tokens_per_frame + 2))
+        session = StreamingSession(adapter, rule, chunk_frames=4, ingest_graphs=graphs)
+        session.add_frames(frames)
+        runs[graphs] = (session, session.ask("What moved?", max_new_tokens=6).token_ids)
+    (eager, eager_answer), (graphed, graphed_answer) = runs[False], runs[True]
+    graphs = graphed.chunk_graphs
+    assert graphs.captures >= 1 and graphs.replays > graphs.captures and not graphs.failed
+    assert graphs.embeddings_in_graph  # no capture with the vision tower failed
+    assert graphed.fused_guidance_passes > 0
+    assert graphed_answer == eager_answer and graphed.store.lengths() == eager.store.lengths()
+    for layer in range(adapter.num_layers):
+        assert torch.equal(graphed.store.layer(layer).positions, eager.store.layer(layer).positions)
+        torch.testing.assert_close(graphed.store.layer(layer).keys, eager.store.layer(layer).keys, atol=1e-4, rtol=1e-4)
+
+
 def test_upload_through_the_pinned_ring():
     """Staged copies of every dtype and size, the ring wrapped several times, against .to()."""
     from hermes_policy.transfer import upload

@@ -263,21 +263,38 @@ def test_input_embeddings_feed_the_text_model_like_the_forward(adapter):
     torch.testing.assert_close(split, whole, atol=1e-5, rtol=1e-5)
 
 
-def test_fixed_buffer_ingest_of_video_chunks(adapter):
+# the vision tower inside the fixed-buffer body (pixels, ids and <video> slots as its
+# inputs), or the embeddings computed before it
+@pytest.mark.parametrize("embeddings_in_graph", [True, False])
+@pytest.mark.parametrize("rule", ["fifo", "hermes"])  # hermes: pseudo-query blocks behind the chunk
+def test_fixed_buffer_ingest_of_video_chunks(adapter, embeddings_in_graph, rule):
+    from hermes_policy.benchmarking.shapes import build_random_adapter
     from hermes_policy.chunk_graphs import ChunkGraphs
-    from hermes_policy.retention import FifoRetention
+    from hermes_policy.policy import ModelInfo, paper_default
+    from hermes_policy.retention import FifoRetention, HermesRetention
 
+    if rule == "hermes":  # three tiers need at least three layers: the 4-layer random shape
+        adapter = build_random_adapter("tiny-llava-ov", device="cpu", dtype=torch.float32)
     frames = random_frames(12, seed=5)
     budget = 3 * adapter.tokens_per_frame + 2
     results = []
     for fixed in (False, True):
-        session = StreamingSession(adapter, FifoRetention(budget=budget), chunk_frames=2, answer_path="static")
+        if rule == "fifo":
+            retention = FifoRetention(budget=budget)
+        else:
+            retention = HermesRetention(policy=paper_default(ModelInfo.of(adapter), budget=budget))
+        session = StreamingSession(adapter, retention, chunk_frames=2, answer_path="static")
         if fixed:
             session.chunk_graphs = ChunkGraphs(adapter, session.store, use_graphs=False, after=1)
+            session.chunk_graphs.embeddings_in_graph = embeddings_in_graph
         session.add_frames(frames)
         results.append((session, session.ask(QUESTION, max_new_tokens=5).token_ids))
     (plain, plain_answer), (fixed, fixed_answer) = results
     assert fixed.chunk_graphs.replays > 0 and fixed_answer == plain_answer
+    if rule == "hermes":
+        assert fixed.fused_guidance_passes > 0
+    inputs = {name for key in fixed.chunk_graphs._graphs for name, *_ in key[-1] or ()}
+    assert inputs == ({"input_ids", "pixels", "slots"} if embeddings_in_graph else set())
     for layer in range(adapter.num_layers):
         torch.testing.assert_close(fixed.store.layer(layer).keys, plain.store.layer(layer).keys, atol=1e-5, rtol=1e-5)
         assert torch.equal(fixed.store.layer(layer).frame_index, plain.store.layer(layer).frame_index)

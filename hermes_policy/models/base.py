@@ -343,10 +343,28 @@ class ModelAdapter(ABC):
         :mod:`hermes_policy.chunk_graphs`). None where this adapter cannot split its forward
         so: here, pieces with extra model inputs (adapters of vision models override it).
         """
+        inputs = self.embedding_graph_inputs(piece)
+        if inputs is None:
+            return None
+        return self.embeddings_from_inputs({name: upload(value, self.device) for name, value in inputs.items()})
+
+    def embedding_graph_inputs(self, piece: StreamPiece) -> dict[str, torch.Tensor] | None:
+        """The tensors a piece's input embeddings are computed from, host-side or on the GPU.
+
+        :meth:`embeddings_from_inputs` computes the embeddings from them (moved to the
+        model's device) with no host work, so a CUDA graph can capture that step: on replay
+        static buffers hold the next piece's tensors (:mod:`hermes_policy.chunk_graphs`).
+        None where the step needs the host (here: pieces with extra model inputs; adapters
+        of vision models override both methods where their vision tower allows it).
+        """
         if piece.model_inputs:
             return None
-        ids = upload(piece.input_ids, self.device)[None]
-        return self.text_model.get_input_embeddings()(ids)
+        return {"input_ids": piece.input_ids[None]}
+
+    def embeddings_from_inputs(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Input embeddings ``(1, seq, hidden)`` from :meth:`embedding_graph_inputs`' tensors
+        on the model's device."""
+        return self.text_model.get_input_embeddings()(inputs["input_ids"])
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """LM-head logits for hidden states ``(1, seq, hidden)`` -> ``(1, seq, vocab)``."""

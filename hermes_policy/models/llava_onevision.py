@@ -207,24 +207,30 @@ class LlavaOnevisionAdapter(ModelAdapter):
             )
         return features.reshape(-1, features.shape[-1])
 
-    def input_embeddings(self, piece: StreamPiece) -> torch.Tensor | None:
-        """Token embeddings with the chunk's video features in place of its ``<video>`` tokens.
-
-        The model's forward does the same (a masked scatter) after checking the counts on
-        the GPU, which waits for it; here the placeholders are found in the host-side ids.
-        """
+    def embedding_graph_inputs(self, piece: StreamPiece) -> dict[str, torch.Tensor] | None:
+        """The ids, the chunk's pixels and the slots of its ``<video>`` tokens (found in the
+        host-side ids: the model's forward finds them after checking their count on the GPU,
+        which waits for it), so the vision tower can run inside an ingest graph."""
         pixels = piece.model_inputs.get(VIDEO_KEY)
         if pixels is None:
-            return super().input_embeddings(piece)
+            return super().embedding_graph_inputs(piece)
         if not isinstance(pixels, torch.Tensor) or set(piece.model_inputs) != {VIDEO_KEY}:
             return None
-        device = self.device
-        embeds = self.base_model.get_input_embeddings()(upload(piece.input_ids, device)[None])
-        features = self.video_features(upload(pixels, device))
         slots = np.flatnonzero(piece.input_ids.numpy() == self.video_token_id)
-        if len(slots) != features.shape[0]:
-            raise StreamError(f"{len(slots)} video tokens but {features.shape[0]} video features")
-        return embeds.index_copy(1, upload(torch.from_numpy(slots), device), features[None].to(embeds.dtype))
+        n_videos, n_frames = pixels.shape[:2]
+        expected = n_videos * self.chunk_tokens(n_frames)
+        if len(slots) != expected:
+            raise StreamError(f"{len(slots)} video tokens but {expected} video features")
+        return {"input_ids": piece.input_ids[None], "pixels": pixels, "slots": torch.from_numpy(slots)}
+
+    def embeddings_from_inputs(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Token embeddings with the video features (vision tower, pooling, projector,
+        newline) in place of the ``<video>`` tokens."""
+        embeds = self.base_model.get_input_embeddings()(inputs["input_ids"])
+        if "pixels" not in inputs:
+            return embeds
+        features = self.video_features(inputs["pixels"])
+        return embeds.index_copy(1, inputs["slots"], features[None].to(embeds.dtype))
 
     def forward(
         self, piece: StreamPiece, positions: torch.Tensor, cache: Any | None = None
