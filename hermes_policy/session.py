@@ -623,9 +623,11 @@ class StreamingSession:
             frame_index=torch.cat([p.frame_index for p in parts]),
             model_inputs=lead.model_inputs if lead is not None else {},
         )
-        # each layer's prompt's own tokens (its padding is never captured)
+        # each layer's whole padded prompt block: the rows are part of a CUDA graph's shape,
+        # which then stays the same across questions whose prompts pad to the same length
+        # (the padding rows are left out of the mean below)
         rows = {
-            layer: slice(starts[idx], starts[idx] + real_lengths[idx])
+            layer: slice(starts[idx], starts[idx + 1])
             for layer, idx in enumerate(request.layer_prompt)
             if idx is not None
         }
@@ -647,8 +649,11 @@ class StreamingSession:
         with blocks, capture, torch.inference_mode():
             self._prefill(merged, ingest=True, context=context, collected=result)
         self.store.truncate(lengths)
-        # the mean over each prompt's own tokens
-        return [None if r is None else r.mean(dim=0) for r in result]
+        # the mean over each prompt's own tokens (its padding left out)
+        for layer, idx in enumerate(request.layer_prompt):
+            if idx is not None and result[layer] is not None:
+                result[layer] = result[layer][: real_lengths[idx]].mean(dim=0)
+        return result
 
     def _near_position_limit(self, upcoming: int = 0) -> bool:
         """True when positions (plus ``upcoming`` new ones) come within the margin of the limit."""

@@ -139,3 +139,26 @@ def test_padded_prompts_leave_the_pseudo_query_attention_unchanged(tiny_adapter,
             assert (a is None) == (b is None)
             if a is not None:
                 torch.testing.assert_close(b, a, atol=1e-6, rtol=1e-5)
+
+
+def test_prompts_of_one_padded_length_share_a_graph_shape(tiny_adapter):
+    """The pseudo-queries' captured rows are their whole padded blocks, so two histories
+    whose prompts pad to the same length run the same graph (no new capture per question);
+    only the mean over each prompt's own tokens differs."""
+    session = StreamingSession(tiny_adapter, rules(tiny_adapter, 64)["hermes"], chunk_frames=4, answer_path="static")
+    graphs = session.chunk_graphs = ChunkGraphs(tiny_adapter, session.store, use_graphs=False, after=0)
+    session.add_frames(text_frames(tiny_adapter, 24, seed=8))
+    lead = tiny_adapter.frames_piece(text_frames(tiny_adapter, 4, seed=9), session.frames_seen)
+    lengths = session.store.lengths()
+    replays, before = graphs.replays, set(graphs._graphs)  # the stream's own shapes (no history)
+    attention, prompt_lengths = [], []
+    for history in ([("Where?", "Here.")], [("Where?", "Here!!")]):  # one byte more
+        request = session.retention.guidance(session.store, history)
+        prompts = [tiny_adapter.question_piece(p) for p in request.prompts]
+        prompt_lengths.append([len(p) for p in prompts])
+        attention.append(session.guidance_attention(request, lead=lead, prompt_pieces=prompts))
+        session.store.truncate(lengths)
+    first, second = prompt_lengths
+    assert first != second and [-(-n // 16) for n in first] == [-(-n // 16) for n in second]
+    assert len(set(graphs._graphs) - before) == 1 and graphs.replays == replays + 2  # one shape, run twice
+    assert any(a is not None and not torch.equal(a, b) for a, b in zip(*attention, strict=True))
