@@ -663,7 +663,7 @@ def unmasked_attention_with_lse(
             out, lse = torch.ops.aten._scaled_dot_product_flash_attention(
                 stacked, key, value, 0.0, False, False, scale=scaling
             )[:2]
-        except RuntimeError as error:  # a build or device without the kernel: explicit from now on
+        except (RuntimeError, TypeError) as error:  # a build or device without it: explicit from now on
             if torch.cuda.is_current_stream_capturing():
                 raise
             _FLASH_LSE[0] = False
