@@ -447,7 +447,7 @@ def answer_ab(adapter, shape, warm: int, rounds: int = 2) -> None:
 
 
 def diagnose(adapter, shape, chunk_frames: int, warm: int, out: Path) -> None:
-    """Eager (no ingest graphs) profiles grouped by input shape: a chunk's prefill alone and
+    """Profiles, grouped by input shape, of the ingest graphs' body run without a graph: a chunk's prefill alone and
     with its fused pseudo-queries (what the fusion adds, by operator), and the host time of
     an answer's first token (cProfile of ``ask`` with the answer graphs warm)."""
     import cProfile
@@ -457,6 +457,11 @@ def diagnose(adapter, shape, chunk_frames: int, warm: int, out: Path) -> None:
     frames = random_frames(shape, warm + chunk_frames)
     chunk = frames[warm:]
     session = StreamingSession(adapter, make_rule("hermes", adapter, 4000), chunk_frames=chunk_frames, ingest_graphs=False)
+    # the body the ingest graphs capture (fewer-kernel decoder), run without a graph: the
+    # profiler sees each of its kernels
+    from hermes_policy.chunk_graphs import ChunkGraphs
+
+    session.chunk_graphs = ChunkGraphs(adapter, session.store, use_graphs=False)
     session.add_frames(frames[:warm])
     for _ in range(3):
         session.add_frames(chunk)

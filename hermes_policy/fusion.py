@@ -13,7 +13,9 @@ module's) so that any module can define one without importing the model code.
 
 from __future__ import annotations
 
+import functools
 import os
+import types
 import warnings
 from collections.abc import Callable
 
@@ -22,25 +24,56 @@ import torch
 ENABLED = os.environ.get("HERMES_FUSED_OPS", "1") != "0"
 
 
+def own_code_copy(function: Callable[..., object]) -> Callable[..., object]:
+    """``function`` with a code object of its own.
+
+    ``torch.compile`` keeps its compiled variants per code object and stops compiling
+    after a fixed number of them (``recompile_limit``, 8): a process that runs an op in
+    float32 and bfloat16, at several ranks, would reach it and fall back to eager code.
+    Each copy has its own cache and its own count.
+    """
+    copy = types.FunctionType(
+        function.__code__.replace(), function.__globals__, function.__name__, function.__defaults__, function.__closure__
+    )
+    copy.__kwdefaults__ = function.__kwdefaults__
+    return functools.update_wrapper(copy, function)
+
+
+def tensor_signature(args: tuple[object, ...]) -> tuple[tuple[torch.dtype, int], ...]:
+    """(dtype, rank) of each tensor argument: what sizes-symbolic compilation cannot share."""
+    return tuple((a.dtype, a.dim()) for a in args if isinstance(a, torch.Tensor))
+
+
 class FusedOp:
-    """A function run eagerly, or compiled into one kernel when its first argument is on CUDA."""
+    """A function run eagerly, or compiled into one kernel when its first argument is on CUDA.
+
+    One compiled copy per :func:`tensor_signature` (see :func:`own_code_copy`); sizes are
+    symbolic within it.
+    """
 
     def __init__(self, eager: Callable[..., object]):
         self.eager = eager
         self.name = eager.__name__.lstrip("_")
-        self._compiled: Callable[..., object] | None = None
+        self._compiled: dict[tuple, Callable[..., object]] = {}
         self.failed = False
+
+    @property
+    def compiled_signatures(self) -> tuple[tuple, ...]:
+        """The tensor signatures compiled so far (empty: only eager runs)."""
+        return tuple(self._compiled)
 
     def __call__(self, *args: object) -> object:
         first = args[0]
         if not ENABLED or self.failed or not isinstance(first, torch.Tensor) or first.device.type != "cuda":
             return self.eager(*args)
-        if self._compiled is None:
-            self._compiled = torch.compile(
-                self.eager, dynamic=True, fullgraph=True, options={"emulate_precision_casts": True}
+        signature = tensor_signature(args)
+        compiled = self._compiled.get(signature)
+        if compiled is None:
+            compiled = self._compiled[signature] = torch.compile(
+                own_code_copy(self.eager), dynamic=True, fullgraph=True, options={"emulate_precision_casts": True}
             )
         try:
-            return self._compiled(*args)
+            return compiled(*args)
         except Exception as error:  # no Triton or no C compiler: keep the eager kernels
             if torch.cuda.is_current_stream_capturing():
                 raise

@@ -66,6 +66,19 @@ def test_fused_ops_run_eagerly_off_cuda_and_when_disabled(monkeypatch):
 
     op = FusedOp(double)
     assert torch.equal(op(torch.ones(2)), torch.full((2,), 2.0)) and len(calls) == 1  # CPU: the eager code
-    assert op._compiled is None
+    assert op.compiled_signatures == ()
     monkeypatch.setattr(fusion, "ENABLED", False)
-    assert torch.equal(op(torch.ones(2)), torch.full((2,), 2.0)) and op._compiled is None
+    assert torch.equal(op(torch.ones(2)), torch.full((2,), 2.0)) and op.compiled_signatures == ()
+
+
+def test_own_code_copy_is_the_same_function_with_its_own_code_object():
+    from hermes_policy.fusion import own_code_copy, tensor_signature
+
+    def scaled(x, factor=2.0, *, shift=1.0):
+        return factor * x + shift
+
+    copy = own_code_copy(scaled)
+    assert copy.__code__ is not scaled.__code__ and copy.__name__ == "scaled"
+    x = torch.arange(3.0)
+    assert torch.equal(copy(x), scaled(x)) and torch.equal(copy(x, 3.0, shift=0.0), scaled(x, 3.0, shift=0.0))
+    assert tensor_signature((x, 2, x.to(torch.bfloat16)[None])) == ((torch.float32, 1), (torch.bfloat16, 2))

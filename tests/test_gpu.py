@@ -212,9 +212,11 @@ def test_qwen2_5_vl_ingest_graphs_equal_eager_ingest(tmp_path):
 
     adapter = load_adapter(tiny_qwen2_5_vl(tmp_path, max_positions=4096), device="cuda", dtype=torch.float32)
     frames = np.random.default_rng(5).integers(0, 256, (48, FRAME_HEIGHT, FRAME_WIDTH, 3), dtype=np.uint8)
+    # fixed once: Qwen's tokens_per_frame is an estimate until a chunk has been encoded
+    budget = 3 * adapter.tokens_per_frame + 6
     runs = {}
     for graphs in (False, True):
-        rule = HermesRetention(policy=paper_default(ModelInfo.of(adapter), budget=3 * adapter.tokens_per_frame + 6))
+        rule = HermesRetention(policy=paper_default(ModelInfo.of(adapter), budget=budget))
         session = StreamingSession(adapter, rule, chunk_frames=4, ingest_graphs=graphs)
         session.add_frames(frames)
         runs[graphs] = (session, session.ask("What moved?", max_new_tokens=6).token_ids)
@@ -237,9 +239,10 @@ def test_llava_ingest_graphs_with_the_vision_tower_equal_eager_ingest():
 
     adapter = build_random_adapter("tiny-llava-ov", device="cuda", dtype=torch.float32)
     frames = random_frames(get_shape("tiny-llava-ov"), 40, seed=3)
+    budget = 3 * adapter.tokens_per_frame + 2
     runs = {}
     for graphs in (False, True):
-        rule = HermesRetention(policy=paper_default(ModelInfo.of(adapter), budget=3 * adapter.tokens_per_frame + 2))
+        rule = HermesRetention(policy=paper_default(ModelInfo.of(adapter), budget=budget))
         session = StreamingSession(adapter, rule, chunk_frames=4, ingest_graphs=graphs)
         session.add_frames(frames)
         runs[graphs] = (session, session.ask("What moved?", max_new_tokens=6).token_ids)
@@ -341,7 +344,7 @@ def test_compiled_fused_ops_equal_their_eager_code(dtype):
         ]
         for op, args in cases:
             got, expected = op(*args), op.eager(*args)
-            assert not op.failed and op._compiled is not None, op.name
+            assert not op.failed and op.compiled_signatures, op.name
             for a, b in zip(got if isinstance(got, tuple) else (got,), expected if isinstance(expected, tuple) else (expected,), strict=True):
                 torch.testing.assert_close(a, b, rtol=tol, atol=tol, msg=op.name)
 
@@ -362,4 +365,4 @@ def test_compiled_scoring_ops_equal_their_eager_code():
     rows = torch.rand(28, 4000, device="cuda", generator=g)
     lambdas = tuple(float(x) for x in torch.linspace(0.05, 0.6, 28))
     torch.testing.assert_close(smooth_rows(rows, lambdas), smooth_rows.eager(rows, lambdas), rtol=1e-6, atol=1e-6)
-    assert not smooth_rows.failed and smooth_rows._compiled is not None
+    assert not smooth_rows.failed and smooth_rows.compiled_signatures
