@@ -479,7 +479,12 @@ class StreamingSession:
             if request is not None:
                 prompts = [self.adapter.question_piece(p) for p in request.prompts]
                 reach = piece.extent + max(p.extent for p in prompts) + PROMPT_QUANTUM  # padding
-                if not (rule.reindex == "lazy" and self._near_position_limit(reach)):
+                lazy = rule.reindex == "lazy"
+                if lazy and self._near_position_limit(reach):
+                    # compacted now, not inside the chunk's prefill: the pseudo-queries still
+                    # ride with the chunk (a separate pass reads the weights a second time)
+                    self._reindex_all()
+                if not (lazy and self._near_position_limit(reach)):
                     self.fused_guidance_passes += 1
                     return self.guidance_attention(request, lead=piece, prompt_pieces=prompts)
         self._prefill(piece, ingest=True)

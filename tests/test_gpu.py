@@ -366,3 +366,26 @@ def test_compiled_scoring_ops_equal_their_eager_code():
     lambdas = tuple(float(x) for x in torch.linspace(0.05, 0.6, 28))
     torch.testing.assert_close(smooth_rows(rows, lambdas), smooth_rows.eager(rows, lambdas), rtol=1e-6, atol=1e-6)
     assert not smooth_rows.failed and smooth_rows.compiled_signatures
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_compiled_block_attention_ops_equal_their_eager_code(dtype):
+    """The pseudo-query blocks' compiled ops (their own-block softmax with log-sum-exp, the
+    log-sum-exp merge with the cache part) against their eager code."""
+    from hermes_policy.attention import masked_softmax_with_lse, merge_attention, own_blocks_blocked
+
+    g = torch.Generator(device="cuda").manual_seed(1)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    scores = torch.randn(1, 4, 7, 96, 96, device="cuda", generator=g) * 5
+    blocked = own_blocks_blocked((32, 64), torch.device("cuda"))
+    probs, lse = masked_softmax_with_lse(scores, blocked, dtype)
+    eager_probs, eager_lse = masked_softmax_with_lse.eager(scores, blocked, dtype)
+    assert probs.dtype == dtype and lse.dtype == torch.float32
+    torch.testing.assert_close(probs, eager_probs, rtol=tol, atol=tol)
+    torch.testing.assert_close(lse, eager_lse, rtol=1e-5, atol=1e-5)
+    out_a, out_b = (torch.randn(1, 28, 96, 128, device="cuda", generator=g).to(dtype) for _ in range(2))
+    lse_a, lse_b = (torch.randn(1, 28, 96, device="cuda", generator=g) * 3 for _ in range(2))
+    merged = merge_attention(out_a, lse_a, out_b, lse_b)
+    torch.testing.assert_close(merged, merge_attention.eager(out_a, lse_a, out_b, lse_b), rtol=tol, atol=tol)
+    for op in (masked_softmax_with_lse, merge_attention):
+        assert not op.failed and op.compiled_signatures, op.name
