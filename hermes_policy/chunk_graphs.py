@@ -22,9 +22,10 @@ part of the prefill is captured once and then replayed:
 - attention runs the kernels it runs eagerly on a recurring shape (the split cuDNN path,
   :func:`~hermes_policy.attention.steady_shapes`), pseudo-query blocks and their captured
   probabilities included;
-- outputs (hidden states and what the forward collected, e.g. per-layer pseudo-query
-  attention) live in the graph's memory and are returned by reference: valid until the
-  next replay.
+- what the forward collected (e.g. per-layer pseudo-query attention) lives in the graph's
+  memory and is handed back by reference: valid until the next replay. Ingest keeps no
+  hidden states, so the fewer-kernel decoder stops after the last layer's keys and values
+  (and its captured attention).
 
 Graphs share one memory pool, at most :data:`MAX_GRAPHS` are kept (the least recently
 used goes first), and all are dropped when a layer's buffer moves (grew). A shape whose capture fails runs eagerly from then on.
@@ -53,7 +54,7 @@ MAX_GRAPHS = 3
 # the kernels' plans and workspaces
 RECUR_AFTER = 1
 
-Outputs = tuple[torch.Tensor, tuple[Any, ...]]
+Outputs = tuple[torch.Tensor | None, tuple[Any, ...]]
 
 
 def batch_axis(rotary_emb: torch.nn.Module, axes: int, device: torch.device, dtype: torch.dtype) -> int:
@@ -181,8 +182,8 @@ class ChunkGraphs:
         positions: list[torch.Tensor],
         context: tuple = (),
         collected: list[Any] | None = None,
-    ) -> torch.Tensor | None:
-        """Run ``piece`` through the text model from a graph, or None: the caller runs it eagerly.
+    ) -> bool:
+        """Run ``piece`` through the text model from a graph; False: the caller runs it eagerly.
 
         A shape (its length, every layer's length, ``context``: what else shapes the
         forward, such as pseudo-query blocks) is captured on its ``after + 1``-th call.
@@ -196,8 +197,9 @@ class ChunkGraphs:
 
         Returns
         -------
-        hidden states ``(1, q, hidden)`` in graph memory, or None (not captured yet, or
-        this shape cannot be)
+        True when the piece ran from fixed buffers (keys and values written, ``collected``
+        filled; no hidden states are kept: ingest needs none), False when it did not (not
+        captured yet, or this shape cannot be)
         """
         store = self.store
         self._drop_stale()
@@ -207,12 +209,12 @@ class ChunkGraphs:
         key = (len(piece), lengths, store.prefix_len, context, None if collected is None else len(collected), signature)
         graph = self._graphs.pop(key, None)
         if graph is None and (key in self.failed or not self._shapes.recurring(key)):
-            return None
+            return False
         if graph_inputs is None:  # embedded before the graph, which reads the embeddings
             embeds = self.adapter.input_embeddings(piece)
             if embeds is None:
                 self.failed.add(key)
-                return None
+                return False
             inputs, embed = {"embeds": embeds}, _given_embeddings
         else:
             inputs, embed = graph_inputs, self.adapter.embeddings_from_inputs
@@ -220,17 +222,17 @@ class ChunkGraphs:
             self._reserve(lengths, len(piece))
             graph = self._build(key, inputs, embed, positions, collected)
             if graph is None:
-                return None
+                return False
         else:
             self._load(graph, inputs, positions)
         self._graphs[key] = graph  # (re)inserted last: the least recently used goes first
         graph.collected = collected
-        hidden, extra = graph.run()
+        _, extra = graph.run()
         self.replays += 1
         self._advance(lengths, len(piece))
         if collected is not None:
             collected[:] = list(extra)
-        return hidden
+        return True
 
     # -- internals ---------------------------------------------------------------------------
     def _drop_stale(self) -> None:
@@ -282,7 +284,9 @@ class ChunkGraphs:
             static_embeds = embed(static_inputs)
             with steady_shapes():
                 if self.fewer_kernels:
-                    hidden = chunk_text_forward(adapter, static_embeds, static_positions, cache, lengths)
+                    hidden = chunk_text_forward(
+                        adapter, static_embeds, static_positions, cache, lengths, need_output=False
+                    )
                 else:
                     hidden = per_layer_text_forward(adapter, static_positions, cache, axis, inputs_embeds=static_embeds)
             # what the forward's callbacks put in the calling forward's list (when run eagerly)

@@ -504,8 +504,9 @@ class StreamingSession:
         ingest: bool = False,
         context: tuple = (),
         collected: list[Any] | None = None,
-    ) -> torch.Tensor:
-        """Run a piece on top of the store; returns hidden states (all, or the last one).
+    ) -> torch.Tensor | None:
+        """Run a piece on top of the store; returns hidden states (all, or the last one),
+        or None for ingest run from fixed buffers (nothing downstream reads them).
 
         ``ingest``: the piece is stream input or a pseudo-query (not a question or answer),
         so lazy re-indexing may run first if the piece would reach the position limit, and
@@ -517,11 +518,9 @@ class StreamingSession:
             self._reindex_all()
         positions = self.layer_positions(piece)
         self._check_position_limit(positions)
-        if ingest and self.chunk_graphs is not None:
-            hidden = self.chunk_graphs.prefill(piece, positions, context, collected)
-            if hidden is not None:
-                self.store.record_appended(positions, piece.frame_index)
-                return hidden[:, -1:] if last_only else hidden
+        if ingest and self.chunk_graphs is not None and self.chunk_graphs.prefill(piece, positions, context, collected):
+            self.store.record_appended(positions, piece.frame_index)
+            return None  # ingest keeps no hidden states
         uniform = all(np.array_equal(positions[0].numpy(), p.numpy()) for p in positions[1:])
         if uniform:
             hidden = self.adapter.forward(piece, positions[0], self.store.cache)

@@ -353,8 +353,13 @@ def static_text_forward(
 
 
 def chunk_text_forward(
-    adapter: object, inputs_embeds: torch.Tensor, positions: torch.Tensor, cache: object, lengths: tuple[int, ...]
-) -> torch.Tensor:
+    adapter: object,
+    inputs_embeds: torch.Tensor,
+    positions: torch.Tensor,
+    cache: object,
+    lengths: tuple[int, ...],
+    need_output: bool = True,
+) -> torch.Tensor | None:
     """The text model on ``inputs_embeds (1, q, hidden)`` appended at each layer's length.
 
     The decoder layers' arithmetic of :func:`static_text_forward` (fused projections,
@@ -369,12 +374,16 @@ def chunk_text_forward(
     cache : a :class:`~hermes_policy.stream_cache.StreamCache` with room for ``q`` more
         tokens after ``lengths``; every layer's length is set to its ``length + q``
     lengths : each layer's length before the chunk
+    need_output : False for ingest, which keeps only the cache (and what attention
+        captures collect): the last layer then writes its keys and values, runs attention
+        only where a capture reads it, and skips its output projection, MLP and the final
+        norm (about a layer's worth of a 28-layer forward)
 
     Returns
     -------
     hidden states ``(1, q, hidden)`` after the final norm (the text model's last hidden
-    state). Every shape is fixed by the inputs' shapes and ``lengths``: the body of a CUDA
-    graph.
+    state), or None without ``need_output``. Every shape is fixed by the inputs' shapes and
+    ``lengths``: the body of a CUDA graph.
     """
     text = adapter.text_model
     layers = list(text.layers)
@@ -395,9 +404,16 @@ def chunk_text_forward(
         else:
             key_buffer[0, :, start:end], value_buffer[0, :, start:end] = new
         cache_layer.length = end
+        last = index == len(layers) - 1
+        if last and not need_output:
+            capture = getattr(attn, "hermes_capture", None)
+            if capture is None or not len(capture.rows(index, q_len)):
+                return None  # nothing reads this layer's attention
         # (1, heads, q, head_dim) over the token-major rows, the layout transformers passes
         out, _ = ragged_attention(
             attn, query.transpose(0, 1)[None], key_buffer[:, :, :end], value_buffer[:, :, :end], None, attn.scaling
         )
+        if last and not need_output:
+            return None  # the capture has what it reads
         hidden, normed = _rest_of_layer(layer, hidden, out[0], _next_norm(text, index))
     return normed

@@ -245,3 +245,41 @@ def test_a_fused_model_saves_and_reloads_its_weights(tmp_path):
     saved = adapter.model.state_dict()
     assert saved.keys() == reloaded.keys()
     assert all(torch.equal(saved[k], reloaded[k]) for k in saved)
+
+
+@pytest.mark.parametrize("captured_last", [True, False])
+def test_chunk_forward_without_output_writes_the_same_cache(tiny_adapter, monkeypatch, captured_last):
+    """Ingest asks for no hidden states: the last layer still writes its keys and values
+    (and hands over its captured attention) but runs attention only where a capture
+    reads it, and nothing after."""
+    from hermes_policy import static_forward
+    from hermes_policy.attention import AttentionCapture, QueryBlocks
+
+    adapter, layers, q_len = tiny_adapter, tiny_adapter.num_layers, 9
+    last = layers - 1
+    lengths = tuple(20 + 3 * layer for layer in range(layers))
+    embeds = torch.randn(1, q_len, adapter.text_config.hidden_size, generator=torch.Generator().manual_seed(2))
+    positions = (torch.tensor(lengths)[:, None] + torch.arange(q_len))[:, None, :]
+    calls = []
+    ragged = static_forward.ragged_attention
+    monkeypatch.setattr(static_forward, "ragged_attention", lambda module, *a, **k: calls.append(module) or ragged(module, *a, **k))
+    results = {}
+    for need_output in (True, False):
+        cache = filled_cache(adapter, lengths, 64, seed=3)
+        captured: dict[int, torch.Tensor] = {}
+        rows = {1: slice(6, 8)} | ({last: slice(4, 6)} if captured_last else {})
+        calls.clear()
+        with torch.inference_mode(), QueryBlocks(adapter.attention_modules, [2, 3], lead=4), AttentionCapture(
+            adapter.attention_modules, query_rows=rows, callback=captured.__setitem__
+        ):
+            out = static_forward.chunk_text_forward(adapter, embeds, positions, cache, lengths, need_output=need_output)
+        assert [layer.length for layer in cache.layers] == [n + q_len for n in lengths]
+        results[need_output] = ([layer.buffers for layer in cache.layers], captured, len(calls), out)
+    (full_buffers, full_captured, full_calls, hidden), (buffers, captured, n_calls, nothing) = results[True], results[False]
+    assert hidden.shape == (1, q_len, adapter.text_config.hidden_size) and nothing is None
+    assert n_calls == full_calls - (0 if captured_last else 1)
+    for a, b in zip(full_buffers, buffers, strict=True):
+        assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    assert full_captured.keys() == captured.keys() == rows.keys()
+    for layer in rows:
+        assert torch.equal(full_captured[layer], captured[layer])
