@@ -412,6 +412,37 @@ def captured_block(picked: range, lead: int, blocks: list[int]) -> int | None:
     return None
 
 
+def block_rows_needed(lead: int, blocks: list[int], captured: list[range]) -> list[int]:
+    """How many leading rows each layer of a forward with query blocks must compute when
+    only captured rows are read afterwards (ingest keeps no hidden states).
+
+    A block's rows feed only that block's rows in later layers (blocks see the cache, the
+    lead and themselves; the lead sees no block), so a trailing block no later layer
+    captures can stop where it stops being read.
+
+    Parameters
+    ----------
+    lead : ordinary rows before the blocks (always computed)
+    blocks : the blocks' lengths, in order
+    captured : per layer, the rows captured there (``range(0)``: none)
+
+    Returns
+    -------
+    per layer, ``lead`` plus the blocks up to the last one read at that layer or later
+    (never increasing with depth)
+    """
+    ends = []
+    for size in blocks:
+        ends.append((ends[-1] if ends else lead) + size)
+    needed, out = lead, [0] * len(captured)
+    for layer in reversed(range(len(captured))):
+        rows = captured[layer]
+        if len(rows) and rows[-1] >= lead:
+            needed = max(needed, next(end for end in ends if end > rows[-1]))
+        out[layer] = needed
+    return out
+
+
 class ShapeCounter:
     """How often each attention shape has run; a fused kernel whose first call at a shape
     is expensive (cuDNN builds an execution plan, 40-60 ms on an H200) is used for a shape

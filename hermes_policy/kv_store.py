@@ -216,12 +216,14 @@ class KVStore:
         host = to_host([indices for indices, _ in decisions.values()] + [extra[2] for extra in extras.values()])
         summary_positions = dict(zip(extras, host[len(decisions) :], strict=True))
         for layer, host_indices in zip(decisions, host[: len(decisions)], strict=True):
-            positions = self.positions[layer].numpy()[:, host_indices]
-            frames = self.frame_index[layer].numpy()[host_indices]
+            # np.take, not fancy indexing: ~10 us against ~60-75 us for (3, 4000) of (3, 5700)
+            # plus the copy to contiguous, 28 times while the GPU waits for the next chunk
+            positions = np.take(self.positions[layer].numpy(), host_indices, axis=1)
+            frames = np.take(self.frame_index[layer].numpy(), host_indices)
             if layer in extras:
                 positions = np.concatenate([positions, summary_positions[layer]], axis=1)
                 frames = np.append(frames, extras[layer][3])
-            self.positions[layer] = torch.from_numpy(np.ascontiguousarray(positions))
+            self.positions[layer] = torch.from_numpy(positions)  # C-contiguous (np.take)
             self.frame_index[layer] = torch.from_numpy(frames)
 
     def reindex(self, layer: int, rotary_emb: torch.nn.Module) -> bool:

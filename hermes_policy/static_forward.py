@@ -30,11 +30,19 @@ layer types fall back to the transformers forward (:func:`supports_static_forwar
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attention import BMM_OUT_DTYPE, HALF_DTYPES, grouped_masked_attention, ragged_attention
+from .attention import (
+    BMM_OUT_DTYPE,
+    HALF_DTYPES,
+    block_rows_needed,
+    grouped_masked_attention,
+    ragged_attention,
+)
 from .fused_ops import (
     add_rms_norm,
     rms_norm,
@@ -372,12 +380,16 @@ def chunk_text_forward(
     ----------
     positions : LongTensor ``(layers, axes, q)``: each layer's RoPE positions of the new tokens
     cache : a :class:`~hermes_policy.stream_cache.StreamCache` with room for ``q`` more
-        tokens after ``lengths``; every layer's length is set to its ``length + q``
+        tokens after ``lengths``; every layer's length is set to its ``length + q`` (fewer
+        without ``need_output``, see there)
     lengths : each layer's length before the chunk
     need_output : False for ingest, which keeps only the cache (and what attention
         captures collect): the last layer then writes its keys and values, runs attention
         only where a capture reads it, and skips its output projection, MLP and the final
-        norm (about a layer's worth of a 28-layer forward)
+        norm (about a layer's worth of a 28-layer forward); and trailing pseudo-query
+        blocks stop after the last layer that captures them
+        (:func:`~hermes_policy.attention.block_rows_needed`; their slots beyond are not
+        written, and the caller drops the blocks' slots afterwards anyway)
 
     Returns
     -------
@@ -388,32 +400,50 @@ def chunk_text_forward(
     text = adapter.text_model
     layers = list(text.layers)
     q_len = inputs_embeds.shape[1]
+    rows, block_layout = [q_len] * len(layers), getattr(layers[0].self_attn, "hermes_query_blocks", None)
+    if not need_output and block_layout is not None:
+        captures = [getattr(layer.self_attn, "hermes_capture", None) for layer in layers]
+        picked = [range(0) if c is None else c.rows(i, q_len) for i, c in enumerate(captures)]
+        rows = block_rows_needed(*block_layout, picked)
     cos, sin = layer_rotary(adapter, positions)  # (layers, q, head_dim)
     cos, sin = cos[:, :, None, :], signed_sin(sin)[:, :, None, :]  # broadcast over heads
     hidden = inputs_embeds
     normed = rms_norm(hidden, *_norm_parameters(layers[0].input_layernorm))
-    for index, layer in enumerate(layers):
-        attn = layer.self_attn
-        cache_layer = cache.layers[index]
-        start, end = lengths[index], lengths[index] + q_len
-        key_buffer, value_buffer = cache_layer.buffers  # (1, kv_heads, capacity, head_dim)
-        combined = cache_layer.kv_buffer  # (2, 1, kv_heads, capacity, head_dim) or None
-        query, new = _rotated_projections(attn, normed, cos[index], sin[index], packed=combined is not None)
-        if combined is not None:  # keys and values written by one kernel
-            combined[:, 0, :, start:end] = new
-        else:
-            key_buffer[0, :, start:end], value_buffer[0, :, start:end] = new
-        cache_layer.length = end
-        last = index == len(layers) - 1
-        if last and not need_output:
-            capture = getattr(attn, "hermes_capture", None)
-            if capture is None or not len(capture.rows(index, q_len)):
-                return None  # nothing reads this layer's attention
-        # (1, heads, q, head_dim) over the token-major rows, the layout transformers passes
-        out, _ = ragged_attention(
-            attn, query.transpose(0, 1)[None], key_buffer[:, :, :end], value_buffer[:, :, :end], None, attn.scaling
-        )
-        if last and not need_output:
-            return None  # the capture has what it reads
-        hidden, normed = _rest_of_layer(layer, hidden, out[0], _next_norm(text, index))
+    try:
+        for index, layer in enumerate(layers):
+            attn = layer.self_attn
+            n = rows[index]
+            if n < hidden.shape[1]:  # trailing blocks no longer read: dropped from here on
+                hidden, normed = hidden[:, :n], normed[:, :n]
+                lead, sizes = block_layout
+                kept = [size for size, end in zip(sizes, list(itertools.accumulate(sizes, initial=lead))[1:]) if end <= n]
+                attn.hermes_query_blocks = (lead, kept) if kept else None
+            cache_layer = cache.layers[index]
+            start, end = lengths[index], lengths[index] + n
+            key_buffer, value_buffer = cache_layer.buffers  # (1, kv_heads, capacity, head_dim)
+            combined = cache_layer.kv_buffer  # (2, 1, kv_heads, capacity, head_dim) or None
+            query, new = _rotated_projections(
+                attn, normed, cos[index, :n], sin[index, :n], packed=combined is not None
+            )
+            if combined is not None:  # keys and values written by one kernel
+                combined[:, 0, :, start:end] = new
+            else:
+                key_buffer[0, :, start:end], value_buffer[0, :, start:end] = new
+            cache_layer.length = end
+            last = index == len(layers) - 1
+            if last and not need_output:
+                capture = getattr(attn, "hermes_capture", None)
+                if capture is None or not len(capture.rows(index, n)):
+                    return None  # nothing reads this layer's attention
+            # (1, heads, q, head_dim) over the token-major rows, the layout transformers passes
+            out, _ = ragged_attention(
+                attn, query.transpose(0, 1)[None], key_buffer[:, :, :end], value_buffer[:, :, :end], None, attn.scaling
+            )
+            if last and not need_output:
+                return None  # the capture has what it reads
+            hidden, normed = _rest_of_layer(layer, hidden, out[0], _next_norm(text, index))
+    finally:
+        if block_layout is not None:  # the context's layout back on every layer
+            for layer in layers:
+                layer.self_attn.hermes_query_blocks = block_layout
     return normed

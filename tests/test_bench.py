@@ -378,7 +378,9 @@ def test_compression_ops_benchmark_counts_launches(tmp_path):
     (run,) = json.loads(path.read_text())["runs"]
     decoder = run["decoder_forward_of_a_compressing_chunk"]
     fewer, plain = decoder["fewer kernels"], decoder["transformers layers"]
-    assert fewer["inside_attention"] == plain["inside_attention"] > 0  # the same attention calls
+    # attention is counted apart (its calls differ: the fewer-kernel forward also drops a
+    # pseudo-query block after the last layer that captures it)
+    assert fewer["inside_attention"] > 0 and plain["inside_attention"] > 0
     assert 0 < fewer["outside_attention_launches_on_cuda"] < plain["outside_attention_launches_on_cuda"]
     assert run["per_compressing_chunk"]["select"]["launches_on_cuda"] > 0
     assert run["per_compressing_chunk"]["gather"]["operators"] > 0

@@ -249,17 +249,22 @@ def test_a_fused_model_saves_and_reloads_its_weights(tmp_path):
 
 @pytest.mark.parametrize("captured_last", [True, False])
 def test_chunk_forward_without_output_writes_the_same_cache(tiny_adapter, monkeypatch, captured_last):
-    """Ingest asks for no hidden states: the last layer still writes its keys and values
-    (and hands over its captured attention) but runs attention only where a capture
-    reads it, and nothing after."""
+    """Ingest asks for no hidden states: every layer writes the same keys and values for
+    the rows still read (the lead always; a pseudo-query block up to the last layer that
+    captures it), captured attention is the same, and the last layer runs attention only
+    where a capture reads it, and nothing after."""
     from hermes_policy import static_forward
-    from hermes_policy.attention import AttentionCapture, QueryBlocks
+    from hermes_policy.attention import AttentionCapture, QueryBlocks, block_rows_needed
 
     adapter, layers, q_len = tiny_adapter, tiny_adapter.num_layers, 9
     last = layers - 1
     lengths = tuple(20 + 3 * layer for layer in range(layers))
     embeds = torch.randn(1, q_len, adapter.text_config.hidden_size, generator=torch.Generator().manual_seed(2))
     positions = (torch.tensor(lengths)[:, None] + torch.arange(q_len))[:, None, :]
+    # lead 4, block 0 rows 4-5, block 1 rows 6-8: block 1 read at layer 1 only
+    rows = {1: slice(6, 8)} | ({last: slice(4, 6)} if captured_last else {})
+    needed = block_rows_needed(4, [2, 3], [range(q_len)[rows[i]] if i in rows else range(0) for i in range(layers)])
+    assert needed == [9, 9] + [6 if captured_last else 4] * (layers - 2)
     calls = []
     ragged = static_forward.ragged_attention
     monkeypatch.setattr(static_forward, "ragged_attention", lambda module, *a, **k: calls.append(module) or ragged(module, *a, **k))
@@ -267,19 +272,35 @@ def test_chunk_forward_without_output_writes_the_same_cache(tiny_adapter, monkey
     for need_output in (True, False):
         cache = filled_cache(adapter, lengths, 64, seed=3)
         captured: dict[int, torch.Tensor] = {}
-        rows = {1: slice(6, 8)} | ({last: slice(4, 6)} if captured_last else {})
         calls.clear()
-        with torch.inference_mode(), QueryBlocks(adapter.attention_modules, [2, 3], lead=4), AttentionCapture(
+        blocks = QueryBlocks(adapter.attention_modules, [2, 3], lead=4)
+        with torch.inference_mode(), blocks, AttentionCapture(
             adapter.attention_modules, query_rows=rows, callback=captured.__setitem__
         ):
             out = static_forward.chunk_text_forward(adapter, embeds, positions, cache, lengths, need_output=need_output)
-        assert [layer.length for layer in cache.layers] == [n + q_len for n in lengths]
+            # the context's block layout is back on every layer
+            assert all(m.hermes_query_blocks == (4, [2, 3]) for m in adapter.attention_modules)
+        written = [q_len] * layers if need_output else needed
+        assert [layer.length for layer in cache.layers] == [n + w for n, w in zip(lengths, written, strict=True)]
         results[need_output] = ([layer.buffers for layer in cache.layers], captured, len(calls), out)
     (full_buffers, full_captured, full_calls, hidden), (buffers, captured, n_calls, nothing) = results[True], results[False]
     assert hidden.shape == (1, q_len, adapter.text_config.hidden_size) and nothing is None
     assert n_calls == full_calls - (0 if captured_last else 1)
-    for a, b in zip(full_buffers, buffers, strict=True):
-        assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    for layer, (a, b) in enumerate(zip(full_buffers, buffers, strict=True)):
+        stop = lengths[layer] + needed[layer]
+        torch.testing.assert_close(b[0][..., :stop, :], a[0][..., :stop, :], atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(b[1][..., :stop, :], a[1][..., :stop, :], atol=1e-6, rtol=1e-5)
     assert full_captured.keys() == captured.keys() == rows.keys()
     for layer in rows:
-        assert torch.equal(full_captured[layer], captured[layer])
+        torch.testing.assert_close(captured[layer], full_captured[layer], atol=1e-7, rtol=1e-5)
+
+
+def test_block_rows_needed():
+    from hermes_policy.attention import block_rows_needed
+
+    # lead 3, blocks of 2 (rows 3-4) and 4 (rows 5-8)
+    assert block_rows_needed(3, [2, 4], [range(0)] * 3) == [3, 3, 3]  # nothing read: the lead only
+    assert block_rows_needed(3, [2, 4], [range(5, 7), range(3, 5), range(0)]) == [9, 5, 3]
+    assert block_rows_needed(3, [2, 4], [range(3, 5), range(0), range(6, 9)]) == [9, 9, 9]
+    assert block_rows_needed(3, [2, 4], [range(0, 2), range(0), range(0)]) == [3, 3, 3]  # lead rows
+    assert block_rows_needed(0, [2, 4], [range(0), range(1, 2)]) == [2, 2]
