@@ -415,6 +415,7 @@ def chunk_text_forward(
             n = rows[index]
             if n < hidden.shape[1]:  # trailing blocks no longer read: dropped from here on
                 hidden, normed = hidden[:, :n], normed[:, :n]
+            if n < q_len:  # this layer's attention sees the blocks still here
                 lead, sizes = block_layout
                 kept = [size for size, end in zip(sizes, list(itertools.accumulate(sizes, initial=lead))[1:]) if end <= n]
                 attn.hermes_query_blocks = (lead, kept) if kept else None

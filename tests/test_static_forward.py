@@ -247,8 +247,12 @@ def test_a_fused_model_saves_and_reloads_its_weights(tmp_path):
     assert all(torch.equal(saved[k], reloaded[k]) for k in saved)
 
 
-@pytest.mark.parametrize("captured_last", [True, False])
-def test_chunk_forward_without_output_writes_the_same_cache(tiny_adapter, monkeypatch, captured_last):
+@pytest.mark.parametrize(
+    "first, captured_last, needed",
+    # lead 4, block 0 rows 4-5, block 1 rows 6-8 (9 rows); block 1 captured at layer `first`
+    [(1, True, [9, 9, 6]), (1, False, [9, 9, 4]), (0, True, [9, 6, 6]), (0, False, [9, 4, 4])],
+)
+def test_chunk_forward_without_output_writes_the_same_cache(tiny_adapter, monkeypatch, first, captured_last, needed):
     """Ingest asks for no hidden states: every layer writes the same keys and values for
     the rows still read (the lead always; a pseudo-query block up to the last layer that
     captures it), captured attention is the same, and the last layer runs attention only
@@ -261,10 +265,9 @@ def test_chunk_forward_without_output_writes_the_same_cache(tiny_adapter, monkey
     lengths = tuple(20 + 3 * layer for layer in range(layers))
     embeds = torch.randn(1, q_len, adapter.text_config.hidden_size, generator=torch.Generator().manual_seed(2))
     positions = (torch.tensor(lengths)[:, None] + torch.arange(q_len))[:, None, :]
-    # lead 4, block 0 rows 4-5, block 1 rows 6-8: block 1 read at layer 1 only
-    rows = {1: slice(6, 8)} | ({last: slice(4, 6)} if captured_last else {})
-    needed = block_rows_needed(4, [2, 3], [range(q_len)[rows[i]] if i in rows else range(0) for i in range(layers)])
-    assert needed == [9, 9] + [6 if captured_last else 4] * (layers - 2)
+    assert layers == 3
+    rows = {first: slice(6, 8)} | ({last: slice(4, 6)} if captured_last else {})
+    assert block_rows_needed(4, [2, 3], [range(q_len)[rows[i]] if i in rows else range(0) for i in range(layers)]) == needed
     calls = []
     ragged = static_forward.ragged_attention
     monkeypatch.setattr(static_forward, "ragged_attention", lambda module, *a, **k: calls.append(module) or ragged(module, *a, **k))
