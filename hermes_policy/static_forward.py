@@ -360,6 +360,13 @@ def static_text_forward(
     return normed
 
 
+def _blocks_within(lead: int, sizes: list[int], rows: int) -> list[int]:
+    """The leading blocks that end within the first ``rows`` rows (after ``lead`` rows)."""
+    ends = itertools.accumulate(sizes, initial=lead)
+    next(ends)  # the lead's own end
+    return [size for size, end in zip(sizes, ends) if end <= rows]
+
+
 def chunk_text_forward(
     adapter: object,
     inputs_embeds: torch.Tensor,
@@ -417,7 +424,7 @@ def chunk_text_forward(
                 hidden, normed = hidden[:, :n], normed[:, :n]
             if n < q_len:  # this layer's attention sees the blocks still here
                 lead, sizes = block_layout
-                kept = [size for size, end in zip(sizes, list(itertools.accumulate(sizes, initial=lead))[1:]) if end <= n]
+                kept = _blocks_within(lead, sizes, n)
                 attn.hermes_query_blocks = (lead, kept) if kept else None
             cache_layer = cache.layers[index]
             start, end = lengths[index], lengths[index] + n
