@@ -128,6 +128,7 @@ def test_run_stream_measures_every_checkpoint_on_a_tiny_shape(tiny_llava):
     assert late["compression_share"] == pytest.approx((phases + fused_s) / late["timed_chunks_seconds"])
     assert late["compression_share"] > 0
     assert late["compression_share_pipelined"] is None  # CUDA events only
+    assert late["ingest_fps_median_chunk"] > 0 and late["ingest_fps"] > 0
     # phases are timed on one chunk in four (here the stream's 4th and 8th; the first
     # segment's single chunk too, as a segment's last resort), the rest give the speed
     assert 0 < late["fused_guidance_passes_timed"] <= 2 < late["fused_guidance_passes"]
@@ -190,6 +191,10 @@ def test_pipelined_compression_share_from_phase_events():
     segment = _Segment(frames=16, seconds=0.2, fused_untimed=2, gpu_compression_seconds=7e-3)
     assert pipelined_share(segment, 5e-3) == pytest.approx((7e-3 + 2 * 5e-3) / 0.2)
     assert pipelined_share(_Segment(frames=16, seconds=0.2), 5e-3) is None  # no events recorded
+    # a capture in the segment: the segment's speed counts it, its median chunk does not
+    timed = _Segment(frames=32, seconds=0.5, chunk_seconds=[0.08, 0.26, 0.08, 0.08])
+    assert timed.fps() == pytest.approx(64) and timed.median_chunk_fps(8) == pytest.approx(100)
+    assert _Segment().median_chunk_fps(8) is None
 
 
 def results_document():
@@ -212,9 +217,11 @@ def results_document():
 
 def test_markdown_and_plot(tmp_path):
     results = results_document()
+    results["rows"][1]["ingest_fps_median_chunk"] = 131.4  # rows from before it have none
     results["targets"] = evaluate_targets(results["rows"])
     text = markdown_table(results)
     assert "| hermes | 8 | 1024 | 6.5 (1.86x)" in text
+    assert "| 120 / 131 | 5.0% / 2.5% |" in text and "| 120 | 5.0% / 2.5% |" in text
     assert "out of memory" in text and "Targets" in text and "Correctness" in text
     assert "| llava-ov-7b | bfloat16 | True | False (first 2 of 4 tokens equal) |" in text
     assert "| llava-ov-7b | float32 | True | True |" in text

@@ -32,7 +32,7 @@ import gc
 import statistics
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -213,11 +213,17 @@ class _Segment:
     fused_timed: int = 0
     fused_untimed: int = 0
     gpu_compression_seconds: float | None = None  # phase spans of the untimed chunks (CUDA events)
+    chunk_seconds: list[float] = field(default_factory=list)  # each untimed chunk's seconds
 
     def fps(self) -> float | None:
         if self.frames:
             return self.frames / self.seconds
         return self.timed_frames / self.timed_seconds if self.timed_seconds > 0 else None
+
+    def median_chunk_fps(self, chunk: int) -> float | None:
+        """Frames per second of the median untimed chunk: the speed once the segment's
+        one-off costs (a graph capture, a shape's first eager run) are set aside."""
+        return chunk / statistics.median(self.chunk_seconds) if self.chunk_seconds else None
 
 
 def compression_span_seconds(marks: list[tuple[str, float, float, Any, Any]]) -> float:
@@ -286,6 +292,7 @@ def run_stream(
                 else:
                     segment.frames += chunk
                     segment.seconds += report.seconds
+                    segment.chunk_seconds.append(report.seconds)
                     segment.fused_untimed += session.fused_guidance_passes - fused_before
                     if session.phase_marks is not None:  # add_frames ended synchronised: events are done
                         spans = compression_span_seconds(session.phase_marks)
@@ -330,6 +337,7 @@ def run_stream(
                 "kv_cache_bytes": session.store.nbytes(),
                 "tokens_kept": max(session.tokens_kept),
                 "ingest_fps": segment.fps(),
+                "ingest_fps_median_chunk": segment.median_chunk_fps(chunk),
                 "compression_share": compression_s / segment.timed_seconds if segment.timed_seconds > 0 else None,
                 "compression_share_pipelined": pipelined_share(segment, overhead),
                 "phase_seconds": spent,

@@ -50,8 +50,8 @@ def markdown_table(results: dict[str, Any]) -> str:
             )
             + (f" Split over {', '.join(shape['devices'])} (peak memory per GPU)." if shape.get("devices") else ""),
             "",
-            "| rule | chunk | frames | TTFT ms (x floor) | TPOT ms (x floor) | peak GiB | KV GiB | ingest fps "
-            "| compression (synchronised / pipelined) |",
+            "| rule | chunk | frames | TTFT ms (x floor) | TPOT ms (x floor) | peak GiB | KV GiB "
+            "| ingest fps (segment / median chunk) | compression (synchronised / pipelined) |",
             "|---|---|---|---|---|---|---|---|---|",
         ]
         for row in (r for r in results["rows"] if r["shape"] == name):
@@ -68,7 +68,8 @@ def markdown_table(results: dict[str, Any]) -> str:
                 f"| {row['ttft_ms']:.1f} ({row['ttft_floor_ratio']:.2f}x) "
                 f"| {row['tpot_ms']:.1f} ({row['tpot_floor_ratio']:.2f}x) "
                 f"| {peak} | {_gib(row['kv_cache_bytes'])} "
-                f"| {_num(row.get('ingest_fps'), 0)} | {_share(share, row.get('compression_share_pipelined'))} |"
+                f"| {_speeds(row.get('ingest_fps'), row.get('ingest_fps_median_chunk'))} "
+                f"| {_share(share, row.get('compression_share_pipelined'))} |"
             )
         lines.append("")
     targets = results.get("targets") or []
@@ -92,6 +93,11 @@ def markdown_table(results: dict[str, Any]) -> str:
             lines.append(f"| {c['shape']} | {c['dtype']} | {c['hermes_unlimited_equals_full']} | {graphs} |")
         lines.append("")
     return "\n".join(lines)
+
+
+def _speeds(segment: float | None, median_chunk: float | None) -> str:
+    """A row's ingest speeds: over the segment, then of its median chunk (when measured)."""
+    return _num(segment, 0) if median_chunk is None else f"{_num(segment, 0)} / {median_chunk:.0f}"
 
 
 def _share(synchronised: float | None, pipelined: float | None) -> str:
