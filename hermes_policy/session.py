@@ -262,8 +262,17 @@ class StreamingSession:
                 self._pending_times.append(None)
         chunks = compressions = 0
         with torch.inference_mode():
-            while len(self._pending) >= self.chunk_frames:
-                compressions += self._ingest_chunk(self.chunk_frames)
+            encoded = self._encode_pending(self.chunk_frames) if len(self._pending) >= self.chunk_frames else None
+            while encoded is not None:
+                piece, n = encoded
+                attention = self._prefill_encoded(piece, n)
+                # the next chunk is encoded while the GPU runs this one's forward: the
+                # compression step below waits for the GPU once (its kept indices), and the
+                # video processor's host work would otherwise follow that wait with the
+                # GPU idle
+                more = len(self._pending) >= self.chunk_frames
+                encoded = self._encode_pending(self.chunk_frames) if more else None
+                compressions += self._apply_retention(attention)
                 chunks += 1
         self._sync()
         return IngestReport(
@@ -454,16 +463,27 @@ class StreamingSession:
                 self.phase_seconds[name] = self.phase_seconds.get(name, 0.0) + time.perf_counter() - start
 
     def _ingest_chunk(self, n: int) -> int:
-        frames, self._pending = self._pending[:n], self._pending[n:]
-        times, self._pending_times = self._pending_times[:n], self._pending_times[n:]
+        piece, n = self._encode_pending(n)
+        return self._apply_retention(self._prefill_encoded(piece, n))
+
+    def _encode_pending(self, n: int) -> tuple[StreamPiece, int]:
+        """The first ``n`` pending frames as a piece; they stay queued until prefilled
+        (:meth:`_prefill_encoded`), so a failure in between loses no frame."""
+        times = self._pending_times[:n]
         with self._phase("encode"):
             piece = self.adapter.frames_piece(
-                _stack_frames(frames), self.frames_seen, None if None in times else times
+                _stack_frames(self._pending[:n]), self.frames_seen, None if None in times else times
             )
+        return piece, n
+
+    def _prefill_encoded(self, piece: StreamPiece, n: int) -> list[torch.Tensor | None] | None:
+        """Prefill the encoded first ``n`` pending frames, then dequeue them; returns the
+        pseudo-query attention that rode along, if any."""
         with self._phase("prefill"):
             attention = self._prefill_chunk(piece)
+        self._pending, self._pending_times = self._pending[n:], self._pending_times[n:]
         self.frames_seen += n
-        return self._apply_retention(attention)
+        return attention
 
     def _prefill_chunk(self, piece: StreamPiece) -> list[torch.Tensor | None] | None:
         """Prefill a chunk; when the rule will compress after it, run its pseudo-queries too.

@@ -149,3 +149,55 @@ def test_garbage_collection_pauses_only_until_the_first_token(tiny_adapter):
     session.add_frames(torch.randint(0, 250, (4, tiny_adapter.tokens_per_frame)))
     session.ask("Where?", max_new_tokens=3)
     assert gc.isenabled()
+
+
+def test_many_chunks_in_one_call_equal_one_call_per_chunk(tiny_adapter):
+    """Within one add_frames call the next chunk is encoded before the current chunk's
+    compression step (its host work then overlaps the GPU's): same cache, same answers as
+    chunk-by-chunk calls, and a failure in the compression step loses no frame."""
+    from test_answer_paths import rules, text_frames
+
+    frames = text_frames(tiny_adapter, 24, seed=4)
+    sessions = []
+    for batched in (False, True):
+        session = StreamingSession(tiny_adapter, rules(tiny_adapter, 48)["hermes"], chunk_frames=4)
+        if batched:
+            session.add_frames(frames)
+        else:
+            for start in range(0, 24, 4):
+                session.add_frames(frames[start : start + 4])
+        sessions.append((session, session.ask("Where is the ball?", max_new_tokens=5).token_ids))
+    (single, single_answer), (batched, batched_answer) = sessions
+    assert batched.compressions == single.compressions > 0 and batched_answer == single_answer
+    for layer in range(tiny_adapter.num_layers):
+        a, b = single.store.layer(layer), batched.store.layer(layer)
+        assert torch.equal(a.positions, b.positions) and torch.equal(a.frame_index, b.frame_index)
+        torch.testing.assert_close(b.keys, a.keys, atol=1e-6, rtol=1e-5)
+
+    # the order of the work: chunk k + 1 encoded between chunk k's forward and its compression
+    session = StreamingSession(tiny_adapter, rules(tiny_adapter, 48)["fifo"], chunk_frames=4)
+    events = []
+    encode, retain = session.adapter.frames_piece, session._apply_retention
+
+    def traced_encode(chunk, first, *args, **kwargs):
+        events.append(("encode", first))
+        return encode(chunk, first, *args, **kwargs)
+
+    def traced_retain(*args, **kwargs):
+        events.append(("compress", session.frames_seen))
+        return retain(*args, **kwargs)
+
+    session.adapter.frames_piece, session._apply_retention = traced_encode, traced_retain
+    try:
+        session.add_frames(frames[:12])
+    finally:
+        del session.adapter.frames_piece
+    assert events == [("encode", 0), ("encode", 4), ("compress", 4), ("encode", 8), ("compress", 8), ("compress", 12)]
+
+    def failing(*args, **kwargs):
+        raise RuntimeError("compression failed")
+
+    session._apply_retention = failing
+    with pytest.raises(RuntimeError, match="compression failed"):
+        session.add_frames(frames[12:20])
+    assert session.frames_seen == 16 and len(session._pending) == 4  # the next chunk still queued
