@@ -468,12 +468,17 @@ class StreamingSession:
 
     def _encode_pending(self, n: int) -> tuple[StreamPiece, int]:
         """The first ``n`` pending frames as a piece; they stay queued until prefilled
-        (:meth:`_prefill_encoded`), so a failure in between loses no frame."""
+        (:meth:`_prefill_encoded`), so a failure in between loses no frame. Frames that
+        cannot be encoded (bad input) are dropped with the error: the session stays usable."""
         times = self._pending_times[:n]
-        with self._phase("encode"):
-            piece = self.adapter.frames_piece(
-                _stack_frames(self._pending[:n]), self.frames_seen, None if None in times else times
-            )
+        try:
+            with self._phase("encode"):
+                piece = self.adapter.frames_piece(
+                    _stack_frames(self._pending[:n]), self.frames_seen, None if None in times else times
+                )
+        except Exception:
+            self._pending, self._pending_times = self._pending[n:], self._pending_times[n:]
+            raise
         return piece, n
 
     def _prefill_encoded(self, piece: StreamPiece, n: int) -> list[torch.Tensor | None] | None:
