@@ -507,6 +507,14 @@ def attention_with_lse(
             query, key, value, None, True, 0.0, causal, False, scale=scaling
         )[:2]
         return out, lse.view(out.shape[:-1])
+    return explicit_attention_with_lse(query, key, value, scaling, causal)
+
+
+def explicit_attention_with_lse(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float, causal: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`attention_with_lse` as explicit float32 products (CPU, tests, and where no
+    fused kernel returns the log-sum-exp)."""
     heads, q_len = query.shape[1], query.shape[2]
     groups = heads // key.shape[1]
     wide = torch.promote_types(query.dtype, torch.float32)
@@ -698,11 +706,11 @@ def unmasked_attention_with_lse(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Every query over every key, and each row's log-sum-exp (natural logarithm).
 
-    The query heads of each KV head are stacked along the query axis (exact without a
-    mask), so grouped heads need no repeated keys. On CUDA in half precision the flash
-    kernel, which needs no execution plan per shape (cuDNN's costs ~65 ms for each new key
-    length, and a growing cache has a new one every chunk); elsewhere explicit float32
-    products (CPU, tests).
+    On CUDA in half precision the flash kernel, with the query heads of each KV head
+    stacked along the query axis (exact without a mask, so grouped heads need no repeated
+    keys); it needs no execution plan per shape (cuDNN's costs ~65 ms for each new key
+    length, and a growing cache has a new one every chunk). Elsewhere
+    :func:`explicit_attention_with_lse` (CPU, tests).
 
     Parameters
     ----------
@@ -713,26 +721,21 @@ def unmasked_attention_with_lse(
     -------
     output ``(batch, heads, q, head_dim)``, lse ``(batch, heads, q)`` float32 (or wider)
     """
-    batch, heads, q_len, dim = query.shape
-    kv_heads = key.shape[1]
-    stacked = query.reshape(batch, kv_heads, heads // kv_heads * q_len, dim)
-    out = lse = None
     if query.device.type == "cuda" and query.dtype in HALF_DTYPES and _FLASH_LSE[0]:
+        batch, heads, q_len, dim = query.shape
+        kv_heads = key.shape[1]
+        stacked = query.reshape(batch, kv_heads, heads // kv_heads * q_len, dim)
         try:
             out, lse = torch.ops.aten._scaled_dot_product_flash_attention(
                 stacked, key, value, 0.0, False, False, scale=scaling
             )[:2]
+            return out.reshape(batch, heads, q_len, dim), lse.reshape(batch, heads, q_len)
         except (RuntimeError, TypeError) as error:  # a build or device without it: explicit from now on
             if torch.cuda.is_current_stream_capturing():
                 raise
             _FLASH_LSE[0] = False
             warnings.warn(f"flash attention with log-sum-exp failed ({error}); using explicit products", stacklevel=2)
-    if out is None:
-        wide = torch.promote_types(query.dtype, torch.float32)
-        scores = torch.matmul(stacked.to(wide), key.to(wide).transpose(-1, -2)) * scaling
-        lse = torch.logsumexp(scores, dim=-1)
-        out = torch.matmul(torch.exp(scores - lse.unsqueeze(-1)), value.to(wide)).to(query.dtype)
-    return out.reshape(batch, heads, q_len, dim), lse.reshape(batch, heads, q_len)
+    return explicit_attention_with_lse(query, key, value, scaling)
 
 
 def _probabilities_from_lse(scores: torch.Tensor, lse: torch.Tensor, scaling: float, head_mean: bool) -> torch.Tensor:

@@ -262,16 +262,14 @@ class StreamingSession:
                 self._pending_times.append(None)
         chunks = compressions = 0
         with torch.inference_mode():
-            encoded = self._encode_pending(self.chunk_frames) if len(self._pending) >= self.chunk_frames else None
+            encoded = self._encode_next_chunk()
             while encoded is not None:
-                piece, n = encoded
-                attention = self._prefill_encoded(piece, n)
+                attention = self._prefill_encoded(*encoded)
                 # the next chunk is encoded while the GPU runs this one's forward: the
                 # compression step below waits for the GPU once (its kept indices), and the
                 # video processor's host work would otherwise follow that wait with the
                 # GPU idle
-                more = len(self._pending) >= self.chunk_frames
-                encoded = self._encode_pending(self.chunk_frames) if more else None
+                encoded = self._encode_next_chunk()
                 compressions += self._apply_retention(attention)
                 chunks += 1
         self._sync()
@@ -466,6 +464,10 @@ class StreamingSession:
         piece, n = self._encode_pending(n)
         return self._apply_retention(self._prefill_encoded(piece, n))
 
+    def _encode_next_chunk(self) -> tuple[StreamPiece, int] | None:
+        """:meth:`_encode_pending` of a full chunk, or None while fewer frames wait."""
+        return self._encode_pending(self.chunk_frames) if len(self._pending) >= self.chunk_frames else None
+
     def _encode_pending(self, n: int) -> tuple[StreamPiece, int]:
         """The first ``n`` pending frames as a piece; they stay queued until prefilled
         (:meth:`_prefill_encoded`), so a failure in between loses no frame. Frames that
@@ -504,12 +506,13 @@ class StreamingSession:
             if request is not None:
                 prompts = [self.adapter.question_piece(p) for p in request.prompts]
                 reach = piece.extent + max(p.extent for p in prompts) + PROMPT_QUANTUM  # padding
-                lazy = rule.reindex == "lazy"
-                if lazy and self._near_position_limit(reach):
+                near_limit = rule.reindex == "lazy" and self._near_position_limit(reach)
+                if near_limit:
                     # compacted now, not inside the chunk's prefill: the pseudo-queries still
                     # ride with the chunk (a separate pass reads the weights a second time)
                     self._reindex_all()
-                if not (lazy and self._near_position_limit(reach)):
+                    near_limit = self._near_position_limit(reach)
+                if not near_limit:
                     self.fused_guidance_passes += 1
                     return self.guidance_attention(request, lead=piece, prompt_pieces=prompts)
         self._prefill(piece, ingest=True)

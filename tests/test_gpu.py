@@ -200,6 +200,30 @@ def test_ingest_graphs_equal_eager_ingest(tiny_llama_dir, dtype):
             )
 
 
+def assert_graphed_ingest_equals_eager(adapter, frames, budget: int) -> StreamingSession:
+    """Hermes ingest of ``frames`` (chunks of 4) with and without ingest graphs: the graphed
+    session replays captured shapes, runs fused pseudo-queries, and ends with the eager
+    session's answer, cache lengths, positions and keys. Returns the graphed session."""
+    from hermes_policy.policy import ModelInfo, paper_default
+    from hermes_policy.retention import HermesRetention
+
+    runs = {}
+    for graphs in (False, True):
+        rule = HermesRetention(policy=paper_default(ModelInfo.of(adapter), budget=budget))
+        session = StreamingSession(adapter, rule, chunk_frames=4, ingest_graphs=graphs)
+        session.add_frames(frames)
+        runs[graphs] = (session, session.ask("What moved?", max_new_tokens=6).token_ids)
+    (eager, eager_answer), (graphed, graphed_answer) = runs[False], runs[True]
+    chunk_graphs = graphed.chunk_graphs
+    assert chunk_graphs.captures >= 1 and chunk_graphs.replays > chunk_graphs.captures and not chunk_graphs.failed
+    assert graphed.fused_guidance_passes > 0
+    assert graphed_answer == eager_answer and graphed.store.lengths() == eager.store.lengths()
+    for layer in range(adapter.num_layers):
+        assert torch.equal(graphed.store.layer(layer).positions, eager.store.layer(layer).positions)
+        torch.testing.assert_close(graphed.store.layer(layer).keys, eager.store.layer(layer).keys, atol=1e-4, rtol=1e-4)
+    return graphed
+
+
 def test_qwen2_5_vl_ingest_graphs_equal_eager_ingest(tmp_path):
     """Qwen2.5-VL's recurring ingest forwards (vision features merged outside the graph,
     sectioned 3D rotary per layer inside it) replayed as CUDA graphs, against eager ingest."""
@@ -207,26 +231,11 @@ def test_qwen2_5_vl_ingest_graphs_equal_eager_ingest(tmp_path):
     from tiny_qwen_vl import FRAME_HEIGHT, FRAME_WIDTH, tiny_qwen2_5_vl
 
     from hermes_policy.models import load_adapter
-    from hermes_policy.policy import ModelInfo, paper_default
-    from hermes_policy.retention import HermesRetention
 
     adapter = load_adapter(tiny_qwen2_5_vl(tmp_path, max_positions=4096), device="cuda", dtype=torch.float32)
     frames = np.random.default_rng(5).integers(0, 256, (48, FRAME_HEIGHT, FRAME_WIDTH, 3), dtype=np.uint8)
     # fixed once: Qwen's tokens_per_frame is an estimate until a chunk has been encoded
-    budget = 3 * adapter.tokens_per_frame + 6
-    runs = {}
-    for graphs in (False, True):
-        rule = HermesRetention(policy=paper_default(ModelInfo.of(adapter), budget=budget))
-        session = StreamingSession(adapter, rule, chunk_frames=4, ingest_graphs=graphs)
-        session.add_frames(frames)
-        runs[graphs] = (session, session.ask("What moved?", max_new_tokens=6).token_ids)
-    (eager, eager_answer), (graphed, graphed_answer) = runs[False], runs[True]
-    assert graphed.chunk_graphs.captures >= 1 and graphed.chunk_graphs.replays > graphed.chunk_graphs.captures
-    assert not graphed.chunk_graphs.failed
-    assert graphed_answer == eager_answer and graphed.store.lengths() == eager.store.lengths()
-    for layer in range(adapter.num_layers):
-        assert torch.equal(graphed.store.layer(layer).positions, eager.store.layer(layer).positions)
-        torch.testing.assert_close(graphed.store.layer(layer).keys, eager.store.layer(layer).keys, atol=1e-4, rtol=1e-4)
+    assert_graphed_ingest_equals_eager(adapter, frames, budget=3 * adapter.tokens_per_frame + 6)
 
 
 def test_llava_ingest_graphs_with_the_vision_tower_equal_eager_ingest():
@@ -234,27 +243,11 @@ def test_llava_ingest_graphs_with_the_vision_tower_equal_eager_ingest():
     tower, pooling, projector, features scattered into the ids' embeddings) and the
     fused pseudo-queries, against eager ingest (random-weight tiny shape, float32)."""
     from hermes_policy.benchmarking.shapes import build_random_adapter, get_shape, random_frames
-    from hermes_policy.policy import ModelInfo, paper_default
-    from hermes_policy.retention import HermesRetention
 
     adapter = build_random_adapter("tiny-llava-ov", device="cuda", dtype=torch.float32)
     frames = random_frames(get_shape("tiny-llava-ov"), 40, seed=3)
-    budget = 3 * adapter.tokens_per_frame + 2
-    runs = {}
-    for graphs in (False, True):
-        rule = HermesRetention(policy=paper_default(ModelInfo.of(adapter), budget=budget))
-        session = StreamingSession(adapter, rule, chunk_frames=4, ingest_graphs=graphs)
-        session.add_frames(frames)
-        runs[graphs] = (session, session.ask("What moved?", max_new_tokens=6).token_ids)
-    (eager, eager_answer), (graphed, graphed_answer) = runs[False], runs[True]
-    graphs = graphed.chunk_graphs
-    assert graphs.captures >= 1 and graphs.replays > graphs.captures and not graphs.failed
-    assert graphs.embeddings_in_graph  # no capture with the vision tower failed
-    assert graphed.fused_guidance_passes > 0
-    assert graphed_answer == eager_answer and graphed.store.lengths() == eager.store.lengths()
-    for layer in range(adapter.num_layers):
-        assert torch.equal(graphed.store.layer(layer).positions, eager.store.layer(layer).positions)
-        torch.testing.assert_close(graphed.store.layer(layer).keys, eager.store.layer(layer).keys, atol=1e-4, rtol=1e-4)
+    graphed = assert_graphed_ingest_equals_eager(adapter, frames, budget=3 * adapter.tokens_per_frame + 2)
+    assert graphed.chunk_graphs.embeddings_in_graph  # no capture with the vision tower failed
 
 
 def test_upload_through_the_pinned_ring():

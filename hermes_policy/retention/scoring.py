@@ -72,11 +72,7 @@ def smooth_across_layers(scores: list[torch.Tensor], smoothing: list[float]) -> 
 
 
 def _smooth_rows(scores: torch.Tensor, smoothing: tuple[float, ...]) -> torch.Tensor:
-    rows = list(scores.float().unbind(0))
-    for layer in range(len(rows) - 2, -1, -1):
-        lam = smoothing[layer]
-        rows[layer] = (1.0 - lam) * rows[layer] + lam * rows[layer + 1]
-    return torch.stack(rows)
+    return torch.stack(smooth_across_layers(list(scores.unbind(0)), list(smoothing)))
 
 
 smooth_rows = FusedOp(_smooth_rows)
