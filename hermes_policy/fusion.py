@@ -54,7 +54,7 @@ class FusedOp:
     with every size symbolic (``dynamic=True``), Triton cannot prove the rows' 16-byte
     alignment and loads element by element: on an H200 the ingest forward's SiLU-and-multiply
     over 1,665 x 37,888 values took 151 us and its rotary 138 us, several times what their
-    memory traffic needs (PyTorch pull request 193614 measured 0.158 ms against 0.045 ms
+    memory traffic needs (benchmarks/results/profile-llava-ov-7b-nvidia-h200-2026-12-01-diagnose.txt) (PyTorch pull request 193614 measured 0.158 ms against 0.045 ms
     static for such a kernel on an H100).
     """
 

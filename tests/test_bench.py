@@ -391,3 +391,23 @@ def test_compression_ops_benchmark_counts_launches(tmp_path):
     assert 0 < fewer["outside_attention_launches_on_cuda"] < plain["outside_attention_launches_on_cuda"]
     assert run["per_compressing_chunk"]["select"]["launches_on_cuda"] > 0
     assert run["per_compressing_chunk"]["gather"]["operators"] > 0
+
+
+def test_eviction_bookkeeping_benchmark_writes_its_figures(tmp_path):
+    """benchmarks/eviction_bookkeeping.py, small: both forms give the same arrays (checked
+    inside), and it writes both timings and their ratio."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "eviction_bookkeeping.py"
+    done = subprocess.run(
+        [sys.executable, str(script), "--layers", "2", "--repeats", "2", "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=120, check=False,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    (path,) = tmp_path.glob("eviction-bookkeeping-*.json")
+    result = json.loads(path.read_text())
+    assert result["fancy_indexing_ms"] > 0 and result["np_take_ms"] > 0
+    assert result["ratio"] == result["fancy_indexing_ms"] / result["np_take_ms"]
