@@ -446,6 +446,63 @@ def answer_ab(adapter, shape, warm: int, rounds: int = 2) -> None:
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=16, max_name_column_width=60))
 
 
+def compression_profile(adapter, shape, chunk_frames: int, warm: int, out: Path, rounds: int = 3) -> None:
+    """The compression step alone (scoring, selection, summary tokens, gathering) after a
+    compressing chunk's fused prefill, at the steady state past a question: host and GPU
+    time per step, the kernels by operator and shape, and the host's own time by function."""
+    import cProfile
+    import pstats
+    import time
+
+    session = StreamingSession(
+        adapter, make_rule("hermes", adapter, 4000), chunk_frames=chunk_frames, answer_path="static", ingest_graphs=True
+    )
+    frames = random_frames(shape, warm + chunk_frames)
+    chunk = frames[warm:]
+    session.add_frames(frames[:warm])
+    session.ask(QUESTIONS[0], max_new_tokens=4)
+    for _ in range(3):
+        session.add_frames(chunk)
+
+    def prefilled():
+        with torch.inference_mode():
+            attention = session._prefill_chunk(adapter.frames_piece(chunk, session.frames_seen))
+        session.frames_seen += chunk_frames
+        torch.cuda.synchronize()
+        return attention
+
+    host, gpu = [], []
+    for _ in range(rounds):
+        attention = prefilled()
+        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start = time.perf_counter()
+        begin.record()
+        with torch.inference_mode():
+            session._apply_retention(attention)
+        end.record()
+        torch.cuda.synchronize()
+        host.append(1e3 * (time.perf_counter() - start))
+        gpu.append(begin.elapsed_time(end))
+    print(f"compression step: {min(host):.2f} ms synchronised wall, {min(gpu):.2f} ms between its first and last GPU event (best of {rounds})")
+    attention = prefilled()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=True) as prof, torch.inference_mode():
+        session._apply_retention(attention)
+        torch.cuda.synchronize()
+    text = prof.key_averages(group_by_input_shape=True).table(sort_by="self_cuda_time_total", row_limit=30, max_name_column_width=50, max_shapes_column_width=70)
+    (out / "compression-step.txt").write_text(text)
+    print("== compression step, by operator and input shape")
+    print(text)
+    attention = prefilled()
+    profiler = cProfile.Profile()
+    with torch.inference_mode():
+        profiler.enable()
+        session._apply_retention(attention)
+        profiler.disable()
+    torch.cuda.synchronize()
+    print("== compression step, host time by function")
+    pstats.Stats(profiler).sort_stats("tottime").print_stats(25)
+
+
 def diagnose(adapter, shape, chunk_frames: int, warm: int, out: Path) -> None:
     """Profiles, grouped by input shape, of the ingest graphs' body run without a graph: a chunk's prefill alone and
     with its fused pseudo-queries (what the fusion adds, by operator), and the host time of
@@ -530,6 +587,7 @@ def main() -> None:
     parser.add_argument("--answers", action="store_true", help="only the answer's attention backends and the fewer-kernel forward A/B")
     parser.add_argument("--ab-rounds", type=int, default=2, help="--answers: A/B rounds (1: also skips the attention microbenchmark)")
     parser.add_argument("--ingest", action="store_true", help="only the ingest A/B, phases, the fused pseudo-queries' cost and the phase timeline")
+    parser.add_argument("--compression", action="store_true", help="only the compression step: its GPU kernels and host time")
     parser.add_argument("--diagnose", action="store_true", help="only shape-level profiles of the fused prefill and the answer's host time")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -545,6 +603,10 @@ def main() -> None:
         adapter = build_random_adapter(shape, tokenizer=args.tokenizer)
         ingest_comparison(adapter, shape, args.chunk, args.warm)
         ingest_phases(adapter, shape, args.chunk, args.warm, args.chunks)
+        return
+    if args.compression:
+        shape = get_shape(args.shape)
+        compression_profile(build_random_adapter(shape, tokenizer=args.tokenizer), shape, args.chunk, args.warm, args.out)
         return
     if args.diagnose:
         shape = get_shape(args.shape)

@@ -549,6 +549,17 @@ lse_a, lse_b : ``(batch, heads, q)``
 """
 
 
+def _merge_attention_into(
+    out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor, lse_b: torch.Tensor, dest: torch.Tensor
+) -> None:
+    dest.copy_(_merge_attention(out_a, lse_a, out_b, lse_b))
+
+
+merge_attention_into = FusedOp(_merge_attention_into)
+""":func:`merge_attention` written into ``dest`` ``(batch, heads, q, head_dim)``, any strides
+(a slice of a joined output): one kernel on CUDA, no copy behind it."""
+
+
 def canonical_batch_stride(tensor: torch.Tensor) -> torch.Tensor:
     """The same view with the stride of a batch axis of size 1 set from the other axes.
 
@@ -565,8 +576,13 @@ def canonical_batch_stride(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.as_strided(tensor.shape, (span, *tensor.stride()[1:]), tensor.storage_offset())
 
 
-def causal_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float) -> torch.Tensor:
+def causal_attention(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float, out: torch.Tensor | None = None
+) -> torch.Tensor:
     """SDPA of the newest ``q`` tokens over ``k`` keys, bottom-right causal.
+
+    ``out``: where to write the result ``(batch, heads, q, head_dim)`` (any strides; the
+    merge of the split path writes there directly); returned.
 
     On CUDA, a chunk over a cache at a recurring shape runs as two cuDNN calls merged by
     log-sum-exp (:func:`merge_attention`): the cached keys without a mask, the chunk's own
@@ -579,7 +595,8 @@ def causal_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
     gqa = query.shape[1] != key.shape[1]
     if query.device.type != "cuda":
         mask = bottom_right_causal_mask(q_len, k_len, query.device)
-        return F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scaling, enable_gqa=gqa)
+        result = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scaling, enable_gqa=gqa)
+        return result if out is None else out.copy_(result)
     cache = k_len - q_len
     if HAS_CUDNN_SDPA and cache > 0 and q_len >= 128 and query.dtype in HALF_DTYPES:  # (few rows: flash is short)
         query = canonical_batch_stride(query)
@@ -589,9 +606,13 @@ def causal_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
         if SPLIT_SHAPES.recurring(shape) or _STEADY[0]:
             out_cache, lse_cache = attention_with_lse(query, parts[0], parts[1], scaling, causal=False)
             out_new, lse_new = attention_with_lse(query, parts[2], parts[3], scaling, causal=True)
-            return merge_attention(out_cache, lse_cache, out_new, lse_new)
+            if out is None:
+                return merge_attention(out_cache, lse_cache, out_new, lse_new)
+            merge_attention_into(out_cache, lse_cache, out_new, lse_new, out)
+            return out
     mask = causal_lower_right(q_len, k_len) if q_len > 1 else None
-    return F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scaling, enable_gqa=gqa)
+    result = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scaling, enable_gqa=gqa)
+    return result if out is None else out.copy_(result)
 
 
 def lead_and_blocks_attention(
@@ -628,27 +649,33 @@ def lead_and_blocks_attention(
     (their own block's keys take the rest of each row's mass), or None
     """
     seen = key.shape[-2] - sum(blocks)
-    parts = []
+    joined = None
     if lead:
-        parts.append(causal_attention(query[:, :, :lead], key[:, :, :seen], value[:, :, :seen], scaling))
+        # the lead's and the blocks' outputs written side by side in (batch, q, heads,
+        # head_dim) memory, the layout the output projection reads: no join copies them
+        # (it cost ~1 ms a compressing chunk of 8 frames on the LLaVA-OV-7B shape), and the
+        # caller's transpose back copies nothing
+        batch, heads, q_len, dim = query.shape
+        joined = query.new_empty(batch, q_len, heads, dim).transpose(1, 2)
+        causal_attention(query[:, :, :lead], key[:, :, :seen], value[:, :, :seen], scaling, out=joined[:, :, :lead])
     rows = query[:, :, lead:]
     out, lse = own_blocks_attention(rows, key[:, :, seen:], value[:, :, seen:], blocks, scaling)
     lse_seen = None
     if seen:
         out_seen, lse_seen = unmasked_attention_with_lse(rows, key[:, :, :seen], value[:, :, :seen], scaling)
-        out = merge_attention(out_seen, lse_seen, out, lse)
-    parts.append(out)
+        if joined is None:
+            out = merge_attention(out_seen, lse_seen, out, lse)
+        else:
+            merge_attention_into(out_seen, lse_seen, out, lse, joined[:, :, lead:])
+    elif joined is not None:
+        joined[:, :, lead:].copy_(out)
     probs = None
     if keep_rows is not None and lse_seen is not None:
         start, stop = keep_rows
         total = torch.logaddexp(lse_seen[:, :, start:stop], lse[:, :, start:stop])
         scores = grouped_scores(rows[:, :, start:stop], key[:, :, :seen], None)
         probs = probabilities_from_lse(scores.view(*total.shape, seen), total, scaling, head_mean)
-    if len(parts) == 1:
-        return parts[0], probs
-    # joined along the tokens in (batch, q, heads, head_dim) memory, the layout the output
-    # projection reads: the caller's transpose back then copies nothing
-    return torch.cat([part.transpose(1, 2) for part in parts], dim=1).transpose(1, 2), probs
+    return (out if joined is None else joined), probs
 
 
 def own_blocks_attention(

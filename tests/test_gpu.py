@@ -138,14 +138,17 @@ def test_split_chunk_attention_on_cuda(monkeypatch):
     torch.testing.assert_close(out.float(), reference, atol=1e-2, rtol=1e-2)
 
 
+@pytest.mark.parametrize("steady", [False, True])  # True: the chunk's split cuDNN path
 @pytest.mark.parametrize("head_mean", [False, True])
-def test_pseudo_query_blocks_on_cuda(head_mean):
+def test_pseudo_query_blocks_on_cuda(head_mean, steady):
     """A chunk with pseudo-query blocks behind it (flash over the cache with its log-sum-exp,
     the blocks' own keys explicitly, merged; captured probabilities from the log-sum-exp,
     compiled) against float32 attention under the whole mask, on strided cache views."""
+    import contextlib
+
     import torch.nn.functional as F
 
-    from hermes_policy.attention import block_query_mask, lead_and_blocks_attention
+    from hermes_policy.attention import block_query_mask, lead_and_blocks_attention, steady_shapes
 
     g = torch.Generator(device="cuda").manual_seed(1)
     lead, blocks, cached = 200, [32, 64], 1500
@@ -154,7 +157,8 @@ def test_pseudo_query_blocks_on_cuda(head_mean):
     buffer = torch.randn(2, 1, 4, 2500, 128, device="cuda", generator=g).bfloat16()
     key, value = buffer[0][..., : cached + q_len, :], buffer[1][..., : cached + q_len, :]
     keep = (40, 80)  # rows of the second block
-    out, probs = lead_and_blocks_attention(query, key, value, lead, blocks, 128**-0.5, keep, head_mean)
+    with steady_shapes() if steady else contextlib.nullcontext():
+        out, probs = lead_and_blocks_attention(query, key, value, lead, blocks, 128**-0.5, keep, head_mean)
     mask = block_query_mask(blocks, cached + q_len, query.device, lead)
     wide_keys = key.float().repeat_interleave(7, 1)
     reference = F.scaled_dot_product_attention(query.float(), wide_keys, value.float().repeat_interleave(7, 1), attn_mask=mask)
@@ -365,7 +369,12 @@ def test_compiled_scoring_ops_equal_their_eager_code():
 def test_compiled_block_attention_ops_equal_their_eager_code(dtype):
     """The pseudo-query blocks' compiled ops (their own-block softmax with log-sum-exp, the
     log-sum-exp merge with the cache part) against their eager code."""
-    from hermes_policy.attention import masked_softmax_with_lse, merge_attention, own_blocks_blocked
+    from hermes_policy.attention import (
+        masked_softmax_with_lse,
+        merge_attention,
+        merge_attention_into,
+        own_blocks_blocked,
+    )
 
     g = torch.Generator(device="cuda").manual_seed(1)
     tol = 1e-5 if dtype == torch.float32 else 2e-2
@@ -380,5 +389,10 @@ def test_compiled_block_attention_ops_equal_their_eager_code(dtype):
     lse_a, lse_b = (torch.randn(1, 28, 96, device="cuda", generator=g) * 3 for _ in range(2))
     merged = merge_attention(out_a, lse_a, out_b, lse_b)
     torch.testing.assert_close(merged, merge_attention.eager(out_a, lse_a, out_b, lse_b), rtol=tol, atol=tol)
-    for op in (masked_softmax_with_lse, merge_attention):
+    # into a slice of a joined (batch, q, heads, head_dim) buffer, as the chunk's forward does
+    joined = torch.full((1, 120, 28, 128), float("nan"), device="cuda", dtype=dtype).transpose(1, 2)
+    merge_attention_into(out_a, lse_a, out_b, lse_b, joined[:, :, 24:])
+    torch.testing.assert_close(joined[:, :, 24:], merge_attention.eager(out_a, lse_a, out_b, lse_b), rtol=tol, atol=tol)
+    assert joined[:, :, :24].isnan().all()
+    for op in (masked_softmax_with_lse, merge_attention, merge_attention_into):
         assert not op.failed and op.compiled_signatures, op.name

@@ -298,3 +298,42 @@ def test_fixed_buffer_ingest_of_video_chunks(adapter, embeddings_in_graph, rule)
     for layer in range(adapter.num_layers):
         torch.testing.assert_close(fixed.store.layer(layer).keys, plain.store.layer(layer).keys, atol=1e-5, rtol=1e-5)
         assert torch.equal(fixed.store.layer(layer).frame_index, plain.store.layer(layer).frame_index)
+
+
+def test_vision_residual_stream_is_row_major_and_features_unchanged(adapter, native_model):
+    """The adapter makes SigLIP's patch embeddings contiguous, so no encoder layer reads a
+    transposed residual stream; the features equal the unmodified model's."""
+    layouts = []
+    layers = [m for m in adapter.base_model.vision_tower.modules() if type(m).__name__.endswith("EncoderLayer")]
+    handles = [layer.register_forward_pre_hook(lambda m, args: layouts.append(args[0].is_contiguous())) for layer in layers]
+    pixels = adapter.frames_piece(random_frames(2, seed=5), 0, None).model_inputs["pixel_values_videos"]
+    try:
+        with torch.inference_mode():
+            ours = adapter.video_features(pixels)
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert layouts and all(layouts)
+    # the native model, unhooked, runs the transposed layout: the check above can fail
+    native_layouts = []
+    native_layers = [m for m in native_model.model.vision_tower.modules() if type(m).__name__.endswith("EncoderLayer")]
+    handles = [
+        layer.register_forward_pre_hook(lambda m, args: native_layouts.append(args[0].is_contiguous()))
+        for layer in native_layers
+    ]
+    config = native_model.config
+    try:
+        with torch.inference_mode():
+            native = native_model.model.get_video_features(
+                pixels,
+                vision_feature_layer=config.vision_feature_layer,
+                vision_feature_select_strategy=config.vision_feature_select_strategy,
+            )
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert not all(native_layouts)
+    native = getattr(native, "pooler_output", native)
+    native = (torch.cat(list(native)) if isinstance(native, (list, tuple)) else native).reshape(-1, ours.shape[-1])
+    # ours ends with the image newline (added where this transformers version leaves it out)
+    torch.testing.assert_close(ours[: len(native)], native, atol=1e-5, rtol=1e-5)

@@ -54,6 +54,7 @@ class LlavaOnevisionAdapter(ModelAdapter):
     def __init__(self, model: Any, tokenizer: Any, processor: Any = None, name_or_path: str = ""):
         super().__init__(model, tokenizer, processor, name_or_path)
         use_matmul_pooling(self.base_model)
+        contiguous_vision_embeddings(self.base_model)
 
     # -- structure -------------------------------------------------------------------
     @property
@@ -273,3 +274,28 @@ def use_matmul_pooling(base_model: Any) -> None:
         return bilinear_pool(image_features, side, side)
 
     base_model.apply_pooling = apply_pooling
+
+
+def _contiguous_output(module: torch.nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+    return output.contiguous()
+
+
+def contiguous_vision_embeddings(base_model: Any) -> None:
+    """Make the vision tower's patch embeddings row-major (one copy a forward).
+
+    SigLIP's embedding step returns ``conv(pixels).flatten(2).transpose(1, 2)``: a
+    ``(frames, patches, hidden)`` tensor laid out hidden-major. Each encoder layer's
+    residual add keeps the layout of its first operand, so the whole residual stream
+    stays transposed: every add reads across strides and every layer norm first copies
+    its input. On an H200 that was ~5 ms of an 8-frame chunk's ~50 ms (52 adds of 48 us
+    and 54 copies of 45 us where ~7 us each would do;
+    ``benchmarks/profile_efficiency.py --diagnose``). Set on this model instance only;
+    the values do not change.
+    """
+    tower = getattr(base_model, "vision_tower", None)
+    if tower is None:
+        return
+    for module in tower.modules():
+        if type(module).__name__.endswith("VisionEmbeddings") and not getattr(module, "_hermes_contiguous", False):
+            module.register_forward_hook(_contiguous_output)
+            module._hermes_contiguous = True
