@@ -5,8 +5,10 @@ number of new tokens on the same per-layer cache lengths, with the same pseudo-q
 blocks when it compresses. Launching the ~40 kernels of each decoder layer from Python
 takes about as long as the GPU takes to run them (LLaVA-OV-7B shape on an H200: the host
 launched a fused chunk prefill in 56 ms, the GPU ran it in 77; a trace showed the GPU
-waiting between kernels), so after a shape has recurred ``after`` times the text-model
-part of the prefill is captured once and then replayed:
+waiting between kernels), so after a shape has recurred ``after`` times (or at once, when
+the session knows it will: a full chunk on a cache at its budget) the text-model part of
+the prefill is captured once and then replayed; the capture's warm-up run is that chunk's
+own forward:
 
 - the chunk's input embeddings (vision features already merged, computed eagerly by
   :meth:`~hermes_policy.models.base.ModelAdapter.input_embeddings`) and the per-layer
@@ -182,11 +184,17 @@ class ChunkGraphs:
         positions: list[torch.Tensor],
         context: tuple = (),
         collected: list[Any] | None = None,
+        recurring: bool = False,
     ) -> bool:
         """Run ``piece`` through the text model from a graph; False: the caller runs it eagerly.
 
         A shape (its length, every layer's length, ``context``: what else shapes the
-        forward, such as pseudo-query blocks) is captured on its ``after + 1``-th call.
+        forward, such as pseudo-query blocks) is captured on its ``after + 1``-th call, or
+        on its first when the caller knows it will recur (``recurring``: a full chunk on a
+        cache at its budget, which the chunk's compression brings back to the same lengths).
+        The capture's warm-up run is the call's own forward (its keys, values and collected
+        attention are kept; the graph records the same work without running it), so a
+        capture costs one forward and the recording, not an extra replay.
 
         Parameters
         ----------
@@ -194,6 +202,7 @@ class ChunkGraphs:
         context : a hashable description of the attention contexts active around the call
         collected : a list the forward fills (an attention capture's callback); after a
             replay it holds what the captured forward put there (graph memory)
+        recurring : capture this shape now if it is not yet
 
         Returns
         -------
@@ -208,7 +217,7 @@ class ChunkGraphs:
         signature = None if graph_inputs is None else tuple((k, tuple(v.shape), v.dtype) for k, v in graph_inputs.items())
         key = (len(piece), lengths, store.prefix_len, context, None if collected is None else len(collected), signature)
         graph = self._graphs.pop(key, None)
-        if graph is None and (key in self.failed or not self._shapes.recurring(key)):
+        if graph is None and (key in self.failed or not (self._shapes.recurring(key) or recurring)):
             return False
         if graph_inputs is None:  # embedded before the graph, which reads the embeddings
             embeds = self.adapter.input_embeddings(piece)
@@ -218,17 +227,19 @@ class ChunkGraphs:
             inputs, embed = {"embeds": embeds}, _given_embeddings
         else:
             inputs, embed = graph_inputs, self.adapter.embeddings_from_inputs
+        ran: Outputs | None = None  # the outputs of a capture's warm-up, which was this call's forward
         if graph is None:
             self._reserve(lengths, len(piece))
-            graph = self._build(key, inputs, embed, positions, collected)
-            if graph is None:
+            built = self._build(key, inputs, embed, positions, collected)
+            if built is None:
                 return False
+            graph, ran = built
         else:
             self._load(graph, inputs, positions)
         self._graphs[key] = graph  # (re)inserted last: the least recently used goes first
         graph.collected = collected
-        _, extra = graph.run()
-        self.replays += 1
+        _, extra = graph.run() if ran is None else ran
+        self.replays += 1  # forwards run from the fixed buffers (a capture's warm-up included)
         self._advance(lengths, len(piece))
         if collected is not None:
             collected[:] = list(extra)
@@ -271,7 +282,9 @@ class ChunkGraphs:
         embed: Callable[[dict[str, torch.Tensor]], torch.Tensor],
         positions: list[torch.Tensor],
         collected: list[Any] | None,
-    ) -> _ChunkGraph | None:
+    ) -> tuple[_ChunkGraph, Outputs | None] | None:
+        """The graph of ``key`` (None: its capture failed), and the outputs of the forward
+        its capture already ran (None without graphs: nothing ran yet)."""
         device = self.adapter.device
         lengths = key[1]
         static_inputs = {name: torch.empty(v.shape, dtype=v.dtype, device=device) for name, v in inputs.items()}
@@ -294,11 +307,12 @@ class ChunkGraphs:
 
         graph = _ChunkGraph(None, body, static_inputs, static_positions, collected=collected)
         self._load(graph, inputs, positions)
+        ran = None
         if self.use_graphs:
             while len(self._graphs) >= MAX_GRAPHS:  # the least recently used goes
                 self._graphs.pop(next(iter(self._graphs)))
             try:
-                graph.graph, graph.outputs = self._capture(body)
+                graph.graph, graph.outputs, ran = self._capture(body)
             except Exception as error:  # a forward that syncs with the host, an uncapturable kernel
                 if embed is not _given_embeddings:
                     # the embedding step is the likelier culprit: embed before the graph from now on
@@ -319,19 +333,30 @@ class ChunkGraphs:
                 return None
             self.captures += 1
         self._graphs[key] = graph
-        return graph
+        return graph, ran
 
-    def _capture(self, body: Callable[[], Outputs]) -> tuple[torch.cuda.CUDAGraph, Outputs]:
-        """Warm up on a side stream (plans and workspaces for the steady kernels), then capture."""
+    def _capture(self, body: Callable[[], Outputs]) -> tuple[torch.cuda.CUDAGraph, Outputs, Outputs]:
+        """Warm up on a side stream (plans and workspaces for the steady kernels), then
+        capture; returns the graph, its output buffers, and the warm-up's outputs.
+
+        The warm-up is a real run of the forward (it writes the chunk's keys and values and
+        its captured attention); recording the graph runs nothing, so the caller keeps the
+        warm-up's results instead of replaying the graph once more.
+        """
         device = self.adapter.device
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
+        current = torch.cuda.current_stream(device)
         stream = torch.cuda.Stream(device)
-        stream.wait_stream(torch.cuda.current_stream(device))
+        stream.wait_stream(current)
         with torch.cuda.stream(stream):
-            body()
-        torch.cuda.current_stream(device).wait_stream(stream)
+            warm = body()
+        current.wait_stream(stream)
+        for tensor in (warm[0], *warm[1]):
+            if isinstance(tensor, torch.Tensor):
+                # allocated on the side stream, read on this one: not reused before that is done
+                tensor.record_stream(current)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self._pool):
             outputs = body()
-        return graph, outputs
+        return graph, outputs, warm

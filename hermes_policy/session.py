@@ -487,13 +487,16 @@ class StreamingSession:
         """Prefill the encoded first ``n`` pending frames, then dequeue them; returns the
         pseudo-query attention that rode along, if any."""
         with self._phase("prefill"):
-            attention = self._prefill_chunk(piece)
+            attention = self._prefill_chunk(piece, recurring=n == self.chunk_frames and self._at_budget())
         self._pending, self._pending_times = self._pending[n:], self._pending_times[n:]
         self.frames_seen += n
         return attention
 
-    def _prefill_chunk(self, piece: StreamPiece) -> list[torch.Tensor | None] | None:
+    def _prefill_chunk(self, piece: StreamPiece, recurring: bool = False) -> list[torch.Tensor | None] | None:
         """Prefill a chunk; when the rule will compress after it, run its pseudo-queries too.
+
+        ``recurring``: the forward's shape will recur (a full chunk on a cache at its
+        budget), so its CUDA graph is captured now (:class:`~hermes_policy.chunk_graphs.ChunkGraphs`).
 
         The pseudo-queries ride in the same forward as the chunk (after it, each seeing the
         cache, the chunk and itself; :class:`~hermes_policy.attention.QueryBlocks` with a
@@ -514,8 +517,8 @@ class StreamingSession:
                     near_limit = self._near_position_limit(reach)
                 if not near_limit:
                     self.fused_guidance_passes += 1
-                    return self.guidance_attention(request, lead=piece, prompt_pieces=prompts)
-        self._prefill(piece, ingest=True)
+                    return self.guidance_attention(request, lead=piece, prompt_pieces=prompts, recurring=recurring)
+        self._prefill(piece, ingest=True, recurring=recurring)
         return None
 
     def layer_positions(self, piece: StreamPiece) -> list[torch.Tensor]:
@@ -532,6 +535,7 @@ class StreamingSession:
         ingest: bool = False,
         context: tuple = (),
         collected: list[Any] | None = None,
+        recurring: bool = False,
     ) -> torch.Tensor | None:
         """Run a piece on top of the store; returns hidden states (all, or the last one),
         or None for ingest run from fixed buffers (nothing downstream reads them).
@@ -540,13 +544,18 @@ class StreamingSession:
         so lazy re-indexing may run first if the piece would reach the position limit, and
         a recurring shape may be replayed from a CUDA graph; ``context`` describes the
         attention contexts active around the call and ``collected`` is the list their
-        callbacks fill (both for :class:`~hermes_policy.chunk_graphs.ChunkGraphs`).
+        callbacks fill, and ``recurring`` whether the shape is known to recur (all three for
+        :class:`~hermes_policy.chunk_graphs.ChunkGraphs`).
         """
         if ingest and self.retention.reindex == "lazy" and self._near_position_limit(piece.extent):
             self._reindex_all()
         positions = self.layer_positions(piece)
         self._check_position_limit(positions)
-        if ingest and self.chunk_graphs is not None and self.chunk_graphs.prefill(piece, positions, context, collected):
+        if (
+            ingest
+            and self.chunk_graphs is not None
+            and self.chunk_graphs.prefill(piece, positions, context, collected, recurring=recurring)
+        ):
             self.store.record_appended(positions, piece.frame_index)
             return None  # ingest keeps no hidden states
         uniform = all(np.array_equal(positions[0].numpy(), p.numpy()) for p in positions[1:])
@@ -614,6 +623,7 @@ class StreamingSession:
         request: GuidanceRequest,
         lead: StreamPiece | None = None,
         prompt_pieces: list[StreamPiece] | None = None,
+        recurring: bool = False,
     ) -> list[torch.Tensor | None]:
         """Run pseudo-queries on the cache and return each layer's attention over its stream.
 
@@ -628,6 +638,7 @@ class StreamingSession:
         lead : a piece to prefill (and keep) in the same forward before the prompts, which
             then see it as part of the cache (a chunk of frames: fused guidance)
         prompt_pieces : the prompts already turned into pieces (default: from ``request``)
+        recurring : this forward's shape will recur (see :meth:`_prefill_chunk`)
 
         Returns
         -------
@@ -679,13 +690,21 @@ class StreamingSession:
         # what shapes this forward besides its length and the cache lengths (graph keys)
         context = ("guidance", lead_len, tuple(sizes), tuple(sorted((k, v.start, v.stop) for k, v in rows.items())))
         with blocks, capture, torch.inference_mode():
-            self._prefill(merged, ingest=True, context=context, collected=result)
+            self._prefill(merged, ingest=True, context=context, collected=result, recurring=recurring)
         self.store.truncate(lengths)
         # the mean over each prompt's own tokens (its padding left out)
         for layer, idx in enumerate(request.layer_prompt):
             if idx is not None and result[layer] is not None:
                 result[layer] = result[layer][: real_lengths[idx]].mean(dim=0)
         return result
+
+    def _at_budget(self) -> bool:
+        """True when every layer holds exactly its budget of stream tokens: a full chunk then
+        brings each layer over it, and the compression back to it, so the next chunk meets
+        the same cache lengths (the steady state whose forwards recur)."""
+        rule = self.retention
+        budgets = [rule.budget_of(layer) for layer in range(self.store.num_layers)]
+        return None not in budgets and self.store.stream_lengths() == budgets
 
     def _near_position_limit(self, upcoming: int = 0) -> bool:
         """True when positions (plus ``upcoming`` new ones) come within the margin of the limit."""

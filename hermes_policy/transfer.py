@@ -1,4 +1,4 @@
-"""Host-to-device copies that do not stall the GPU queue.
+"""Copies between host and GPU that do not stall the GPU queue.
 
 A plain ``tensor.to("cuda")`` from ordinary (pageable) host memory blocks the host until
 the copy is done, and torch performs it in stream order, so the host first waits for every
@@ -74,3 +74,60 @@ def upload(tensor: torch.Tensor, device: torch.device | str) -> torch.Tensor:
         if 0 < nbytes <= ring.slot_bytes:
             return ring.upload(tensor, device)
     return tensor.pin_memory().to(device, non_blocking=True)
+
+
+class Download:
+    """Device tensors on their way to the host: the copies are queued, :meth:`wait` waits for them.
+
+    Tensors on a GPU are joined per device (one kernel) and copied into a pinned buffer
+    without blocking, so the host can queue more GPU work (the gathers that follow the
+    copy in stream order) before it waits, and then work on the host while the GPU runs
+    it. Host tensors pass through. The arrays :meth:`wait` returns view a staging buffer
+    that the next download but one reuses: read them before then.
+    """
+
+    _staging: list[torch.Tensor | None] = [None, None]  # pinned, reused in turn (grown when short)
+    _turn = [0]
+
+    def __init__(self, tensors: list[torch.Tensor]):
+        self._shapes = [tuple(t.shape) for t in tensors]
+        self._host: list[np.ndarray | None] = [t.numpy() if t.device.type == "cpu" else None for t in tensors]
+        self._pending: list[tuple[list[int], torch.Tensor, torch.Tensor, object]] = []
+        remote: dict[torch.device, list[int]] = {}
+        for i, tensor in enumerate(tensors):
+            if tensor.device.type != "cpu":
+                remote.setdefault(tensor.device, []).append(i)
+        for device, members in remote.items():
+            flat = torch.cat([tensors[i].reshape(-1) for i in members])
+            if device.type != "cuda":
+                self._pending.append((members, flat.cpu(), flat, None))
+                continue
+            staged = self._stage(flat)
+            staged.copy_(flat, non_blocking=True)
+            done = torch.cuda.Event()
+            done.record(torch.cuda.current_stream(device))
+            self._pending.append((members, staged, flat, done))
+
+    @classmethod
+    def _stage(cls, flat: torch.Tensor) -> torch.Tensor:
+        nbytes = flat.numel() * flat.element_size()
+        turn = cls._turn[0]
+        cls._turn[0] = (turn + 1) % len(cls._staging)
+        buffer = cls._staging[turn]
+        if buffer is None or buffer.numel() < nbytes:
+            with torch.inference_mode(False):
+                buffer = cls._staging[turn] = torch.empty(max(nbytes, 1 << 20), dtype=torch.uint8, pin_memory=True)
+        return buffer[:nbytes].view(flat.dtype)
+
+    def wait(self) -> list[np.ndarray]:
+        """The tensors as numpy arrays, once their copies are done."""
+        out = list(self._host)
+        for members, staged, flat, done in self._pending:
+            if done is not None:
+                done.synchronize()
+            sizes = [int(np.prod(self._shapes[i], dtype=np.int64)) for i in members]
+            for i, part in zip(members, staged.split(sizes), strict=True):
+                out[i] = part.view(self._shapes[i]).numpy()
+            del flat  # kept alive until the copy ran
+        self._pending = []
+        return out  # type: ignore[return-value]

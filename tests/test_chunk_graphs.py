@@ -76,6 +76,30 @@ def test_shapes_run_eagerly_until_they_recur(tiny_adapter):
     assert graphs.replays >= 1
 
 
+@pytest.mark.parametrize("name", ["fifo", "hermes"])
+def test_a_full_chunk_at_the_budget_is_built_at_first_sight(tiny_adapter, name):
+    """Once every layer holds its budget, a full chunk's shape recurs (its compression
+    brings the cache back to the same lengths): it is built on its first call, while the
+    growing cache before and a short chunk wait for the shape counter."""
+    session = StreamingSession(tiny_adapter, rules(tiny_adapter, 64)[name], chunk_frames=4, answer_path="static")
+    graphs = session.chunk_graphs = ChunkGraphs(tiny_adapter, session.store, use_graphs=False, after=3)
+    stream = text_frames(tiny_adapter, 64, seed=6)
+    runs = []
+    for start in range(0, 40, 4):
+        at_budget = session._at_budget()
+        before = graphs.replays
+        session.add_frames(stream[start : start + 4])
+        runs.append((at_budget, graphs.replays - before))
+    assert not runs[0][0] and any(at_budget for at_budget, _ in runs)
+    # every chunk met at the budget ran from fixed buffers, the first one included
+    assert all(ran == 1 for at_budget, ran in runs if at_budget)
+    assert all(ran == 0 for at_budget, ran in runs if not at_budget)
+    assert session._at_budget()
+    session.add_frames(stream[40:42])
+    session.flush()  # a short chunk: not a recurring shape
+    assert graphs.replays == sum(ran for _, ran in runs)
+
+
 def test_graphs_are_dropped_when_a_buffer_moves(tiny_adapter):
     """A graph holds the cache buffers' addresses: once any layer's buffer grows (an answer
     reserving room, say), no graph built before may run again."""

@@ -6,6 +6,7 @@ GPU machine with `python -m pytest tests/test_gpu.py`.
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -268,6 +269,24 @@ def test_upload_through_the_pinned_ring():
     for source, out in zip(sources, moved, strict=True):
         assert out.device.type == "cuda" and out.dtype == source.dtype and out.shape == source.shape
         assert torch.equal(out.cpu(), source)
+
+
+def test_download_is_queued_in_stream_order():
+    """Indices copied back without blocking: the values at the point the download was
+    queued, not those of GPU work queued after it; several rounds reuse the staging."""
+    from hermes_policy.transfer import Download
+
+    for round_ in range(4):
+        sources = [torch.arange(5000 * (round_ + 1), device="cuda"), torch.arange(6, device="cuda").view(2, 3) + round_]
+        expected = [t.cpu() for t in sources]
+        download = Download([*sources, torch.tensor([7, 8])])
+        for tensor in sources:
+            torch.cuda._sleep(1_000_000)  # the writes below run long after the copy was queued
+            tensor.add_(100)
+        out = download.wait()
+        for got, want in zip(out, [*expected, torch.tensor([7, 8])], strict=True):
+            assert got.shape == tuple(want.shape)
+            np.testing.assert_array_equal(got, want.numpy())
 
 
 def test_hermes_eviction_on_cuda_equals_cpu(tiny_llama_dir):
