@@ -185,7 +185,9 @@ def decoder_counts(session, adapter, frames: torch.Tensor) -> dict[str, dict[str
         original = graphs._build
 
         def build(*args, counter=counter, original=original):
-            graph = original(*args)
+            built = original(*args)
+            # (graph, outputs of a run already done) since 4fed92e, the graph before
+            graph = built[0] if isinstance(built, tuple) else built
             body = graph.body
 
             def counted_body():
@@ -193,7 +195,7 @@ def decoder_counts(session, adapter, frames: torch.Tensor) -> dict[str, dict[str
                     return body()
 
             graph.body = counted_body
-            return graph
+            return built
 
         graphs._build = build
         session.time_phases = False

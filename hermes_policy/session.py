@@ -111,11 +111,13 @@ def pad_piece(piece: StreamPiece, quantum: int) -> StreamPiece:
     if extra == 0 or n == 0:
         return piece
     start = piece.extent
-    positions = torch.arange(start, start + extra).expand(piece.positions.shape[0], -1)
+    ids, positions, frames = piece.input_ids.numpy(), piece.positions.numpy(), piece.frame_index.numpy()
+    padding = np.broadcast_to(np.arange(start, start + extra, dtype=positions.dtype), (positions.shape[0], extra))
+    # numpy: each small torch operation on the CPU costs ~10 us and more, on every compressing chunk
     return StreamPiece(
-        input_ids=torch.cat([piece.input_ids, piece.input_ids[-1:].expand(extra)]),
-        positions=torch.cat([piece.positions, positions], dim=1),
-        frame_index=torch.cat([piece.frame_index, torch.full((extra,), -1, dtype=piece.frame_index.dtype)]),
+        input_ids=torch.from_numpy(np.concatenate([ids, np.repeat(ids[-1:], extra)])),
+        positions=torch.from_numpy(np.concatenate([positions, padding], axis=1)),
+        frame_index=torch.from_numpy(np.concatenate([frames, np.full(extra, -1, dtype=frames.dtype)])),
         model_inputs=piece.model_inputs,
     )
 
@@ -208,6 +210,7 @@ class StreamingSession:
         if ingest_graphs and (adapter.device.type != "cuda" or split):
             raise StreamError("ingest_graphs needs the whole model on one CUDA device")
         self.fuse_guidance = fuse_guidance
+        self._prompt_pieces: dict[str, StreamPiece] = {}
         self.time_phases = False
         self.phase_seconds: dict[str, float] = {}
         # (phase, host start, host end, CUDA event at start, at end) when set to a list
@@ -507,7 +510,7 @@ class StreamingSession:
         if self.fuse_guidance and rule.needs_compression(self.store, upcoming=len(piece)):
             request = rule.guidance(self.store, [(t.question, t.answer) for t in self.history])
             if request is not None:
-                prompts = [self.adapter.question_piece(p) for p in request.prompts]
+                prompts = [self._prompt_piece(p) for p in request.prompts]
                 reach = piece.extent + max(p.extent for p in prompts) + PROMPT_QUANTUM  # padding
                 near_limit = rule.reindex == "lazy" and self._near_position_limit(reach)
                 if near_limit:
@@ -520,6 +523,16 @@ class StreamingSession:
                     return self.guidance_attention(request, lead=piece, prompt_pieces=prompts, recurring=recurring)
         self._prefill(piece, ingest=True, recurring=recurring)
         return None
+
+    def _prompt_piece(self, prompt: str) -> StreamPiece:
+        """A guidance prompt as a piece, tokenised once: the prompts change only with the
+        conversation, and every compressing chunk asks for them."""
+        cached = self._prompt_pieces.get(prompt)
+        if cached is None:
+            if len(self._prompt_pieces) >= 8:  # the prompts of earlier questions
+                self._prompt_pieces.clear()
+            cached = self._prompt_pieces[prompt] = self.adapter.question_piece(prompt)
+        return cached
 
     def layer_positions(self, piece: StreamPiece) -> list[torch.Tensor]:
         """Absolute positions of a piece in each layer: that layer's next free position + relative."""
@@ -660,10 +673,13 @@ class StreamingSession:
         # Prompts start where the lead ends (the layer's next free position after it).
         shift = lead.extent if lead is not None else 0
         parts = ([lead] if lead is not None else []) + pieces
+        # joined in numpy (the host's work here is on every compressing chunk's path)
         merged = StreamPiece(
-            input_ids=torch.cat([p.input_ids for p in parts]),
-            positions=torch.cat([p.positions + (shift if p is not lead else 0) for p in parts], dim=1),
-            frame_index=torch.cat([p.frame_index for p in parts]),
+            input_ids=torch.from_numpy(np.concatenate([p.input_ids.numpy() for p in parts])),
+            positions=torch.from_numpy(
+                np.concatenate([p.positions.numpy() + (shift if p is not lead else 0) for p in parts], axis=1)
+            ),
+            frame_index=torch.from_numpy(np.concatenate([p.frame_index.numpy() for p in parts])),
             model_inputs=lead.model_inputs if lead is not None else {},
         )
         # each layer's whole padded prompt block: the rows are part of a CUDA graph's shape,
