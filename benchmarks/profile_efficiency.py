@@ -220,10 +220,10 @@ def ingest_comparison(adapter, shape, chunk_frames: int, warm: int, chunks: int 
         torch.cuda.empty_cache()
 
 
-def ingest_phases(adapter, shape, chunk_frames: int, warm: int, chunks: int):
-    """A session past its budget and past a question (the guidance prompts quote it), then
-    per compressing chunk: the phases timed with synchronisation, the fused pseudo-queries'
-    cost (A/B) and the phase timeline without synchronisation. Returns the session and chunk."""
+def steady_session(adapter, shape, chunk_frames: int, warm: int):
+    """A hermes session (4K budget, ingest graphs) past its budget and past a question (the
+    guidance prompts quote it), its steady compressing shape captured; and the chunk of
+    frames that recurs."""
     session = StreamingSession(
         adapter, make_rule("hermes", adapter, 4000), chunk_frames=chunk_frames, answer_path="static", ingest_graphs=True
     )
@@ -233,6 +233,14 @@ def ingest_phases(adapter, shape, chunk_frames: int, warm: int, chunks: int):
     session.ask(QUESTIONS[0], max_new_tokens=4)
     for _ in range(3):  # the steady shape with these prompts recurs, is captured
         session.add_frames(chunk)
+    return session, chunk
+
+
+def ingest_phases(adapter, shape, chunk_frames: int, warm: int, chunks: int):
+    """A session past its budget and past a question (the guidance prompts quote it), then
+    per compressing chunk: the phases timed with synchronisation, the fused pseudo-queries'
+    cost (A/B) and the phase timeline without synchronisation. Returns the session and chunk."""
+    session, chunk = steady_session(adapter, shape, chunk_frames, warm)
     session.time_phases = True
     session.phase_seconds = {}
     for _ in range(chunks):
@@ -454,15 +462,7 @@ def compression_profile(adapter, shape, chunk_frames: int, warm: int, out: Path,
     import pstats
     import time
 
-    session = StreamingSession(
-        adapter, make_rule("hermes", adapter, 4000), chunk_frames=chunk_frames, answer_path="static", ingest_graphs=True
-    )
-    frames = random_frames(shape, warm + chunk_frames)
-    chunk = frames[warm:]
-    session.add_frames(frames[:warm])
-    session.ask(QUESTIONS[0], max_new_tokens=4)
-    for _ in range(3):
-        session.add_frames(chunk)
+    session, chunk = steady_session(adapter, shape, chunk_frames, warm)
 
     def prefilled():
         with torch.inference_mode():
