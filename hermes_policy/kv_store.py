@@ -205,8 +205,8 @@ class KVStore:
         host = download.wait()
         summary_positions = dict(zip(extras, host[len(decisions) :], strict=True))
         for layer, host_indices in zip(decisions, host[: len(decisions)], strict=True):
-            # np.take, not fancy indexing plus a contiguous copy: 3x less host time while the
-            # GPU waits for the next chunk (benchmarks/eviction_bookkeeping.py)
+            # np.take, not fancy indexing plus a contiguous copy: 3x less host time, which
+            # the gathers must cover (benchmarks/eviction_bookkeeping.py)
             positions = np.take(self.positions[layer].numpy(), host_indices, axis=1)
             frames = np.take(self.frame_index[layer].numpy(), host_indices)
             if layer in extras:

@@ -79,55 +79,65 @@ def upload(tensor: torch.Tensor, device: torch.device | str) -> torch.Tensor:
 class Download:
     """Device tensors on their way to the host: the copies are queued, :meth:`wait` waits for them.
 
-    Tensors on a GPU are joined per device (one kernel) and copied into a pinned buffer
-    without blocking, so the host can queue more GPU work (the gathers that follow the
-    copy in stream order) before it waits, and then work on the host while the GPU runs
-    it. Host tensors pass through. The arrays :meth:`wait` returns view a staging buffer
-    that the next download but one reuses: read them before then.
+    Tensors on GPUs are joined per device (one kernel each) and copied into one pinned
+    staging buffer without blocking, so the host can queue more GPU work (the gathers that
+    follow the copies in stream order) before it waits, and then work on the host while the
+    GPU runs it. Host tensors pass through. The arrays :meth:`wait` returns view the staging
+    buffer, which the next download but one reuses: read them before then.
     """
 
-    _staging: list[torch.Tensor | None] = [None, None]  # pinned, reused in turn (grown when short)
+    _staging: list[torch.Tensor | None] = [None, None]  # pinned, one per download in turn (grown when short)
     _turn = [0]
 
     def __init__(self, tensors: list[torch.Tensor]):
         self._shapes = [tuple(t.shape) for t in tensors]
         self._host: list[np.ndarray | None] = [t.numpy() if t.device.type == "cpu" else None for t in tensors]
-        self._pending: list[tuple[list[int], torch.Tensor, torch.Tensor, object]] = []
         remote: dict[torch.device, list[int]] = {}
         for i, tensor in enumerate(tensors):
             if tensor.device.type != "cpu":
                 remote.setdefault(tensor.device, []).append(i)
-        for device, members in remote.items():
-            flat = torch.cat([tensors[i].reshape(-1) for i in members])
-            if device.type != "cuda":
-                self._pending.append((members, flat.cpu(), flat, None))
+        # per device: its members, its joined tensor (kept alive until its copy ran), and the
+        # event after its copy (None: copied synchronously)
+        self._pending: list[tuple[list[int], torch.Tensor, torch.cuda.Event | None]] = []
+        self._staged: list[torch.Tensor] = []  # per device, where its values land on the host
+        flats = {device: torch.cat([tensors[i].reshape(-1) for i in members]) for device, members in remote.items()}
+        if not flats:
+            return
+        # one region of the staging buffer per device, each 16-byte aligned
+        spans = [-(-(f.numel() * f.element_size()) // 16) * 16 for f in flats.values()]
+        staging = self._stage(sum(spans)) if all(d.type == "cuda" for d in flats) else None
+        offset = 0
+        for (device, flat), span in zip(flats.items(), spans, strict=True):
+            if staging is None:
+                self._staged.append(flat.cpu())
+                self._pending.append((remote[device], flat, None))
                 continue
-            staged = self._stage(flat)
-            staged.copy_(flat, non_blocking=True)
+            target = staging[offset : offset + flat.numel() * flat.element_size()].view(flat.dtype)
+            offset += span
+            target.copy_(flat, non_blocking=True)
             done = torch.cuda.Event()
             done.record(torch.cuda.current_stream(device))
-            self._pending.append((members, staged, flat, done))
+            self._staged.append(target)
+            self._pending.append((remote[device], flat, done))
 
     @classmethod
-    def _stage(cls, flat: torch.Tensor) -> torch.Tensor:
-        nbytes = flat.numel() * flat.element_size()
+    def _stage(cls, nbytes: int) -> torch.Tensor:
         turn = cls._turn[0]
         cls._turn[0] = (turn + 1) % len(cls._staging)
         buffer = cls._staging[turn]
         if buffer is None or buffer.numel() < nbytes:
             with torch.inference_mode(False):
                 buffer = cls._staging[turn] = torch.empty(max(nbytes, 1 << 20), dtype=torch.uint8, pin_memory=True)
-        return buffer[:nbytes].view(flat.dtype)
+        return buffer
 
     def wait(self) -> list[np.ndarray]:
         """The tensors as numpy arrays, once their copies are done."""
         out = list(self._host)
-        for members, staged, flat, done in self._pending:
+        for (members, _, done), staged in zip(self._pending, self._staged, strict=True):
             if done is not None:
                 done.synchronize()
             sizes = [int(np.prod(self._shapes[i], dtype=np.int64)) for i in members]
             for i, part in zip(members, staged.split(sizes), strict=True):
                 out[i] = part.view(self._shapes[i]).numpy()
-            del flat  # kept alive until the copy ran
-        self._pending = []
+        self._pending, self._staged = [], []
         return out  # type: ignore[return-value]

@@ -5,6 +5,7 @@ tiny shapes, targets, table, plot, merging and the CLI. The GPU runs themselves 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -366,23 +367,25 @@ def test_bad_tokenizer_sources_raise_one_clear_error(tmp_path):
         benchmark_tokenizer(str(tmp_path))
 
 
+def run_benchmark_script(name: str, args: list[str], out: Path, timeout: int) -> dict:
+    """Run ``benchmarks/<name>`` with ``args --out out`` in a fresh process; its one JSON result."""
+    import subprocess
+    import sys
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / name
+    done = subprocess.run(
+        [sys.executable, str(script), *args, "--out", str(out)], capture_output=True, text=True, timeout=timeout, check=False
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    (path,) = out.glob(Path(name).stem.replace("_", "-") + "-*.json")
+    return json.loads(path.read_text())
+
+
 def test_compression_ops_benchmark_counts_launches(tmp_path):
     """benchmarks/compression_ops.py on a 3-layer model: it writes its figures, and the
     fewer-kernel chunk forward launches fewer kernels outside attention than the
     transformers layers (each fused op counted once, as compiled on CUDA)."""
-    import json
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    script = Path(__file__).resolve().parents[1] / "benchmarks" / "compression_ops.py"
-    done = subprocess.run(
-        [sys.executable, str(script), "--layers", "3", "--chunks", "1", "--out", str(tmp_path)],
-        capture_output=True, text=True, timeout=300, check=False,
-    )
-    assert done.returncode == 0, done.stderr[-2000:]
-    (path,) = tmp_path.glob("compression-ops-*.json")
-    (run,) = json.loads(path.read_text())["runs"]
+    (run,) = run_benchmark_script("compression_ops.py", ["--layers", "3", "--chunks", "1"], tmp_path, 300)["runs"]
     decoder = run["decoder_forward_of_a_compressing_chunk"]
     fewer, plain = decoder["fewer kernels"], decoder["transformers layers"]
     # attention is counted apart (its calls differ: the fewer-kernel forward also drops a
@@ -396,18 +399,6 @@ def test_compression_ops_benchmark_counts_launches(tmp_path):
 def test_eviction_bookkeeping_benchmark_writes_its_figures(tmp_path):
     """benchmarks/eviction_bookkeeping.py, small: both forms give the same arrays (checked
     inside), and it writes both timings and their ratio."""
-    import json
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    script = Path(__file__).resolve().parents[1] / "benchmarks" / "eviction_bookkeeping.py"
-    done = subprocess.run(
-        [sys.executable, str(script), "--layers", "2", "--repeats", "2", "--out", str(tmp_path)],
-        capture_output=True, text=True, timeout=120, check=False,
-    )
-    assert done.returncode == 0, done.stderr[-2000:]
-    (path,) = tmp_path.glob("eviction-bookkeeping-*.json")
-    result = json.loads(path.read_text())
+    result = run_benchmark_script("eviction_bookkeeping.py", ["--layers", "2", "--repeats", "2"], tmp_path, 120)
     assert result["fancy_indexing_ms"] > 0 and result["np_take_ms"] > 0
     assert result["ratio"] == result["fancy_indexing_ms"] / result["np_take_ms"]
