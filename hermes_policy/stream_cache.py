@@ -182,11 +182,9 @@ class PreallocatedLayer(DynamicLayer):
         """
         n = indices.shape[0]
         # index_select makes a copy, so gathering within one buffer is safe
-        if self._kv is not None:
-            self._kv[..., :n, :] = self._kv[..., : self.length, :].index_select(-2, indices)
-        else:
-            self._k[..., :n, :] = self._k[..., : self.length, :].index_select(-2, indices)
-            self._v[..., :n, :] = self._v[..., : self.length, :].index_select(-2, indices)
+        for buffer in [self._kv] if self._kv is not None else [self._k, self._v]:
+            words = as_words(buffer)
+            words[..., :n, :] = words[..., : self.length, :].index_select(-2, indices)
         self.length = n
         if extra is not None:
             key, value = extra
@@ -194,6 +192,20 @@ class PreallocatedLayer(DynamicLayer):
             self._k[..., n : n + 1, :] = key.to(self._k)
             self._v[..., n : n + 1, :] = value.to(self._v)
             self.length = n + 1
+
+
+def as_words(buffer: torch.Tensor) -> torch.Tensor:
+    """The same memory with each token's row ``(..., tokens, head_dim)`` read as 8-byte
+    words where its bytes allow (``head_dim`` 128 in bf16: 32 words).
+
+    On CUDA, ``index_select`` over a sliced buffer runs as an element-wise gather: moving a
+    token's row as 32 words instead of 128 half-precision numbers makes the eviction
+    gathers ~4x shorter, bit for bit the same data.
+    """
+    row_bytes = buffer.shape[-1] * buffer.element_size()
+    if buffer.stride(-1) != 1 or row_bytes % 8 or buffer.element_size() >= 8:
+        return buffer
+    return buffer.view(torch.int64)
 
 
 class StreamCache(Cache):

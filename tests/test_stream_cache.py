@@ -10,6 +10,7 @@ from hermes_policy.stream_cache import (
     PreallocatedLayer,
     StaticWrites,
     StreamCache,
+    as_words,
     grown_capacity,
 )
 
@@ -55,6 +56,21 @@ def test_truncate_gather_and_summary_append():
     expected_k = torch.cat([k[..., idx, :], extra[0]], dim=-2)
     torch.testing.assert_close(layer.keys, expected_k, rtol=0, atol=0)
     torch.testing.assert_close(layer.values, torch.cat([v[..., idx, :], extra[1]], dim=-2), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype, head_dim, words", [(torch.bfloat16, 128, True), (torch.float32, 6, True), (torch.bfloat16, 6, False)])
+def test_gather_moves_rows_as_words_bit_for_bit(dtype, head_dim, words):
+    """Rows move as 8-byte words where their bytes allow: the same bits, fewer elements."""
+    g = torch.Generator().manual_seed(3)
+    k, v = (torch.randn(1, 2, 50, head_dim, generator=g).to(dtype) for _ in range(2))
+    buffer = torch.zeros(1, 2, 64, head_dim, dtype=dtype)
+    viewed = as_words(buffer)
+    assert (viewed.dtype == torch.int64) == words and viewed.data_ptr() == buffer.data_ptr()
+    layer = PreallocatedLayer()
+    layer.update(k, v)
+    idx = torch.tensor([0, 3, 4, 17, 49])
+    layer.gather(idx)
+    assert torch.equal(layer.keys, k[..., idx, :]) and torch.equal(layer.values, v[..., idx, :])
 
 
 def test_views_are_read_only_attributes():
