@@ -443,6 +443,9 @@ def chunk_text_forward(
                 capture = getattr(attn, "hermes_capture", None)
                 if capture is None or not len(capture.rows(index, n)):
                     return None  # nothing reads this layer's attention
+                # only the captured rows are read: a lead before query blocks (a chunk's
+                # frames before its pseudo-queries) needs no attention here
+                attn.hermes_lead_unread = True
             # (1, heads, q, head_dim) over the token-major rows, the layout transformers passes
             out, _ = ragged_attention(
                 attn, query.transpose(0, 1)[None], key_buffer[:, :, :end], value_buffer[:, :, :end], None, attn.scaling
@@ -451,6 +454,7 @@ def chunk_text_forward(
                 return None  # the capture has what it reads
             hidden, normed = _rest_of_layer(layer, hidden, out[0], _next_norm(text, index))
     finally:
+        layers[-1].self_attn.hermes_lead_unread = False
         if block_layout is not None:  # the context's layout back on every layer
             for layer in layers:
                 layer.self_attn.hermes_query_blocks = block_layout

@@ -211,6 +211,11 @@ def test_lead_and_blocks_attention_equals_one_masked_attention(lead, cached):
     torch.testing.assert_close(probs, full[..., :seen], atol=1e-6, rtol=1e-5)
     _, mean = lead_and_blocks_attention(query, key, value, lead, blocks, 0.3, keep_rows=(5, 6), head_mean=True)
     torch.testing.assert_close(mean, full[:, :, 1:, :seen].mean(dim=1, keepdim=True), atol=1e-6, rtol=1e-5)
+    # the lead's output unread (an ingest forward's last layer): the blocks' rows and the
+    # probabilities as before
+    out_blocks, unread = lead_and_blocks_attention(query, key, value, lead, blocks, 0.3, keep_rows=(4, 6), lead_read=False)
+    torch.testing.assert_close(out_blocks[:, :, lead:], reference[:, :, lead:], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(unread, probs, atol=0, rtol=0)
 
 
 def test_unmasked_attention_and_own_blocks_give_the_log_sum_exp():
