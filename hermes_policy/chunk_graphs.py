@@ -357,6 +357,13 @@ class ChunkGraphs:
                 # allocated on the side stream, read on this one: not reused before that is done
                 tensor.record_stream(current)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool):
-            outputs = body()
+        try:
+            with torch.cuda.graph(graph, pool=self._pool):
+                outputs = body()
+        except Exception:
+            # a capture that fails midway leaves its memory pool marked as being recorded
+            # to (seen with torch 2.11: every later capture into it then fails with
+            # "already recording to mempool_id"); later graphs share a fresh pool
+            self._pool = None
+            raise
         return graph, outputs, warm

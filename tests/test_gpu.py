@@ -415,3 +415,28 @@ def test_compiled_block_attention_ops_equal_their_eager_code(dtype):
     assert joined[:, :, :24].isnan().all()
     for op in (masked_softmax_with_lse, merge_attention, merge_attention_into):
         assert not op.failed and op.compiled_signatures, op.name
+
+
+def test_ingest_graphs_capture_again_after_a_failed_capture(tiny_llama_dir):
+    """A capture that fails midway (here: a host sync inside it) leaves its memory pool
+    marked as recording; the next capture goes to a fresh pool and succeeds. (Last in this
+    file: the failed capture leaves the process's allocator a stale entry.)"""
+    from hermes_policy.chunk_graphs import ChunkGraphs
+    from hermes_policy.models import load_adapter
+
+    adapter = load_adapter(tiny_llama_dir, device="cuda", dtype=torch.float32, tokens_per_frame=8)
+    session = StreamingSession(adapter, chunk_frames=4)
+    graphs = ChunkGraphs(adapter, session.store)
+    x = torch.ones(64, device="cuda")
+
+    def syncing():
+        y = x * 2
+        y.sum().item()  # not allowed while capturing
+        return y, ()
+
+    with pytest.raises(Exception):  # noqa: B017 (whatever CUDA reports)
+        graphs._capture(syncing)
+    graph, outputs, warm = graphs._capture(lambda: (x * 3, ()))
+    x.fill_(2.0)
+    graph.replay()
+    assert torch.equal(outputs[0], torch.full_like(x, 6.0)) and torch.equal(warm[0], torch.full_like(x, 3.0))
