@@ -20,6 +20,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import statistics
 from pathlib import Path
 
 import torch
@@ -255,10 +256,66 @@ def ingest_phases(adapter, shape, chunk_frames: int, warm: int, chunks: int):
     return session, chunk
 
 
+def graph_kernels(adapter, shape, chunk_frames: int, warm: int, out: Path, calls: int = 3) -> None:
+    """What the fused pseudo-queries add to a steady chunk replayed as a CUDA graph: wall
+    time (synchronised), GPU span (CUDA events) and kernel time per call of the chunk's
+    prefill alone and with them, and the kernels that differ (profiled replays)."""
+    import time
+
+    from torch.autograd import DeviceType
+
+    session, chunk = steady_session(adapter, shape, chunk_frames, warm)
+    store = session.store
+    request = session.retention.guidance(store, [(t.question, t.answer) for t in session.history])
+    with torch.inference_mode():
+        piece = adapter.frames_piece(chunk, session.frames_seen)
+        prompts = [session._prompt_piece(p) for p in request.prompts]
+    lengths = store.lengths()
+    variants = {
+        "plain": lambda: session._prefill(piece, ingest=True, recurring=True),
+        "fused": lambda: session.guidance_attention(request, lead=piece, prompt_pieces=prompts, recurring=True),
+    }
+    totals = {}
+    print("== a steady chunk's prefill replayed as a CUDA graph, alone and with the pseudo-queries (ms per call)")
+    for name, run in variants.items():
+        walls, spans = [], []
+        for index in range(2 + 2 * calls):  # the first captures
+            begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+            begin.record()
+            with torch.inference_mode():
+                run()
+            end.record()
+            torch.cuda.synchronize()
+            if index >= 2:
+                walls.append(1e3 * (time.perf_counter() - start))
+                spans.append(begin.elapsed_time(end))
+            store.truncate(lengths)
+        with torch.inference_mode(), profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            for _ in range(calls):
+                run()
+                torch.cuda.synchronize()
+                store.truncate(lengths)
+        kernels = {e.key: (e.self_device_time_total / calls, e.count / calls)
+                   for e in prof.key_averages() if e.device_type == DeviceType.CUDA}
+        totals[name] = kernels
+        print(f"  {name}: wall {statistics.median(walls):6.2f}, GPU span {statistics.median(spans):6.2f}, "
+              f"kernels {sum(us for us, _ in kernels.values()) / 1e3:6.2f} ({sum(n for _, n in kernels.values()):.0f} launches)")
+        (out / f"graph-kernels-{name}.txt").write_text(
+            prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=60, max_name_column_width=90)
+        )
+    print("== kernels the pseudo-queries add to the replay (GPU ms per call, launches per call)")
+    plain, fused = totals["plain"], totals["fused"]
+    diff = {k: (fused.get(k, (0, 0))[0] - plain.get(k, (0, 0))[0], fused.get(k, (0, 0))[1] - plain.get(k, (0, 0))[1])
+            for k in set(plain) | set(fused)}
+    for key, (us, count) in sorted(diff.items(), key=lambda kv: -abs(kv[1][0]))[:25]:
+        print(f"  {key[:90]:90s} {us / 1e3:+7.3f} ms {count:+6.0f}")
+
+
 def answer_breakdown(session: StreamingSession) -> None:
     """TTFT split: tokenising the question, the prefill graph, the decode graph (replays
     timed with CUDA events), against the TTFT and TPOT that ``ask`` reports."""
-    import statistics
     import time
 
     answers = [session.ask(q, max_new_tokens=8) for q in QUESTIONS[:5]]
@@ -351,7 +408,6 @@ def slot_attention_backends(window: int = 4352, used: int = 4100) -> None:
 def ttft_host(session: StreamingSession, repeats: int = 20) -> None:
     """Host-side steps of an answer's first token, each timed (median ms): what ``ask`` does
     before and around the prefill graph's replay."""
-    import statistics
     import time
 
     from hermes_policy.answer_graphs import WINDOW_QUANTUM, bucket_length
@@ -388,7 +444,6 @@ def ttft_host(session: StreamingSession, repeats: int = 20) -> None:
 def ttft_trace(session: StreamingSession, repeats: int = 8) -> None:
     """Where ``ask``'s time to first token goes, from marks set by wrappers around its steps
     (median ms from the call, and the answer's own TTFT)."""
-    import statistics
     import time
 
     graphs = session.answer_graphs
@@ -588,6 +643,7 @@ def main() -> None:
     parser.add_argument("--ab-rounds", type=int, default=2, help="--answers: A/B rounds (1: also skips the attention microbenchmark)")
     parser.add_argument("--ingest", action="store_true", help="only the ingest A/B, phases, the fused pseudo-queries' cost and the phase timeline")
     parser.add_argument("--compression", action="store_true", help="only the compression step: its GPU kernels and host time")
+    parser.add_argument("--graph-kernels", action="store_true", help="only the pseudo-queries' cost inside the ingest graph, by kernel")
     parser.add_argument("--diagnose", action="store_true", help="only shape-level profiles of the fused prefill and the answer's host time")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -603,6 +659,10 @@ def main() -> None:
         adapter = build_random_adapter(shape, tokenizer=args.tokenizer)
         ingest_comparison(adapter, shape, args.chunk, args.warm)
         ingest_phases(adapter, shape, args.chunk, args.warm, args.chunks)
+        return
+    if args.graph_kernels:
+        shape = get_shape(args.shape)
+        graph_kernels(build_random_adapter(shape, tokenizer=args.tokenizer), shape, args.chunk, args.warm, args.out)
         return
     if args.compression:
         shape = get_shape(args.shape)
