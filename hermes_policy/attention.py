@@ -137,6 +137,11 @@ class AttentionCapture:
     callback : called as ``callback(layer, probs)`` with ``probs`` of shape
         ``(batch, heads, rows, keys)`` in float32. When given, nothing is kept in
         ``patterns`` (so long runs can accumulate statistics without storing matrices).
+    head_mean : hand over the mean over heads, ``(batch, 1, rows, keys)``
+    row_weights : per layer, float32 weights ``(rows,)`` on the layer's device: hand over
+        the weighted sum over the rows of the head mean, ``(batch, 1, 1, keys)`` (e.g. the
+        mean over a padded prompt's real tokens: ``1 / n`` for them, 0 for the padding);
+        read when the forward runs, so a CUDA graph's replay sees new values
 
     Under :class:`QueryBlocks`, rows inside one block get probabilities over the keys that
     block sees, in the order it would see them alone: the cache and the lead, then its
@@ -148,6 +153,7 @@ class AttentionCapture:
     query_rows: slice | dict[int, slice] = field(default_factory=lambda: slice(None))
     callback: PatternCallback | None = None
     head_mean: bool = False
+    row_weights: dict[int, torch.Tensor] | None = None
     patterns: dict[str, torch.Tensor] = field(default_factory=dict)
     calls: int = 0  # layer patterns handed over
 
@@ -209,12 +215,26 @@ class AttentionCapture:
         probs = attention_probabilities(
             query[:, :, picked.start : picked.stop : picked.step], key, scaling, mask[in_mask]
         )
-        self.hand_over(layer, probs.mean(dim=1, keepdim=True) if self.head_mean else probs)
+        weights = self.weights_of(layer, probs.device)
+        if weights is not None:
+            probs = (probs.mean(dim=1, keepdim=True) * weights[:, None]).sum(dim=-2, keepdim=True)
+        elif self.head_mean:
+            probs = probs.mean(dim=1, keepdim=True)
+        self.hand_over(layer, probs)
+
+    def weights_of(self, layer: int, device: torch.device | None = None) -> torch.Tensor | None:
+        """The row weights of ``layer`` (None: the rows are handed over one by one), on
+        ``device`` when given (a model split over GPUs)."""
+        weights = None if self.row_weights is None else self.row_weights.get(layer)
+        if weights is not None and device is not None and weights.device != device:
+            weights = weights.to(device, non_blocking=True)
+        return weights
 
     def hand_over(self, layer: int, probs: torch.Tensor) -> None:
         """Pass on probabilities ``(batch, heads, rows, keys)`` of this layer's selected rows
-        (``(batch, 1, rows, keys)``, the mean over heads, with :attr:`head_mean`), computed
-        by :meth:`record` or by the attention itself; counted in ``calls``."""
+        (``(batch, 1, rows, keys)``, the mean over heads, with :attr:`head_mean`;
+        ``(batch, 1, 1, keys)`` with :attr:`row_weights`), computed by :meth:`record` or by
+        the attention itself; counted in ``calls``."""
         self.calls += 1
         if self.callback is not None:
             self.callback(layer, probs)
@@ -268,8 +288,11 @@ def ragged_attention(
         within = captured_block(picked, lead, sizes) is not None
         keep = (picked.start - lead, picked.stop - lead) if within else None
         head_mean = capture is not None and capture.head_mean
+        weights = capture.weights_of(module.layer_idx, query.device) if capture is not None else None
         lead_read = not getattr(module, "hermes_lead_unread", False)
-        out, probs = lead_and_blocks_attention(query, key, value, lead, sizes, scaling, keep, head_mean, lead_read)
+        out, probs = lead_and_blocks_attention(
+            query, key, value, lead, sizes, scaling, keep, head_mean, lead_read, weights
+        )
         if probs is not None:
             capture.hand_over(module.layer_idx, probs)
         elif len(picked):  # rows in the lead or across blocks: over all keys, under the block mask
@@ -626,6 +649,7 @@ def lead_and_blocks_attention(
     keep_rows: tuple[int, int] | None = None,
     head_mean: bool = False,
     lead_read: bool = True,
+    row_weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Attention under :func:`block_query_mask`, without a mask over the whole cache.
 
@@ -646,6 +670,8 @@ def lead_and_blocks_attention(
     lead_read : False when nothing reads the lead rows' output (the last layer of an
         ingest forward, which runs attention only for its captured rows): those rows of
         the output are then left unset
+    row_weights : float32 ``(stop - start,)``: return the weighted sum over the kept rows
+        of their mean over heads, ``(batch, 1, 1, k - sum(blocks))``, in the same kernel
 
     Returns
     -------
@@ -664,7 +690,9 @@ def lead_and_blocks_attention(
         joined = query.new_empty(batch, q_len, heads, dim).transpose(1, 2)
     if lead and lead_read:
         causal_attention(query[:, :, :lead], key[:, :, :seen], value[:, :, :seen], scaling, out=joined[:, :, :lead])
-    out, probs = _blocks_attention(query[:, :, lead:], key, value, seen, blocks, scaling, keep_rows, head_mean, joined, lead)
+    out, probs = _blocks_attention(
+        query[:, :, lead:], key, value, seen, blocks, scaling, keep_rows, head_mean, joined, lead, row_weights
+    )
     return (out if joined is None else joined), probs
 
 
@@ -679,6 +707,7 @@ def _blocks_attention(
     head_mean: bool,
     joined: torch.Tensor | None,
     lead: int,
+    row_weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The blocks' part of :func:`lead_and_blocks_attention`: their output (written into
     ``joined`` after the lead's rows when given) and the kept rows' probabilities."""
@@ -702,7 +731,11 @@ def _blocks_attention(
         # and the compiled exponential reads a cut view of the scores ~10x slower
         width = min(-(-seen // 8) * 8, key.shape[-2])
         scores = grouped_scores(rows[:, :, start:stop], key[:, :, :width], None)
-        probs = probabilities_from_lse(scores.view(*total.shape, width), total, scaling, head_mean)[..., :seen]
+        scores = scores.view(*total.shape, width)
+        if row_weights is not None:
+            probs = weighted_probabilities_from_lse(scores, total, scaling, row_weights)[..., :seen]
+        else:
+            probs = probabilities_from_lse(scores, total, scaling, head_mean)[..., :seen]
     return out, probs
 
 
@@ -804,6 +837,19 @@ each row's log-sum-exp ``(batch, heads, q)`` over all the keys it sees, which ma
 than these ``k``: ``exp(scaling * scores - lse)``, averaged over heads (kept as an axis of
 size 1) if ``head_mean``. One kernel on CUDA (the scale, the shift, the exponential and the
 mean together), where a softmax would read the scores twice and write them once more."""
+
+
+def _weighted_probabilities_from_lse(
+    scores: torch.Tensor, lse: torch.Tensor, scaling: float, weights: torch.Tensor
+) -> torch.Tensor:
+    probs = torch.exp(scores * scaling - lse.unsqueeze(-1)).mean(dim=1, keepdim=True)
+    return (probs * weights[:, None]).sum(dim=-2, keepdim=True)
+
+
+weighted_probabilities_from_lse = FusedOp(_weighted_probabilities_from_lse)
+""":func:`probabilities_from_lse` averaged over heads and summed over the rows with
+``weights`` ``(q,)``: ``(batch, 1, 1, k)``. One kernel on CUDA, which writes one row
+where the per-row probabilities would be ``q`` rows (and a mean over them another pass)."""
 
 
 class QueryBlocks:

@@ -211,6 +211,7 @@ class StreamingSession:
             raise StreamError("ingest_graphs needs the whole model on one CUDA device")
         self.fuse_guidance = fuse_guidance
         self._prompt_pieces: dict[str, StreamPiece] = {}
+        self._row_weights: dict[tuple[int, int], torch.Tensor] = {}
         self.time_phases = False
         self.phase_seconds: dict[str, float] = {}
         # (phase, host start, host end, CUDA event at start, at end) when set to a list
@@ -693,13 +694,23 @@ class StreamingSession:
         result: list[torch.Tensor | None] = [None] * self.store.num_layers
         prefix = self.store.prefix_len
         lengths = [n + lead_len for n in self.store.lengths()]
+        # each prompt's rows weighed 1/n for its n tokens and 0 for its padding: the capture
+        # hands over the mean over them (and over heads), computed with the probabilities
+        weights = [
+            self._prompt_row_weights(idx, real, len(piece))
+            for idx, (real, piece) in enumerate(zip(real_lengths, pieces, strict=True))
+        ]
 
         def keep_stream(layer: int, probs: torch.Tensor) -> None:
-            # (rows, stream) of the mean over heads; stays on the device: no sync per layer
-            result[layer] = probs[0, 0, :, prefix : lengths[layer]].float()
+            # (stream,): the mean over heads and the prompt's tokens; stays on the device
+            result[layer] = probs[0, 0, 0, prefix : lengths[layer]].float()
 
         capture = AttentionCapture(
-            self.adapter.attention_modules, query_rows=rows, callback=keep_stream, head_mean=True
+            self.adapter.attention_modules,
+            query_rows=rows,
+            callback=keep_stream,
+            head_mean=True,
+            row_weights={layer: weights[idx] for layer, idx in enumerate(request.layer_prompt) if idx is not None},
         )
         sizes = [len(p) for p in pieces]
         blocks = QueryBlocks(self.adapter.attention_modules, sizes, lead=lead_len)
@@ -708,11 +719,22 @@ class StreamingSession:
         with blocks, capture, torch.inference_mode():
             self._prefill(merged, ingest=True, context=context, collected=result, recurring=recurring)
         self.store.truncate(lengths)
-        # the mean over each prompt's own tokens (its padding left out)
-        for layer, idx in enumerate(request.layer_prompt):
-            if idx is not None and result[layer] is not None:
-                result[layer] = result[layer][: real_lengths[idx]].mean(dim=0)
         return result
+
+    def _prompt_row_weights(self, index: int, real: int, padded: int) -> torch.Tensor:
+        """Weights ``(padded,)`` of prompt ``index``'s rows: ``1 / real`` for its tokens, 0
+        for its padding. One device tensor per prompt and padded length, refilled on every
+        call (queued before the forward): a CUDA graph captured with it reads the values of
+        the replay's own prompts."""
+        values = np.zeros(padded, dtype=np.float32)
+        values[:real] = 1.0 / real
+        key = (index, padded)
+        with torch.inference_mode():  # made and refilled as an inference tensor, wherever called from
+            held = self._row_weights.get(key)
+            if held is None:
+                held = self._row_weights[key] = torch.empty(padded, dtype=torch.float32, device=self.adapter.device)
+            held.copy_(upload(torch.from_numpy(values), held.device))
+        return held
 
     def _at_budget(self) -> bool:
         """True when every layer holds exactly its budget of stream tokens: a full chunk then

@@ -72,6 +72,18 @@ def test_capture_equals_eager_attention_weights(tiny_adapter):
         got = capture.patterns[AttentionCapture.hook_name(layer)]
         assert got.shape == (1, tiny_adapter.num_heads, 7, all_ids.shape[1])
         torch.testing.assert_close(got, eager[:, :, -7:].float(), atol=1e-5, rtol=1e-4)
+    # with row weights: the weighted sum over the rows of the mean over heads
+    weights = torch.linspace(0.0, 1.0, 7) / torch.linspace(0.0, 1.0, 7).sum()
+    lengths = session.store.lengths()
+    session.store.truncate([n - 30 for n in lengths])
+    row_weights = {layer: weights for layer in range(len(out.attentions))}
+    with AttentionCapture(tiny_adapter.attention_modules, query_rows=slice(-7, None), row_weights=row_weights) as capture:
+        session._prefill(piece)
+    for layer, eager in enumerate(out.attentions):
+        got = capture.patterns[AttentionCapture.hook_name(layer)]
+        expected = (eager[:, :, -7:].float().mean(dim=1, keepdim=True) * weights[:, None]).sum(dim=-2, keepdim=True)
+        assert got.shape == (1, 1, 1, all_ids.shape[1])
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
 
 
 @dataclass
@@ -216,6 +228,12 @@ def test_lead_and_blocks_attention_equals_one_masked_attention(lead, cached):
     out_blocks, unread = lead_and_blocks_attention(query, key, value, lead, blocks, 0.3, keep_rows=(4, 6), lead_read=False)
     torch.testing.assert_close(out_blocks[:, :, lead:], reference[:, :, lead:], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(unread, probs, atol=0, rtol=0)
+    # rows weighed (a padded prompt's mean over its real rows): one row, in the same kernel
+    weights = torch.tensor([0.75, 0.25])
+    _, weighed = lead_and_blocks_attention(query, key, value, lead, blocks, 0.3, keep_rows=(4, 6), row_weights=weights)
+    expected = (full[..., :seen].mean(dim=1, keepdim=True) * weights[:, None]).sum(dim=-2, keepdim=True)
+    assert weighed.shape == (1, 1, 1, seen)
+    torch.testing.assert_close(weighed, expected, atol=1e-6, rtol=1e-5)
 
 
 def test_unmasked_attention_and_own_blocks_give_the_log_sum_exp():

@@ -368,7 +368,7 @@ def test_compiled_fused_ops_equal_their_eager_code(dtype):
 def test_compiled_scoring_ops_equal_their_eager_code():
     """The compression step's compiled ops (captured probabilities from the log-sum-exp,
     the cross-layer smoothing) against their eager code."""
-    from hermes_policy.attention import probabilities_from_lse
+    from hermes_policy.attention import probabilities_from_lse, weighted_probabilities_from_lse
     from hermes_policy.retention.scoring import smooth_rows
 
     g = torch.Generator(device="cuda").manual_seed(0)
@@ -378,6 +378,11 @@ def test_compiled_scoring_ops_equal_their_eager_code():
         got = probabilities_from_lse(scores, lse, 0.088, head_mean)
         torch.testing.assert_close(got, probabilities_from_lse.eager(scores, lse, 0.088, head_mean), rtol=1e-5, atol=1e-7)
     assert not probabilities_from_lse.failed
+    weights = torch.rand(29, device="cuda", generator=g)
+    got = weighted_probabilities_from_lse(scores, lse, 0.088, weights)
+    expected = weighted_probabilities_from_lse.eager(scores, lse, 0.088, weights)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-7)
+    assert got.shape == (1, 1, 1, 4000) and not weighted_probabilities_from_lse.failed
     rows = torch.rand(28, 4000, device="cuda", generator=g)
     lambdas = tuple(float(x) for x in torch.linspace(0.05, 0.6, 28))
     torch.testing.assert_close(smooth_rows(rows, lambdas), smooth_rows.eager(rows, lambdas), rtol=1e-6, atol=1e-6)
