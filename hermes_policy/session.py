@@ -685,7 +685,7 @@ class StreamingSession:
         )
         # each layer's whole padded prompt block: the rows are part of a CUDA graph's shape,
         # which then stays the same across questions whose prompts pad to the same length
-        # (the padding rows are left out of the mean below)
+        # (the padding rows weigh 0 in the mean over the rows, see _prompt_row_weights)
         rows = {
             layer: slice(starts[idx], starts[idx + 1])
             for layer, idx in enumerate(request.layer_prompt)
