@@ -217,7 +217,7 @@ class AttentionCapture:
         )
         weights = self.weights_of(layer, probs.device)
         if weights is not None:
-            probs = (probs.mean(dim=1, keepdim=True) * weights[:, None]).sum(dim=-2, keepdim=True)
+            probs = weighted_head_and_row_mean(probs, weights)
         elif self.head_mean:
             probs = probs.mean(dim=1, keepdim=True)
         self.hand_over(layer, probs)
@@ -690,27 +690,7 @@ def lead_and_blocks_attention(
         joined = query.new_empty(batch, q_len, heads, dim).transpose(1, 2)
     if lead and lead_read:
         causal_attention(query[:, :, :lead], key[:, :, :seen], value[:, :, :seen], scaling, out=joined[:, :, :lead])
-    out, probs = _blocks_attention(
-        query[:, :, lead:], key, value, seen, blocks, scaling, keep_rows, head_mean, joined, lead, row_weights
-    )
-    return (out if joined is None else joined), probs
-
-
-def _blocks_attention(
-    rows: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    seen: int,
-    blocks: list[int],
-    scaling: float,
-    keep_rows: tuple[int, int] | None,
-    head_mean: bool,
-    joined: torch.Tensor | None,
-    lead: int,
-    row_weights: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The blocks' part of :func:`lead_and_blocks_attention`: their output (written into
-    ``joined`` after the lead's rows when given) and the kept rows' probabilities."""
+    rows = query[:, :, lead:]
     out, lse = own_blocks_attention(rows, key[:, :, seen:], value[:, :, seen:], blocks, scaling)
     lse_seen = None
     if seen:
@@ -730,13 +710,12 @@ def _blocks_attention(
         # 16-byte aligned in a kernel ~4x slower (56 us a layer on an H200 for 5,599 keys),
         # and the compiled exponential reads a cut view of the scores ~10x slower
         width = min(-(-seen // 8) * 8, key.shape[-2])
-        scores = grouped_scores(rows[:, :, start:stop], key[:, :, :width], None)
-        scores = scores.view(*total.shape, width)
+        scores = grouped_scores(rows[:, :, start:stop], key[:, :, :width], None).view(*total.shape, width)
         if row_weights is not None:
             probs = weighted_probabilities_from_lse(scores, total, scaling, row_weights)[..., :seen]
         else:
             probs = probabilities_from_lse(scores, total, scaling, head_mean)[..., :seen]
-    return out, probs
+    return (out if joined is None else joined), probs
 
 
 def own_blocks_attention(
@@ -839,11 +818,16 @@ size 1) if ``head_mean``. One kernel on CUDA (the scale, the shift, the exponent
 mean together), where a softmax would read the scores twice and write them once more."""
 
 
+def weighted_head_and_row_mean(probs: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """``(batch, heads, rows, keys)`` -> ``(batch, 1, 1, keys)``: the mean over heads, then
+    the sum over the rows weighed by ``weights`` ``(rows,)``."""
+    return (probs.mean(dim=1, keepdim=True) * weights[:, None]).sum(dim=-2, keepdim=True)
+
+
 def _weighted_probabilities_from_lse(
     scores: torch.Tensor, lse: torch.Tensor, scaling: float, weights: torch.Tensor
 ) -> torch.Tensor:
-    probs = torch.exp(scores * scaling - lse.unsqueeze(-1)).mean(dim=1, keepdim=True)
-    return (probs * weights[:, None]).sum(dim=-2, keepdim=True)
+    return weighted_head_and_row_mean(torch.exp(scores * scaling - lse.unsqueeze(-1)), weights)
 
 
 weighted_probabilities_from_lse = FusedOp(_weighted_probabilities_from_lse)

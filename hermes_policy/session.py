@@ -211,7 +211,7 @@ class StreamingSession:
             raise StreamError("ingest_graphs needs the whole model on one CUDA device")
         self.fuse_guidance = fuse_guidance
         self._prompt_pieces: dict[str, StreamPiece] = {}
-        self._row_weights: dict[tuple[int, int], torch.Tensor] = {}
+        self._row_weights: dict[tuple[int, int], tuple[torch.Tensor, int]] = {}  # (weights, real length)
         self.time_phases = False
         self.phase_seconds: dict[str, float] = {}
         # (phase, host start, host end, CUDA event at start, at end) when set to a list
@@ -723,17 +723,20 @@ class StreamingSession:
 
     def _prompt_row_weights(self, index: int, real: int, padded: int) -> torch.Tensor:
         """Weights ``(padded,)`` of prompt ``index``'s rows: ``1 / real`` for its tokens, 0
-        for its padding. One device tensor per prompt and padded length, refilled on every
-        call (queued before the forward): a CUDA graph captured with it reads the values of
-        the replay's own prompts."""
+        for its padding. One device tensor per prompt and padded length, refilled (queued
+        before the forward) only when the prompt's length changes: a CUDA graph captured
+        with it reads the values of the replay's own prompts."""
+        key = (index, padded)
+        held, held_real = self._row_weights.get(key, (None, None))
+        if held_real == real:
+            return held
         values = np.zeros(padded, dtype=np.float32)
         values[:real] = 1.0 / real
-        key = (index, padded)
         with torch.inference_mode():  # made and refilled as an inference tensor, wherever called from
-            held = self._row_weights.get(key)
             if held is None:
-                held = self._row_weights[key] = torch.empty(padded, dtype=torch.float32, device=self.adapter.device)
+                held = torch.empty(padded, dtype=torch.float32, device=self.adapter.device)
             held.copy_(upload(torch.from_numpy(values), held.device))
+        self._row_weights[key] = (held, real)
         return held
 
     def _at_budget(self) -> bool:

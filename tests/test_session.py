@@ -201,3 +201,15 @@ def test_many_chunks_in_one_call_equal_one_call_per_chunk(tiny_adapter):
     with pytest.raises(RuntimeError, match="compression failed"):
         session.add_frames(frames[12:20])
     assert session.frames_seen == 16 and len(session._pending) == 4  # the next chunk still queued
+
+
+def test_prompt_row_weights_are_one_buffer_per_prompt_refilled_when_its_length_changes(tiny_adapter):
+    """A CUDA graph reads the weights' buffer at replay: the same tensor for a prompt and
+    padded length, holding 1/n for the prompt's n tokens and 0 for its padding."""
+    session = StreamingSession(tiny_adapter, chunk_frames=2)
+    first = session._prompt_row_weights(0, 5, 16)
+    assert torch.equal(first, torch.tensor([0.2] * 5 + [0.0] * 11))
+    assert session._prompt_row_weights(0, 5, 16) is first
+    again = session._prompt_row_weights(0, 12, 16)
+    assert again is first and torch.equal(first, torch.tensor([1 / 12] * 12 + [0.0] * 4))
+    assert session._prompt_row_weights(1, 12, 16) is not first
