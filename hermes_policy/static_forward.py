@@ -394,9 +394,9 @@ def chunk_text_forward(
         captures collect): the last layer then writes its keys and values, runs attention
         only where a capture reads it, and skips its output projection, MLP and the final
         norm (about a layer's worth of a 28-layer forward); and trailing pseudo-query
-        blocks stop after the last layer that captures them
-        (:func:`~hermes_policy.attention.block_rows_needed`; their slots beyond are not
-        written, and the caller drops the blocks' slots afterwards anyway)
+        blocks stop at the last layer that captures them, after its attention (no output
+        projection or MLP there: :func:`~hermes_policy.attention.block_rows_needed`; their
+        slots beyond are not written, and the caller drops the blocks' slots afterwards)
 
     Returns
     -------
@@ -452,6 +452,9 @@ def chunk_text_forward(
             )
             if last and not need_output:
                 return None  # the capture has what it reads
+            read_next = rows[index + 1] if not last else n
+            if read_next < n:  # blocks this layer captured last: no output projection or MLP
+                hidden, out = hidden[:, :read_next], out[:, :read_next]
             hidden, normed = _rest_of_layer(layer, hidden, out[0], _next_norm(text, index))
     finally:
         layers[-1].self_attn.hermes_lead_unread = False

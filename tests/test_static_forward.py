@@ -268,14 +268,15 @@ def test_chunk_forward_without_output_writes_the_same_cache(tiny_adapter, monkey
     assert layers == 3
     rows = {first: slice(6, 8)} | ({last: slice(4, 6)} if captured_last else {})
     assert block_rows_needed(4, [2, 3], [range(q_len)[rows[i]] if i in rows else range(0) for i in range(layers)]) == needed
-    calls = []
-    ragged = static_forward.ragged_attention
+    calls, mlp_rows = [], []
+    ragged, rest = static_forward.ragged_attention, static_forward._rest_of_layer
     monkeypatch.setattr(static_forward, "ragged_attention", lambda module, *a, **k: calls.append(module) or ragged(module, *a, **k))
+    monkeypatch.setattr(static_forward, "_rest_of_layer", lambda layer, h, *a: mlp_rows.append(h.shape[1]) or rest(layer, h, *a))
     results = {}
     for need_output in (True, False):
         cache = filled_cache(adapter, lengths, 64, seed=3)
         captured: dict[int, torch.Tensor] = {}
-        calls.clear()
+        calls.clear(), mlp_rows.clear()
         blocks = QueryBlocks(adapter.attention_modules, [2, 3], lead=4)
         with torch.inference_mode(), blocks, AttentionCapture(
             adapter.attention_modules, query_rows=rows, callback=captured.__setitem__
@@ -284,6 +285,8 @@ def test_chunk_forward_without_output_writes_the_same_cache(tiny_adapter, monkey
             # the context's block layout is back on every layer
             assert all(m.hermes_query_blocks == (4, [2, 3]) for m in adapter.attention_modules)
         written = [q_len] * layers if need_output else needed
+        # output projection and MLP only for the rows the next layer reads
+        assert mlp_rows == ([q_len] * layers if need_output else needed[1:])
         assert [layer.length for layer in cache.layers] == [n + w for n, w in zip(lengths, written, strict=True)]
         results[need_output] = ([layer.buffers for layer in cache.layers], captured, len(calls), out)
     (full_buffers, full_captured, full_calls, hidden), (buffers, captured, n_calls, nothing) = results[True], results[False]
