@@ -29,7 +29,12 @@ from torch.nn.attention.bias import causal_lower_right
 from torch.profiler import ProfilerActivity, profile
 
 from hermes_policy import StreamingSession
-from hermes_policy.benchmarking.efficiency import QUESTIONS, fused_guidance_overhead, make_rule
+from hermes_policy.benchmarking.efficiency import (
+    QUESTIONS,
+    EfficiencyConfig,
+    fused_guidance_overhead,
+    make_rule,
+)
 from hermes_policy.benchmarking.floor import median_cuda_ms
 from hermes_policy.benchmarking.shapes import build_random_adapter, get_shape, random_frames
 from hermes_policy.benchmarking.trace import idle_report, load_trace, phase_timeline, sync_sites
@@ -231,7 +236,7 @@ def steady_session(adapter, shape, chunk_frames: int, warm: int):
     frames = random_frames(shape, warm + chunk_frames)
     chunk = frames[warm:]
     session.add_frames(frames[:warm])
-    session.ask(QUESTIONS[0], max_new_tokens=4)
+    session.ask(QUESTIONS[0], max_new_tokens=EfficiencyConfig.answer_tokens)  # as long as the bench's answers
     for _ in range(3):  # the steady shape with these prompts recurs, is captured
         session.add_frames(chunk)
     return session, chunk
@@ -276,6 +281,9 @@ def graph_kernels(adapter, shape, chunk_frames: int, warm: int, out: Path, calls
         "fused": lambda: session.guidance_attention(request, lead=piece, prompt_pieces=prompts, recurring=True),
     }
     totals = {}
+    layout = session.guidance_layout
+    print(f"pseudo-queries: {layout.prompt_tokens} tokens in {layout.prompt_rows} rows after a chunk of {layout.lead}; "
+          f"rows per layer {layout.layer_rows}: {layout.row_share:.1%} of the rows through the layers")
     print("== a steady chunk's prefill replayed as a CUDA graph, alone and with the pseudo-queries (ms per call)")
     for name, run in variants.items():
         walls, spans = [], []

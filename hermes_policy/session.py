@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from .answer_graphs import AnswerGraphs
-from .attention import AttentionCapture, PerLayerRotary, QueryBlocks
+from .attention import AttentionCapture, PerLayerRotary, QueryBlocks, block_rows_needed
 from .chunk_graphs import ChunkGraphs
 from .errors import StreamError
 from .kv_store import KVStore
@@ -75,6 +75,33 @@ class IngestReport:
     compressions: int
     tokens_kept: list[int]
     peak_memory_bytes: int | None
+
+
+@dataclass(frozen=True)
+class GuidanceLayout:
+    """The shape of the last pseudo-query pass (what its cost scales with).
+
+    Attributes
+    ----------
+    lead : rows prefilled before the prompts in the same forward (a chunk: fused guidance)
+    prompt_tokens : each prompt's own tokens
+    prompt_rows : each prompt's rows, padding included (``PROMPT_QUANTUM``)
+    layer_rows : per layer, the rows an ingest forward computes there (lead plus the
+        blocks still read at that layer or later, see
+        :func:`~hermes_policy.attention.block_rows_needed`)
+    """
+
+    lead: int
+    prompt_tokens: tuple[int, ...]
+    prompt_rows: tuple[int, ...]
+    layer_rows: tuple[int, ...]
+
+    @property
+    def row_share(self) -> float:
+        """The prompts' share of the rows through the decoder layers: the share of the
+        forward's linear-layer arithmetic they take when every row costs the same."""
+        total = sum(self.layer_rows)
+        return (total - self.lead * len(self.layer_rows)) / total if total else 0.0
 
 
 @dataclass
@@ -230,6 +257,7 @@ class StreamingSession:
         self.compressions = 0
         self.guidance_passes = 0
         self.fused_guidance_passes = 0
+        self.guidance_layout: GuidanceLayout | None = None  # of the last pseudo-query pass
         self._pending: list[Any] = []
         self._pending_times: list[float | None] = []
         self._warned_positions = False
@@ -713,6 +741,10 @@ class StreamingSession:
             row_weights={layer: weights[idx] for layer, idx in enumerate(request.layer_prompt) if idx is not None},
         )
         sizes = [len(p) for p in pieces]
+        captured = [range(rows[layer].start, rows[layer].stop) if layer in rows else range(0) for layer in range(len(result))]
+        self.guidance_layout = GuidanceLayout(
+            lead_len, tuple(real_lengths), tuple(sizes), tuple(block_rows_needed(lead_len, sizes, captured))
+        )
         blocks = QueryBlocks(self.adapter.attention_modules, sizes, lead=lead_len)
         # what shapes this forward besides its length and the cache lengths (graph keys)
         context = ("guidance", lead_len, tuple(sizes), tuple(sorted((k, v.start, v.stop) for k, v in rows.items())))

@@ -17,6 +17,7 @@ from hermes_policy.benchmarking.efficiency import (
     EfficiencyConfig,
     check_answers,
     evaluate_targets,
+    make_rule,
     merge_results,
     run_efficiency,
     run_stream,
@@ -37,6 +38,7 @@ from hermes_policy.benchmarking.shapes import (
     tokenizer_description,
 )
 from hermes_policy.errors import HermesError
+from hermes_policy.session import PROMPT_QUANTUM, GuidanceLayout
 
 CEILINGS = DeviceCeilings("Test GPU", bandwidth=4e12, matmul_rate=8e14)
 
@@ -136,6 +138,14 @@ def test_run_stream_measures_every_checkpoint_on_a_tiny_shape(tiny_llava):
     assert late["tokens_kept"] <= config.budget
     assert late["ttft_floor_ratio"] == pytest.approx(late["ttft_ms"] / summary["ttft_floor_ms"])
     assert all(1 <= n <= 3 for n in late["answer_tokens"])
+    # the pseudo-queries' shape: the global and the mixed prompt, padded to the quantum,
+    # quoting the last question and answer (so longer than without history)
+    plain = [len(tiny_llava.question_piece(p)) for p in make_rule("hermes", tiny_llava, config.budget).prompts([])]
+    tokens, padded = late["guidance_prompt_tokens"], late["guidance_prompt_rows"]
+    assert len(tokens) == 2 and all(t > p for t, p in zip(tokens, plain, strict=True))
+    assert all(r % PROMPT_QUANTUM == 0 and t <= r < t + PROMPT_QUANTUM for t, r in zip(tokens, padded, strict=True))
+    assert 0 < late["guidance_row_share"] < 1
+    assert early["guidance_prompt_tokens"] is None and early["guidance_row_share"] is None
 
 
 def test_check_answers_on_cpu():
@@ -222,7 +232,9 @@ def test_markdown_and_plot(tmp_path):
     results["targets"] = evaluate_targets(results["rows"])
     text = markdown_table(results)
     assert "| hermes | 8 | 1024 | 6.5 (1.86x)" in text
-    assert "| 120 / 131 | 5.0% / 2.5% |" in text and "| 120 | 5.0% / 2.5% |" in text
+    assert "| 120 / 131 | 5.0% / 2.5% | - |" in text and "| 120 | 5.0% / 2.5% | - |" in text
+    results["rows"][2].update(guidance_prompt_tokens=[57, 112], guidance_row_share=0.0987, fused_guidance_overhead_ms=8.16)
+    assert "| 57 + 112 tokens, 9.9% of rows, 8.2 ms |" in markdown_table(results)
     assert "out of memory" in text and "Targets" in text and "Correctness" in text
     assert "| llava-ov-7b | bfloat16 | True | False (first 2 of 4 tokens equal) |" in text
     assert "| llava-ov-7b | float32 | True | True |" in text
@@ -402,3 +414,10 @@ def test_eviction_bookkeeping_benchmark_writes_its_figures(tmp_path):
     result = run_benchmark_script("eviction_bookkeeping.py", ["--layers", "2", "--repeats", "2"], tmp_path, 120)
     assert result["fancy_indexing_ms"] > 0 and result["np_take_ms"] > 0
     assert result["ratio"] == result["fancy_indexing_ms"] / result["np_take_ms"]
+
+
+def test_guidance_row_share():
+    """Lead rows through every layer, block rows where they are still read."""
+    layout = GuidanceLayout(lead=10, prompt_tokens=(3, 5), prompt_rows=(4, 8), layer_rows=(22, 22, 14, 10))
+    assert layout.row_share == pytest.approx((12 + 12 + 4) / (22 + 22 + 14 + 10))
+    assert GuidanceLayout(lead=0, prompt_tokens=(), prompt_rows=(), layer_rows=()).row_share == 0.0

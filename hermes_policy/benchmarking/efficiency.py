@@ -44,7 +44,7 @@ from ..errors import HermesError
 from ..models.base import ModelAdapter
 from ..policy import ModelInfo, paper_default
 from ..retention import FullRetention, RetentionRule
-from ..session import StreamingSession
+from ..session import GuidanceLayout, StreamingSession
 from .floor import DeviceCeilings, floor_ms, forward_flops, forward_weight_bytes
 from .shapes import (
     SHAPES,
@@ -187,10 +187,26 @@ def fused_guidance_overhead(session: StreamingSession, frames: Any, repeats: int
             store.truncate(lengths)
         return statistics.median(samples[1:])
 
-    plain = timed(lambda: session._prefill(piece, ingest=True))
-    fused = timed(lambda: session.guidance_attention(request, lead=piece, prompt_pieces=prompts))
+    # both as a steady chunk runs in the stream: replayed from a CUDA graph where the
+    # session has them (the first, dropped run captures it), so neither side pays the eager
+    # forward's host time the other does not
+    plain = timed(lambda: session._prefill(piece, ingest=True, recurring=True))
+    fused = timed(lambda: session.guidance_attention(request, lead=piece, prompt_pieces=prompts, recurring=True))
     session.guidance_passes = passes
     return max(0.0, fused - plain)
+
+
+def guidance_shape(layout: GuidanceLayout | None) -> dict[str, Any]:
+    """Row fields of the last pseudo-query pass: each prompt's tokens and padded rows, and
+    the prompts' share of the rows through the decoder layers (their share of the
+    forward's linear-layer arithmetic: what the pseudo-queries cost at the least)."""
+    if layout is None:
+        return {"guidance_prompt_tokens": None, "guidance_prompt_rows": None, "guidance_row_share": None}
+    return {
+        "guidance_prompt_tokens": list(layout.prompt_tokens),
+        "guidance_prompt_rows": list(layout.prompt_rows),
+        "guidance_row_share": layout.row_share,
+    }
 
 
 TIMED_EVERY = 4  # one chunk in this many runs with the session's synchronised phase timers
@@ -345,6 +361,7 @@ def run_stream(
                 "fused_guidance_passes_timed": segment.fused_timed,
                 "fused_guidance_passes": fused,
                 "fused_guidance_overhead_ms": None if overhead is None else overhead * 1e3,
+                **guidance_shape(session.guidance_layout if fused else None),
                 "answer_tokens": [len(a.token_ids) for a in answers],
             }
         )

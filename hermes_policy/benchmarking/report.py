@@ -51,13 +51,14 @@ def markdown_table(results: dict[str, Any]) -> str:
             + (f" Split over {', '.join(shape['devices'])} (peak memory per GPU)." if shape.get("devices") else ""),
             "",
             "| rule | chunk | frames | TTFT ms (x floor) | TPOT ms (x floor) | peak GiB | KV GiB "
-            "| ingest fps (segment / median chunk) | compression (synchronised / pipelined) |",
-            "|---|---|---|---|---|---|---|---|---|",
+            "| ingest fps (segment / median chunk) | compression (synchronised / pipelined) "
+            "| pseudo-queries: tokens, row share, fused cost |",
+            "|---|---|---|---|---|---|---|---|---|---|",
         ]
         for row in (r for r in results["rows"] if r["shape"] == name):
             if row.get("status") != "ok":
                 lines.append(
-                    f"| {row['rule']} | {row['chunk']} | {row['frames']} | {row.get('status')} | | | | | |"
+                    f"| {row['rule']} | {row['chunk']} | {row['frames']} | {row.get('status')} | | | | | | |"
                 )
                 continue
             share = row.get("compression_share")
@@ -69,7 +70,7 @@ def markdown_table(results: dict[str, Any]) -> str:
                 f"| {row['tpot_ms']:.1f} ({row['tpot_floor_ratio']:.2f}x) "
                 f"| {peak} | {_gib(row['kv_cache_bytes'])} "
                 f"| {_speeds(row.get('ingest_fps'), row.get('ingest_fps_median_chunk'))} "
-                f"| {_share(share, row.get('compression_share_pipelined'))} |"
+                f"| {_share(share, row.get('compression_share_pipelined'))} | {_guidance(row)} |"
             )
         lines.append("")
     targets = results.get("targets") or []
@@ -106,6 +107,20 @@ def _share(synchronised: float | None, pipelined: float | None) -> str:
         return "-"
     text = "-" if synchronised is None else f"{synchronised:.1%}"
     return text if pipelined is None else f"{text} / {pipelined:.1%}"
+
+
+def _guidance(row: dict[str, Any]) -> str:
+    """A row's pseudo-queries: each prompt's tokens, their share of the rows through the
+    decoder layers, and the measured cost of fusing them into a chunk's forward."""
+    tokens, share, cost = row.get("guidance_prompt_tokens"), row.get("guidance_row_share"), row.get("fused_guidance_overhead_ms")
+    parts = []
+    if tokens:
+        parts.append(" + ".join(map(str, tokens)) + " tokens")
+    if share is not None:
+        parts.append(f"{share:.1%} of rows")
+    if cost is not None:
+        parts.append(f"{cost:.1f} ms")
+    return ", ".join(parts) or "-"
 
 
 def common_prefix(a: list[int], b: list[int]) -> int:
