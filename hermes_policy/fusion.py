@@ -20,8 +20,10 @@ import warnings
 from collections.abc import Callable
 
 import torch
+from torch._dynamo.exc import FailOnRecompileLimitHit
 
 ENABLED = os.environ.get("HERMES_FUSED_OPS", "1") != "0"
+MAX_COPIES = 4  # compiled copies one signature may start, each up to torch.compile's recompile limit
 
 
 def own_code_copy(function: Callable[..., object]) -> Callable[..., object]:
@@ -44,6 +46,11 @@ def tensor_signature(args: tuple[object, ...]) -> tuple[tuple[torch.dtype, int],
     return tuple((a.dtype, a.dim()) for a in args if isinstance(a, torch.Tensor))
 
 
+def _capturing() -> bool:
+    """Whether the current CUDA stream records a graph (a failure there must surface)."""
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
 class FusedOp:
     """A function run eagerly, or compiled into one kernel when its first argument is on CUDA.
 
@@ -56,33 +63,65 @@ class FusedOp:
     over 1,665 x 37,888 values took 151 us and its rotary 138 us, several times what their
     memory traffic needs (benchmarks/results/profile-llava-ov-7b-nvidia-h200-2026-12-01-diagnose.txt) (PyTorch pull request 193614 measured 0.158 ms against 0.045 ms
     static for such a kernel on an H100).
+
+    A copy that reaches torch.compile's recompile limit (inputs sliced at many lengths, each
+    with its own strides) keeps its variants, and the next new variant starts a fresh copy
+    (:data:`MAX_COPIES` per signature) instead of turning the op eager for the process.
     """
 
     def __init__(self, eager: Callable[..., object]):
         self.eager = eager
         self.name = eager.__name__.lstrip("_")
         self._compiled: dict[tuple, Callable[..., object]] = {}
+        self._copies: dict[tuple, int] = {}  # compiled copies started per signature
+        self._eager_signatures: set[tuple] = set()  # signatures past MAX_COPIES
         self.failed = False
 
     @property
     def compiled_signatures(self) -> tuple[tuple, ...]:
         """The tensor signatures compiled so far (empty: only eager runs)."""
-        return tuple(self._compiled)
+        return tuple(s for s in self._compiled if s not in self._eager_signatures)
+
+    def compiles(self, first: object) -> bool:
+        """Whether a call whose first argument is ``first`` runs compiled code."""
+        return ENABLED and not self.failed and isinstance(first, torch.Tensor) and first.device.type == "cuda"
+
+    def _start_copy(self, signature: tuple) -> Callable[..., object]:
+        self._copies[signature] = self._copies.get(signature, 0) + 1
+        compiled = self._compiled[signature] = torch.compile(
+            own_code_copy(self.eager), dynamic=None, fullgraph=True, options={"emulate_precision_casts": True}
+        )
+        return compiled
 
     def __call__(self, *args: object) -> object:
-        first = args[0]
-        if not ENABLED or self.failed or not isinstance(first, torch.Tensor) or first.device.type != "cuda":
+        if not self.compiles(args[0]):
             return self.eager(*args)
         signature = tensor_signature(args)
-        compiled = self._compiled.get(signature)
-        if compiled is None:
-            compiled = self._compiled[signature] = torch.compile(
-                own_code_copy(self.eager), dynamic=None, fullgraph=True, options={"emulate_precision_casts": True}
-            )
+        if signature in self._eager_signatures:
+            return self.eager(*args)
+        compiled = self._compiled.get(signature) or self._start_copy(signature)
         try:
-            return compiled(*args)
+            try:
+                return compiled(*args)
+            except FailOnRecompileLimitHit:
+                # this copy holds its limit of variants (sizes, strides of sliced inputs);
+                # they stay compiled for the calls that match them, but a new one would
+                # turn the whole op eager: a fresh copy compiles it instead, up to a bound
+                if _capturing():
+                    raise
+                if self._copies[signature] >= MAX_COPIES:
+                    self._eager_signatures.add(signature)
+                    warnings.warn(
+                        f"{self.name} reached torch.compile's recompile limit {MAX_COPIES} times for "
+                        f"{signature}; those calls run eagerly from now on",
+                        stacklevel=2,
+                    )
+                    return self.eager(*args)
+                return self._start_copy(signature)(*args)
+        except FailOnRecompileLimitHit:
+            raise
         except Exception as error:  # no Triton or no C compiler: keep the eager kernels
-            if torch.cuda.is_current_stream_capturing():
+            if _capturing():
                 raise
             self.failed = True
             warnings.warn(f"compiling {self.name} failed ({type(error).__name__}: {error}); running it eagerly", stacklevel=2)

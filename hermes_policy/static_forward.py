@@ -40,6 +40,7 @@ from .attention import (
     BMM_OUT_DTYPE,
     HALF_DTYPES,
     block_rows_needed,
+    canonical_batch_stride,
     grouped_masked_attention,
     ragged_attention,
 )
@@ -421,7 +422,9 @@ def chunk_text_forward(
             attn = layer.self_attn
             n = rows[index]
             if n < hidden.shape[1]:  # trailing blocks no longer read: dropped from here on
-                hidden, normed = hidden[:, :n], normed[:, :n]
+                # (a size-1 batch stride of the rows' own length: the fused ops compiled for
+                # one stride pattern, not one per length they were cut from)
+                hidden, normed = canonical_batch_stride(hidden[:, :n]), canonical_batch_stride(normed[:, :n])
             if n < q_len:  # this layer's attention sees the blocks still here
                 lead, sizes = block_layout
                 kept = _blocks_within(lead, sizes, n)
@@ -454,7 +457,7 @@ def chunk_text_forward(
                 return None  # the capture has what it reads
             read_next = rows[index + 1] if not last else n
             if read_next < n:  # blocks this layer captured last: no output projection or MLP
-                hidden, out = hidden[:, :read_next], out[:, :read_next]
+                hidden, out = canonical_batch_stride(hidden[:, :read_next]), out[:, :read_next]
             hidden, normed = _rest_of_layer(layer, hidden, out[0], _next_norm(text, index))
     finally:
         layers[-1].self_attn.hermes_lead_unread = False

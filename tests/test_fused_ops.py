@@ -82,3 +82,40 @@ def test_own_code_copy_is_the_same_function_with_its_own_code_object():
     x = torch.arange(3.0)
     assert torch.equal(copy(x), scaled(x)) and torch.equal(copy(x, 3.0, shift=0.0), scaled(x, 3.0, shift=0.0))
     assert tensor_signature((x, 2, x.to(torch.bfloat16)[None])) == ((torch.float32, 1), (torch.bfloat16, 2))
+
+
+def test_a_signature_at_the_recompile_limit_starts_a_fresh_copy_then_stays_eager(monkeypatch):
+    """torch.compile stops compiling a code object after a fixed number of variants: the
+    variant over the limit runs in a fresh compiled copy (the op stays compiled), and only
+    after MAX_COPIES copies do that signature's calls run eagerly; other signatures and
+    the variants already compiled are unaffected."""
+    from torch._dynamo.exc import FailOnRecompileLimitHit
+
+    copies: list[set] = []
+
+    def fake_compile(function, **kwargs):  # each copy takes two shapes, as if the limit were 2
+        seen: set = set()
+        copies.append(seen)
+
+        def run(*args):
+            shape = tuple(args[0].shape)
+            if shape not in seen and len(seen) == 2:
+                raise FailOnRecompileLimitHit("recompile limit")
+            seen.add(shape)
+            return ("compiled", function(*args))
+
+        return run
+
+    monkeypatch.setattr(fusion.torch, "compile", fake_compile)
+    monkeypatch.setattr(fusion, "MAX_COPIES", 2)
+    op = FusedOp(lambda x: 2 * x)
+    monkeypatch.setattr(op, "compiles", lambda first: True)
+    for n in (1, 2, 3, 4):  # 1, 2 in the first copy; 3, 4 in a second one
+        assert op(torch.ones(n))[0] == "compiled"
+    assert [sorted(s) for s in copies] == [[(1,), (2,)], [(3,), (4,)]]
+    with pytest.warns(UserWarning, match="recompile limit"):
+        eager = op(torch.ones(5))  # the second copy is full too, and MAX_COPIES is 2
+    assert torch.equal(eager, torch.full((5,), 2.0)) and len(copies) == 2
+    assert torch.equal(op(torch.ones(3)), torch.full((3,), 2.0))  # that signature stays eager
+    assert op(torch.ones(2, 2))[0] == "compiled"  # another rank: its own copy
+    assert not op.failed and op.compiled_signatures == (((torch.float32, 2),),)
