@@ -421,3 +421,36 @@ def test_guidance_row_share():
     layout = GuidanceLayout(lead=10, prompt_tokens=(3, 5), prompt_rows=(4, 8), layer_rows=(22, 22, 14, 10))
     assert layout.row_share == pytest.approx((12 + 12 + 4) / (22 + 22 + 14 + 10))
     assert GuidanceLayout(lead=0, prompt_tokens=(), prompt_rows=(), layer_rows=()).row_share == 0.0
+
+
+def test_fused_guidance_overhead_pairs_cancel_drift_and_outliers(monkeypatch):
+    """A fake session on a clock that runs a chunk in 1.0 s alone and 1.5 s with its
+    pseudo-queries, each run 0.1 s slower than the one before (a machine heating up),
+    and one run hit by a 5 s stall: the pairs' median difference is the 0.5 s itself."""
+    from types import SimpleNamespace
+
+    from hermes_policy.benchmarking import efficiency
+
+    clock = {"now": 0.0, "runs": 0}
+    monkeypatch.setattr(efficiency.time, "perf_counter", lambda: clock["now"])
+
+    def run(seconds: float) -> None:
+        clock["now"] += seconds + 0.1 * clock["runs"] + (5.0 if clock["runs"] == 6 else 0.0)
+        clock["runs"] += 1
+
+    truncated = []
+    store = SimpleNamespace(lengths=lambda: [10, 10], truncate=truncated.append)
+    session = SimpleNamespace(
+        retention=SimpleNamespace(guidance=lambda store, history: SimpleNamespace(prompts=["a", "b"])),
+        store=store,
+        history=[],
+        frames_seen=0,
+        guidance_passes=3,
+        adapter=SimpleNamespace(device=torch.device("cpu"), frames_piece=lambda f, n: "piece", question_piece=lambda p: p),
+        _prefill=lambda piece, ingest, recurring: run(1.0),
+        guidance_attention=lambda request, lead, prompt_pieces, recurring: run(1.5),
+    )
+    assert efficiency.fused_guidance_overhead(session, frames=None) == pytest.approx(0.5)
+    assert clock["runs"] == 2 + 2 * 8 and len(truncated) == clock["runs"] and session.guidance_passes == 3
+    session.retention = SimpleNamespace(guidance=lambda store, history: None)
+    assert efficiency.fused_guidance_overhead(session, frames=None) is None

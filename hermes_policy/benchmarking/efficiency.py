@@ -159,11 +159,15 @@ def _release_memory() -> None:
         torch.cuda.empty_cache()
 
 
-def fused_guidance_overhead(session: StreamingSession, frames: Any, repeats: int = 5) -> float | None:
+def fused_guidance_overhead(session: StreamingSession, frames: Any, pairs: int = 8) -> float | None:
     """Seconds the pseudo-queries add to one chunk's forward when fused with it.
 
-    Times the same chunk prefilled alone and with the rule's pseudo-queries (median of
-    ``repeats`` each, the cache restored after every run). None when the rule has none.
+    Times the same chunk prefilled alone and with the rule's pseudo-queries, in ``pairs``
+    back-to-back pairs after one untimed pair (which captures the graphs), the order
+    alternating from pair to pair (the cache restored after every run). Two consecutive
+    pairs, one of each order, average out a steady drift of the machine's speed, which
+    two separate series would each absorb; the median over those averages sets aside a
+    stall that hits one run. None when the rule has no pseudo-queries.
     """
     request = session.retention.guidance(session.store, [(t.question, t.answer) for t in session.history])
     if request is None:
@@ -175,25 +179,36 @@ def fused_guidance_overhead(session: StreamingSession, frames: Any, repeats: int
     lengths = store.lengths()
     passes = session.guidance_passes
 
-    def timed(run: Callable[[], object]) -> float:
-        samples = []
-        for _ in range(repeats + 1):
-            _sync(adapter.device)
-            start = time.perf_counter()
-            with torch.inference_mode():
-                run()
-            _sync(adapter.device)
-            samples.append(time.perf_counter() - start)
-            store.truncate(lengths)
-        return statistics.median(samples[1:])
+    def seconds(run: Callable[[], object]) -> float:
+        _sync(adapter.device)
+        start = time.perf_counter()
+        with torch.inference_mode():
+            run()
+        _sync(adapter.device)
+        store.truncate(lengths)
+        return time.perf_counter() - start
 
     # both as a steady chunk runs in the stream: replayed from a CUDA graph where the
-    # session has them (the first, dropped run captures it), so neither side pays the eager
+    # session has them (the untimed pair captures them), so neither side pays the eager
     # forward's host time the other does not
-    plain = timed(lambda: session._prefill(piece, ingest=True, recurring=True))
-    fused = timed(lambda: session.guidance_attention(request, lead=piece, prompt_pieces=prompts, recurring=True))
+    def plain() -> object:
+        return session._prefill(piece, ingest=True, recurring=True)
+
+    def fused() -> object:
+        return session.guidance_attention(request, lead=piece, prompt_pieces=prompts, recurring=True)
+
+    seconds(plain), seconds(fused)
+    differences = []
+    for index in range(pairs):
+        if index % 2:
+            alone = seconds(plain)
+            differences.append(seconds(fused) - alone)
+        else:
+            with_prompts = seconds(fused)
+            differences.append(with_prompts - seconds(plain))
     session.guidance_passes = passes
-    return max(0.0, fused - plain)
+    balanced = [(a + b) / 2 for a, b in zip(differences[::2], differences[1::2])]
+    return max(0.0, statistics.median(balanced))
 
 
 def guidance_shape(layout: GuidanceLayout | None) -> dict[str, Any]:
