@@ -14,6 +14,8 @@ while copying into a buffer that is already pinned costs microseconds.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 
@@ -136,8 +138,12 @@ class Download:
         for (members, _, done), staged in zip(self._pending, self._staged, strict=True):
             if done is not None:
                 done.synchronize()
-            sizes = [int(np.prod(self._shapes[i], dtype=np.int64)) for i in members]
-            for i, part in zip(members, staged.split(sizes), strict=True):
-                out[i] = part.view(self._shapes[i]).numpy()
+            # numpy views of one numpy array: a torch split and view per member cost ~5 us
+            # each on the host, right where the GPU waits for the host's bookkeeping
+            flat, start = staged.numpy(), 0
+            for i in members:
+                size = math.prod(self._shapes[i])
+                out[i] = flat[start : start + size].reshape(self._shapes[i])
+                start += size
         self._pending, self._staged = [], []
         return out  # type: ignore[return-value]
