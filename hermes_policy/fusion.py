@@ -93,6 +93,15 @@ class FusedOp:
         )
         return compiled
 
+    def _eager_from_now_on(self, signature: tuple, args: tuple[object, ...]) -> object:
+        self._eager_signatures.add(signature)
+        warnings.warn(
+            f"{self.name} reached torch.compile's recompile limit {self._copies[signature]} times for "
+            f"{signature}; those calls run eagerly from now on",
+            stacklevel=3,
+        )
+        return self.eager(*args)
+
     def __call__(self, *args: object) -> object:
         if not self.compiles(args[0]):
             return self.eager(*args)
@@ -110,16 +119,12 @@ class FusedOp:
                 if _capturing():
                     raise
                 if self._copies[signature] >= MAX_COPIES:
-                    self._eager_signatures.add(signature)
-                    warnings.warn(
-                        f"{self.name} reached torch.compile's recompile limit {MAX_COPIES} times for "
-                        f"{signature}; those calls run eagerly from now on",
-                        stacklevel=2,
-                    )
-                    return self.eager(*args)
+                    return self._eager_from_now_on(signature, args)
                 return self._start_copy(signature)(*args)
-        except FailOnRecompileLimitHit:
-            raise
+        except FailOnRecompileLimitHit:  # raised while capturing, or by a fresh copy
+            if _capturing():
+                raise
+            return self._eager_from_now_on(signature, args)
         except Exception as error:  # no Triton or no C compiler: keep the eager kernels
             if _capturing():
                 raise

@@ -119,3 +119,22 @@ def test_a_signature_at_the_recompile_limit_starts_a_fresh_copy_then_stays_eager
     assert torch.equal(op(torch.ones(3)), torch.full((3,), 2.0))  # that signature stays eager
     assert op(torch.ones(2, 2))[0] == "compiled"  # another rank: its own copy
     assert not op.failed and op.compiled_signatures == (((torch.float32, 2),),)
+
+
+def test_a_fresh_copy_at_the_recompile_limit_runs_the_call_eagerly(monkeypatch):
+    """Should even a fresh copy refuse (a limit of zero variants), the call still runs,
+    eagerly, and the op stays usable."""
+    from torch._dynamo.exc import FailOnRecompileLimitHit
+
+    def refusing_compile(function, **kwargs):
+        def run(*args):
+            raise FailOnRecompileLimitHit("recompile limit")
+
+        return run
+
+    monkeypatch.setattr(fusion.torch, "compile", refusing_compile)
+    op = FusedOp(lambda x: 2 * x)
+    monkeypatch.setattr(op, "compiles", lambda first: True)
+    with pytest.warns(UserWarning, match="recompile limit 2 times"):
+        assert torch.equal(op(torch.ones(3)), torch.full((3,), 2.0))
+    assert not op.failed and op.compiled_signatures == ()

@@ -214,7 +214,7 @@ def fused_guidance_overhead(session: StreamingSession, frames: Any, pairs: int =
 def guidance_shape(layout: GuidanceLayout | None) -> dict[str, Any]:
     """Row fields of the last pseudo-query pass: each prompt's tokens and padded rows, and
     the prompts' share of the rows through the decoder layers (their share of the
-    forward's linear-layer arithmetic: what the pseudo-queries cost at the least)."""
+    forward's linear-layer arithmetic, which its matrix products take in proportion)."""
     if layout is None:
         return {"guidance_prompt_tokens": None, "guidance_prompt_rows": None, "guidance_row_share": None}
     return {
