@@ -86,22 +86,34 @@ class GuidanceLayout:
     lead : rows prefilled before the prompts in the same forward (a chunk: fused guidance)
     prompt_tokens : each prompt's own tokens
     prompt_rows : each prompt's rows, padding included (``PROMPT_QUANTUM``)
-    layer_rows : per layer, the rows an ingest forward computes there (lead plus the
-        blocks still read at that layer or later, see
-        :func:`~hermes_policy.attention.block_rows_needed`)
+    captured : ``(layer, start, stop)`` of the rows captured at each layer that captures
+        (the forward's graph key holds the same)
+    layers : decoder layers of the forward
     """
 
     lead: int
     prompt_tokens: tuple[int, ...]
     prompt_rows: tuple[int, ...]
-    layer_rows: tuple[int, ...]
+    captured: tuple[tuple[int, int, int], ...]
+    layers: int
+
+    @property
+    def layer_rows(self) -> tuple[int, ...]:
+        """Per layer, the rows an ingest forward computes there: the lead plus the blocks
+        still read at that layer or later (:func:`~hermes_policy.attention.block_rows_needed`).
+        Derived when read, not on every compressing chunk."""
+        picked = [range(0)] * self.layers
+        for layer, start, stop in self.captured:
+            picked[layer] = range(start, stop)
+        return tuple(block_rows_needed(self.lead, list(self.prompt_rows), picked))
 
     @property
     def row_share(self) -> float:
         """The prompts' share of the rows through the decoder layers: the share of the
         forward's linear-layer arithmetic they take when every row costs the same."""
-        total = sum(self.layer_rows)
-        return (total - self.lead * len(self.layer_rows)) / total if total else 0.0
+        rows = self.layer_rows
+        total = sum(rows)
+        return (total - self.lead * len(rows)) / total if total else 0.0
 
 
 @dataclass
@@ -745,13 +757,11 @@ class StreamingSession:
             row_weights={layer: weights[idx] for layer, idx in enumerate(request.layer_prompt) if idx is not None},
         )
         sizes = [len(p) for p in pieces]
-        captured = [range(rows[layer].start, rows[layer].stop) if layer in rows else range(0) for layer in range(len(result))]
-        self.guidance_layout = GuidanceLayout(
-            lead_len, tuple(real_lengths), tuple(sizes), tuple(block_rows_needed(lead_len, sizes, captured))
-        )
         blocks = QueryBlocks(self.adapter.attention_modules, sizes, lead=lead_len)
         # what shapes this forward besides its length and the cache lengths (graph keys)
-        context = ("guidance", lead_len, tuple(sizes), tuple(sorted((k, v.start, v.stop) for k, v in rows.items())))
+        captured = tuple(sorted((k, v.start, v.stop) for k, v in rows.items()))
+        context = ("guidance", lead_len, tuple(sizes), captured)
+        self.guidance_layout = GuidanceLayout(lead_len, tuple(real_lengths), tuple(sizes), captured, len(result))
         with blocks, capture, torch.inference_mode():
             self._prefill(merged, ingest=True, context=context, collected=result, recurring=recurring)
         self.store.truncate(lengths)

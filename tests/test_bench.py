@@ -417,10 +417,14 @@ def test_eviction_bookkeeping_benchmark_writes_its_figures(tmp_path):
 
 
 def test_guidance_row_share():
-    """Lead rows through every layer, block rows where they are still read."""
-    layout = GuidanceLayout(lead=10, prompt_tokens=(3, 5), prompt_rows=(4, 8), layer_rows=(22, 22, 14, 10))
+    """Lead rows through every layer, block rows where they are still read: block 1 (rows
+    14-21) captured at layer 1, block 0 (rows 10-13) at layer 2, nothing at layer 3."""
+    layout = GuidanceLayout(
+        lead=10, prompt_tokens=(3, 5), prompt_rows=(4, 8), captured=((1, 14, 22), (2, 10, 14)), layers=4
+    )
+    assert layout.layer_rows == (22, 22, 14, 10)
     assert layout.row_share == pytest.approx((12 + 12 + 4) / (22 + 22 + 14 + 10))
-    assert GuidanceLayout(lead=0, prompt_tokens=(), prompt_rows=(), layer_rows=()).row_share == 0.0
+    assert GuidanceLayout(lead=0, prompt_tokens=(), prompt_rows=(), captured=(), layers=0).row_share == 0.0
 
 
 def test_fused_guidance_overhead_pairs_cancel_drift_and_outliers(monkeypatch):
@@ -446,7 +450,8 @@ def test_fused_guidance_overhead_pairs_cancel_drift_and_outliers(monkeypatch):
         history=[],
         frames_seen=0,
         guidance_passes=3,
-        adapter=SimpleNamespace(device=torch.device("cpu"), frames_piece=lambda f, n: "piece", question_piece=lambda p: p),
+        adapter=SimpleNamespace(device=torch.device("cpu"), frames_piece=lambda f, n: "piece"),
+        _prompt_piece=lambda prompt: prompt,
         _prefill=lambda piece, ingest, recurring: run(1.0),
         guidance_attention=lambda request, lead, prompt_pieces, recurring: run(1.5),
     )

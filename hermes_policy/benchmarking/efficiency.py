@@ -175,7 +175,7 @@ def fused_guidance_overhead(session: StreamingSession, frames: Any, pairs: int =
     adapter, store = session.adapter, session.store
     with torch.inference_mode():
         piece = adapter.frames_piece(frames, session.frames_seen)
-        prompts = [adapter.question_piece(p) for p in request.prompts]
+        prompts = [session._prompt_piece(p) for p in request.prompts]  # as the stream tokenised them
     lengths = store.lengths()
     passes = session.guidance_passes
 
@@ -197,7 +197,8 @@ def fused_guidance_overhead(session: StreamingSession, frames: Any, pairs: int =
     def fused() -> object:
         return session.guidance_attention(request, lead=piece, prompt_pieces=prompts, recurring=True)
 
-    seconds(plain), seconds(fused)
+    seconds(plain)
+    seconds(fused)
     differences = []
     for index in range(pairs):
         if index % 2:
