@@ -20,6 +20,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 from pathlib import Path
 
@@ -28,7 +29,7 @@ import torch.nn.functional as F
 from torch.nn.attention.bias import causal_lower_right
 from torch.profiler import ProfilerActivity, profile
 
-from hermes_policy import StreamingSession
+from hermes_policy import StreamingSession, split_kv_attention
 from hermes_policy.benchmarking.efficiency import (
     QUESTIONS,
     EfficiencyConfig,
@@ -359,7 +360,8 @@ def graph_ms(fn, calls: int = 28) -> float:
 
 def slot_attention_backends(window: int = 4352, used: int = 4100) -> None:
     """The answer's attention of q new tokens over a window of a layer's buffer (LLaVA-OV-7B
-    heads), per layer inside a graph: explicit matmuls vs flash varlen with seqused_k."""
+    heads), per layer inside a graph: explicit matmuls vs the split-key kernel vs flash
+    varlen with seqused_k."""
     from hermes_policy.static_forward import slot_attention
 
     print(f"== slot attention per layer, window {window}, {used} slots used (us, in a graph)")
@@ -396,6 +398,9 @@ def slot_attention_backends(window: int = 4352, used: int = 4100) -> None:
                 cells.append(f"{name} {1e3 * graph_ms(fn):6.1f} (max |diff| {diff:.1e})")
             except Exception as error:  # noqa: BLE001
                 cells.append(f"{name} n/a ({str(error).splitlines()[0][:120]})")
+        split = lambda q=q, limits=limits: split_kv_attention.split_kv_slot_attention(q, keys, values, limits, 128**-0.5)  # noqa: E731
+        diff = (split().float() - reference).abs().max().item()
+        cells.append(f"split-key kernel {1e3 * graph_ms(split):6.1f} (max |diff| {diff:.1e})")
         cu_q = torch.tensor([0, q_len], dtype=torch.int32, device="cuda")
         cu_k = torch.tensor([0, window], dtype=torch.int32, device="cuda")
         seqused = torch.tensor([used], dtype=torch.int32, device="cuda")
@@ -487,20 +492,33 @@ def ttft_trace(session: StreamingSession, repeats: int = 8) -> None:
 
 
 def answer_ab(adapter, shape, warm: int, rounds: int = 2) -> None:
-    """Answer graphs with the fewer-kernel forward and with the transformers forward, same
-    session, side by side (``rounds`` times each, alternating)."""
+    """Answer graphs with the fewer-kernel forward (its attention by the split-key kernel,
+    and explicit) and with the transformers forward, same session, side by side
+    (``rounds`` times each, alternating)."""
     from hermes_policy.answer_graphs import AnswerGraphs
 
     session = StreamingSession(adapter, make_rule("hermes", adapter, 4000), chunk_frames=8)
     session.add_frames(random_frames(shape, warm))
-    for fewer in (True, False) * rounds:
+    variants = [
+        ("fewer kernels, split-key attention", True, "1"),
+        ("fewer kernels, explicit attention", True, "0"),
+        ("transformers forward", False, "1"),
+    ]
+    switch = split_kv_attention.ENV_SWITCH
+    before = os.environ.get(switch)
+    for name, fewer, split in variants * rounds:
+        os.environ[switch] = split  # read when the graphs are captured
         session._answer_graphs = AnswerGraphs(adapter, session.store, fewer_kernels=fewer)
-        print(f"-- answer graphs, {'fewer kernels' if fewer else 'transformers forward'}:")
+        print(f"-- answer graphs, {name}:")
         answer_breakdown(session)
         ttft_host(session)
         ttft_trace(session)
         session._answer_graphs = None
         torch.cuda.empty_cache()
+    if before is None:
+        os.environ.pop(switch)
+    else:
+        os.environ[switch] = before
     # the kernels of the fewer-kernel question prefill (run eagerly: the kernels a graph replays)
     graphs = AnswerGraphs(adapter, session.store, use_graphs=False)
     session._answer_graphs = graphs

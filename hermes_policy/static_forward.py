@@ -16,8 +16,10 @@ same arithmetic with fewer kernels:
   CUDA (:mod:`hermes_policy.fused_ops`);
 - keys and values written into the stream cache's buffers at device-side slots, and
   attention over a fixed window of those buffers masked by slot, as in
-  :class:`~hermes_policy.attention.StaticMasks` (on CUDA in half precision the scale and
-  the mask folded into the score product, :func:`biased_slot_attention`);
+  :class:`~hermes_policy.attention.StaticMasks`: on CUDA one split-key pass with the mask
+  computed from the slots (:mod:`hermes_policy.split_kv_attention`), else in half
+  precision the scale and the mask folded into the score product
+  (:func:`biased_slot_attention`);
 - the norms round where the model's modules round (normalised in float32, rounded to
   the input dtype, then weighted).
 
@@ -36,6 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import split_kv_attention
 from .attention import (
     BMM_OUT_DTYPE,
     HALF_DTYPES,
@@ -328,12 +331,16 @@ def static_text_forward(
     layers = list(text.layers)
     cos, sin = layer_rotary(adapter, positions)  # (layers, q, head_dim)
     cos, sin = cos[:, :, None, :], signed_sin(sin)[:, :, None, :]  # broadcast over heads
-    blocked = torch.arange(window, device=slots.device)[None, None, :] > slots[:, :, None]  # (layers, q, window)
     first = layers[0].self_attn
     groups = first.q_proj.out_features // first.k_proj.out_features
+    # each token sees the slots up to its own: the split-key kernel computes that mask
+    # itself; the explicit paths get it as a tensor
+    split_kv = split_kv_attention.available(positions.device, first.head_dim)
+    blocked = None if split_kv else torch.arange(window, device=slots.device)[None, None, :] > slots[:, :, None]
     bias = None
     if (
-        positions.device.type == "cuda"
+        not split_kv
+        and positions.device.type == "cuda"
         and adapter.dtype in HALF_DTYPES
         and BMM_OUT_DTYPE
         and blocked.numel() * groups * 4 <= MASK_BIAS_BYTES
@@ -353,7 +360,9 @@ def static_text_forward(
             key_buffer[0].index_copy_(1, slots[index], new[0])
             value_buffer[0].index_copy_(1, slots[index], new[1])
         window_keys, window_values = key_buffer[:, :, :window], value_buffer[:, :, :window]
-        if bias is None:
+        if split_kv:
+            out = split_kv_attention.split_kv_slot_attention(query, window_keys, window_values, slots[index], attn.scaling)
+        elif bias is None:
             out = slot_attention(query, window_keys, window_values, blocked[index], attn.scaling)
         else:
             out = biased_slot_attention(query, window_keys, window_values, bias[index], attn.scaling)

@@ -119,6 +119,32 @@ def test_masked_attention_of_fixed_shapes_on_cuda():
     torch.testing.assert_close(out.float(), reference, atol=2e-2, rtol=2e-2)
 
 
+@pytest.mark.parametrize("q_len", [1, 16, 40])
+@pytest.mark.parametrize("splits", [None, 4])
+def test_split_key_attention_kernel_on_cuda(q_len, splits):
+    """The answer's split-key kernel in bf16 on the LLaVA-OV-7B heads against float32 SDPA:
+    strided views of the cache, ragged limits, a window with spare slots."""
+    import torch.nn.functional as F
+
+    from hermes_policy.split_kv_attention import split_kv_slot_attention
+
+    g = torch.Generator(device="cuda").manual_seed(q_len)
+    query = torch.randn(q_len, 36, 128, device="cuda", generator=g).bfloat16()[:, :28]
+    buffer = torch.randn(2, 1, 4, 5000, 128, device="cuda", generator=g).bfloat16()
+    key, value = buffer[0][..., :4352, :], buffer[1][..., :4352, :]
+    limits = 4000 + torch.arange(q_len, device="cuda")
+    limits[0] = 5  # a row that sees six keys
+    out = split_kv_slot_attention(query, key, value, limits, 128**-0.5, splits=splits)
+    blocked = torch.arange(4352, device="cuda")[None, :] > limits[:, None]
+    reference = F.scaled_dot_product_attention(
+        query.float().transpose(0, 1)[None],
+        key.float().repeat_interleave(7, 1),
+        value.float().repeat_interleave(7, 1),
+        attn_mask=~blocked,
+    )[0].transpose(0, 1)
+    torch.testing.assert_close(out.float(), reference, atol=2e-2, rtol=2e-2)
+
+
 def test_split_chunk_attention_on_cuda(monkeypatch):
     """The chunk attention at a recurring shape (cuDNN on cache and chunk, merged by
     log-sum-exp) against float32 attention over all keys, on strided cache views."""
