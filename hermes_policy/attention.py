@@ -14,7 +14,8 @@ The probe and the HERMES pseudo-queries both use this one mechanism.
 
 Static mode (CUDA graphs, see ``hermes_policy.answer_graphs``): inside
 :class:`StaticMasks`, keys and values are a layer's whole preallocated buffer and query
-``i`` may see the slots ``<= limits[i]`` (its own slot and everything before it).
+``i`` may see the slots ``<= limits[i]`` (its own slot and everything before it); on
+CUDA one split-key pass computes that mask itself (:mod:`hermes_policy.split_kv_attention`).
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from torch.nn.attention.bias import causal_lower_right
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface
 
+from . import split_kv_attention
 from .fusion import FusedOp
 
 ATTENTION_NAME = "hermes_ragged"
@@ -270,6 +272,12 @@ def ragged_attention(
         scaling = query.shape[-1] ** -0.5
     limits = getattr(module, "hermes_static_limits", None)
     if limits is not None:
+        if query.shape[0] == 1 and split_kv_attention.available(query.device, query.shape[-1]):
+            # one split-key pass with the mask computed from the limits (the answer graphs'
+            # fewer-kernel forward runs the same kernel)
+            limits = limits if limits.device == query.device else limits.to(query.device)
+            out = split_kv_attention.split_kv_slot_attention(query[0].transpose(0, 1), key, value, limits, scaling)
+            return out[None], None
         blocked = getattr(module, "hermes_static_blocked", None)
         if blocked is None or blocked.shape[-1] != k_len:
             limits = limits if limits.device == query.device else limits.to(query.device)
@@ -373,7 +381,10 @@ class StaticMasks:
         self._modules = attention_modules
         self._limits = limits
         self._blocked = None
-        if window is not None:  # (layers, q, window): True where a new token may not look
+        # (layers, q, window): True where a new token may not look (the split-key kernel
+        # computes it from the limits itself)
+        head_dim = getattr(attention_modules[0], "head_dim", 0) if attention_modules else 0
+        if window is not None and not split_kv_attention.available(limits.device, head_dim):
             self._blocked = torch.arange(window, device=limits.device)[None, None, :] > limits[:, :, None]
 
     def __enter__(self) -> StaticMasks:

@@ -69,11 +69,14 @@ def test_kernel_equals_masked_attention():
     assert out.split() == ["ok", "4"]
 
 
-def test_answer_forward_with_the_kernel_equals_the_transformers_forward():
-    """The fewer-kernel answer forward with its attention by the kernel (the CUDA default)
-    against the transformers forward: hidden states and the keys and values written."""
+def test_answer_forwards_with_the_kernel_equal_them_without():
+    """Both answer forwards (the fewer-kernel one and the transformers one in static mode)
+    with their attention by the kernel (the CUDA default) against both with the explicit
+    masked attention: hidden states and the keys and values written, on ragged layers."""
     out = run_interpreted(
         """
+        import os
+
         import torch
         from test_static_forward import assert_forwards_close, both_forwards
 
@@ -91,9 +94,15 @@ def test_answer_forward_with_the_kernel_equals_the_transformers_forward():
         for shape in ("tiny-llava-ov", "tiny-qwen2.5-vl"):
             adapter = build_random_adapter(shape, device="cpu", dtype=torch.float32)
             for q_len in (1, 5):
+                os.environ["HERMES_SPLIT_KV"] = "0"
+                explicit = both_forwards(adapter, q_len)
+                os.environ["HERMES_SPLIT_KV"] = "1"
                 before = len(calls)
-                assert_forwards_close(both_forwards(adapter, q_len), 1e-5)
-                assert len(calls) - before == adapter.num_layers, "the kernel did not run for every layer"
+                with_kernel = both_forwards(adapter, q_len)
+                assert len(calls) - before == 2 * adapter.num_layers, "the kernel did not run for every layer"
+                for name in ("static", "transformers"):
+                    assert_forwards_close({"static": with_kernel[name], "transformers": explicit[name]}, 1e-5)
+                assert_forwards_close(with_kernel, 1e-5)
         print("ok", len(calls))
         """
     )
