@@ -276,8 +276,9 @@ def ragged_attention(
             # one split-key pass with the mask computed from the limits (the answer graphs'
             # fewer-kernel forward runs the same kernel)
             limits = limits if limits.device == query.device else limits.to(query.device)
-            out = split_kv_attention.split_kv_slot_attention(query[0].transpose(0, 1), key, value, limits, scaling)
-            return out[None], None
+            out = split_kv_attention.attend(query[0].transpose(0, 1), key, value, limits, scaling)
+            if out is not None:
+                return out[None], None
         blocked = getattr(module, "hermes_static_blocked", None)
         if blocked is None or blocked.shape[-1] != k_len:
             limits = limits if limits.device == query.device else limits.to(query.device)

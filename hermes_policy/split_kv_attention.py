@@ -15,15 +15,18 @@ tokens causally): the mask is computed from ``limits`` inside the kernel, and ra
 the largest limit are not read, so the window's spare slots cost nothing.
 
 The kernels are Triton (installed with torch on Linux); :func:`available` says whether
-they can run for given tensors. ``HERMES_SPLIT_KV=0`` turns them off. On the CPU they run
-only under Triton's interpreter (``TRITON_INTERPRET=1``, set before import; the tests
-do that in a subprocess).
+they can run on a device for a head size. ``HERMES_SPLIT_KV=0`` turns them off, and so
+does a first launch that fails (a GPU or Triton build without them: :func:`attend`
+warns once and the callers' explicit path runs from then on). On the CPU they run only
+under Triton's interpreter (``TRITON_INTERPRET=1``, set before import; the tests do that
+in a subprocess).
 """
 
 from __future__ import annotations
 
 import functools
 import os
+import warnings
 
 import torch
 
@@ -35,11 +38,12 @@ except ImportError:  # pragma: no cover - torch ships Triton on Linux
 
 ENV_SWITCH = "HERMES_SPLIT_KV"
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
+_FAILED = [False]  # set, with a warning, when a launch fails outside a graph capture
 
 
 def enabled() -> bool:
-    """Triton importable and not turned off by ``HERMES_SPLIT_KV=0``."""
-    return triton is not None and os.environ.get(ENV_SWITCH, "1") != "0"
+    """Triton importable, no launch failed, and not turned off by ``HERMES_SPLIT_KV=0``."""
+    return triton is not None and not _FAILED[0] and os.environ.get(ENV_SWITCH, "1") != "0"
 
 
 def available(device: torch.device, head_dim: int) -> bool:
@@ -225,3 +229,20 @@ def split_kv_slot_attention(
         GROUPS=groups, SPLITS=splits, HEAD_DIM=dim,
     )  # fmt: skip
     return out
+
+
+def attend(
+    query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, limits: torch.Tensor, scaling: float
+) -> torch.Tensor | None:
+    """:func:`split_kv_slot_attention`, or None when the kernels cannot run here: the first
+    failure turns them off for the process (with a warning), so the caller's explicit path
+    runs instead. Inside a CUDA graph capture a failure is raised (the capture fails and
+    its caller falls back)."""
+    try:
+        return split_kv_slot_attention(query, keys, values, limits, scaling)
+    except Exception as error:
+        if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+            raise
+        _FAILED[0] = True
+        warnings.warn(f"the split-key attention kernel failed ({error}); using explicit attention", stacklevel=2)
+        return None

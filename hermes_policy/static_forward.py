@@ -360,12 +360,16 @@ def static_text_forward(
             key_buffer[0].index_copy_(1, slots[index], new[0])
             value_buffer[0].index_copy_(1, slots[index], new[1])
         window_keys, window_values = key_buffer[:, :, :window], value_buffer[:, :, :window]
+        out = None
         if split_kv:
-            out = split_kv_attention.split_kv_slot_attention(query, window_keys, window_values, slots[index], attn.scaling)
-        elif bias is None:
-            out = slot_attention(query, window_keys, window_values, blocked[index], attn.scaling)
-        else:
+            out = split_kv_attention.attend(query, window_keys, window_values, slots[index], attn.scaling)
+            if out is None:  # the kernel cannot run here: the explicit path from this layer on
+                split_kv = False
+                blocked = torch.arange(window, device=slots.device)[None, None, :] > slots[:, :, None]
+        if out is None and bias is not None:
             out = biased_slot_attention(query, window_keys, window_values, bias[index], attn.scaling)
+        elif out is None:
+            out = slot_attention(query, window_keys, window_values, blocked[index], attn.scaling)
         hidden, normed = _rest_of_layer(layer, hidden, out, _next_norm(text, index))
     return normed
 

@@ -12,11 +12,12 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 
-from hermes_policy import split_kv_attention
+from hermes_policy import attention, split_kv_attention
 from hermes_policy.split_kv_attention import available, launch_shape
 
 pytest.importorskip("triton", reason="the split-key kernel is written in Triton (shipped with torch on Linux)")
@@ -80,7 +81,7 @@ def test_answer_forwards_with_the_kernel_equal_them_without():
         import torch
         from test_static_forward import assert_forwards_close, both_forwards
 
-        from hermes_policy import split_kv_attention
+        from hermes_policy import attention, split_kv_attention
         from hermes_policy.benchmarking.shapes import build_random_adapter
 
         calls = []
@@ -135,3 +136,38 @@ def test_launch_shape(rows, kv_heads, monkeypatch):
     programs = kv_heads * -(-rows // block_r)
     assert programs * splits <= 132 or splits == 1
     assert splits == 64 or programs * splits * 2 > 132
+
+
+def test_a_failing_kernel_falls_back_to_explicit_attention(monkeypatch):
+    """A launch that fails (a GPU or Triton build without the kernel) warns once, turns the
+    kernel off for the process, and both answer forwards give the explicit path's results."""
+    from test_static_forward import assert_forwards_close, both_forwards
+
+    from hermes_policy.benchmarking.shapes import build_random_adapter
+
+    adapter = build_random_adapter("tiny-llava-ov", device="cpu", dtype=torch.float32)
+    explicit = both_forwards(adapter, 3)  # the kernel does not run on the CPU
+    launches = []
+
+    def failing(*args, **kwargs):
+        launches.append(args[0].shape)
+        raise RuntimeError("no kernel image for this device")
+
+    monkeypatch.setattr(split_kv_attention, "INTERPRETED", True)  # as if it could run here
+    monkeypatch.setattr(split_kv_attention, "_FAILED", [False])
+    monkeypatch.setattr(split_kv_attention, "split_kv_slot_attention", failing)
+    monkeypatch.delenv(split_kv_attention.ENV_SWITCH, raising=False)
+    assert available(torch.device("cpu"), 16)
+    with pytest.warns(UserWarning, match="split-key attention kernel failed"):
+        fell_back = both_forwards(adapter, 3)
+    assert len(launches) == 1, "after the first failure the kernel is not tried again"
+    assert not available(torch.device("cpu"), 16)
+    for name in ("static", "transformers"):
+        assert_forwards_close({"static": fell_back[name], "transformers": explicit[name]}, 1e-6)
+    # the fewer-kernel forward failing at its first layer, with the mask not built yet
+    monkeypatch.setattr(split_kv_attention, "_FAILED", [False])
+    monkeypatch.setattr(attention, "split_kv_attention", SimpleNamespace(available=lambda *args: False))
+    with pytest.warns(UserWarning, match="split-key attention kernel failed"):
+        fell_back = both_forwards(adapter, 3)
+    assert len(launches) == 2
+    assert_forwards_close({"static": fell_back["static"], "transformers": explicit["static"]}, 1e-6)
