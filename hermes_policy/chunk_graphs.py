@@ -30,7 +30,9 @@ own forward:
   (and its captured attention).
 
 Graphs share one memory pool, at most :data:`MAX_GRAPHS` are kept (the least recently
-used goes first), and all are dropped when a layer's buffer moves (grew). A shape whose capture fails runs eagerly from then on.
+used goes first), and all are dropped when a layer's buffer moves (grew). A shape whose capture fails
+runs eagerly, and is captured again when it recurs, up to :data:`MAX_CAPTURE_ATTEMPTS`
+failures; then eagerly from then on.
 ``use_graphs=False`` runs the same fixed-buffer code eagerly (CPU, tests).
 """
 
@@ -51,6 +53,10 @@ from .static_forward import chunk_text_forward, prepare_static_forward, supports
 from .transfer import upload
 
 MAX_GRAPHS = 3
+# captures of one shape tried before it runs eagerly for good: a capture can fail on work
+# done only the first time a shape is met (a plan, a compiled variant) that the next
+# attempt, after the eager run, no longer does
+MAX_CAPTURE_ATTEMPTS = 2
 # eager runs of a shape before it is captured: a shape seen again is a bounded rule's
 # steady state (a growing cache never repeats one); the capture's own warm-up run builds
 # the kernels' plans and workspaces
@@ -171,7 +177,8 @@ class ChunkGraphs:
         self.after = after
         self.captures = 0
         self.replays = 0
-        self.failed: set[tuple] = set()
+        self.failed: set[tuple] = set()  # shapes that run eagerly for good
+        self._attempts: dict[tuple, int] = {}  # failed captures per shape
         self._shapes = ShapeCounter(after=after)
         self._graphs: dict[tuple, _ChunkGraph] = {}
         self._generation: tuple[int, ...] | None = None
@@ -322,12 +329,14 @@ class ChunkGraphs:
                         "the embeddings are computed before the graph from now on",
                         stacklevel=4,
                     )
+                    self.failed.add(key)
                 else:
-                    warnings.warn(
-                        f"CUDA graph capture of an ingest forward failed ({error}); this shape runs eagerly",
-                        stacklevel=4,
-                    )
-                self.failed.add(key)
+                    attempts = self._attempts[key] = self._attempts.get(key, 0) + 1
+                    final = attempts >= MAX_CAPTURE_ATTEMPTS
+                    if final:
+                        self.failed.add(key)
+                    then = "this shape runs eagerly" if final else "this chunk runs eagerly; the shape is captured again when it recurs"
+                    warnings.warn(f"CUDA graph capture of an ingest forward failed ({error}); {then}", stacklevel=4)
                 for layer, n in zip(cache.layers, lengths, strict=True):
                     layer.truncate(n)
                 return None

@@ -186,3 +186,47 @@ def test_prompts_of_one_padded_length_share_a_graph_shape(tiny_adapter):
     assert first != second and [-(-n // 16) for n in first] == [-(-n // 16) for n in second]
     assert len(set(graphs._graphs) - before) == 1 and graphs.replays == replays + 2  # one shape, run twice
     assert any(a is not None and not torch.equal(a, b) for a, b in zip(*attention, strict=True))
+
+
+@pytest.mark.parametrize("failures", [1, 10])
+def test_a_failed_capture_is_tried_again_when_its_shape_recurs(tiny_adapter, failures, monkeypatch):
+    """A capture that fails (after its warm-up wrote the chunk) leaves that chunk to the
+    eager path, with the same results; the shape is captured again when it recurs, and
+    after MAX_CAPTURE_ATTEMPTS failures it runs eagerly for good."""
+    from hermes_policy import chunk_graphs
+
+    plain, plain_answers = run_stream(tiny_adapter, "hermes", fixed_buffers=False)
+    tries: list[tuple] = []
+
+    def capture(graphs, body):  # as ChunkGraphs._capture, without CUDA: a warm-up, then the recording
+        warm = body()
+        tries.append(graphs.store.lengths())
+        if len(tries) <= failures:
+            raise RuntimeError("operation failed due to a previous error during capture")
+        return None, warm, warm
+
+    def building(adapter, store, **kwargs):
+        graphs = chunk_graphs.ChunkGraphs(adapter, store, **kwargs)
+        graphs.use_graphs = True  # through the capture branch (the graph itself is not needed)
+        graphs.embeddings_in_graph = False  # embedded before the graph, as Qwen2.5-VL's chunks are
+        monkeypatch.setattr(graphs, "_capture", lambda body: capture(graphs, body))
+        return graphs
+
+    monkeypatch.setattr(chunk_graphs, "MAX_CAPTURE_ATTEMPTS", 2)
+    monkeypatch.setitem(globals(), "ChunkGraphs", building)  # what run_stream builds
+    with pytest.warns(UserWarning, match="capture of an ingest forward failed") as warned:
+        fixed, fixed_answers = run_stream(tiny_adapter, "hermes", fixed_buffers=True)
+    graphs = fixed.chunk_graphs
+    assert fixed_answers == plain_answers
+    assert fixed.store.lengths() == plain.store.lengths()
+    for layer in range(tiny_adapter.num_layers):
+        torch.testing.assert_close(fixed.store.layer(layer).keys, plain.store.layer(layer).keys, atol=1e-5, rtol=1e-5)
+    messages = [str(w.message) for w in warned if "capture of an ingest forward failed" in str(w.message)]
+    if failures == 1:
+        assert len(messages) == 1 and "captured again when it recurs" in messages[0]
+        assert not graphs.failed and graphs.captures >= 1 and graphs.replays > graphs.captures
+    else:
+        # every shape gives up after two failed captures
+        assert all(graphs._attempts[key] == 2 for key in graphs.failed) and graphs.failed
+        assert sum(graphs._attempts.values()) == len(tries) == len(messages)
+        assert any("this shape runs eagerly" in m for m in messages) and graphs.captures == 0
