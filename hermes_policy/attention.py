@@ -272,17 +272,16 @@ def ragged_attention(
         scaling = query.shape[-1] ** -0.5
     limits = getattr(module, "hermes_static_limits", None)
     if limits is not None:
+        limits = limits if limits.device == query.device else limits.to(query.device)
         if query.shape[0] == 1 and split_kv_attention.available(query.device, query.shape[-1]):
             # one split-key pass with the mask computed from the limits (the answer graphs'
             # fewer-kernel forward runs the same kernel)
-            limits = limits if limits.device == query.device else limits.to(query.device)
             out = split_kv_attention.attend(query[0].transpose(0, 1), key, value, limits, scaling)
             if out is not None:
                 return out[None], None
         blocked = getattr(module, "hermes_static_blocked", None)
         if blocked is None or blocked.shape[-1] != k_len:
-            limits = limits if limits.device == query.device else limits.to(query.device)
-            blocked = torch.arange(k_len, device=query.device)[None, :] > limits[:, None]
+            blocked = slots_blocked(limits, k_len)
         elif blocked.device != query.device:
             blocked = blocked.to(query.device)
         out = grouped_masked_attention(query, key, value, blocked, scaling)
@@ -367,6 +366,12 @@ def grouped_masked_attention(
     return out.reshape(batch, heads, q_len, dim)
 
 
+def slots_blocked(limits: torch.Tensor, window: int) -> torch.Tensor:
+    """Static mode's mask: ``(..., window)`` True where a token may not look, i.e. at the
+    slots past its limit, from ``limits`` ``(...)`` (each token's highest visible slot)."""
+    return torch.arange(window, device=limits.device) > limits[..., None]
+
+
 class StaticMasks:
     """Within this context, attention runs in static mode (see the module docstring).
 
@@ -386,7 +391,7 @@ class StaticMasks:
         # computes it from the limits itself)
         head_dim = getattr(attention_modules[0], "head_dim", 0) if attention_modules else 0
         if window is not None and not split_kv_attention.available(limits.device, head_dim):
-            self._blocked = torch.arange(window, device=limits.device)[None, None, :] > limits[:, :, None]
+            self._blocked = slots_blocked(limits, window)
 
     def __enter__(self) -> StaticMasks:
         for layer, module in enumerate(self._modules):

@@ -46,6 +46,7 @@ from .attention import (
     canonical_batch_stride,
     grouped_masked_attention,
     ragged_attention,
+    slots_blocked,
 )
 from .fused_ops import (
     add_rms_norm,
@@ -336,7 +337,7 @@ def static_text_forward(
     # each token sees the slots up to its own: the split-key kernel computes that mask
     # itself; the explicit paths get it as a tensor
     split_kv = split_kv_attention.available(positions.device, first.head_dim)
-    blocked = None if split_kv else torch.arange(window, device=slots.device)[None, None, :] > slots[:, :, None]
+    blocked = None if split_kv else slots_blocked(slots, window)  # (layers, q, window)
     bias = None
     if (
         not split_kv
@@ -365,7 +366,7 @@ def static_text_forward(
             out = split_kv_attention.attend(query, window_keys, window_values, slots[index], attn.scaling)
             if out is None:  # the kernel cannot run here: the explicit path from this layer on
                 split_kv = False
-                blocked = torch.arange(window, device=slots.device)[None, None, :] > slots[:, :, None]
+                blocked = slots_blocked(slots, window)
         if out is None and bias is not None:
             out = biased_slot_attention(query, window_keys, window_values, bias[index], attn.scaling)
         elif out is None:
