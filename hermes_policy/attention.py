@@ -34,7 +34,7 @@ from torch.nn.attention.bias import causal_lower_right
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface
 
-from . import split_kv_attention
+from . import probability_kernel, split_kv_attention
 from .fusion import FusedOp
 
 ATTENTION_NAME = "hermes_ragged"
@@ -721,6 +721,14 @@ def lead_and_blocks_attention(
     probs = None
     if keep_rows is not None and lse_seen is not None:
         start, stop = keep_rows
+        if row_weights is not None and probability_kernel.available(rows.device, rows.shape[-1]):
+            # the scores stay in registers (the products below write them over the whole cache)
+            probs = probability_kernel.weighted_probabilities(
+                rows[:, :, start:stop], key[:, :, :seen], lse_seen[:, :, start:stop], lse[:, :, start:stop],
+                row_weights, scaling,
+            )  # fmt: skip
+            if probs is not None:
+                return (out if joined is None else joined), probs
         total = torch.logaddexp(lse_seen[:, :, start:stop], lse[:, :, start:stop])
         # over a multiple of 8 keys (the blocks' own keys follow; their columns are cut off
         # the result, not the scores): cuBLAS runs a float32 output whose rows are not

@@ -170,7 +170,8 @@ def test_split_chunk_attention_on_cuda(monkeypatch):
 def test_pseudo_query_blocks_on_cuda(head_mean, steady):
     """A chunk with pseudo-query blocks behind it (flash over the cache with its log-sum-exp,
     the blocks' own keys explicitly, merged; captured probabilities from the log-sum-exp,
-    compiled) against float32 attention under the whole mask, on strided cache views."""
+    compiled, and weighed over the rows by the probability kernel) against float32
+    attention under the whole mask, on strided cache views."""
     import contextlib
 
     import torch.nn.functional as F
@@ -196,6 +197,14 @@ def test_pseudo_query_blocks_on_cuda(head_mean, steady):
         expected = expected.mean(dim=1, keepdim=True)
     assert probs.dtype == torch.float32 and probs.shape == expected.shape
     torch.testing.assert_close(probs, expected, atol=1e-4, rtol=2e-2)
+    # rows weighed (the ingest's capture): the probability kernel, scores in registers
+    weights = torch.rand(40, device="cuda", generator=g)
+    weights[-8:] = 0  # a padded prompt
+    with steady_shapes() if steady else contextlib.nullcontext():
+        _, weighed = lead_and_blocks_attention(query, key, value, lead, blocks, 128**-0.5, keep, True, True, weights)
+    expected = (expected if head_mean else expected.mean(dim=1, keepdim=True)) * weights[:, None]
+    assert weighed.shape == (1, 1, 1, cached + lead)
+    torch.testing.assert_close(weighed, expected.sum(dim=-2, keepdim=True), atol=1e-5, rtol=2e-2)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

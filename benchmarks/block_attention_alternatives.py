@@ -1,0 +1,106 @@
+"""The pseudo-query blocks' attention in an ingest forward, per layer inside a CUDA graph,
+on the LLaVA-OV-7B heads (28 query heads, 4 KV heads, head size 128): a chunk of 1,569
+tokens (the lead) after a cache of 4,000, then two prompt blocks, for the prompts before
+any question (32 + 56 rows) and after one (64 + 112).
+
+- the block attention as the ingest forward runs it (``lead_and_blocks_attention``, lead
+  unread), without a capture and with the weighted capture of the first block's
+  probabilities, by score products (``HERMES_PROBABILITY_KERNEL=0``) and by the Triton
+  probability kernel (``hermes_policy/probability_kernel.py``) at several launch shapes;
+- its parts: flash over the keys before the blocks, the blocks' own keys;
+- the split-key kernel of the answers (``hermes_policy/split_kv_attention.py``) in place
+  of flash over the keys before the blocks (not used: slower for this many rows).
+
+Output of the run on an H200:
+``benchmarks/results/block-attention-alternatives-nvidia-h200-2026-12-02.txt``.
+
+Usage::
+
+    python benchmarks/block_attention_alternatives.py
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from profile_efficiency import graph_ms  # noqa: E402
+
+from hermes_policy import probability_kernel, split_kv_attention  # noqa: E402
+from hermes_policy.attention import (  # noqa: E402
+    lead_and_blocks_attention,
+    own_blocks_attention,
+    unmasked_attention_with_lse,
+)
+
+SCALE = 128**-0.5
+CACHE, LEAD = 4000, 1569
+
+
+def us(fn) -> str:
+    return f"{1e3 * graph_ms(fn):7.1f} us"
+
+
+def with_switch(value: str, fn):
+    def run():
+        os.environ[probability_kernel.ENV_SWITCH] = value
+        return fn()
+
+    return run
+
+
+def measure(blocks: list[int]) -> None:
+    seen = CACHE + LEAD
+    total = seen + sum(blocks)
+    query = torch.randn(1, LEAD + sum(blocks), 28, 128, dtype=torch.bfloat16, device="cuda").transpose(1, 2)
+    buf = torch.randn(2, 1, 4, total + 512, 128, dtype=torch.bfloat16, device="cuda")
+    key, value = buf[0][:, :, :total], buf[1][:, :, :total]
+    rows = query[:, :, LEAD:]
+    weights = torch.full((blocks[0],), 1 / blocks[0], device="cuda")
+    block = functools.partial(lead_and_blocks_attention, query, key, value, LEAD, blocks, SCALE)
+    print(f"== blocks {blocks} after a lead of {LEAD} over a cache of {CACHE} (per layer, in a graph)")
+    print(f"  block attention, no capture                        {us(lambda: block(None, True, False))}")
+    captured = functools.partial(block, (0, blocks[0]), True, False, weights)
+    print(f"  ... weighted capture by score products             {us(with_switch('0', captured))}")
+    print(f"  ... weighted capture by the probability kernel     {us(with_switch('1', captured))}")
+    os.environ[probability_kernel.ENV_SWITCH] = "0"
+    _, plain = captured()
+    os.environ[probability_kernel.ENV_SWITCH] = "1"
+    _, fused = captured()
+    print(f"      largest difference {(plain - fused).abs().max().item():.2e} (probabilities up to {plain.max().item():.2e})")
+    out, lse_seen = unmasked_attention_with_lse(rows, key[:, :, :seen], value[:, :, :seen], SCALE)
+    _, lse_own = own_blocks_attention(rows, key[:, :, seen:], value[:, :, seen:], blocks, SCALE)
+    first = rows[:, :, : blocks[0]]
+    launches = ((32, 64, 4), (32, 128, 4), (64, 64, 4), (64, 128, 4), (64, 128, 8), (128, 64, 4), (128, 128, 8))
+    for block_n, block_r, warps in launches:
+        kernel = functools.partial(
+            probability_kernel.weighted_probabilities_kernel,
+            first, key[:, :, :seen], lse_seen[:, :, : blocks[0]], lse_own[:, :, : blocks[0]], weights,
+            SCALE, block_n, block_r, warps,
+        )  # fmt: skip
+        print(f"  probability kernel alone, keys {block_n:3d}, rows {block_r:3d}, warps {warps}  {us(kernel)}")
+    print(f"  flash over the keys before the blocks              {us(lambda: unmasked_attention_with_lse(rows, key[:, :, :seen], value[:, :, :seen], SCALE))}")
+    print(f"  the blocks over their own keys                     {us(lambda: own_blocks_attention(rows, key[:, :, seen:], value[:, :, seen:], blocks, SCALE))}")
+    stacked = rows[0].transpose(0, 1)
+    limits = torch.full((sum(blocks),), seen - 1, device="cuda")
+    for block_n, warps, splits in ((64, 8, 2), (64, 8, 4), (128, 8, 2), (128, 8, 4)):
+        split = functools.partial(
+            split_kv_attention.split_kv_slot_attention, stacked, key, value, limits, SCALE, splits, block_n, warps
+        )
+        print(f"  split-key in place of flash, keys {block_n:3d}, warps {warps}, ranges {splits}  {us(split)}")
+
+
+def main() -> None:
+    torch.manual_seed(0)
+    print(f"# device: {torch.cuda.get_device_name()}, torch {torch.__version__}")
+    for blocks in ([32, 56], [64, 112]):
+        measure(blocks)
+
+
+if __name__ == "__main__":
+    main()
