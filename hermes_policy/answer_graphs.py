@@ -41,6 +41,7 @@ from .stream_cache import StaticWrites
 BUCKETS = (16, 32, 64, 128, 256, 512)
 WINDOW_QUANTUM = 256  # key windows are multiples of this many slots
 MAX_GRAPHS = 24  # captured graphs kept (each holds a memory pool); beyond it, start over
+MAX_CAPTURE_ATTEMPTS = 2  # failed captures of one graph before answers run without graphs for good
 
 
 def bucket_length(n: int, buckets: tuple[int, ...] = BUCKETS) -> int:
@@ -90,6 +91,7 @@ class AnswerGraphs:
         self._device = adapter.device
         self._batch_axis = batch_axis(adapter.rotary_emb, self._axes, self._device, adapter.dtype)
         self._graphs: dict[tuple[int | str, int], _Graph] = {}
+        self._attempts: dict[tuple[int | str, int], int] = {}  # failed captures per key
         self._generation: tuple[int, ...] | None = None
         self._inputs: dict[int, torch.Tensor] = {}
         self._host_inputs: dict[int, tuple[torch.Tensor, torch.cuda.Event | None]] = {}
@@ -246,27 +248,49 @@ class AnswerGraphs:
                 self._graphs.clear()
             kind, window = key
             body = self._decode_body(window) if kind == "decode" else self._prefill_body(int(kind), window)
-            graph = self._graphs[key] = self._capture(body) if self.use_graphs else _Graph(None, body)
+            if not self.use_graphs:
+                graph = self._graphs[key] = _Graph(None, body)
+            else:
+                graph = self._captured(key, body)
+        return graph
+
+    def _captured(self, key: tuple[int | str, int], body: Callable[[], None]) -> _Graph:
+        """The graph of ``body``, kept under ``key``; after a failed capture, ``body`` run
+        eagerly for this answer and captured again at the key's next use (failures seen on
+        an H200 were one-off), and after :data:`MAX_CAPTURE_ATTEMPTS` failures of one key
+        (a forward that syncs with the host) no graphs at all."""
+        try:
+            graph = self._capture(body)
+        except Exception as error:
+            attempts = self._attempts[key] = self._attempts.get(key, 0) + 1
+            if attempts >= MAX_CAPTURE_ATTEMPTS:
+                self.use_graphs = False
+                warnings.warn(f"CUDA graph capture failed ({error}); answering without graphs", stacklevel=5)
+            else:
+                warnings.warn(
+                    f"CUDA graph capture failed ({error}); this step runs without a graph, captured again at its next use",
+                    stacklevel=5,
+                )
+            return _Graph(None, body)
+        self._graphs[key] = graph
         return graph
 
     def _capture(self, body: Callable[[], None]) -> _Graph:
-        """Warm up on a side stream, then capture; the decode state is restored after both."""
+        """Warm up on a side stream, then capture; the decode state is restored after both
+        (after a failed capture too, which is raised)."""
         saved = (self._token.clone(), self._offset.clone())
-        stream = torch.cuda.Stream(self._device)
-        stream.wait_stream(torch.cuda.current_stream(self._device))
-        with torch.cuda.stream(stream):
-            for _ in range(2):
-                body()
-        torch.cuda.current_stream(self._device).wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
         try:
+            stream = torch.cuda.Stream(self._device)
+            stream.wait_stream(torch.cuda.current_stream(self._device))
+            with torch.cuda.stream(stream):
+                for _ in range(2):
+                    body()
+            torch.cuda.current_stream(self._device).wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):
                 body()
-        except Exception as error:  # a model whose forward syncs with the host
-            warnings.warn(f"CUDA graph capture failed ({error}); answering without graphs", stacklevel=4)
-            self.use_graphs = False
-            graph = None
-        self._token.copy_(saved[0])
-        self._offset.copy_(saved[1])
-        self.captures += 1
+            self.captures += 1
+        finally:
+            self._token.copy_(saved[0])
+            self._offset.copy_(saved[1])
         return _Graph(graph, body)

@@ -167,3 +167,47 @@ def test_static_answers_attend_over_a_window_not_the_whole_buffer(tiny_adapter, 
     window = -(-needed // WINDOW_QUANTUM) * WINDOW_QUANTUM
     assert seen and set(seen) == {window} and window < session.store.cache.layers[0].capacity
     assert answers["static"] == answers["eager"]
+
+
+@pytest.mark.parametrize("failures", [1, 2])
+def test_a_failed_answer_capture_is_tried_again(tiny_adapter, failures, monkeypatch):
+    """A capture that fails (after its warm-up ran) answers that step without a graph, with
+    the same tokens; the graph is captured again at its next use, and after
+    MAX_CAPTURE_ATTEMPTS failures of one graph the answers run without graphs for good."""
+    from hermes_policy import answer_graphs
+
+    stream = text_frames(tiny_adapter, 16, seed=3)
+    questions = ["Where is the ball?", "What moved?", "Where is the ball?"]
+    plain = StreamingSession(tiny_adapter, FullRetention(), chunk_frames=8, answer_path="eager")
+    plain.add_frames(stream)
+    # one token an answer: only the prefill graph of one (bucket, window), the same for all three
+    expected = [plain.ask(q, max_new_tokens=1).token_ids for q in questions]
+    session = StreamingSession(tiny_adapter, FullRetention(), chunk_frames=8, answer_path="static")
+    graphs = session._answer_graphs = AnswerGraphs(tiny_adapter, session.store, use_graphs=False)
+    graphs.use_graphs = True  # through the capture branch (the graph itself is not needed on the CPU)
+    tries: list[int] = []
+
+    def capture(body):  # as AnswerGraphs._capture, without CUDA: warm-ups, state restored
+        saved = (graphs._token.clone(), graphs._offset.clone())
+        body()
+        graphs._token.copy_(saved[0])
+        graphs._offset.copy_(saved[1])
+        tries.append(len(tries))
+        if len(tries) <= failures:
+            raise RuntimeError("operation failed due to a previous error during capture")
+        graphs.captures += 1
+        return answer_graphs._Graph(None, body)
+
+    monkeypatch.setattr(graphs, "_capture", capture)
+    session.add_frames(stream)
+    with pytest.warns(UserWarning, match="CUDA graph capture failed") as warned:
+        answers = [session.ask(q, max_new_tokens=1).token_ids for q in questions]
+    assert answers == expected
+    messages = [str(w.message) for w in warned if "capture failed" in str(w.message)]
+    assert len(messages) == failures
+    if failures == 1:  # the prefill graph failed once, then was captured at the next question
+        assert "captured again at its next use" in messages[0] and graphs.use_graphs
+        assert graphs.captures == 1 and len(tries) == 2  # the third question replays it
+    else:  # the same graph failed twice: no graphs from then on
+        assert "answering without graphs" in messages[1] and not graphs.use_graphs
+        assert graphs.captures == 0 and len(tries) == 2
