@@ -22,9 +22,6 @@ under Triton's interpreter (``TRITON_INTERPRET=1``, set before import).
 
 from __future__ import annotations
 
-import os
-import warnings
-
 import torch
 
 try:
@@ -33,22 +30,15 @@ try:
 except ImportError:  # pragma: no cover - torch ships Triton on Linux
     triton = None
 
-ENV_SWITCH = "HERMES_PROBABILITY_KERNEL"
-INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
-_FAILED = [False]  # set, with a warning, when a launch fails outside a graph capture
+from .kernel_switch import KernelSwitch
 
-
-def enabled() -> bool:
-    """Triton importable, no launch failed, and not turned off by ``HERMES_PROBABILITY_KERNEL=0``."""
-    return triton is not None and not _FAILED[0] and os.environ.get(ENV_SWITCH, "1") != "0"
+SWITCH = KernelSwitch("HERMES_PROBABILITY_KERNEL", "attention probability kernel", "using score products")
+ENV_SWITCH = SWITCH.env
 
 
 def available(device: torch.device, head_dim: int) -> bool:
-    """Whether :func:`weighted_probabilities` runs here: enabled, on CUDA (or the CPU under
-    Triton's interpreter), a head size that is a power of two of at least 16."""
-    if not enabled() or (device.type != "cuda" and not INTERPRETED):
-        return False
-    return head_dim >= 16 and head_dim & (head_dim - 1) == 0
+    """Whether :func:`weighted_probabilities` runs here (:meth:`KernelSwitch.available`)."""
+    return SWITCH.available(device, head_dim)
 
 
 if triton is not None:
@@ -168,11 +158,4 @@ def weighted_probabilities(
     failure turns it off for the process (with a warning), so the caller's plain path runs
     instead. Inside a CUDA graph capture a failure is raised (the capture fails and its
     caller falls back)."""
-    try:
-        return weighted_probabilities_kernel(rows, keys, lse_seen, lse_own, weights, scaling)
-    except Exception as error:
-        if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
-            raise
-        _FAILED[0] = True
-        warnings.warn(f"the attention probability kernel failed ({error}); using score products", stacklevel=2)
-        return None
+    return SWITCH.launch(weighted_probabilities_kernel, rows, keys, lse_seen, lse_own, weights, scaling)

@@ -25,8 +25,6 @@ in a subprocess).
 from __future__ import annotations
 
 import functools
-import os
-import warnings
 
 import torch
 
@@ -36,22 +34,20 @@ try:
 except ImportError:  # pragma: no cover - torch ships Triton on Linux
     triton = None
 
-ENV_SWITCH = "HERMES_SPLIT_KV"
-INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
-_FAILED = [False]  # set, with a warning, when a launch fails outside a graph capture
+from .kernel_switch import KernelSwitch
+
+SWITCH = KernelSwitch("HERMES_SPLIT_KV", "split-key attention kernel", "using explicit attention")
+ENV_SWITCH = SWITCH.env
 
 
 def enabled() -> bool:
     """Triton importable, no launch failed, and not turned off by ``HERMES_SPLIT_KV=0``."""
-    return triton is not None and not _FAILED[0] and os.environ.get(ENV_SWITCH, "1") != "0"
+    return SWITCH.enabled()
 
 
 def available(device: torch.device, head_dim: int) -> bool:
-    """Whether :func:`split_kv_slot_attention` runs here: enabled, on CUDA (or the CPU
-    under Triton's interpreter), a head size that is a power of two of at least 16."""
-    if not enabled() or (device.type != "cuda" and not INTERPRETED):
-        return False
-    return head_dim >= 16 and head_dim & (head_dim - 1) == 0
+    """Whether :func:`split_kv_slot_attention` runs here (:meth:`KernelSwitch.available`)."""
+    return SWITCH.available(device, head_dim)
 
 
 if triton is not None:
@@ -238,11 +234,4 @@ def attend(
     failure turns them off for the process (with a warning), so the caller's explicit path
     runs instead. Inside a CUDA graph capture a failure is raised (the capture fails and
     its caller falls back)."""
-    try:
-        return split_kv_slot_attention(query, keys, values, limits, scaling)
-    except Exception as error:
-        if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
-            raise
-        _FAILED[0] = True
-        warnings.warn(f"the split-key attention kernel failed ({error}); using explicit attention", stacklevel=2)
-        return None
+    return SWITCH.launch(split_kv_slot_attention, query, keys, values, limits, scaling)

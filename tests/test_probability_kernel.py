@@ -8,7 +8,7 @@ import pytest
 import torch
 from test_split_kv_attention import run_interpreted
 
-from hermes_policy import attention, probability_kernel
+from hermes_policy import attention, kernel_switch, probability_kernel
 from hermes_policy.probability_kernel import available
 
 pytest.importorskip("triton", reason="the probability kernel is written in Triton (shipped with torch on Linux)")
@@ -77,12 +77,12 @@ def test_kernel_equals_the_score_products():
 
 def test_where_the_kernel_runs(monkeypatch):
     """On CUDA (or under the interpreter) for power-of-two head sizes; never when switched off."""
-    monkeypatch.setattr(probability_kernel, "INTERPRETED", False)
+    monkeypatch.setattr(kernel_switch, "INTERPRETED", False)
     monkeypatch.delenv(probability_kernel.ENV_SWITCH, raising=False)
     assert not available(torch.device("cpu"), 128)
     assert available(torch.device("cuda"), 128)
     assert not available(torch.device("cuda"), 96)
-    monkeypatch.setattr(probability_kernel, "INTERPRETED", True)
+    monkeypatch.setattr(kernel_switch, "INTERPRETED", True)
     assert available(torch.device("cpu"), 16)
     monkeypatch.setenv(probability_kernel.ENV_SWITCH, "0")
     assert not available(torch.device("cuda"), 128)
@@ -103,8 +103,8 @@ def test_a_failing_kernel_falls_back_to_the_score_products(monkeypatch):
         launches.append(args[0].shape)
         raise RuntimeError("no kernel image for this device")
 
-    monkeypatch.setattr(probability_kernel, "INTERPRETED", True)  # as if it could run here
-    monkeypatch.setattr(probability_kernel, "_FAILED", [False])
+    monkeypatch.setattr(kernel_switch, "INTERPRETED", True)  # as if it could run here
+    monkeypatch.setattr(probability_kernel.SWITCH, "failed", False)
     monkeypatch.setattr(probability_kernel, "weighted_probabilities_kernel", failing)
     monkeypatch.delenv(probability_kernel.ENV_SWITCH, raising=False)
     with pytest.warns(UserWarning, match="probability kernel failed"):

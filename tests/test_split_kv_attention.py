@@ -17,7 +17,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from hermes_policy import attention, split_kv_attention
+from hermes_policy import attention, kernel_switch, split_kv_attention
 from hermes_policy.split_kv_attention import available, launch_shape
 
 pytest.importorskip("triton", reason="the split-key kernel is written in Triton (shipped with torch on Linux)")
@@ -112,13 +112,13 @@ def test_answer_forwards_with_the_kernel_equal_them_without():
 
 def test_where_the_kernel_runs(monkeypatch):
     """On CUDA (or under the interpreter) for power-of-two head sizes; never when switched off."""
-    monkeypatch.setattr(split_kv_attention, "INTERPRETED", False)
+    monkeypatch.setattr(kernel_switch, "INTERPRETED", False)
     monkeypatch.delenv(split_kv_attention.ENV_SWITCH, raising=False)
     assert not available(torch.device("cpu"), 128)
     assert available(torch.device("cuda"), 128)
     assert not available(torch.device("cuda"), 80)  # not a power of two
     assert not available(torch.device("cuda"), 8)
-    monkeypatch.setattr(split_kv_attention, "INTERPRETED", True)
+    monkeypatch.setattr(kernel_switch, "INTERPRETED", True)
     assert available(torch.device("cpu"), 64)
     monkeypatch.setenv(split_kv_attention.ENV_SWITCH, "0")
     assert not available(torch.device("cuda"), 128)
@@ -153,8 +153,8 @@ def test_a_failing_kernel_falls_back_to_explicit_attention(monkeypatch):
         launches.append(args[0].shape)
         raise RuntimeError("no kernel image for this device")
 
-    monkeypatch.setattr(split_kv_attention, "INTERPRETED", True)  # as if it could run here
-    monkeypatch.setattr(split_kv_attention, "_FAILED", [False])
+    monkeypatch.setattr(kernel_switch, "INTERPRETED", True)  # as if it could run here
+    monkeypatch.setattr(split_kv_attention.SWITCH, "failed", False)
     monkeypatch.setattr(split_kv_attention, "split_kv_slot_attention", failing)
     monkeypatch.delenv(split_kv_attention.ENV_SWITCH, raising=False)
     assert available(torch.device("cpu"), 16)
@@ -165,7 +165,7 @@ def test_a_failing_kernel_falls_back_to_explicit_attention(monkeypatch):
     for name in ("static", "transformers"):
         assert_forwards_close({"static": fell_back[name], "transformers": explicit[name]}, 1e-6)
     # the fewer-kernel forward failing at its first layer, with the mask not built yet
-    monkeypatch.setattr(split_kv_attention, "_FAILED", [False])
+    monkeypatch.setattr(split_kv_attention.SWITCH, "failed", False)
     monkeypatch.setattr(attention, "split_kv_attention", SimpleNamespace(available=lambda *args: False))
     with pytest.warns(UserWarning, match="split-key attention kernel failed"):
         fell_back = both_forwards(adapter, 3)

@@ -1,0 +1,67 @@
+"""Where one of our Triton kernels runs, and what happens when it cannot.
+
+Each kernel (:mod:`~hermes_policy.split_kv_attention`,
+:mod:`~hermes_policy.probability_kernel`) has a :class:`KernelSwitch`: an environment
+variable that turns it off (``=0``), and a flag set by a first launch that fails outside a
+CUDA graph capture (a GPU or Triton build without the kernel), after which its caller's
+plain torch path runs for the rest of the process. On the CPU the kernels run only under
+Triton's interpreter (``TRITON_INTERPRET=1``, set before Triton is imported; the tests do
+that in a subprocess).
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+try:
+    import triton
+except ImportError:  # pragma: no cover - torch ships Triton on Linux
+    triton = None
+
+INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@dataclass
+class KernelSwitch:
+    """On/off state of one kernel.
+
+    Parameters
+    ----------
+    env : the environment variable that turns it off with ``0``
+    name : the kernel, as a warning names it
+    fallback : what runs instead, as a warning says it
+    """
+
+    env: str
+    name: str
+    fallback: str
+    failed: bool = False  # set, with a warning, when a launch fails outside a graph capture
+
+    def enabled(self) -> bool:
+        """Triton importable, no launch failed, and not turned off by the environment."""
+        return triton is not None and not self.failed and os.environ.get(self.env, "1") != "0"
+
+    def available(self, device: torch.device, head_dim: int) -> bool:
+        """Enabled, on CUDA (or the CPU under Triton's interpreter), for a head size that is
+        a power of two of at least 16 (the matrix units' tile)."""
+        if not self.enabled() or (device.type != "cuda" and not INTERPRETED):
+            return False
+        return head_dim >= 16 and head_dim & (head_dim - 1) == 0
+
+    def launch(self, kernel: Callable[..., torch.Tensor], *args: object) -> torch.Tensor | None:
+        """``kernel(*args)``, or None when it fails: the first failure turns the kernel off
+        for the process (with a warning), so the caller's plain path runs instead. Inside a
+        CUDA graph capture a failure is raised (the capture fails and its caller falls back)."""
+        try:
+            return kernel(*args)
+        except Exception as error:
+            if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+                raise
+            self.failed = True
+            warnings.warn(f"the {self.name} failed ({error}); {self.fallback}", stacklevel=3)
+            return None
