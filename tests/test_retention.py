@@ -312,6 +312,27 @@ def test_guidance_prompts_use_the_last_question_and_answer(tiny_adapter):
     assert rule.layer_prompt() == (None, 1, 0)  # sensory: none, working: mixed, long-term: global
 
 
+def test_guidance_prompts_quote_a_long_answer_up_to_history_words(tiny_adapter):
+    """A long answer is quoted to its first words (the prompts ride in every compressing
+    chunk, the mixed one quoting it twice); a short one whole; None quotes everything."""
+    policy = paper_default(ModelInfo.of(tiny_adapter), budget=24)
+    answer = " ".join(f"word{i}" for i in range(200))
+    turn = [("Where is the cat?", answer)]
+    global_, mixed = HermesRetention(policy=policy, history_words=10).prompts(turn)
+    quoted = "Where is the cat? word0 word1 word2 word3 word4 word5 ..."
+    assert global_.startswith(f"Context summary: {quoted}. Summarize the video narrative")
+    assert mixed.startswith(f"Find recent details related to: {quoted}. Describe the current scene")
+    assert mixed.count(quoted) == 2 and "word6" not in mixed
+    default = HermesRetention(policy=policy)  # 64 words
+    assert default.prompts(turn)[0].count("word") == 60 and "word59 ..." in default.prompts(turn)[0]
+    assert default.prompts([("Where is the cat?", "On the sofa.")]) == HermesRetention(
+        policy=policy, history_words=None
+    ).prompts([("Where is the cat?", "On the sofa.")])
+    assert "word199" in HermesRetention(policy=policy, history_words=None).prompts(turn)[0]
+    with pytest.raises(PolicyError, match="history_words"):
+        HermesRetention(policy=policy, history_words=0)
+
+
 def test_one_guidance_forward_equals_separate_prompt_forwards(tiny_adapter):
     """Prompts batched with a block mask see exactly what each would see alone."""
     from hermes_policy.retention import GuidanceRequest

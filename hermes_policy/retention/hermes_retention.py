@@ -13,7 +13,10 @@ evicted):
 
 The pseudo-queries are the policy's guidance prompts: long-term layers use the global
 prompt, other attention-using layers the mixed prompt (local + "; " + global); with a
-conversation history both are rewritten with the last question and answer.
+conversation history both are rewritten with the last question and answer (its first
+``history_words`` words: the prompts ride in every compressing chunk, and the mixed prompt
+quotes the history twice, so a long answer would cost three times its length in rows of
+every chunk for the rest of the stream).
 """
 
 from __future__ import annotations
@@ -50,15 +53,24 @@ from .scoring import (
 
 @dataclass
 class HermesRetention(RetentionRule):
-    """The HERMES rule configured by a :class:`~hermes_policy.policy.Policy`."""
+    """The HERMES rule configured by a :class:`~hermes_policy.policy.Policy`.
+
+    ``history_words``: the guidance prompts quote the last question and answer up to this
+    many words (whitespace-separated), then "..."; None quotes them whole. 64 words keep a
+    question and a sentence-long answer whole (the paper's benchmarks: multiple choice and
+    short open answers) and bound what a long answer adds to every compressing chunk.
+    """
 
     name = "hermes"
     policy: Policy | None = None
     reindex: ReindexMode = "lazy"
+    history_words: int | None = 64
 
     def __post_init__(self) -> None:
         if self.policy is None:
             raise PolicyError("the hermes rule needs a policy (a policy.json or paper-default)")
+        if self.history_words is not None and self.history_words < 1:
+            raise PolicyError(f"history_words must be at least 1 (or None), got {self.history_words}")
         self.reindex = self.policy.reindex
         self._on_device: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 
@@ -81,6 +93,9 @@ class HermesRetention(RetentionRule):
         if history:
             question, answer = history[-1]
             last = f"{question} {answer}".strip()
+            words = last.split()
+            if self.history_words is not None and len(words) > self.history_words:
+                last = " ".join(words[: self.history_words]) + " ..."
             local = g.local_with_history.format(history=last)
             global_ = g.global_with_history.format(history=last)
         else:
