@@ -688,7 +688,9 @@ def lead_and_blocks_attention(
         ingest forward, which runs attention only for its captured rows): those rows of
         the output are then left unset
     row_weights : float32 ``(stop - start,)``: return the weighted sum over the kept rows
-        of their mean over heads, ``(batch, 1, 1, k - sum(blocks))``, in the same kernel
+        of their mean over heads, ``(batch, 1, 1, k - sum(blocks))``: on CUDA one Triton
+        pass with the scores in registers (:mod:`~hermes_policy.probability_kernel`), else
+        in the kernel of the exponential
 
     Returns
     -------
