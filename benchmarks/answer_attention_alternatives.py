@@ -33,12 +33,25 @@ from profile_efficiency import graph_ms  # noqa: E402
 from hermes_policy.attention import (  # noqa: E402
     masked_softmax_with_lse,
     merge_attention,
+    slots_blocked,
     unmasked_attention_with_lse,
 )
 from hermes_policy.static_forward import biased_slot_attention, slot_attention, stacked_mask_bias  # noqa: E402
 
 WINDOW, USED, CAPACITY = 4352, 4100, 4608
 SCALE = 128**-0.5
+
+
+def against_current(q_len: int, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[str]]:
+    """Queries of ``q_len`` tokens at the end of the used slots, their limits, the float32
+    reference and the explicit path's timing (the first cell of a printed line)."""
+    q = torch.randn(q_len, 28, 128, dtype=torch.bfloat16, device="cuda")
+    limits = USED - q_len + torch.arange(q_len, device="cuda")
+    blocked = slots_blocked(limits, WINDOW)
+    ref = slot_attention(q.float(), keys.float(), values.float(), blocked, SCALE)
+    bias = stacked_mask_bias(blocked[None], 7)[0]
+    current = lambda: biased_slot_attention(q, keys, values, bias, SCALE)  # noqa: E731
+    return q, limits, ref, [f"current {1e3 * graph_ms(current):6.1f} us (|diff| {(current().float() - ref).abs().max().item():.1e})"]
 
 
 def flex(keys: torch.Tensor, values: torch.Tensor) -> None:
@@ -50,13 +63,7 @@ def flex(keys: torch.Tensor, values: torch.Tensor) -> None:
         return flex_attention(q, k, v, score_mod=visible, scale=SCALE, enable_gqa=True)
 
     for q_len in (1, 16, 32):
-        q = torch.randn(q_len, 28, 128, dtype=torch.bfloat16, device="cuda")
-        limits = USED - q_len + torch.arange(q_len, device="cuda")
-        blocked = torch.arange(WINDOW, device="cuda")[None, :] > limits[:, None]
-        ref = slot_attention(q.float(), keys.float(), values.float(), blocked, SCALE)
-        bias = stacked_mask_bias(blocked[None], 7)[0]
-        current = lambda q=q, bias=bias: biased_slot_attention(q, keys, values, bias, SCALE)  # noqa: E731
-        cells = [f"current {1e3 * graph_ms(current):6.1f} us (|diff| {(current().float() - ref).abs().max().item():.1e})"]
+        q, limits, ref, cells = against_current(q_len, keys, values)
         qq = q.transpose(0, 1)[None]
         start = time.perf_counter()
         out = flex_slots(qq, keys, values, limits)
@@ -78,19 +85,13 @@ def dense_tail(keys: torch.Tensor, values: torch.Tensor) -> None:
         tail_keys = keys[0, :, dense:].transpose(1, 2)
         scores = torch.baddbmm(zero, stacked, tail_keys, out_dtype=torch.float32, beta=0, alpha=SCALE)
         scores = scores.view(4, 7, q_len, WINDOW - dense)
-        blocked = torch.arange(dense, WINDOW, device="cuda")[None, :] > limits[:, None]
+        blocked = slots_blocked(limits, WINDOW)[:, dense:]
         probs, lse_t = masked_softmax_with_lse(scores, blocked, values.dtype)
         out_t = torch.bmm(probs.view(4, 7 * q_len, -1), values[0, :, dense:]).view(1, 28, q_len, 128)
         return merge_attention(out_d, lse_d, out_t, lse_t.view(1, 28, q_len))[0].transpose(0, 1)
 
     for q_len in (1, 16, 32):
-        q = torch.randn(q_len, 28, 128, dtype=torch.bfloat16, device="cuda")
-        limits = USED - q_len + torch.arange(q_len, device="cuda")
-        blocked = torch.arange(WINDOW, device="cuda")[None, :] > limits[:, None]
-        ref = slot_attention(q.float(), keys.float(), values.float(), blocked, SCALE)
-        bias = stacked_mask_bias(blocked[None], 7)[0]
-        current = lambda q=q, bias=bias: biased_slot_attention(q, keys, values, bias, SCALE)  # noqa: E731
-        cells = [f"current {1e3 * graph_ms(current):6.1f} us (|diff| {(current().float() - ref).abs().max().item():.1e})"]
+        q, limits, ref, cells = against_current(q_len, keys, values)
         qq = q.transpose(0, 1)[None]
         flash_only = lambda qq=qq: unmasked_attention_with_lse(qq, keys[:, :, :3840], values[:, :, :3840], SCALE)  # noqa: E731
         cells.append(f"flash 3840 alone {1e3 * graph_ms(flash_only):6.1f}")

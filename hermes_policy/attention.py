@@ -35,7 +35,7 @@ from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface
 
 from . import probability_kernel, split_kv_attention
-from .fusion import FusedOp
+from .fusion import FusedOp, capturing
 
 ATTENTION_NAME = "hermes_ragged"
 # Masked attention (answers on fixed shapes) runs as plain matmuls while its float32 score
@@ -825,7 +825,7 @@ def unmasked_attention_with_lse(
             )[:2]
             return out.reshape(batch, heads, q_len, dim), lse.reshape(batch, heads, q_len)
         except (RuntimeError, TypeError) as error:  # a build or device without it: explicit from now on
-            if torch.cuda.is_current_stream_capturing():
+            if capturing():
                 raise
             _FLASH_LSE[0] = False
             warnings.warn(f"flash attention with log-sum-exp failed ({error}); using explicit products", stacklevel=2)

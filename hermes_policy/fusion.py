@@ -46,7 +46,7 @@ def tensor_signature(args: tuple[object, ...]) -> tuple[tuple[torch.dtype, int],
     return tuple((a.dtype, a.dim()) for a in args if isinstance(a, torch.Tensor))
 
 
-def _capturing() -> bool:
+def capturing() -> bool:
     """Whether the current CUDA stream records a graph (a failure there must surface)."""
     return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
 
@@ -116,17 +116,17 @@ class FusedOp:
                 # this copy holds its limit of variants (sizes, strides of sliced inputs);
                 # they stay compiled for the calls that match them, but a new one would
                 # turn the whole op eager: a fresh copy compiles it instead, up to a bound
-                if _capturing():
+                if capturing():
                     raise
                 if self._copies[signature] >= MAX_COPIES:
                     return self._eager_from_now_on(signature, args)
                 return self._start_copy(signature)(*args)
         except FailOnRecompileLimitHit:  # raised while capturing, or by a fresh copy
-            if _capturing():
+            if capturing():
                 raise
             return self._eager_from_now_on(signature, args)
         except Exception as error:  # no Triton or no C compiler: keep the eager kernels
-            if _capturing():
+            if capturing():
                 raise
             self.failed = True
             warnings.warn(f"compiling {self.name} failed ({type(error).__name__}: {error}); running it eagerly", stacklevel=2)

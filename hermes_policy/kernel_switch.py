@@ -18,6 +18,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .fusion import capturing
+
 try:
     import triton
 except ImportError:  # pragma: no cover - torch ships Triton on Linux
@@ -60,7 +62,7 @@ class KernelSwitch:
         try:
             return kernel(*args)
         except Exception as error:
-            if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+            if capturing():
                 raise
             self.failed = True
             warnings.warn(f"the {self.name} failed ({error}); {self.fallback}", stacklevel=3)

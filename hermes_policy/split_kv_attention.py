@@ -40,11 +40,6 @@ SWITCH = KernelSwitch("HERMES_SPLIT_KV", "split-key attention kernel", "using ex
 ENV_SWITCH = SWITCH.env
 
 
-def enabled() -> bool:
-    """Triton importable, no launch failed, and not turned off by ``HERMES_SPLIT_KV=0``."""
-    return SWITCH.enabled()
-
-
 def available(device: torch.device, head_dim: int) -> bool:
     """Whether :func:`split_kv_slot_attention` runs here (:meth:`KernelSwitch.available`)."""
     return SWITCH.available(device, head_dim)
