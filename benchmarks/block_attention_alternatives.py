@@ -9,7 +9,13 @@ any question (32 + 56 rows) and after one (64 + 112).
   probability kernel (``hermes_policy/probability_kernel.py``) at several launch shapes;
 - its parts: flash over the keys before the blocks, the blocks' own keys;
 - the split-key kernel of the answers (``hermes_policy/split_kv_attention.py``) in place
-  of flash over the keys before the blocks (not used: slower for this many rows).
+  of flash over the keys before the blocks (not used: slower for this many rows);
+- a whole layer's attention with the lead read (the chunk's rows and the blocks', the
+  first block captured), and the last layer's (lead unread), with the block attention
+  kernel (``hermes_policy/block_attention_kernel.py``: the blocks' rows in one cuDNN call
+  with the chunk's over the cache, then one pass over the chunk's keys and their own
+  block) and without it (``HERMES_BLOCK_KERNEL=0``), next to the chunk's attention alone;
+  the kernel alone at several launch shapes.
 
 Output of the run on an H200:
 ``benchmarks/results/block-attention-alternatives-nvidia-h200-2026-12-02.txt``.
@@ -31,10 +37,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from profile_efficiency import graph_ms  # noqa: E402
 
-from hermes_policy import probability_kernel, split_kv_attention  # noqa: E402
+from hermes_policy import block_attention_kernel, probability_kernel, split_kv_attention  # noqa: E402
 from hermes_policy.attention import (  # noqa: E402
+    attention_with_lse,
+    causal_attention,
     lead_and_blocks_attention,
     own_blocks_attention,
+    steady_shapes,
     unmasked_attention_with_lse,
 )
 
@@ -46,15 +55,16 @@ def us(fn) -> str:
     return f"{1e3 * graph_ms(fn):7.1f} us"
 
 
-def with_switch(value: str, fn):
+def with_switch(value: str, fn, switch: str = probability_kernel.ENV_SWITCH):
     def run():
-        os.environ[probability_kernel.ENV_SWITCH] = value
+        os.environ[switch] = value
         return fn()
 
     return run
 
 
 def measure(blocks: list[int]) -> None:
+    os.environ[block_attention_kernel.ENV_SWITCH] = "0"  # the parts of the plain path
     seen = CACHE + LEAD
     total = seen + sum(blocks)
     query = torch.randn(1, LEAD + sum(blocks), 28, 128, dtype=torch.bfloat16, device="cuda").transpose(1, 2)
@@ -95,11 +105,68 @@ def measure(blocks: list[int]) -> None:
         print(f"  split-key in place of flash, keys {block_n:3d}, warps {warps}, ranges {splits}  {us(split)}")
 
 
+def measure_layer(blocks: list[int]) -> None:
+    """A whole layer's attention (lead and blocks), with and without the block kernel."""
+    seen = CACHE + LEAD
+    total = seen + sum(blocks)
+    query = torch.randn(1, LEAD + sum(blocks), 28, 128, dtype=torch.bfloat16, device="cuda").transpose(1, 2)
+    buf = torch.randn(2, 1, 4, total + 512, 128, dtype=torch.bfloat16, device="cuda")
+    key, value = buf[0][:, :, :total], buf[1][:, :, :total]
+    weights = torch.full((blocks[0],), 1 / blocks[0], device="cuda")
+    switch = block_attention_kernel.ENV_SWITCH
+    print(f"== a layer's attention: blocks {blocks} after a lead of {LEAD} over a cache of {CACHE} (per layer, in a graph)")
+    chunk = functools.partial(causal_attention, query[:, :, :LEAD], key[:, :, :seen], value[:, :, :seen], SCALE)
+    print(f"  the chunk alone (no blocks)                           {us(chunk)}")
+    results = {}
+    for lead_read in (True, False):
+        layer = functools.partial(
+            lead_and_blocks_attention, query, key, value, LEAD, blocks, SCALE, (0, blocks[0]), True, lead_read, weights
+        )
+        name = "lead read  " if lead_read else "lead unread"
+        print(f"  {name}, first block captured, plain path             {us(with_switch('0', layer, switch))}")
+        print(f"  {name}, first block captured, block kernel           {us(with_switch('1', layer, switch))}")
+        for value_ in ("0", "1"):
+            os.environ[switch] = value_
+            out, probs = layer()
+            rows = slice(0 if lead_read else LEAD, None)
+            results[(lead_read, value_)] = (out[:, :, rows].float(), probs)
+        (out0, probs0), (out1, probs1) = results[(lead_read, "0")], results[(lead_read, "1")]
+        print(
+            f"      largest difference: output {(out0 - out1).abs().max().item():.2e} (bf16),"
+            f" probabilities {(probs0 - probs1).abs().max().item():.2e} (up to {probs0.max().item():.2e})"
+        )
+    os.environ[switch] = "1"
+    cache = CACHE
+    rows = query[:, :, LEAD:]
+    out_cache, lse_cache = attention_with_lse(query, key[:, :, :cache], value[:, :, :cache], SCALE, causal=False)
+    prior = (out_cache[:, :, LEAD:], lse_cache[:, :, LEAD:])
+    print(f"  cuDNN, all rows over the cache                        {us(lambda: attention_with_lse(query, key[:, :, :cache], value[:, :, :cache], SCALE, causal=False))}")
+    print(f"  cuDNN, the blocks' rows over the cache                {us(lambda: attention_with_lse(rows, key[:, :, :cache], value[:, :, :cache], SCALE, causal=False))}")
+    print(f"  cuDNN, the lead's rows over the cache                 {us(lambda: attention_with_lse(query[:, :, :LEAD], key[:, :, :cache], value[:, :, :cache], SCALE, causal=False))}")
+    out = torch.empty_like(rows)
+    for block_m, block_n, warps in ((32, 64, 4), (64, 32, 4), (64, 64, 4), (64, 64, 8), (64, 128, 8), (128, 64, 8)):
+        resume = functools.partial(
+            block_attention_kernel.block_rows_attention_kernel,
+            rows, key, value, blocks, cache, SCALE, out, prior, block_m, block_n, warps,
+        )  # fmt: skip
+        whole = functools.partial(
+            block_attention_kernel.block_rows_attention_kernel,
+            rows, key, value, blocks, 0, SCALE, out, None, block_m, block_n, warps,
+        )  # fmt: skip
+        print(
+            f"  kernel, rows {block_m:3d}, keys {block_n:3d}, warps {warps}: from the cached part {us(resume)},"
+            f" over every key {us(whole)}"
+        )
+
+
 def main() -> None:
     torch.manual_seed(0)
     print(f"# device: {torch.cuda.get_device_name()}, torch {torch.__version__}")
-    for blocks in ([32, 56], [64, 112]):
-        measure(blocks)
+    with steady_shapes():  # the kernels of a stream's steady state (cuDNN for the chunk)
+        for blocks in ([40, 80], [64, 112]):
+            measure_layer(blocks)
+        for blocks in ([32, 56], [64, 112]):
+            measure(blocks)
 
 
 if __name__ == "__main__":

@@ -34,7 +34,7 @@ from torch.nn.attention.bias import causal_lower_right
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface
 
-from . import probability_kernel, split_kv_attention
+from . import block_attention_kernel, probability_kernel, split_kv_attention
 from .fusion import FusedOp, capturing
 
 ATTENTION_NAME = "hermes_ragged"
@@ -671,11 +671,15 @@ def lead_and_blocks_attention(
     """Attention under :func:`block_query_mask`, without a mask over the whole cache.
 
     The lead rows attend causally to the keys before the blocks (:func:`causal_attention`).
-    The blocks' rows attend to those keys (the cache and the lead: one call for all blocks,
-    no mask) and, causally, to their own block's keys (one small explicit product); the
-    two parts are merged by log-sum-exp (:func:`merge_attention`). No block's view of the
-    cache is ever copied, and the probabilities of captured rows come from the same
-    log-sum-exp: one score product and one exponential, no softmax pass.
+    The blocks' rows attend to those keys (the cache and the lead) and, causally, to their
+    own block's keys. Where the block attention kernel runs
+    (:mod:`~hermes_policy.block_attention_kernel`) that is one pass after, on CUDA at a
+    steady shape, one cuDNN call of all rows over the cache (:func:`_blocks_by_kernel`);
+    otherwise one flash call for all blocks over the keys before them (no mask), one small
+    explicit product over their own keys, and a log-sum-exp merge of the two
+    (:func:`merge_attention`). No block's view of the cache is ever copied, and the
+    probabilities of captured rows come from the same log-sum-exp: one pass over the
+    scores, no softmax.
 
     Parameters
     ----------
@@ -699,50 +703,121 @@ def lead_and_blocks_attention(
     (their own block's keys take the rest of each row's mass), or None
     """
     seen = key.shape[-2] - sum(blocks)
+    batch, heads, q_len, dim = query.shape
     joined = None
-    if lead:
+    if lead or (seen and block_attention_kernel.available(query.device, dim)):
         # the lead's and the blocks' outputs written side by side in (batch, q, heads,
         # head_dim) memory, the layout the output projection reads: no join copies them
         # (it cost ~1 ms a compressing chunk of 8 frames on the LLaVA-OV-7B shape), and the
         # caller's transpose back copies nothing
-        batch, heads, q_len, dim = query.shape
         joined = query.new_empty(batch, q_len, heads, dim).transpose(1, 2)
-    if lead and lead_read:
-        causal_attention(query[:, :, :lead], key[:, :, :seen], value[:, :, :seen], scaling, out=joined[:, :, :lead])
     rows = query[:, :, lead:]
-    out, lse = own_blocks_attention(rows, key[:, :, seen:], value[:, :, seen:], blocks, scaling)
-    lse_seen = None
-    if seen:
-        out_seen, lse_seen = unmasked_attention_with_lse(rows, key[:, :, :seen], value[:, :, :seen], scaling)
-        if joined is None:
-            out = merge_attention(out_seen, lse_seen, out, lse)
-        else:
-            merge_attention_into(out_seen, lse_seen, out, lse, joined[:, :, lead:])
-    elif joined is not None:
-        joined[:, :, lead:].copy_(out)
-    probs = None
-    if keep_rows is not None and lse_seen is not None:
-        start, stop = keep_rows
-        if row_weights is not None and probability_kernel.available(rows.device, rows.shape[-1]):
-            # the scores stay in registers (the products below write them over the whole cache)
-            probs = probability_kernel.weighted_probabilities(
-                rows[:, :, start:stop], key[:, :, :seen], lse_seen[:, :, start:stop], lse[:, :, start:stop],
-                row_weights, scaling,
-            )  # fmt: skip
-            if probs is not None:
-                return (out if joined is None else joined), probs
-        total = torch.logaddexp(lse_seen[:, :, start:stop], lse[:, :, start:stop])
-        # over a multiple of 8 keys (the blocks' own keys follow; their columns are cut off
-        # the result, not the scores): cuBLAS runs a float32 output whose rows are not
-        # 16-byte aligned in a kernel ~4x slower (56 us a layer on an H200 for 5,599 keys),
-        # and the compiled exponential reads a cut view of the scores ~10x slower
-        width = min(-(-seen // 8) * 8, key.shape[-2])
-        scores = grouped_scores(rows[:, :, start:stop], key[:, :, :width], None).view(*total.shape, width)
-        if row_weights is not None:
-            probs = weighted_probabilities_from_lse(scores, total, scaling, row_weights)[..., :seen]
-        else:
-            probs = probabilities_from_lse(scores, total, scaling, head_mean)[..., :seen]
-    return (out if joined is None else joined), probs
+    lse = _blocks_by_kernel(query, key, value, lead, blocks, scaling, joined, lead_read) if seen else None
+    lse_seen = lse_own = None
+    if lse is None:
+        if lead and lead_read:
+            causal_attention(query[:, :, :lead], key[:, :, :seen], value[:, :, :seen], scaling, out=joined[:, :, :lead])
+        out, lse_own = own_blocks_attention(rows, key[:, :, seen:], value[:, :, seen:], blocks, scaling)
+        if seen:
+            out_seen, lse_seen = unmasked_attention_with_lse(rows, key[:, :, :seen], value[:, :, :seen], scaling)
+            if joined is None:
+                out = merge_attention(out_seen, lse_seen, out, lse_own)
+            else:
+                merge_attention_into(out_seen, lse_seen, out, lse_own, joined[:, :, lead:])
+        elif joined is not None:
+            joined[:, :, lead:].copy_(out)
+    output = out if joined is None else joined
+    if keep_rows is None or (lse is None and lse_seen is None):
+        return output, None
+    start, stop = keep_rows
+    # each kept row's log-sum-exp over every key it saw, whole or in its two parts
+    parts = (lse[:, :, start:stop], None) if lse is not None else (lse_seen[:, :, start:stop], lse_own[:, :, start:stop])
+    if row_weights is not None and probability_kernel.available(rows.device, dim):
+        # the scores stay in registers (the products below write them over the whole cache)
+        probs = probability_kernel.weighted_probabilities(
+            rows[:, :, start:stop], key[:, :, :seen], *parts, row_weights, scaling
+        )
+        if probs is not None:
+            return output, probs
+    total = parts[0] if parts[1] is None else torch.logaddexp(*parts)
+    # over a multiple of 8 keys (the blocks' own keys follow; their columns are cut off
+    # the result, not the scores): cuBLAS runs a float32 output whose rows are not
+    # 16-byte aligned in a kernel ~4x slower (56 us a layer on an H200 for 5,599 keys),
+    # and the compiled exponential reads a cut view of the scores ~10x slower
+    width = min(-(-seen // 8) * 8, key.shape[-2])
+    scores = grouped_scores(rows[:, :, start:stop], key[:, :, :width], None).view(*total.shape, width)
+    if row_weights is not None:
+        probs = weighted_probabilities_from_lse(scores, total, scaling, row_weights)[..., :seen]
+    else:
+        probs = probabilities_from_lse(scores, total, scaling, head_mean)[..., :seen]
+    return output, probs
+
+
+def _blocks_by_kernel(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    lead: int,
+    blocks: list[int],
+    scaling: float,
+    joined: torch.Tensor | None,
+    lead_read: bool,
+) -> torch.Tensor | None:
+    """:func:`lead_and_blocks_attention`'s attention through the block attention kernel
+    (:mod:`~hermes_policy.block_attention_kernel`), written into ``joined``; the blocks'
+    log-sum-exp over every key they saw, or None where the kernel does not run (nothing
+    written then).
+
+    With a lead that is read, over a cache, where cuDNN runs the chunk's attention
+    (:func:`causal_attention`; on the CPU its explicit stand-in): one cuDNN call takes all
+    rows, the lead's and the blocks', over the cached keys (the blocks' rows are ~10% more
+    rows there, where alone they ran a flash call of their own), the lead's rows take their
+    own keys causally, and the kernel resumes the blocks' rows from their cached part over
+    the lead's keys and their own block. Otherwise the lead as :func:`causal_attention`
+    runs it, and the kernel takes the blocks over every key.
+    """
+    batch, heads, q_len, dim = query.shape
+    if (
+        joined is None
+        or batch != 1
+        or not block_attention_kernel.available(query.device, dim)
+        or not 1 <= len(blocks) <= block_attention_kernel.MAX_BLOCKS
+    ):
+        return None
+    seen = key.shape[-2] - sum(blocks)
+    cache = seen - lead
+    rows, out = query[:, :, lead:], joined[:, :, lead:]
+    if lead and lead_read and cache > 0 and _cached_part_by_one_call(query, key, cache):
+        query = canonical_batch_stride(query)
+        cached = [canonical_batch_stride(t[:, :, :cache]) for t in (key, value)]
+        out_cache, lse_cache = attention_with_lse(query, *cached, scaling, causal=False)
+        new = [canonical_batch_stride(t[:, :, cache:seen]) for t in (key, value)]
+        out_new, lse_new = attention_with_lse(query[:, :, :lead], *new, scaling, causal=True)
+        merge_attention_into(out_cache[:, :, :lead], lse_cache[:, :, :lead], out_new, lse_new, joined[:, :, :lead])
+        prior = (out_cache[:, :, lead:], lse_cache[:, :, lead:])
+        lse = block_attention_kernel.block_rows_attention(rows, key, value, blocks, cache, scaling, out, prior)
+        if lse is None:  # the kernel failed (and is off from now on): the lead is written, the blocks plainly
+            out_own, lse_own = own_blocks_attention(rows, key[:, :, seen:], value[:, :, seen:], blocks, scaling)
+            out_seen, lse_seen = unmasked_attention_with_lse(rows, key[:, :, :seen], value[:, :, :seen], scaling)
+            merge_attention_into(out_seen, lse_seen, out_own, lse_own, out)
+            lse = torch.logaddexp(lse_seen, lse_own)
+        return lse
+    lse = block_attention_kernel.block_rows_attention(rows, key, value, blocks, 0, scaling, out)
+    if lse is not None and lead and lead_read:
+        causal_attention(query[:, :, :lead], key[:, :, :seen], value[:, :, :seen], scaling, out=joined[:, :, :lead])
+    return lse
+
+
+def _cached_part_by_one_call(query: torch.Tensor, key: torch.Tensor, cache: int) -> bool:
+    """Whether the lead's and the blocks' rows take the cached keys in one cuDNN call: on
+    CUDA where :func:`causal_attention` would split the lead's attention (a recurring
+    shape in half precision), and on the CPU (explicit products: the tests)."""
+    if query.device.type != "cuda":
+        return True
+    if not HAS_CUDNN_SDPA or query.dtype not in HALF_DTYPES:
+        return False
+    shape = ("blocks", tuple(query.shape), tuple(key.shape), cache, query.dtype)
+    return bool(SPLIT_SHAPES.recurring(shape) or _STEADY[0])
 
 
 def own_blocks_attention(

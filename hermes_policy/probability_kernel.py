@@ -68,6 +68,7 @@ if triton is not None:
         BLOCK_N: tl.constexpr,
         HEAD_DIM: tl.constexpr,
         PRECISION: tl.constexpr,
+        TWO_PARTS: tl.constexpr,
     ):
         # one program: a range of keys of one KV head, every (query head, row) of it over them
         n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -87,10 +88,11 @@ if triton is not None:
                 mask=valid[:, None],
                 other=0.0,
             )
-            a = tl.load(lse_a_ptr + head * stride_ah + token * stride_at, mask=valid, other=0.0)
-            b = tl.load(lse_b_ptr + head * stride_bh + token * stride_bt, mask=valid, other=0.0)
-            top = tl.maximum(a, b)
-            lse = top + tl.log(tl.exp(a - top) + tl.exp(b - top))
+            lse = tl.load(lse_a_ptr + head * stride_ah + token * stride_at, mask=valid, other=0.0)
+            if TWO_PARTS:
+                b = tl.load(lse_b_ptr + head * stride_bh + token * stride_bt, mask=valid, other=0.0)
+                top = tl.maximum(lse, b)
+                lse = top + tl.log(tl.exp(lse - top) + tl.exp(b - top))
             weight = tl.load(w_ptr + token, mask=valid, other=0.0)
             s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
             # rows past the end weigh 0 (and read zeros: a finite exponential)
@@ -102,7 +104,7 @@ def weighted_probabilities_kernel(
     rows: torch.Tensor,
     keys: torch.Tensor,
     lse_seen: torch.Tensor,
-    lse_own: torch.Tensor,
+    lse_own: torch.Tensor | None,
     weights: torch.Tensor,
     scaling: float,
     block_n: int = 64,
@@ -113,14 +115,15 @@ def weighted_probabilities_kernel(
 
     ``out[n] = sum_r weights[r] * mean_h exp(scaling * q[h, r] . k[n] - lse[h, r])`` with
     ``lse = logaddexp(lse_seen, lse_own)``: the probabilities of rows that also see keys
-    other than these (their own prompt's), normalised over everything they see.
+    other than these (their own prompt's), normalised over everything they see
+    (``lse_own`` None: ``lse_seen`` is already over everything).
 
     Parameters
     ----------
     rows : ``(1, heads, n, head_dim)``, unit stride along ``head_dim``
     keys : ``(1, kv_heads, k, head_dim)``, unit stride along ``head_dim``
     lse_seen, lse_own : float32 ``(1, heads, n)``: each row's log-sum-exp over these keys
-        and over the rest it sees
+        and over the rest it sees (or None)
     weights : float32 ``(n,)``
 
     Returns
@@ -134,6 +137,8 @@ def weighted_probabilities_kernel(
     weights = weights.contiguous()
     # one row of sums per KV head, added after (in a fixed order: the same scores every run)
     parts = torch.empty(kv_heads, n_keys, dtype=torch.float32, device=rows.device)
+    two_parts = lse_own is not None
+    lse_own = lse_own if two_parts else lse_seen  # unread
     _weighted_probabilities_kernel[(triton.cdiv(n_keys, block_n), kv_heads)](
         rows, keys, lse_seen, lse_own, weights, parts,
         rows.stride(1), rows.stride(2), keys.stride(1), keys.stride(2),
@@ -141,7 +146,7 @@ def weighted_probabilities_kernel(
         n_rows, n_keys, scaling, 1.0 / heads,
         GROUPS=heads // kv_heads, BLOCK_R=block_r, BLOCK_N=block_n, HEAD_DIM=dim,
         PRECISION="ieee" if rows.dtype == torch.float32 else None,  # float32 stays float32 (no TF32)
-        num_warps=num_warps,
+        TWO_PARTS=two_parts, num_warps=num_warps,
     )  # fmt: skip
     return parts.sum(dim=0).view(1, 1, 1, n_keys)
 
@@ -150,7 +155,7 @@ def weighted_probabilities(
     rows: torch.Tensor,
     keys: torch.Tensor,
     lse_seen: torch.Tensor,
-    lse_own: torch.Tensor,
+    lse_own: torch.Tensor | None,
     weights: torch.Tensor,
     scaling: float,
 ) -> torch.Tensor | None:

@@ -1,0 +1,232 @@
+"""The pseudo-query blocks' attention in one Triton pass, merged with a prior part.
+
+In a compressing chunk's forward the guidance prompts ride as query blocks behind the
+chunk (:func:`~hermes_policy.attention.block_query_mask`): each block's rows see the
+cache, the chunk, and causally their own block. The plain path runs that as flash over
+the cache and chunk (with the query heads stacked, a copy first), two small products and
+a softmax over the blocks' own keys, and a log-sum-exp merge: nine kernels a layer, each
+with its launch gap inside the ingest graph. Here one program per (block of stacked rows,
+KV head) walks a range of shared keys and then its rows' own block, with the softmax
+online (as flash attention does), starting from a prior part's output and log-sum-exp
+when one is given (the blocks' rows over the cache, computed with the chunk's rows by
+cuDNN in one call), and writes the merged output and the log-sum-exp over everything the
+rows saw (which the captured probabilities need).
+
+Triton (installed with torch on Linux); :func:`available` says whether it runs on a
+device for a head size. ``HERMES_BLOCK_KERNEL=0`` turns it off, and so does a first
+launch that fails (:func:`block_rows_attention` warns once and returns None: the caller's
+plain path runs from then on). On the CPU it runs only under Triton's interpreter
+(``TRITON_INTERPRET=1``, set before import).
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - torch ships Triton on Linux
+    triton = None
+
+from .kernel_switch import KernelSwitch
+
+SWITCH = KernelSwitch("HERMES_BLOCK_KERNEL", "block attention kernel", "using flash and explicit products")
+ENV_SWITCH = SWITCH.env
+MAX_BLOCKS = 4  # block boundaries travel as scalar arguments (no tensor to build per layout)
+LOG2E = 1.4426950408889634
+
+
+def available(device: torch.device, head_dim: int) -> bool:
+    """Whether :func:`block_rows_attention` runs here (:meth:`KernelSwitch.available`)."""
+    return SWITCH.available(device, head_dim)
+
+
+if triton is not None:
+
+    @triton.jit
+    def _block_rows_kernel(
+        q_ptr,
+        k_ptr,
+        v_ptr,
+        prior_o_ptr,
+        prior_lse_ptr,
+        o_ptr,
+        lse_ptr,
+        stride_qh,
+        stride_qt,
+        stride_kh,
+        stride_kn,
+        stride_vh,
+        stride_vn,
+        stride_ph,
+        stride_pt,
+        stride_plh,
+        stride_plt,
+        stride_oh,
+        stride_ot,
+        n_rows,
+        key_start,
+        seen,
+        bound_1,
+        bound_2,
+        bound_3,
+        scale_log2,
+        GROUPS: tl.constexpr,
+        HAS_PRIOR: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        HEAD_DIM: tl.constexpr,
+        PRECISION: tl.constexpr,
+    ):
+        # one program: BLOCK_M stacked rows (query head within the group, then token) of one KV head
+        kv_head = tl.program_id(1)
+        m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+        valid = m < GROUPS * n_rows
+        token = m % n_rows
+        head = kv_head * GROUPS + m // n_rows
+        d = tl.arange(0, HEAD_DIM)
+        q = tl.load(q_ptr + head[:, None] * stride_qh + token[:, None] * stride_qt + d[None, :], mask=valid[:, None], other=0.0)
+        if HAS_PRIOR:  # the online softmax resumes from the prior part: its output weighs 1 at its lse
+            m_i = tl.load(prior_lse_ptr + head * stride_plh + token * stride_plt, mask=valid, other=0.0) * 1.4426950408889634
+            l_i = tl.full([BLOCK_M], 1.0, tl.float32)
+            acc = tl.load(
+                prior_o_ptr + head[:, None] * stride_ph + token[:, None] * stride_pt + d[None, :],
+                mask=valid[:, None],
+                other=0.0,
+            ).to(tl.float32)
+        else:
+            m_i = tl.full([BLOCK_M], -1.0e30, tl.float32)  # finite: the first rescale is exp2(-huge) = 0
+            l_i = tl.zeros([BLOCK_M], tl.float32)
+            acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+        k_base = k_ptr + kv_head * stride_kh
+        v_base = v_ptr + kv_head * stride_vh
+        # the keys every row sees
+        for first in range(key_start, seen, BLOCK_N):
+            n = first + tl.arange(0, BLOCK_N)
+            inside = n < seen
+            k = tl.load(k_base + n[:, None] * stride_kn + d[None, :], mask=inside[:, None], other=0.0)
+            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2
+            s = tl.where(inside[None, :], s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, axis=1))
+            p = tl.exp2(s - m_new[:, None])
+            alpha = tl.exp2(m_i - m_new)
+            v = tl.load(v_base + n[:, None] * stride_vn + d[None, :], mask=inside[:, None], other=0.0)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+            l_i = l_i * alpha + tl.sum(p, axis=1)
+            m_i = m_new
+        # the rows' own block, causally: own key j is seen by row t when start(t) <= j <= t
+        start = tl.where(token >= bound_1, bound_1, 0)
+        start = tl.where(token >= bound_2, bound_2, start)
+        start = tl.where(token >= bound_3, bound_3, start)
+        lowest = tl.min(tl.where(valid, start, n_rows))
+        highest = tl.max(tl.where(valid, token, 0))
+        for first in range((lowest // BLOCK_N) * BLOCK_N, highest + 1, BLOCK_N):
+            j = first + tl.arange(0, BLOCK_N)
+            inside = j < n_rows
+            k = tl.load(k_base + (seen + j)[:, None] * stride_kn + d[None, :], mask=inside[:, None], other=0.0)
+            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2
+            sees = (j[None, :] >= start[:, None]) & (j[None, :] <= token[:, None]) & inside[None, :]
+            s = tl.where(sees, s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, axis=1))
+            p = tl.exp2(s - m_new[:, None])
+            alpha = tl.exp2(m_i - m_new)
+            v = tl.load(v_base + (seen + j)[:, None] * stride_vn + d[None, :], mask=inside[:, None], other=0.0)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+            l_i = l_i * alpha + tl.sum(p, axis=1)
+            m_i = m_new
+        out = acc / l_i[:, None]
+        tl.store(
+            o_ptr + head[:, None] * stride_oh + token[:, None] * stride_ot + d[None, :],
+            out.to(o_ptr.dtype.element_ty),
+            mask=valid[:, None],
+        )
+        tl.store(lse_ptr + head * n_rows + token, (m_i + tl.log2(l_i)) / 1.4426950408889634, mask=valid)
+
+
+def block_bounds(blocks: list[int]) -> tuple[int, int, int]:
+    """Where the blocks after the first start, counted from the first block's first row
+    (unused bounds lie past the last row)."""
+    if not 1 <= len(blocks) <= MAX_BLOCKS:
+        raise ValueError(f"the block attention kernel takes 1 to {MAX_BLOCKS} blocks, not {len(blocks)}")
+    starts = list(itertools.accumulate(blocks))[:-1]
+    past = sum(blocks) + 1
+    return tuple(starts + [past] * (MAX_BLOCKS - 1 - len(starts)))  # type: ignore[return-value]
+
+
+def block_rows_attention_kernel(
+    rows: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    blocks: list[int],
+    key_start: int,
+    scaling: float,
+    out: torch.Tensor,
+    prior: tuple[torch.Tensor, torch.Tensor] | None = None,
+    block_m: int = 64,
+    block_n: int = 64,
+    num_warps: int = 4,
+) -> torch.Tensor:
+    """The blocks' rows over keys ``key_start .. seen`` and causally over their own block,
+    resuming from a prior part over keys before ``key_start``.
+
+    Parameters
+    ----------
+    rows : ``(1, heads, n, head_dim)``, ``n = sum(blocks)``, unit stride along ``head_dim``
+    key, value : ``(1, kv_heads, seen + n, head_dim)``: the keys all rows see, then the
+        blocks' own keys in the rows' order
+    blocks : the blocks' lengths (1 to :data:`MAX_BLOCKS`)
+    key_start : the first of the keys all rows see that this pass reads
+    out : ``(1, heads, n, head_dim)``, any strides with a unit one along ``head_dim``:
+        where the output goes
+    prior : the rows' attention output ``(1, heads, n, head_dim)`` and log-sum-exp
+        ``(1, heads, n)`` over keys ``0 .. key_start`` (needed when ``key_start > 0``)
+
+    Returns
+    -------
+    float32 ``(1, heads, n)``: each row's log-sum-exp over every key it saw (the prior's
+    too). One kernel, no host sync: capturable in a CUDA graph.
+    """
+    _, heads, n_rows, dim = rows.shape
+    kv_heads = key.shape[1]
+    seen = key.shape[2] - n_rows
+    if key_start > 0 and prior is None:
+        raise ValueError("keys before key_start need the prior part's output and log-sum-exp")
+    if any(t.stride(-1) != 1 for t in (rows, key, value, out)):
+        raise ValueError("the block attention kernel needs a unit stride along the head dimension")
+    lse = torch.empty(1, heads, n_rows, dtype=torch.float32, device=rows.device)
+    prior_out, prior_lse = prior if prior is not None else (out, lse)  # unread without a prior
+    if prior_out.stride(-1) != 1:
+        prior_out = prior_out.contiguous()
+    bounds = block_bounds(blocks)
+    grid = (triton.cdiv(heads // kv_heads * n_rows, block_m), kv_heads)
+    _block_rows_kernel[grid](
+        rows, key, value, prior_out, prior_lse, out, lse,
+        rows.stride(1), rows.stride(2), key.stride(1), key.stride(2), value.stride(1), value.stride(2),
+        prior_out.stride(1), prior_out.stride(2), prior_lse.stride(1), prior_lse.stride(2),
+        out.stride(1), out.stride(2),
+        n_rows, key_start, seen, *bounds, scaling * LOG2E,
+        GROUPS=heads // kv_heads, HAS_PRIOR=prior is not None, BLOCK_M=block_m, BLOCK_N=block_n, HEAD_DIM=dim,
+        PRECISION="ieee" if rows.dtype == torch.float32 else None,  # float32 stays float32 (no TF32)
+        num_warps=num_warps,
+    )  # fmt: skip
+    return lse
+
+
+def block_rows_attention(
+    rows: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    blocks: list[int],
+    key_start: int,
+    scaling: float,
+    out: torch.Tensor,
+    prior: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> torch.Tensor | None:
+    """:func:`block_rows_attention_kernel`, or None when it cannot run here: the first
+    failure turns it off for the process (with a warning), so the caller's plain path runs
+    instead. Inside a CUDA graph capture a failure is raised (the capture fails and its
+    caller falls back)."""
+    return SWITCH.launch(block_rows_attention_kernel, rows, key, value, blocks, key_start, scaling, out, prior)
