@@ -46,7 +46,9 @@ def available(device: torch.device, head_dim: int) -> bool:
 
 if triton is not None:
 
-    @triton.jit
+    # the lengths change with the prompts and the cache: specialised on each value's
+    # divisibility they would compile a new kernel (~1 s, inside a stream) for new ones
+    @triton.jit(do_not_specialize=["stride_plh", "n_rows", "key_start", "seen", "bound_1", "bound_2", "bound_3"])
     def _block_rows_kernel(
         q_ptr,
         k_ptr,

@@ -10,6 +10,7 @@ first ``prefix_len`` tokens of every layer are the fixed system prefix, never ev
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass
 
 import numpy as np
@@ -68,6 +69,7 @@ class KVStore:
         # next free position per layer, with the positions tensor it was computed from
         # (every change assigns a new tensor, so identity tells whether it is current)
         self._next_positions: list[tuple[torch.Tensor, int] | None] = [None] * num_layers
+        self._prefetched: tuple[list[torch.Tensor], Download] | None = None  # see prefetch()
 
     # -- reading ---------------------------------------------------------------------
     def length(self, layer: int) -> int:
@@ -169,6 +171,19 @@ class KVStore:
         """
         self.keep_layers({layer: (indices, extra)})
 
+    def prefetch(self, tensors: list[torch.Tensor]) -> None:
+        """Queue now the device-to-host copy the next :meth:`keep_layers` makes of
+        ``tensors``: every decision's indices, then each summary token's position, in the
+        decisions' order.
+
+        A rule calls this as soon as its indices are computed, before the GPU work it still
+        queues (summary tokens): :meth:`keep_layers` then waits for a copy that ran earlier,
+        and the host's bookkeeping overlaps that work as well as the gathers. Used only when
+        :meth:`keep_layers` is given the very same tensor objects; otherwise it copies again.
+        """
+        tensors = list(tensors)
+        self._prefetched = (tensors, Download(tensors))
+
     def keep_layers(
         self,
         decisions: dict[int, tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor, torch.Tensor, int] | None]],
@@ -196,7 +211,12 @@ class KVStore:
         # the indices back to the host, queued before the gathers: the host's bookkeeping
         # below then overlaps the GPU's gathering instead of following it
         extras = {layer: extra for layer, (_, extra) in decisions.items() if extra is not None}
-        download = Download([indices for indices, _ in decisions.values()] + [extra[2] for extra in extras.values()])
+        wanted = [indices for indices, _ in decisions.values()] + [extra[2] for extra in extras.values()]
+        prefetched, self._prefetched = self._prefetched, None
+        if prefetched is not None and len(prefetched[0]) == len(wanted) and all(map(operator.is_, prefetched[0], wanted)):
+            download = prefetched[1]  # queued earlier (prefetch)
+        else:
+            download = Download(wanted)
         for layer, (_, extra) in decisions.items():
             summary_kv = None if extra is None else (extra[0], extra[1])
             self.cache.layers[layer].gather(on_device[layer], summary_kv)

@@ -43,7 +43,9 @@ def available(device: torch.device, head_dim: int) -> bool:
 
 if triton is not None:
 
-    @triton.jit
+    # the row and key counts change with the prompts and the cache: specialised on each
+    # value's divisibility they would compile a new kernel (~1 s, inside a stream) for new ones
+    @triton.jit(do_not_specialize=["stride_ah", "stride_bh", "n_rows", "keys"])
     def _weighted_probabilities_kernel(
         q_ptr,
         k_ptr,

@@ -165,14 +165,19 @@ def test_split_chunk_attention_on_cuda(monkeypatch):
     torch.testing.assert_close(out.float(), reference, atol=1e-2, rtol=1e-2)
 
 
+@pytest.mark.parametrize("block_kernel", ["1", "0"])
 @pytest.mark.parametrize("steady", [False, True])  # True: the chunk's split cuDNN path
 @pytest.mark.parametrize("head_mean", [False, True])
-def test_pseudo_query_blocks_on_cuda(head_mean, steady):
-    """A chunk with pseudo-query blocks behind it (flash over the cache with its log-sum-exp,
-    the blocks' own keys explicitly, merged; captured probabilities from the log-sum-exp,
-    compiled, and weighed over the rows by the probability kernel) against float32
-    attention under the whole mask, on strided cache views."""
+def test_pseudo_query_blocks_on_cuda(head_mean, steady, block_kernel, monkeypatch):
+    """A chunk with pseudo-query blocks behind it (the block attention kernel, resumed from
+    the cuDNN call of all rows over the cache when steady, else over every key; or flash
+    over the cache with its log-sum-exp, the blocks' own keys explicitly, merged; captured
+    probabilities from the log-sum-exp, compiled, and weighed over the rows by the
+    probability kernel) against float32 attention under the whole mask, on strided cache
+    views."""
     import contextlib
+
+    monkeypatch.setenv("HERMES_BLOCK_KERNEL", block_kernel)
 
     import torch.nn.functional as F
 

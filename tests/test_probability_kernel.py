@@ -17,9 +17,11 @@ pytest.importorskip("triton", reason="the probability kernel is written in Trito
 def test_kernel_equals_the_score_products():
     """Grouped heads, padded rows weighing 0, a key count that ends inside a range of keys,
     rows over several row blocks, strided rows and keys, a lead before the blocks; the
-    whole block attention with the kernel against it without (``HERMES_PROBABILITY_KERNEL=0``)."""
+    whole block attention with the kernel against it without (``HERMES_PROBABILITY_KERNEL=0``),
+    its log-sum-exp in two parts (flash and the own blocks) and whole (the block kernel)."""
     out = run_interpreted(
         """
+        import itertools
         import os
 
         import torch
@@ -40,7 +42,9 @@ def test_kernel_equals_the_score_products():
             return kernel(*args, **kwargs)
 
         probability_kernel.weighted_probabilities_kernel = counted
-        for heads, kv_heads, cached, lead, blocks, picked in cases:
+        # the block attention kernel off (the log-sum-exp in two parts) and on (one, whole)
+        for (heads, kv_heads, cached, lead, blocks, picked), block_kernel in itertools.product(cases, "01"):
+            os.environ["HERMES_BLOCK_KERNEL"] = block_kernel
             q_len = lead + sum(blocks)
             k_len = cached + q_len
             query = torch.randn(1, q_len, heads + 2, 16, generator=g)[:, :, :heads].transpose(1, 2)  # strided
@@ -72,7 +76,7 @@ def test_kernel_equals_the_score_products():
         print("ok", len(calls))
         """
     )
-    assert out.split() == ["ok", "3"]
+    assert out.split() == ["ok", "6"]
 
 
 def test_where_the_kernel_runs(monkeypatch):
@@ -107,6 +111,7 @@ def test_a_failing_kernel_falls_back_to_the_score_products(monkeypatch):
     monkeypatch.setattr(probability_kernel.SWITCH, "failed", False)
     monkeypatch.setattr(probability_kernel, "weighted_probabilities_kernel", failing)
     monkeypatch.delenv(probability_kernel.ENV_SWITCH, raising=False)
+    monkeypatch.setenv("HERMES_BLOCK_KERNEL", "0")  # not this test's kernel
     with pytest.warns(UserWarning, match="probability kernel failed"):
         _, fell_back = attention.lead_and_blocks_attention(*args)
     _, again = attention.lead_and_blocks_attention(*args)

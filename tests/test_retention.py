@@ -423,3 +423,81 @@ def test_keep_layers_equals_keep_layer_by_layer():
         assert torch.equal(together.frame_index[layer], one_by_one.frame_index[layer])
     assert together.lengths() == [3, 10, 5]
     assert together.positions[2].tolist() == [[3, 4, 10, 11, 99]]
+
+
+def test_keep_layers_uses_a_prefetched_copy_of_the_same_tensors_only(monkeypatch):
+    """A copy back queued early (prefetch) serves keep_layers when it is of the very tensors
+    keep_layers would copy; a stale one (other tensors) is dropped and a new copy made."""
+    from hermes_policy import kv_store
+    from hermes_policy.kv_store import KVStore
+
+    made = []
+    real = kv_store.Download
+
+    def counted(tensors):
+        made.append(len(tensors))
+        return real(tensors)
+
+    monkeypatch.setattr(kv_store, "Download", counted)
+
+    def filled() -> KVStore:
+        store = KVStore(2, 1)
+        for layer in store.cache.layers:
+            layer.set_contents(torch.arange(40.0).view(1, 1, 10, 4), torch.zeros(1, 1, 10, 4))
+        store.positions = [torch.arange(10)[None] for _ in range(2)]
+        store.frame_index = [torch.arange(10) for _ in range(2)]
+        return store
+
+    indices, position = torch.tensor([0, 4, 5]), torch.tensor([[42]])
+    summary = (torch.ones(1, 1, 1, 4), torch.ones(1, 1, 1, 4), position, -1)
+    decisions = {0: (torch.tensor([1, 2]), None), 1: (indices, summary)}
+    used, stale, plain = filled(), filled(), filled()
+    used.prefetch([decisions[0][0], indices, position])
+    used.keep_layers(decisions)
+    assert made == [3], "the prefetched copy served keep_layers"
+    stale.prefetch([decisions[0][0], indices.clone(), position])
+    stale.keep_layers(decisions)
+    assert made == [3, 3, 3], "a copy of other tensors is not used"
+    plain.keep_layers(decisions)
+    for store in (used, stale):
+        assert store._prefetched is None
+        for layer in range(2):
+            assert torch.equal(store.positions[layer], plain.positions[layer])
+            assert torch.equal(store.frame_index[layer], plain.frame_index[layer])
+            assert torch.equal(store.cache.layers[layer].keys, plain.cache.layers[layer].keys)
+    assert used.positions[1].tolist() == [[0, 4, 5, 42]]
+
+
+def test_hermes_select_prefetches_what_keep_layers_copies_back(tiny_adapter, monkeypatch):
+    """On the batched path HERMES queues the copy back of its indices and summary positions
+    before the summary tokens' work, and keep_layers uses that copy (no second one)."""
+    from hermes_policy import kv_store
+    from hermes_policy.kv_store import KVStore
+    from hermes_policy.policy import ModelInfo, paper_default
+    from hermes_policy.retention import HermesRetention, SelectContext
+
+    made = []
+    real = kv_store.Download
+    monkeypatch.setattr(kv_store, "Download", lambda tensors: made.append(len(tensors)) or real(tensors))
+    layers, n, prefix = 6, 300, 5
+    g = torch.Generator().manual_seed(0)
+    store = KVStore(layers, 1)
+    for cache_layer in store.cache.layers:
+        cache_layer.set_contents(torch.randn(1, 2, n, 16, generator=g), torch.randn(1, 2, n, 16, generator=g))
+    store.positions = [torch.arange(n)[None] * 2 for _ in range(layers)]
+    store.frame_index = [torch.arange(n) // 10 for _ in range(layers)]
+    store.prefix_len = prefix
+    rule = HermesRetention(policy=paper_default(ModelInfo("x", "y", layers, 4, 2, 10), budget=120))
+    attention = [torch.rand(n - prefix, generator=g) for _ in range(layers)]
+    decisions = rule.select(store, SelectContext(attention=attention, rotary_emb=tiny_adapter.rotary_emb))
+    summaries = [k.summary for k in decisions.values() if k.summary is not None]
+    assert summaries and made == [len(decisions) + len(summaries)], "queued once, in select"
+    store.keep_layers({layer: (k.indices, None if k.summary is None else k.summary.as_extra()) for layer, k in decisions.items()})
+    assert made == [len(decisions) + len(summaries)], "keep_layers made no second copy"
+    for layer, keep in decisions.items():
+        expected = keep.indices.tolist() + ([] if keep.summary is None else [-1])
+        positions = store.positions[layer][0].tolist()
+        assert positions[: len(keep.indices)] == [2 * i for i in keep.indices.tolist()]
+        assert len(positions) == len(expected)
+        if keep.summary is not None:
+            assert positions[-1] == 2 * int(keep.indices.max()) + 1  # after the last kept token

@@ -204,48 +204,73 @@ class HermesRetention(RetentionRule):
                 kept = top_indices(smoothed[layer], keep_count).cpu() + prefix
                 indices[layer] = torch.cat([torch.arange(prefix), kept])
         with torch.profiler.record_function("hermes:summary"):
-            summaries = self._summaries(
+            groups = self._summary_groups(
                 store,
                 {layer: kept[prefix:] for layer, kept in indices.items() if self.policy.layers[layer].summary_token},
                 context,
             )
+            if batched is not None:  # on the device: the copy back is queued before the summaries' work
+                targets = {layer: group.positions[i] for group in groups for i, layer in enumerate(group.layers)}
+                store.prefetch(list(indices.values()) + [targets[layer] for layer in indices if layer in targets])
+            summaries = self._summaries(store, groups, context)
         return {layer: LayerKeep(kept, summaries.get(layer)) for layer, kept in indices.items()}
 
-    def _summaries(
+    def _summary_groups(
         self, store: KVStore, kept_by_layer: dict[int, torch.Tensor], context: SelectContext
-    ) -> dict[int, SummaryToken]:
-        """One summary token per layer in ``kept_by_layer`` (sorted kept stream indices,
-        prefix excluded), computed together for layers of one length and as many evicted
-        tokens, where their indices live (no host copy: the evicted indices are the kept
-        ones' complement, sorted on the device, and the positions travel there)."""
+    ) -> list[_SummaryGroup]:
+        """The layers in ``kept_by_layer`` (sorted kept stream indices, prefix excluded)
+        grouped by length and number of evicted tokens, with their evicted indices and
+        positions and their summary tokens' positions, where their indices live (no host
+        copy: the evicted indices are the kept ones' complement, sorted on the device, and
+        the positions travel there)."""
         if not kept_by_layer:
-            return {}
+            return []
         if context.rotary_emb is None:
             raise RetentionError("summary tokens need the model's rotary module")
-        groups: dict[tuple[int, int, torch.device], list[tuple[int, torch.Tensor]]] = {}
+        grouped: dict[tuple[int, int, torch.device], list[tuple[int, torch.Tensor]]] = {}
         for layer, kept in kept_by_layer.items():
             length = store.length(layer)
             evicted = length - store.prefix_len - kept.shape[0]
-            groups.setdefault((length, evicted, kept.device), []).append((layer, kept))
-        out: dict[int, SummaryToken] = {}
-        for (length, n_evicted, device), members in groups.items():
+            grouped.setdefault((length, evicted, kept.device), []).append((layer, kept))
+        groups = []
+        for (length, n_evicted, device), members in grouped.items():
             kept = torch.stack([k for _, k in members])  # (m, k)
-            states = [store.layer(layer) for layer, _ in members]
+            layers = [layer for layer, _ in members]
             # the complement of the kept stream tokens, ascending (a stable sort of the mask)
             evict_mask = torch.ones(len(members), length, dtype=torch.uint8, device=device)
             evict_mask[:, : store.prefix_len] = 0
             evict_mask.scatter_(1, kept, 0)
             evicted = torch.sort(evict_mask, dim=1, descending=True, stable=True).indices[:, :n_evicted]
             # positions live on the host: one copy of this group's (no wait for the GPU)
-            host_positions = np.stack([st.positions.numpy() for st in states])  # (m, axes, length)
+            host_positions = np.stack([store.positions[layer].numpy() for layer in layers])  # (m, axes, length)
             positions = upload(torch.from_numpy(host_positions), device)
             axes = positions.shape[1]
             evicted_positions = positions.gather(2, evicted[:, None, :].expand(-1, axes, -1))
             kept_positions = positions.gather(2, kept[:, None, :].expand(-1, axes, -1))
             targets = (kept_positions.amax(dim=(1, 2)) + 1)[:, None, None].expand(-1, axes, 1)
+            groups.append(_SummaryGroup(layers, evicted, evicted_positions, targets, list(targets.unbind(0))))
+        return groups
+
+    def _summaries(self, store: KVStore, groups: list[_SummaryGroup], context: SelectContext) -> dict[int, SummaryToken]:
+        """One summary token per layer of ``groups``, computed together for each group."""
+        out: dict[int, SummaryToken] = {}
+        for group in groups:
+            states = [store.layer(layer) for layer in group.layers]
+            evicted = group.evicted
             keys = torch.stack([st.keys.index_select(-2, evicted[i]) for i, st in enumerate(states)])
             values = torch.stack([st.values.index_select(-2, evicted[i]) for i, st in enumerate(states)])
-            key, value = summary_tokens(keys, values, evicted_positions, targets, context.rotary_emb)
-            for i, (layer, _) in enumerate(members):
-                out[layer] = SummaryToken(key=key[i], value=value[i], position=targets[i], frame=-1)
+            key, value = summary_tokens(keys, values, group.evicted_positions, group.targets, context.rotary_emb)
+            for i, layer in enumerate(group.layers):
+                out[layer] = SummaryToken(key=key[i], value=value[i], position=group.positions[i], frame=-1)
         return out
+
+
+@dataclass
+class _SummaryGroup:
+    """Layers whose summary tokens are computed together (one length, as many evicted)."""
+
+    layers: list[int]
+    evicted: torch.Tensor  # (m, evicted) indices into each layer's tokens, ascending
+    evicted_positions: torch.Tensor  # (m, axes, evicted)
+    targets: torch.Tensor  # (m, axes, 1): the summary tokens' positions
+    positions: list[torch.Tensor]  # per layer, its row of targets (the objects handed on)

@@ -1,0 +1,151 @@
+"""The pseudo-query blocks' attention in one Triton pass (resumed from the cuDNN part over
+the cache, or over every key), on the CPU under Triton's interpreter (in a subprocess, as
+the other kernels' tests), against attention under the whole block mask and against the
+plain path the kernel replaces."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_split_kv_attention import run_interpreted
+
+from hermes_policy import attention, block_attention_kernel, kernel_switch
+from hermes_policy.block_attention_kernel import available, block_bounds
+
+pytest.importorskip("triton", reason="the block attention kernel is written in Triton (shipped with torch on Linux)")
+
+
+def test_kernel_equals_attention_under_the_block_mask():
+    """Grouped heads, one to three blocks, a lead read and unread (the kernel resumes from
+    the cached part, or takes every key), no cache at all, strided queries, several tiles
+    of rows and keys; outputs against float32 attention under the whole mask, captured
+    probabilities against the plain path (``HERMES_BLOCK_KERNEL=0``)."""
+    out = run_interpreted(
+        """
+        import os
+
+        import torch
+        import torch.nn.functional as F
+        from hermes_policy import block_attention_kernel
+        from hermes_policy.attention import block_query_mask, lead_and_blocks_attention
+
+        g = torch.Generator().manual_seed(5)
+        calls = []
+        kernel = block_attention_kernel.block_rows_attention_kernel
+
+        def counted(*args, **kwargs):
+            calls.append(args[4])  # key_start: > 0 when resumed from the cached part
+            return kernel(*args, **kwargs)
+
+        block_attention_kernel.block_rows_attention_kernel = counted
+        cases = [  # (heads, kv heads, cached keys, lead, blocks, captured block, lead read)
+            (8, 2, 70, 5, [6, 9], 1, True),
+            (8, 2, 70, 5, [6, 9], 0, False),
+            (4, 4, 33, 0, [12], 0, True),
+            (12, 1, 129, 3, [4, 7, 3], 2, True),  # 12 x 14 stacked rows: several row tiles
+            (8, 2, 0, 7, [5, 4], 0, True),  # no cache: the lead's keys only
+            (4, 2, 100, 9, [70, 3], 0, True),  # a block over two key tiles of its own
+        ]
+        for heads, kv_heads, cached, lead, blocks, picked, lead_read in cases:
+            q_len = lead + sum(blocks)
+            k_len = cached + q_len
+            query = torch.randn(1, q_len, heads + 2, 16, generator=g)[:, :, :heads].transpose(1, 2)
+            kv = torch.randn(2, 1, kv_heads, k_len + 10, 16, generator=g)
+            key, value = kv[0][:, :, :k_len], kv[1][:, :, :k_len]
+            start = sum(blocks[:picked])
+            keep = (start, start + blocks[picked])
+            weights = torch.rand(blocks[picked], generator=g)
+            args = (query, key, value, lead, blocks, 0.25, keep, True, lead_read)
+            os.environ["HERMES_BLOCK_KERNEL"] = "0"
+            before = len(calls)
+            out_plain, probs_plain = lead_and_blocks_attention(*args)
+            _, weighed_plain = lead_and_blocks_attention(*args, weights)
+            assert len(calls) == before
+            os.environ["HERMES_BLOCK_KERNEL"] = "1"
+            out, probs = lead_and_blocks_attention(*args)
+            _, weighed = lead_and_blocks_attention(*args, weights)
+            assert len(calls) == before + 2, "the kernel did not run"
+            assert (calls[-1] > 0) == (lead_read and lead > 0 and cached > 0), calls[-1]
+            mask = block_query_mask(blocks, k_len, query.device, lead)
+            groups = heads // kv_heads
+            reference = F.scaled_dot_product_attention(
+                query, key.repeat_interleave(groups, 1), value.repeat_interleave(groups, 1), attn_mask=mask, scale=0.25
+            )
+            rows = slice(0 if lead_read else lead, q_len)
+            torch.testing.assert_close(out[:, :, rows], reference[:, :, rows], atol=2e-6, rtol=1e-5)
+            torch.testing.assert_close(out[:, :, rows], out_plain[:, :, rows], atol=2e-6, rtol=1e-5)
+            torch.testing.assert_close(probs, probs_plain, atol=1e-7, rtol=1e-5)
+            torch.testing.assert_close(weighed, weighed_plain, atol=1e-7, rtol=1e-5)
+        # the kernel alone, small tiles: many row tiles, key tiles and own-key tiles
+        heads, kv_heads, seen, blocks = 6, 2, 90, [13, 21, 4]
+        n = sum(blocks)
+        rows = torch.randn(1, heads, n, 32, generator=g)
+        key, value = torch.randn(2, 1, kv_heads, seen + n, 32, generator=g)
+        out = torch.empty_like(rows)
+        lse = kernel(rows, key, value, blocks, 0, 0.2, out, None, 16, 16)
+        mask = block_query_mask(blocks, seen + n, rows.device)
+        scores = rows @ key.repeat_interleave(3, 1).transpose(-1, -2) * 0.2
+        scores = scores.masked_fill(~mask, float("-inf"))
+        torch.testing.assert_close(lse, torch.logsumexp(scores, -1), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(out, torch.softmax(scores, -1) @ value.repeat_interleave(3, 1), atol=2e-6, rtol=1e-5)
+        print("ok", len(calls))
+        """
+    )
+    assert out.split() == ["ok", "12"]
+
+
+def test_block_bounds():
+    """Where the blocks after the first start; unused bounds past the last row."""
+    assert block_bounds([6, 9]) == (6, 16, 16)
+    assert block_bounds([4, 7, 3, 2]) == (4, 11, 14)
+    assert block_bounds([12]) == (13, 13, 13)
+    with pytest.raises(ValueError, match="1 to 4 blocks"):
+        block_bounds([1, 1, 1, 1, 1])
+
+
+def test_where_the_kernel_runs(monkeypatch):
+    """On CUDA (or under the interpreter) for power-of-two head sizes; never when switched off."""
+    monkeypatch.setattr(kernel_switch, "INTERPRETED", False)
+    monkeypatch.delenv(block_attention_kernel.ENV_SWITCH, raising=False)
+    assert not available(torch.device("cpu"), 128)
+    assert available(torch.device("cuda"), 128)
+    assert not available(torch.device("cuda"), 80)
+    monkeypatch.setenv(block_attention_kernel.ENV_SWITCH, "0")
+    assert not available(torch.device("cuda"), 128)
+
+
+@pytest.mark.parametrize("cached", [20, 0])  # resumed from the cached part (lead written first), or alone
+def test_a_failing_kernel_falls_back_to_the_plain_path(monkeypatch, cached):
+    """A launch that fails warns once, turns the kernel off for the process, and the block
+    attention gives the plain path's output and probabilities; more than four blocks take
+    the plain path without trying the kernel."""
+    g = torch.Generator().manual_seed(2)
+    lead, blocks = 3, [4, 5]
+    query = torch.randn(1, 6, lead + 9, 16, generator=g)
+    key, value = torch.randn(2, 1, 2, cached + lead + 9, 16, generator=g)
+    args = (query, key, value, lead, blocks, 0.3, (4, 9), True, True)
+    out_plain, plain = attention.lead_and_blocks_attention(*args)  # the kernel does not run on the CPU
+    launches = []
+
+    def failing(*args, **kwargs):
+        launches.append(args[0].shape)
+        raise RuntimeError("no kernel image for this device")
+
+    monkeypatch.setattr(kernel_switch, "INTERPRETED", True)  # as if it could run here
+    monkeypatch.setattr(block_attention_kernel.SWITCH, "failed", False)
+    monkeypatch.setattr(block_attention_kernel, "block_rows_attention_kernel", failing)
+    monkeypatch.delenv(block_attention_kernel.ENV_SWITCH, raising=False)
+    monkeypatch.setenv("HERMES_PROBABILITY_KERNEL", "0")
+    five = (query, key, value, lead, [2, 2, 2, 2, 1], 0.3, (0, 2), True, True)
+    out_five, _ = attention.lead_and_blocks_attention(*five)
+    assert not launches, "five blocks never reach the kernel"
+    monkeypatch.setattr(kernel_switch, "INTERPRETED", False)
+    reference_five, _ = attention.lead_and_blocks_attention(*five)
+    monkeypatch.setattr(kernel_switch, "INTERPRETED", True)
+    torch.testing.assert_close(out_five, reference_five, atol=0, rtol=0)
+    with pytest.warns(UserWarning, match="block attention kernel failed"):
+        out, fell_back = attention.lead_and_blocks_attention(*args)
+    out_again, again = attention.lead_and_blocks_attention(*args)
+    assert len(launches) == 1, "after the first failure the kernel is not tried again"
+    for got, want in ((out, out_plain), (out_again, out_plain), (fell_back, plain), (again, plain)):
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
