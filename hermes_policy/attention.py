@@ -772,8 +772,9 @@ def _blocks_by_kernel(
     (:func:`causal_attention`; on the CPU its explicit stand-in): one cuDNN call takes all
     rows, the lead's and the blocks', over the cached keys (the blocks' rows are ~10% more
     rows there, where alone they ran a flash call of their own), the lead's rows take their
-    own keys causally, and the kernel resumes the blocks' rows from their cached part over
-    the lead's keys and their own block. Otherwise the lead as :func:`causal_attention`
+    own keys causally (merged by :func:`~hermes_policy.block_attention_kernel.merge_into`,
+    whose strides change with the prompts), and the kernel resumes the blocks' rows from
+    their cached part over the lead's keys and their own block. Otherwise the lead as :func:`causal_attention`
     runs it, and the kernel takes the blocks over every key.
     """
     batch, heads, q_len, dim = query.shape
@@ -793,7 +794,9 @@ def _blocks_by_kernel(
         out_cache, lse_cache = attention_with_lse(query, *cached, scaling, causal=False)
         new = [canonical_batch_stride(t[:, :, cache:seen]) for t in (key, value)]
         out_new, lse_new = attention_with_lse(query[:, :, :lead], *new, scaling, causal=True)
-        merge_attention_into(out_cache[:, :, :lead], lse_cache[:, :, :lead], out_new, lse_new, joined[:, :, :lead])
+        lead_parts = (out_cache[:, :, :lead], lse_cache[:, :, :lead], out_new, lse_new, joined[:, :, :lead])
+        if block_attention_kernel.merge_into(*lead_parts) is None:
+            merge_attention_into(*lead_parts)
         prior = (out_cache[:, :, lead:], lse_cache[:, :, lead:])
         lse = block_attention_kernel.block_rows_attention(rows, key, value, blocks, cache, scaling, out, prior)
         if lse is None:  # the kernel failed (and is off from now on): the lead is written, the blocks plainly

@@ -148,6 +148,78 @@ if triton is not None:
         tl.store(lse_ptr + head * n_rows + token, (m_i + tl.log2(l_i)) / 1.4426950408889634, mask=valid)
 
 
+    @triton.jit(do_not_specialize=["stride_alh", "stride_blh", "n_rows"])
+    def _merge_kernel(
+        a_ptr,
+        a_lse_ptr,
+        b_ptr,
+        b_lse_ptr,
+        o_ptr,
+        stride_ah,
+        stride_at,
+        stride_alh,
+        stride_alt,
+        stride_bh,
+        stride_bt,
+        stride_blh,
+        stride_blt,
+        stride_oh,
+        stride_ot,
+        n_rows,
+        BLOCK_M: tl.constexpr,
+        HEAD_DIM: tl.constexpr,
+    ):
+        # one program: BLOCK_M rows of one head; each part weighs its share of the exponent mass
+        head = tl.program_id(1)
+        t = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+        valid = t < n_rows
+        d = tl.arange(0, HEAD_DIM)
+        lse_a = tl.load(a_lse_ptr + head * stride_alh + t * stride_alt, mask=valid, other=0.0)
+        lse_b = tl.load(b_lse_ptr + head * stride_blh + t * stride_blt, mask=valid, other=0.0)
+        share = tl.sigmoid(lse_a - lse_b)
+        a = tl.load(a_ptr + head * stride_ah + t[:, None] * stride_at + d[None, :], mask=valid[:, None], other=0.0)
+        b = tl.load(b_ptr + head * stride_bh + t[:, None] * stride_bt + d[None, :], mask=valid[:, None], other=0.0)
+        out = b.to(tl.float32) + share[:, None] * (a.to(tl.float32) - b.to(tl.float32))
+        tl.store(o_ptr + head * stride_oh + t[:, None] * stride_ot + d[None, :], out.to(o_ptr.dtype.element_ty), mask=valid[:, None])
+
+
+def merge_into_kernel(
+    out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor, lse_b: torch.Tensor, dest: torch.Tensor, block_m: int = 64
+) -> torch.Tensor:
+    """:func:`~hermes_policy.attention.merge_attention_into` as one Triton kernel that
+    takes every stride as it comes: the chunk's part of a cuDNN call over more rows has
+    log-sum-exp strides that change with the prompts' lengths, which a compiled op would
+    recompile for (a second or so, inside a stream).
+
+    Parameters
+    ----------
+    out_a, out_b, dest : ``(1, heads, n, head_dim)``, unit stride along ``head_dim``
+    lse_a, lse_b : float32 ``(1, heads, n)``
+
+    Returns
+    -------
+    ``dest``
+    """
+    _, heads, n_rows, dim = dest.shape
+    if any(t.stride(-1) != 1 for t in (out_a, out_b, dest)):
+        raise ValueError("the merge kernel needs a unit stride along the head dimension")
+    _merge_kernel[(triton.cdiv(n_rows, block_m), heads)](
+        out_a, lse_a, out_b, lse_b, dest,
+        out_a.stride(1), out_a.stride(2), lse_a.stride(1), lse_a.stride(2),
+        out_b.stride(1), out_b.stride(2), lse_b.stride(1), lse_b.stride(2),
+        dest.stride(1), dest.stride(2), n_rows,
+        BLOCK_M=block_m, HEAD_DIM=dim, num_warps=4,
+    )  # fmt: skip
+    return dest
+
+
+def merge_into(
+    out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor, lse_b: torch.Tensor, dest: torch.Tensor
+) -> torch.Tensor | None:
+    """:func:`merge_into_kernel`, or None when it cannot run here (see :func:`block_rows_attention`)."""
+    return SWITCH.launch(merge_into_kernel, out_a, lse_a, out_b, lse_b, dest)
+
+
 def block_bounds(blocks: list[int]) -> tuple[int, int, int]:
     """Where the blocks after the first start, counted from the first block's first row
     (unused bounds lie past the last row)."""
