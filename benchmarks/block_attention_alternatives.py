@@ -14,15 +14,16 @@ any question (32 + 56 rows) and after one (64 + 112).
   first block captured), and the last layer's (lead unread), with the block attention
   kernel (``hermes_policy/block_attention_kernel.py``: the blocks' rows in one cuDNN call
   with the chunk's over the cache, then one pass over the chunk's keys and their own
-  block) and without it (``HERMES_BLOCK_KERNEL=0``), next to the chunk's attention alone;
-  the kernel alone at several launch shapes.
+  block; by default over every key, in two ranges at once) and without it
+  (``HERMES_BLOCK_KERNEL=0``), next to the chunk's attention alone; the kernel alone at
+  several launch shapes.
 
 Output of the run on an H200:
 ``benchmarks/results/block-attention-alternatives-nvidia-h200-2026-12-02.txt``.
 
 Usage::
 
-    python benchmarks/block_attention_alternatives.py
+    python benchmarks/block_attention_alternatives.py [--layer]   # --layer: the whole-layer part only
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from profile_efficiency import graph_ms  # noqa: E402
 
 from hermes_policy import block_attention_kernel, probability_kernel, split_kv_attention  # noqa: E402
 from hermes_policy.attention import (  # noqa: E402
+    BLOCKS_WITH_CHUNK,
     attention_with_lse,
     causal_attention,
     lead_and_blocks_attention,
@@ -46,6 +48,7 @@ from hermes_policy.attention import (  # noqa: E402
     steady_shapes,
     unmasked_attention_with_lse,
 )
+from hermes_policy.block_attention_kernel import balanced_split  # noqa: E402
 
 SCALE = 128**-0.5
 CACHE, LEAD = 4000, 1569
@@ -123,19 +126,25 @@ def measure_layer(blocks: list[int]) -> None:
             lead_and_blocks_attention, query, key, value, LEAD, blocks, SCALE, (0, blocks[0]), True, lead_read, weights
         )
         name = "lead read  " if lead_read else "lead unread"
-        print(f"  {name}, first block captured, plain path             {us(with_switch('0', layer, switch))}")
-        print(f"  {name}, first block captured, block kernel           {us(with_switch('1', layer, switch))}")
-        for value_ in ("0", "1"):
-            os.environ[switch] = value_
+        variants = {  # (block kernel, blocks with the chunk's cuDNN call)
+            "plain path (flash, own blocks, merge)": ("0", "0"),
+            "block kernel, two ranges of keys": ("1", "0"),
+            "block kernel after the chunk's cuDNN call": ("1", "1"),
+        }
+        for label, (kernel_on, with_chunk) in variants.items():
+            os.environ[switch], os.environ[BLOCKS_WITH_CHUNK] = kernel_on, with_chunk
+            print(f"  {name}, first block captured, {label:44s} {us(layer)}")
             out, probs = layer()
             rows = slice(0 if lead_read else LEAD, None)
-            results[(lead_read, value_)] = (out[:, :, rows].float(), probs)
-        (out0, probs0), (out1, probs1) = results[(lead_read, "0")], results[(lead_read, "1")]
-        print(
-            f"      largest difference: output {(out0 - out1).abs().max().item():.2e} (bf16),"
-            f" probabilities {(probs0 - probs1).abs().max().item():.2e} (up to {probs0.max().item():.2e})"
-        )
-    os.environ[switch] = "1"
+            results[label] = (out[:, :, rows].float(), probs)
+        out0, probs0 = results["plain path (flash, own blocks, merge)"]
+        for label in list(variants)[1:]:
+            out1, probs1 = results[label]
+            print(
+                f"      {label}: largest difference: output {(out0 - out1).abs().max().item():.2e} (bf16),"
+                f" probabilities {(probs0 - probs1).abs().max().item():.2e} (up to {probs0.max().item():.2e})"
+            )
+    os.environ[switch], os.environ[BLOCKS_WITH_CHUNK] = "1", "0"
     cache = CACHE
     rows = query[:, :, LEAD:]
     out_cache, lse_cache = attention_with_lse(query, key[:, :, :cache], value[:, :, :cache], SCALE, causal=False)
@@ -153,9 +162,10 @@ def measure_layer(blocks: list[int]) -> None:
             block_attention_kernel.block_rows_attention_kernel,
             rows, key, value, blocks, 0, SCALE, out, None, block_m, block_n, warps,
         )  # fmt: skip
+        split = functools.partial(whole, split_at=balanced_split(CACHE + LEAD, sum(blocks), block_n))
         print(
             f"  kernel, rows {block_m:3d}, keys {block_n:3d}, warps {warps}: from the cached part {us(resume)},"
-            f" over every key {us(whole)}"
+            f" over every key {us(whole)}, in two ranges {us(split)}"
         )
 
 
@@ -165,8 +175,9 @@ def main() -> None:
     with steady_shapes():  # the kernels of a stream's steady state (cuDNN for the chunk)
         for blocks in ([40, 80], [64, 112]):
             measure_layer(blocks)
-        for blocks in ([32, 56], [64, 112]):
-            measure(blocks)
+        if "--layer" not in sys.argv:
+            for blocks in ([32, 56], [64, 112]):
+                measure(blocks)
 
 
 if __name__ == "__main__":

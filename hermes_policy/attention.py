@@ -21,6 +21,7 @@ CUDA one split-key pass computes that mask itself (:mod:`hermes_policy.split_kv_
 from __future__ import annotations
 
 import functools
+import os
 import warnings
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
@@ -43,6 +44,8 @@ ATTENTION_NAME = "hermes_ragged"
 # 4K cache; beyond it (long questions on a huge cache) the memory-efficient kernel.
 EXPLICIT_SCORES = 1 << 25
 HALF_DTYPES = (torch.float16, torch.bfloat16)
+# "1": the pseudo-query blocks' rows join the chunk's cuDNN call over the cache (see _blocks_by_kernel)
+BLOCKS_WITH_CHUNK = "HERMES_BLOCKS_WITH_CHUNK"
 # half-precision batched matmul with float32 output (CUDA kernels since torch 2.8)
 BMM_OUT_DTYPE = "dtype" in torch.ops.aten.bmm.overloads()
 
@@ -768,14 +771,19 @@ def _blocks_by_kernel(
     log-sum-exp over every key they saw, or None where the kernel does not run (nothing
     written then).
 
-    With a lead that is read, over a cache, where cuDNN runs the chunk's attention
-    (:func:`causal_attention`; on the CPU its explicit stand-in): one cuDNN call takes all
-    rows, the lead's and the blocks', over the cached keys (the blocks' rows are ~10% more
-    rows there, where alone they ran a flash call of their own), the lead's rows take their
-    own keys causally (merged by :func:`~hermes_policy.block_attention_kernel.merge_into`,
-    whose strides change with the prompts), and the kernel resumes the blocks' rows from
-    their cached part over the lead's keys and their own block. Otherwise the lead as :func:`causal_attention`
-    runs it, and the kernel takes the blocks over every key.
+    By default the lead as :func:`causal_attention` runs it, and the kernel takes the
+    blocks over every key, in two ranges at once (merged after). With
+    ``HERMES_BLOCKS_WITH_CHUNK=1``, for a lead that is read, over a cache, where cuDNN runs
+    the chunk's attention (on the CPU its explicit stand-in): one cuDNN call takes all rows,
+    the lead's and the blocks', over the cached keys (~5 us more than the lead's alone on
+    the LLaVA-OV-7B shape, against ~40-60 us for the blocks' own flash call), the lead's
+    rows take their own keys causally (merged by
+    :func:`~hermes_policy.block_attention_kernel.merge_into`, whose strides change with the
+    prompts), and the kernel resumes the blocks' rows from their cached part over the lead's
+    keys and their own block. Faster at a steady shape, but that cuDNN call has a new shape
+    for every prompt length, and cuDNN builds a plan for each: in the efficiency benchmark,
+    where every question lengthens the prompts, the segments with a question ran ~0.25-0.75 s
+    slower than on the flash path.
     """
     batch, heads, q_len, dim = query.shape
     if (
@@ -788,7 +796,8 @@ def _blocks_by_kernel(
     seen = key.shape[-2] - sum(blocks)
     cache = seen - lead
     rows, out = query[:, :, lead:], joined[:, :, lead:]
-    if lead and lead_read and cache > 0 and _cached_part_by_one_call(query, key, cache):
+    joins_chunk = os.environ.get(BLOCKS_WITH_CHUNK, "0") == "1"
+    if joins_chunk and lead and lead_read and cache > 0 and _cached_part_by_one_call(query, key, cache):
         query = canonical_batch_stride(query)
         cached = [canonical_batch_stride(t[:, :, :cache]) for t in (key, value)]
         out_cache, lse_cache = attention_with_lse(query, *cached, scaling, causal=False)
@@ -805,7 +814,8 @@ def _blocks_by_kernel(
             merge_attention_into(out_seen, lse_seen, out_own, lse_own, out)
             lse = torch.logaddexp(lse_seen, lse_own)
         return lse
-    lse = block_attention_kernel.block_rows_attention(rows, key, value, blocks, 0, scaling, out)
+    split_at = block_attention_kernel.balanced_split(seen, sum(blocks))
+    lse = block_attention_kernel.block_rows_attention(rows, key, value, blocks, 0, scaling, out, split_at=split_at)
     if lse is not None and lead and lead_read:
         causal_attention(query[:, :, :lead], key[:, :, :seen], value[:, :, :seen], scaling, out=joined[:, :, :lead])
     return lse

@@ -21,6 +21,7 @@ plain path runs from then on). On the CPU it runs only under Triton's interprete
 
 from __future__ import annotations
 
+import functools
 import itertools
 
 import torch
@@ -48,7 +49,9 @@ if triton is not None:
 
     # the lengths change with the prompts and the cache: specialised on each value's
     # divisibility they would compile a new kernel (~1 s, inside a stream) for new ones
-    @triton.jit(do_not_specialize=["stride_plh", "n_rows", "key_start", "seen", "bound_1", "bound_2", "bound_3"])
+    @triton.jit(
+        do_not_specialize=["stride_plh", "stride_os", "stride_ls", "n_rows", "key_start", "split_at", "seen", "bound_1", "bound_2", "bound_3"]
+    )
     def _block_rows_kernel(
         q_ptr,
         k_ptr,
@@ -69,8 +72,11 @@ if triton is not None:
         stride_plt,
         stride_oh,
         stride_ot,
+        stride_os,
+        stride_ls,
         n_rows,
         key_start,
+        split_at,
         seen,
         bound_1,
         bound_2,
@@ -78,13 +84,17 @@ if triton is not None:
         scale_log2,
         GROUPS: tl.constexpr,
         HAS_PRIOR: tl.constexpr,
+        SPLITS: tl.constexpr,
         BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr,
         HEAD_DIM: tl.constexpr,
         PRECISION: tl.constexpr,
     ):
-        # one program: BLOCK_M stacked rows (query head within the group, then token) of one KV head
+        # one program: BLOCK_M stacked rows (query head within the group, then token) of one
+        # KV head, over one range of keys: with two ranges, the first range's shared keys, or
+        # the rest of them and the rows' own block
         kv_head = tl.program_id(1)
+        split = tl.program_id(2)
         m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
         valid = m < GROUPS * n_rows
         token = m % n_rows
@@ -106,9 +116,13 @@ if triton is not None:
         k_base = k_ptr + kv_head * stride_kh
         v_base = v_ptr + kv_head * stride_vh
         # the keys every row sees
-        for first in range(key_start, seen, BLOCK_N):
+        lo, hi = key_start, seen
+        if SPLITS == 2:
+            lo = tl.where(split == 0, key_start, split_at)
+            hi = tl.where(split == 0, split_at, seen)
+        for first in range(lo, hi, BLOCK_N):
             n = first + tl.arange(0, BLOCK_N)
-            inside = n < seen
+            inside = n < hi
             k = tl.load(k_base + n[:, None] * stride_kn + d[None, :], mask=inside[:, None], other=0.0)
             s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2
             s = tl.where(inside[None, :], s, float("-inf"))
@@ -125,6 +139,8 @@ if triton is not None:
         start = tl.where(token >= bound_3, bound_3, start)
         lowest = tl.min(tl.where(valid, start, n_rows))
         highest = tl.max(tl.where(valid, token, 0))
+        if SPLITS == 2:  # the own block is the last range's: none for the first
+            highest = tl.where(split == 0, -1, highest)
         for first in range((lowest // BLOCK_N) * BLOCK_N, highest + 1, BLOCK_N):
             j = first + tl.arange(0, BLOCK_N)
             inside = j < n_rows
@@ -141,11 +157,11 @@ if triton is not None:
             m_i = m_new
         out = acc / l_i[:, None]
         tl.store(
-            o_ptr + head[:, None] * stride_oh + token[:, None] * stride_ot + d[None, :],
+            o_ptr + split * stride_os + head[:, None] * stride_oh + token[:, None] * stride_ot + d[None, :],
             out.to(o_ptr.dtype.element_ty),
             mask=valid[:, None],
         )
-        tl.store(lse_ptr + head * n_rows + token, (m_i + tl.log2(l_i)) / 1.4426950408889634, mask=valid)
+        tl.store(lse_ptr + split * stride_ls + head * n_rows + token, (m_i + tl.log2(l_i)) / 1.4426950408889634, mask=valid)
 
 
     @triton.jit(do_not_specialize=["stride_alh", "stride_blh", "n_rows"])
@@ -155,6 +171,7 @@ if triton is not None:
         b_ptr,
         b_lse_ptr,
         o_ptr,
+        lse_out_ptr,
         stride_ah,
         stride_at,
         stride_alh,
@@ -168,6 +185,7 @@ if triton is not None:
         n_rows,
         BLOCK_M: tl.constexpr,
         HEAD_DIM: tl.constexpr,
+        WRITE_LSE: tl.constexpr,
     ):
         # one program: BLOCK_M rows of one head; each part weighs its share of the exponent mass
         head = tl.program_id(1)
@@ -181,10 +199,20 @@ if triton is not None:
         b = tl.load(b_ptr + head * stride_bh + t[:, None] * stride_bt + d[None, :], mask=valid[:, None], other=0.0)
         out = b.to(tl.float32) + share[:, None] * (a.to(tl.float32) - b.to(tl.float32))
         tl.store(o_ptr + head * stride_oh + t[:, None] * stride_ot + d[None, :], out.to(o_ptr.dtype.element_ty), mask=valid[:, None])
+        if WRITE_LSE:  # logaddexp(lse_a, lse_b), contiguous (heads, n)
+            top = tl.maximum(lse_a, lse_b)
+            total = top + tl.log(tl.exp(lse_a - top) + tl.exp(lse_b - top))
+            tl.store(lse_out_ptr + head * n_rows + t, total, mask=valid)
 
 
 def merge_into_kernel(
-    out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor, lse_b: torch.Tensor, dest: torch.Tensor, block_m: int = 64
+    out_a: torch.Tensor,
+    lse_a: torch.Tensor,
+    out_b: torch.Tensor,
+    lse_b: torch.Tensor,
+    dest: torch.Tensor,
+    block_m: int = 64,
+    lse_out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """:func:`~hermes_policy.attention.merge_attention_into` as one Triton kernel that
     takes every stride as it comes: the chunk's part of a cuDNN call over more rows has
@@ -195,6 +223,7 @@ def merge_into_kernel(
     ----------
     out_a, out_b, dest : ``(1, heads, n, head_dim)``, unit stride along ``head_dim``
     lse_a, lse_b : float32 ``(1, heads, n)``
+    lse_out : float32 ``(1, heads, n)``, contiguous: where the merged log-sum-exp goes (if given)
 
     Returns
     -------
@@ -204,11 +233,11 @@ def merge_into_kernel(
     if any(t.stride(-1) != 1 for t in (out_a, out_b, dest)):
         raise ValueError("the merge kernel needs a unit stride along the head dimension")
     _merge_kernel[(triton.cdiv(n_rows, block_m), heads)](
-        out_a, lse_a, out_b, lse_b, dest,
+        out_a, lse_a, out_b, lse_b, dest, lse_a if lse_out is None else lse_out,
         out_a.stride(1), out_a.stride(2), lse_a.stride(1), lse_a.stride(2),
         out_b.stride(1), out_b.stride(2), lse_b.stride(1), lse_b.stride(2),
         dest.stride(1), dest.stride(2), n_rows,
-        BLOCK_M=block_m, HEAD_DIM=dim, num_warps=4,
+        BLOCK_M=block_m, HEAD_DIM=dim, WRITE_LSE=lse_out is not None, num_warps=4,
     )  # fmt: skip
     return dest
 
@@ -242,6 +271,7 @@ def block_rows_attention_kernel(
     block_m: int = 64,
     block_n: int = 64,
     num_warps: int = 4,
+    split_at: int | None = None,
 ) -> torch.Tensor:
     """The blocks' rows over keys ``key_start .. seen`` and causally over their own block,
     resuming from a prior part over keys before ``key_start``.
@@ -257,36 +287,50 @@ def block_rows_attention_kernel(
         where the output goes
     prior : the rows' attention output ``(1, heads, n, head_dim)`` and log-sum-exp
         ``(1, heads, n)`` over keys ``0 .. key_start`` (needed when ``key_start > 0``)
+    split_at : a key where the shared keys split into two ranges that separate programs
+        walk at once (twice the programs: a few hundred rows leave most of the GPU idle
+        otherwise), merged after by :func:`merge_into_kernel`; not with a prior
 
     Returns
     -------
     float32 ``(1, heads, n)``: each row's log-sum-exp over every key it saw (the prior's
-    too). One kernel, no host sync: capturable in a CUDA graph.
+    too). One kernel (two with ``split_at``), no host sync: capturable in a CUDA graph.
     """
     _, heads, n_rows, dim = rows.shape
     kv_heads = key.shape[1]
     seen = key.shape[2] - n_rows
     if key_start > 0 and prior is None:
         raise ValueError("keys before key_start need the prior part's output and log-sum-exp")
+    if split_at is not None and (prior is not None or not key_start < split_at < seen):
+        raise ValueError(f"split_at must lie inside the shared keys ({key_start}, {seen}), without a prior")
     if any(t.stride(-1) != 1 for t in (rows, key, value, out)):
         raise ValueError("the block attention kernel needs a unit stride along the head dimension")
-    lse = torch.empty(1, heads, n_rows, dtype=torch.float32, device=rows.device)
-    prior_out, prior_lse = prior if prior is not None else (out, lse)  # unread without a prior
+    splits = 1 if split_at is None else 2
+    lse = torch.empty(splits, 1, heads, n_rows, dtype=torch.float32, device=rows.device)
+    # two ranges: each its own float32 output, merged into ``out`` afterwards
+    target = out if splits == 1 else torch.empty(2, 1, heads, n_rows, dim, dtype=torch.float32, device=rows.device)
+    parts = target if splits == 2 else target[None]
+    prior_out, prior_lse = prior if prior is not None else (out, lse[0])  # unread without a prior
     if prior_out.stride(-1) != 1:
         prior_out = prior_out.contiguous()
     bounds = block_bounds(blocks)
-    grid = (triton.cdiv(heads // kv_heads * n_rows, block_m), kv_heads)
+    grid = (triton.cdiv(heads // kv_heads * n_rows, block_m), kv_heads, splits)
     _block_rows_kernel[grid](
-        rows, key, value, prior_out, prior_lse, out, lse,
+        rows, key, value, prior_out, prior_lse, parts[0], lse,
         rows.stride(1), rows.stride(2), key.stride(1), key.stride(2), value.stride(1), value.stride(2),
         prior_out.stride(1), prior_out.stride(2), prior_lse.stride(1), prior_lse.stride(2),
-        out.stride(1), out.stride(2),
-        n_rows, key_start, seen, *bounds, scaling * LOG2E,
-        GROUPS=heads // kv_heads, HAS_PRIOR=prior is not None, BLOCK_M=block_m, BLOCK_N=block_n, HEAD_DIM=dim,
+        parts.stride(2), parts.stride(3), parts.stride(0), lse.stride(0),
+        n_rows, key_start, seen if split_at is None else split_at, seen, *bounds, scaling * LOG2E,
+        GROUPS=heads // kv_heads, HAS_PRIOR=prior is not None, SPLITS=splits,
+        BLOCK_M=block_m, BLOCK_N=block_n, HEAD_DIM=dim,
         PRECISION="ieee" if rows.dtype == torch.float32 else None,  # float32 stays float32 (no TF32)
         num_warps=num_warps,
     )  # fmt: skip
-    return lse
+    if splits == 1:
+        return lse[0]
+    total = torch.empty(1, heads, n_rows, dtype=torch.float32, device=rows.device)
+    merge_into_kernel(parts[0], lse[0], parts[1], lse[1], out, lse_out=total)
+    return total
 
 
 def block_rows_attention(
@@ -298,9 +342,21 @@ def block_rows_attention(
     scaling: float,
     out: torch.Tensor,
     prior: tuple[torch.Tensor, torch.Tensor] | None = None,
+    split_at: int | None = None,
 ) -> torch.Tensor | None:
     """:func:`block_rows_attention_kernel`, or None when it cannot run here: the first
     failure turns it off for the process (with a warning), so the caller's plain path runs
     instead. Inside a CUDA graph capture a failure is raised (the capture fails and its
     caller falls back)."""
-    return SWITCH.launch(block_rows_attention_kernel, rows, key, value, blocks, key_start, scaling, out, prior)
+    return SWITCH.launch(
+        functools.partial(block_rows_attention_kernel, split_at=split_at),
+        rows, key, value, blocks, key_start, scaling, out, prior,
+    )  # fmt: skip
+
+
+def balanced_split(seen: int, n_rows: int, block_n: int = 64) -> int | None:
+    """Where to split ``seen`` shared keys into two ranges of about equal work (the second
+    also walks the rows' own block, about half of ``n_rows`` keys a row), on a multiple of
+    ``block_n``; None when the keys are too few to split."""
+    split_at = (seen + n_rows // 2) // 2 // block_n * block_n
+    return split_at if 0 < split_at < seen else None

@@ -22,6 +22,7 @@ def test_kernel_equals_attention_under_the_block_mask():
     probabilities against the plain path (``HERMES_BLOCK_KERNEL=0``)."""
     out = run_interpreted(
         """
+        import itertools
         import os
 
         import torch
@@ -34,7 +35,7 @@ def test_kernel_equals_attention_under_the_block_mask():
         kernel = block_attention_kernel.block_rows_attention_kernel
 
         def counted(*args, **kwargs):
-            calls.append(args[4])  # key_start: > 0 when resumed from the cached part
+            calls.append((args[4], kwargs.get("split_at")))  # key_start > 0: resumed from the cached part
             return kernel(*args, **kwargs)
 
         block_attention_kernel.block_rows_attention_kernel = counted
@@ -46,7 +47,8 @@ def test_kernel_equals_attention_under_the_block_mask():
             (8, 2, 0, 7, [5, 4], 0, True),  # no cache: the lead's keys only
             (4, 2, 100, 9, [70, 3], 0, True),  # a block over two key tiles of its own
         ]
-        for heads, kv_heads, cached, lead, blocks, picked, lead_read in cases:
+        for (heads, kv_heads, cached, lead, blocks, picked, lead_read), with_chunk in itertools.product(cases, "01"):
+            os.environ["HERMES_BLOCKS_WITH_CHUNK"] = with_chunk
             q_len = lead + sum(blocks)
             k_len = cached + q_len
             query = torch.randn(1, q_len, heads + 2, 16, generator=g)[:, :, :heads].transpose(1, 2)
@@ -65,7 +67,11 @@ def test_kernel_equals_attention_under_the_block_mask():
             out, probs = lead_and_blocks_attention(*args)
             _, weighed = lead_and_blocks_attention(*args, weights)
             assert len(calls) == before + 2, "the kernel did not run"
-            assert (calls[-1] > 0) == (lead_read and lead > 0 and cached > 0), calls[-1]
+            resumed = with_chunk == "1" and lead_read and lead > 0 and cached > 0
+            assert (calls[-1][0] > 0) == resumed, calls[-1]
+            seen = cached + lead
+            split = resumed or (seen + sum(blocks) // 2) // 2 >= 64  # two ranges of keys where they hold a tile
+            assert (calls[-1][1] is not None) == (not resumed and split), calls[-1]
             mask = block_query_mask(blocks, k_len, query.device, lead)
             groups = heads // kv_heads
             reference = F.scaled_dot_product_attention(
@@ -88,10 +94,26 @@ def test_kernel_equals_attention_under_the_block_mask():
         scores = scores.masked_fill(~mask, float("-inf"))
         torch.testing.assert_close(lse, torch.logsumexp(scores, -1), atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(out, torch.softmax(scores, -1) @ value.repeat_interleave(3, 1), atol=2e-6, rtol=1e-5)
+        # two ranges of keys at once, merged: split inside a tile, and at the last shared key
+        for split_at in (40, 89):
+            out = torch.empty(1, n, heads, 32).transpose(1, 2)  # strided
+            lse = kernel(rows, key, value, blocks, 0, 0.2, out, None, 16, 16, 4, split_at)
+            torch.testing.assert_close(lse, torch.logsumexp(scores, -1), atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(out, torch.softmax(scores, -1) @ value.repeat_interleave(3, 1), atol=2e-6, rtol=1e-5)
         print("ok", len(calls))
         """
     )
-    assert out.split() == ["ok", "12"]
+    assert out.split() == ["ok", "24"]
+
+
+def test_balanced_split():
+    """Two ranges of about equal work on a tile boundary (the second also walks the own
+    block), or none when the keys are too few."""
+    from hermes_policy.block_attention_kernel import balanced_split
+
+    assert balanced_split(5569, 176) == 2816
+    assert balanced_split(100, 10) is None
+    assert balanced_split(128, 0) == 64
 
 
 def test_block_bounds():

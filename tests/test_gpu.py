@@ -165,19 +165,21 @@ def test_split_chunk_attention_on_cuda(monkeypatch):
     torch.testing.assert_close(out.float(), reference, atol=1e-2, rtol=1e-2)
 
 
-@pytest.mark.parametrize("block_kernel", ["1", "0"])
+@pytest.mark.parametrize("block_kernel", ["1", "0", "with the chunk"])
 @pytest.mark.parametrize("steady", [False, True])  # True: the chunk's split cuDNN path
 @pytest.mark.parametrize("head_mean", [False, True])
 def test_pseudo_query_blocks_on_cuda(head_mean, steady, block_kernel, monkeypatch):
-    """A chunk with pseudo-query blocks behind it (the block attention kernel, resumed from
-    the cuDNN call of all rows over the cache when steady, else over every key; or flash
+    """A chunk with pseudo-query blocks behind it (the block attention kernel over every key
+    in two ranges, or resumed from the cuDNN call of all rows over the cache when steady and
+    asked to; or flash
     over the cache with its log-sum-exp, the blocks' own keys explicitly, merged; captured
     probabilities from the log-sum-exp, compiled, and weighed over the rows by the
     probability kernel) against float32 attention under the whole mask, on strided cache
     views."""
     import contextlib
 
-    monkeypatch.setenv("HERMES_BLOCK_KERNEL", block_kernel)
+    monkeypatch.setenv("HERMES_BLOCK_KERNEL", "0" if block_kernel == "0" else "1")
+    monkeypatch.setenv("HERMES_BLOCKS_WITH_CHUNK", "1" if block_kernel == "with the chunk" else "0")
 
     import torch.nn.functional as F
 
