@@ -775,7 +775,7 @@ def _blocks_by_kernel(
     blocks over every key, in two ranges at once (merged after). With
     ``HERMES_BLOCKS_WITH_CHUNK=1``, for a lead that is read, over a cache, where cuDNN runs
     the chunk's attention (on the CPU its explicit stand-in): one cuDNN call takes all rows,
-    the lead's and the blocks', over the cached keys (~5 us more than the lead's alone on
+    the lead's and the blocks', over the cached keys (~2-5 us more than the lead's alone on
     the LLaVA-OV-7B shape, against ~40-60 us for the blocks' own flash call), the lead's
     rows take their own keys causally (merged by
     :func:`~hermes_policy.block_attention_kernel.merge_into`, whose strides change with the
@@ -783,7 +783,8 @@ def _blocks_by_kernel(
     keys and their own block. Faster at a steady shape, but that cuDNN call has a new shape
     for every prompt length, and cuDNN builds a plan for each: in the efficiency benchmark,
     where every question lengthens the prompts, the segments with a question ran ~0.25-0.75 s
-    slower than on the flash path.
+    slower than on the flash path (the plans being what remained once Triton's
+    specialisation and a compiled op's recompiles were gone: inferred, not profiled).
     """
     batch, heads, q_len, dim = query.shape
     if (
