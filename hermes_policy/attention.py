@@ -720,15 +720,8 @@ def lead_and_blocks_attention(
     if lse is None:
         if lead and lead_read:
             causal_attention(query[:, :, :lead], key[:, :, :seen], value[:, :, :seen], scaling, out=joined[:, :, :lead])
-        out, lse_own = own_blocks_attention(rows, key[:, :, seen:], value[:, :, seen:], blocks, scaling)
-        if seen:
-            out_seen, lse_seen = unmasked_attention_with_lse(rows, key[:, :, :seen], value[:, :, :seen], scaling)
-            if joined is None:
-                out = merge_attention(out_seen, lse_seen, out, lse_own)
-            else:
-                merge_attention_into(out_seen, lse_seen, out, lse_own, joined[:, :, lead:])
-        elif joined is not None:
-            joined[:, :, lead:].copy_(out)
+        dest = None if joined is None else joined[:, :, lead:]
+        out, lse_seen, lse_own = _blocks_by_flash(rows, key, value, blocks, scaling, dest)
     output = out if joined is None else joined
     if keep_rows is None or (lse is None and lse_seen is None):
         return output, None
@@ -810,9 +803,7 @@ def _blocks_by_kernel(
         prior = (out_cache[:, :, lead:], lse_cache[:, :, lead:])
         lse = block_attention_kernel.block_rows_attention(rows, key, value, blocks, cache, scaling, out, prior)
         if lse is None:  # the kernel failed (and is off from now on): the lead is written, the blocks plainly
-            out_own, lse_own = own_blocks_attention(rows, key[:, :, seen:], value[:, :, seen:], blocks, scaling)
-            out_seen, lse_seen = unmasked_attention_with_lse(rows, key[:, :, :seen], value[:, :, :seen], scaling)
-            merge_attention_into(out_seen, lse_seen, out_own, lse_own, out)
+            _, lse_seen, lse_own = _blocks_by_flash(rows, key, value, blocks, scaling, out)
             lse = torch.logaddexp(lse_seen, lse_own)
         return lse
     split_at = block_attention_kernel.balanced_split(seen, sum(blocks))
@@ -820,6 +811,33 @@ def _blocks_by_kernel(
     if lse is not None and lead and lead_read:
         causal_attention(query[:, :, :lead], key[:, :, :seen], value[:, :, :seen], scaling, out=joined[:, :, :lead])
     return lse
+
+
+def _blocks_by_flash(
+    rows: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    blocks: list[int],
+    scaling: float,
+    dest: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """The blocks' rows without the block kernel: one flash call over the keys before them
+    (no mask), explicit products over their own block, merged by log-sum-exp.
+
+    Returns
+    -------
+    the output (``dest`` when given, where it is written), the log-sum-exp over the keys
+    before the blocks (None when there are none) and over their own block
+    """
+    seen = key.shape[-2] - sum(blocks)
+    out, lse_own = own_blocks_attention(rows, key[:, :, seen:], value[:, :, seen:], blocks, scaling)
+    if not seen:
+        return (out if dest is None else dest.copy_(out)), None, lse_own
+    out_seen, lse_seen = unmasked_attention_with_lse(rows, key[:, :, :seen], value[:, :, :seen], scaling)
+    if dest is None:
+        return merge_attention(out_seen, lse_seen, out, lse_own), lse_seen, lse_own
+    merge_attention_into(out_seen, lse_seen, out, lse_own, dest)
+    return dest, lse_seen, lse_own
 
 
 def _cached_part_by_one_call(query: torch.Tensor, key: torch.Tensor, cache: int) -> bool:
