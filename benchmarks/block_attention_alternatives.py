@@ -14,7 +14,7 @@ any question (32 + 56 rows) and after one (64 + 112).
   first block captured), and the last layer's (lead unread), with the block attention
   kernel (``hermes_policy/block_attention_kernel.py``: the blocks' rows in one cuDNN call
   with the chunk's over the cache, then one pass over the chunk's keys and their own
-  block; by default over every key, in two ranges at once) and without it
+  block; by default over every key, in ranges walked at once) and without it
   (``HERMES_BLOCK_KERNEL=0``), next to the chunk's attention alone; the kernel alone at
   several launch shapes.
 
@@ -34,6 +34,7 @@ import sys
 from pathlib import Path
 
 import torch
+import triton
 
 sys.path.insert(0, str(Path(__file__).parent))
 from profile_efficiency import graph_ms  # noqa: E402
@@ -48,7 +49,6 @@ from hermes_policy.attention import (  # noqa: E402
     steady_shapes,
     unmasked_attention_with_lse,
 )
-from hermes_policy.block_attention_kernel import balanced_split  # noqa: E402
 
 SCALE = 128**-0.5
 CACHE, LEAD = 4000, 1569
@@ -128,7 +128,7 @@ def measure_layer(blocks: list[int]) -> None:
         name = "lead read  " if lead_read else "lead unread"
         variants = {  # (block kernel, blocks with the chunk's cuDNN call)
             "plain path (flash, own blocks, merge)": ("0", "0"),
-            "block kernel, two ranges of keys": ("1", "0"),
+            "block kernel, ranges of keys": ("1", "0"),
             "block kernel after the chunk's cuDNN call": ("1", "1"),
         }
         for label, (kernel_on, with_chunk) in variants.items():
@@ -153,7 +153,11 @@ def measure_layer(blocks: list[int]) -> None:
     print(f"  cuDNN, the blocks' rows over the cache                {us(lambda: attention_with_lse(rows, key[:, :, :cache], value[:, :, :cache], SCALE, causal=False))}")
     print(f"  cuDNN, the lead's rows over the cache                 {us(lambda: attention_with_lse(query[:, :, :LEAD], key[:, :, :cache], value[:, :, :cache], SCALE, causal=False))}")
     out = torch.empty_like(rows)
-    for block_m, block_n, warps in ((32, 64, 4), (64, 32, 4), (64, 64, 4), (64, 64, 8), (64, 128, 8), (128, 64, 8)):
+    auto = block_attention_kernel.key_ranges(
+        CACHE + LEAD, triton.cdiv(7 * sum(blocks), 64) * 4, rows.device
+    )
+    print(f"  kernel over every key: {auto} ranges by default (key_ranges)")
+    for block_m, block_n, warps in ((64, 64, 4), (64, 32, 4), (128, 64, 8)):
         resume = functools.partial(
             block_attention_kernel.block_rows_attention_kernel,
             rows, key, value, blocks, cache, SCALE, out, prior, block_m, block_n, warps,
@@ -162,11 +166,9 @@ def measure_layer(blocks: list[int]) -> None:
             block_attention_kernel.block_rows_attention_kernel,
             rows, key, value, blocks, 0, SCALE, out, None, block_m, block_n, warps,
         )  # fmt: skip
-        split = functools.partial(whole, split_at=balanced_split(CACHE + LEAD, sum(blocks), block_n))
-        print(
-            f"  kernel, rows {block_m:3d}, keys {block_n:3d}, warps {warps}: from the cached part {us(resume)},"
-            f" over every key {us(whole)}, in two ranges {us(split)}"
-        )
+        by_ranges = ", ".join(f"{r} {us(functools.partial(whole, ranges=r)).strip()}" for r in (1, 2, 4, 6, 8, 12, 16))
+        print(f"  kernel, rows {block_m:3d}, keys {block_n:3d}, warps {warps}: from the cached part {us(resume)};"
+              f" over every key, by ranges: {by_ranges}")  # fmt: skip
 
 
 def main() -> None:

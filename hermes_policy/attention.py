@@ -765,7 +765,7 @@ def _blocks_by_kernel(
     written then).
 
     By default the lead as :func:`causal_attention` runs it, and the kernel takes the
-    blocks over every key, in two ranges at once (merged after). With
+    blocks over every key, in ranges walked at once (merged after). With
     ``HERMES_BLOCKS_WITH_CHUNK=1``, for a lead that is read, over a cache, where cuDNN runs
     the chunk's attention (on the CPU its explicit stand-in): one cuDNN call takes all rows,
     the lead's and the blocks', over the cached keys (~2-5 us more than the lead's alone on
@@ -806,8 +806,7 @@ def _blocks_by_kernel(
             _, lse_seen, lse_own = _blocks_by_flash(rows, key, value, blocks, scaling, out)
             lse = torch.logaddexp(lse_seen, lse_own)
         return lse
-    split_at = block_attention_kernel.balanced_split(seen, sum(blocks))
-    lse = block_attention_kernel.block_rows_attention(rows, key, value, blocks, 0, scaling, out, split_at=split_at)
+    lse = block_attention_kernel.block_rows_attention(rows, key, value, blocks, 0, scaling, out)
     if lse is not None and lead and lead_read:
         causal_attention(query[:, :, :lead], key[:, :, :seen], value[:, :, :seen], scaling, out=joined[:, :, :lead])
     return lse

@@ -44,6 +44,10 @@ SWITCH = KernelSwitch("HERMES_BLOCK_KERNEL", "block attention kernel", "using fl
 ENV_SWITCH = SWITCH.env
 MAX_BLOCKS = 4  # block boundaries travel as scalar arguments (no tensor to build per layout)
 LOG2E = 1.4426950408889634
+# the shared keys split until about this many programs run per multiprocessor, in ranges of
+# at least MIN_KEYS_PER_RANGE keys (benchmarks/block_attention_alternatives.py --layer)
+PROGRAMS_PER_SM = 2
+MIN_KEYS_PER_RANGE = 256
 
 
 def available(device: torch.device, head_dim: int) -> bool:
@@ -56,8 +60,11 @@ if triton is not None:
     # the lengths change with the prompts and the cache: specialised on each value's
     # divisibility they would compile a new kernel (~1 s, inside a stream) for new ones
     @triton.jit(
-        do_not_specialize=["stride_plh", "stride_os", "stride_ls", "n_rows", "key_start", "split_at", "seen", "bound_1", "bound_2", "bound_3"]
-    )
+        do_not_specialize=[
+            "stride_plh", "stride_os", "stride_ls", "n_rows", "key_start", "per_range", "ranges", "seen",
+            "bound_1", "bound_2", "bound_3",
+        ]
+    )  # fmt: skip
     def _block_rows_kernel(
         q_ptr,
         k_ptr,
@@ -82,7 +89,8 @@ if triton is not None:
         stride_ls,
         n_rows,
         key_start,
-        split_at,
+        per_range,
+        ranges,
         seen,
         bound_1,
         bound_2,
@@ -90,42 +98,41 @@ if triton is not None:
         scale_log2,
         GROUPS: tl.constexpr,
         HAS_PRIOR: tl.constexpr,
-        SPLITS: tl.constexpr,
         BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr,
         HEAD_DIM: tl.constexpr,
         PRECISION: tl.constexpr,
     ):
         # one program: BLOCK_M stacked rows (query head within the group, then token) of one
-        # KV head, over one range of keys: with two ranges, the first range's shared keys, or
-        # the rest of them and the rows' own block
+        # KV head, over one part of the keys: part p < ranges walks range p of the shared
+        # keys, part ``ranges`` the rows' own block (resuming from the prior part, if any)
         kv_head = tl.program_id(1)
-        split = tl.program_id(2)
+        part = tl.program_id(2)
+        own = part == ranges
         m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
         valid = m < GROUPS * n_rows
         token = m % n_rows
         head = kv_head * GROUPS + m // n_rows
         d = tl.arange(0, HEAD_DIM)
         q = tl.load(q_ptr + head[:, None] * stride_qh + token[:, None] * stride_qt + d[None, :], mask=valid[:, None], other=0.0)
-        if HAS_PRIOR:  # the online softmax resumes from the prior part: its output weighs 1 at its lse
-            m_i = tl.load(prior_lse_ptr + head * stride_plh + token * stride_plt, mask=valid, other=0.0) * 1.4426950408889634
-            l_i = tl.full([BLOCK_M], 1.0, tl.float32)
+        m_i = tl.full([BLOCK_M], -1.0e30, tl.float32)  # finite: the first rescale is exp2(-huge) = 0
+        l_i = tl.zeros([BLOCK_M], tl.float32)
+        acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+        if HAS_PRIOR:  # the own part resumes from the prior one: its output weighs 1 at its lse
+            resume = valid & own
+            m_i = tl.where(resume, tl.load(prior_lse_ptr + head * stride_plh + token * stride_plt, mask=resume, other=0.0) * 1.4426950408889634, m_i)
+            l_i = tl.where(resume, 1.0, l_i)
             acc = tl.load(
                 prior_o_ptr + head[:, None] * stride_ph + token[:, None] * stride_pt + d[None, :],
-                mask=valid[:, None],
+                mask=resume[:, None],
                 other=0.0,
             ).to(tl.float32)
-        else:
-            m_i = tl.full([BLOCK_M], -1.0e30, tl.float32)  # finite: the first rescale is exp2(-huge) = 0
-            l_i = tl.zeros([BLOCK_M], tl.float32)
-            acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
         k_base = k_ptr + kv_head * stride_kh
         v_base = v_ptr + kv_head * stride_vh
-        # the keys every row sees
-        lo, hi = key_start, seen
-        if SPLITS == 2:
-            lo = tl.where(split == 0, key_start, split_at)
-            hi = tl.where(split == 0, split_at, seen)
+        # this part's range of the keys every row sees (none for the own part)
+        lo = key_start + part * per_range
+        hi = tl.minimum(lo + per_range, seen)
+        hi = tl.where(own, lo, hi)
         for first in range(lo, hi, BLOCK_N):
             n = first + tl.arange(0, BLOCK_N)
             inside = n < hi
@@ -145,8 +152,7 @@ if triton is not None:
         start = tl.where(token >= bound_3, bound_3, start)
         lowest = tl.min(tl.where(valid, start, n_rows))
         highest = tl.max(tl.where(valid, token, 0))
-        if SPLITS == 2:  # the own block is the last range's: none for the first
-            highest = tl.where(split == 0, -1, highest)
+        highest = tl.where(own, highest, -1)
         for first in range((lowest // BLOCK_N) * BLOCK_N, highest + 1, BLOCK_N):
             j = first + tl.arange(0, BLOCK_N)
             inside = j < n_rows
@@ -161,14 +167,58 @@ if triton is not None:
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
             l_i = l_i * alpha + tl.sum(p, axis=1)
             m_i = m_new
-        out = acc / l_i[:, None]
+        # a range with no key (a short cache split finely): output 0 at weight 0 (lse -inf)
+        seen_any = l_i > 0
+        out = acc / tl.where(seen_any, l_i, 1.0)[:, None]
         tl.store(
-            o_ptr + split * stride_os + head[:, None] * stride_oh + token[:, None] * stride_ot + d[None, :],
+            o_ptr + part * stride_os + head[:, None] * stride_oh + token[:, None] * stride_ot + d[None, :],
             out.to(o_ptr.dtype.element_ty),
             mask=valid[:, None],
         )
-        tl.store(lse_ptr + split * stride_ls + head * n_rows + token, (m_i + tl.log2(l_i)) / 1.4426950408889634, mask=valid)
+        lse = tl.where(seen_any, (m_i + tl.log2(tl.where(seen_any, l_i, 1.0))) / 1.4426950408889634, float("-inf"))
+        tl.store(lse_ptr + part * stride_ls + head * n_rows + token, lse, mask=valid)
 
+    @triton.jit(do_not_specialize=["stride_pp", "stride_ph", "stride_pt", "stride_lp", "n_rows", "parts"])
+    def _merge_parts_kernel(
+        parts_ptr,
+        lse_ptr,
+        o_ptr,
+        lse_out_ptr,
+        stride_pp,
+        stride_ph,
+        stride_pt,
+        stride_lp,
+        stride_oh,
+        stride_ot,
+        n_rows,
+        parts,
+        BLOCK_M: tl.constexpr,
+        HEAD_DIM: tl.constexpr,
+    ):
+        # one program: BLOCK_M rows of one head; each part weighs its share of the exponent
+        # mass (lse contiguous (parts, heads, n) after the part's stride)
+        head = tl.program_id(1)
+        t = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+        valid = t < n_rows
+        d = tl.arange(0, HEAD_DIM)
+        top = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        for p in range(parts):
+            top = tl.maximum(top, tl.load(lse_ptr + p * stride_lp + head * n_rows + t, mask=valid, other=0.0))
+        top = tl.where(valid, top, 0.0)
+        total = tl.zeros([BLOCK_M], tl.float32)
+        acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+        for p in range(parts):
+            weight = tl.exp(tl.load(lse_ptr + p * stride_lp + head * n_rows + t, mask=valid, other=0.0) - top)
+            part = tl.load(
+                parts_ptr + p * stride_pp + head * stride_ph + t[:, None] * stride_pt + d[None, :],
+                mask=valid[:, None],
+                other=0.0,
+            )
+            acc += weight[:, None] * part
+            total += weight
+        out = acc / total[:, None]
+        tl.store(o_ptr + head * stride_oh + t[:, None] * stride_ot + d[None, :], out.to(o_ptr.dtype.element_ty), mask=valid[:, None])
+        tl.store(lse_out_ptr + head * n_rows + t, top + tl.log(total), mask=valid)
 
     @triton.jit(do_not_specialize=["stride_alh", "stride_blh", "n_rows"])
     def _merge_kernel(
@@ -277,10 +327,15 @@ def block_rows_attention_kernel(
     block_m: int = 64,
     block_n: int = 64,
     num_warps: int = 4,
-    split_at: int | None = None,
+    ranges: int | None = None,
 ) -> torch.Tensor:
     """The blocks' rows over keys ``key_start .. seen`` and causally over their own block,
     resuming from a prior part over keys before ``key_start``.
+
+    The shared keys split into ``ranges`` ranges walked by separate programs at once, the
+    own block into one more (which resumes from the prior part); :func:`merge_parts_kernel`
+    then merges them. A few hundred prompt rows make few programs, each walking thousands
+    of keys one tile after the other: split, they fill the GPU.
 
     Parameters
     ----------
@@ -293,50 +348,82 @@ def block_rows_attention_kernel(
         where the output goes
     prior : the rows' attention output ``(1, heads, n, head_dim)`` and log-sum-exp
         ``(1, heads, n)`` over keys ``0 .. key_start`` (needed when ``key_start > 0``)
-    split_at : a key where the shared keys split into two ranges that separate programs
-        walk at once (twice the programs: a few hundred rows leave most of the GPU idle
-        otherwise), merged after by :func:`merge_into_kernel`; not with a prior
+    ranges : how many ranges the shared keys split into (default: :func:`key_ranges` for
+        this device); fewer when the keys run out first
 
     Returns
     -------
     float32 ``(1, heads, n)``: each row's log-sum-exp over every key it saw (the prior's
-    too). One kernel (two with ``split_at``), no host sync: capturable in a CUDA graph.
+    too). Two kernels (one without shared keys), no host sync: capturable in a CUDA graph.
     """
     _, heads, n_rows, dim = rows.shape
     kv_heads = key.shape[1]
     seen = key.shape[2] - n_rows
     if key_start > 0 and prior is None:
         raise ValueError("keys before key_start need the prior part's output and log-sum-exp")
-    if split_at is not None and (prior is not None or not key_start < split_at < seen):
-        raise ValueError(f"split_at must lie inside the shared keys ({key_start}, {seen}), without a prior")
+    if not 0 <= key_start <= seen:
+        raise ValueError(f"key_start {key_start} lies outside the {seen} shared keys")
     if any(t.stride(-1) != 1 for t in (rows, key, value, out)):
         raise ValueError("the block attention kernel needs a unit stride along the head dimension")
-    splits = 1 if split_at is None else 2
-    lse = torch.empty(splits, 1, heads, n_rows, dtype=torch.float32, device=rows.device)
-    # two ranges: each its own float32 output, merged into ``out`` afterwards
-    target = out if splits == 1 else torch.empty(2, 1, heads, n_rows, dim, dtype=torch.float32, device=rows.device)
-    parts = target if splits == 2 else target[None]
+    row_blocks = triton.cdiv(heads // kv_heads * n_rows, block_m)
+    shared = seen - key_start
+    if ranges is None:
+        ranges = key_ranges(shared, row_blocks * kv_heads, rows.device)
+    elif ranges < 1:
+        raise ValueError(f"ranges must be at least 1, not {ranges}")
+    per_range = triton.cdiv(triton.cdiv(shared, ranges), block_n) * block_n if shared else block_n
+    ranges = triton.cdiv(shared, per_range)  # no empty range (0 without shared keys)
+    parts = ranges + 1
+    lse = torch.empty(parts, 1, heads, n_rows, dtype=torch.float32, device=rows.device)
+    # several parts: each its own float32 output, merged into ``out`` afterwards
+    target = out[None] if parts == 1 else torch.empty(parts, 1, heads, n_rows, dim, dtype=torch.float32, device=rows.device)
     prior_out, prior_lse = prior if prior is not None else (out, lse[0])  # unread without a prior
     if prior_out.stride(-1) != 1:
         prior_out = prior_out.contiguous()
-    bounds = block_bounds(blocks)
-    grid = (triton.cdiv(heads // kv_heads * n_rows, block_m), kv_heads, splits)
-    _block_rows_kernel[grid](
-        rows, key, value, prior_out, prior_lse, parts[0], lse,
+    _block_rows_kernel[(row_blocks, kv_heads, parts)](
+        rows, key, value, prior_out, prior_lse, target, lse,
         rows.stride(1), rows.stride(2), key.stride(1), key.stride(2), value.stride(1), value.stride(2),
         prior_out.stride(1), prior_out.stride(2), prior_lse.stride(1), prior_lse.stride(2),
-        parts.stride(2), parts.stride(3), parts.stride(0), lse.stride(0),
-        n_rows, key_start, seen if split_at is None else split_at, seen, *bounds, scaling * LOG2E,
-        GROUPS=heads // kv_heads, HAS_PRIOR=prior is not None, SPLITS=splits,
+        target.stride(2), target.stride(3), target.stride(0), lse.stride(0),
+        n_rows, key_start, per_range, ranges, seen, *block_bounds(blocks), scaling * LOG2E,
+        GROUPS=heads // kv_heads, HAS_PRIOR=prior is not None,
         BLOCK_M=block_m, BLOCK_N=block_n, HEAD_DIM=dim,
         PRECISION="ieee" if rows.dtype == torch.float32 else None,  # float32 stays float32 (no TF32)
         num_warps=num_warps,
     )  # fmt: skip
-    if splits == 1:
+    if parts == 1:
         return lse[0]
     total = torch.empty(1, heads, n_rows, dtype=torch.float32, device=rows.device)
-    merge_into_kernel(parts[0], lse[0], parts[1], lse[1], out, lse_out=total)
+    merge_parts_kernel(target, lse, out, total)
     return total
+
+
+def merge_parts_kernel(
+    parts: torch.Tensor, lse: torch.Tensor, out: torch.Tensor, lse_out: torch.Tensor, block_m: int = 32
+) -> torch.Tensor:
+    """Attention outputs over disjoint sets of keys, merged by log-sum-exp into ``out``.
+
+    Parameters
+    ----------
+    parts : float32 ``(parts, 1, heads, n, head_dim)``, unit stride along ``head_dim``
+    lse : float32 ``(parts, 1, heads, n)``, contiguous: each part's log-sum-exp (``-inf``
+        for a part that saw no key: it weighs nothing)
+    out : ``(1, heads, n, head_dim)``, any strides with a unit one along ``head_dim``
+    lse_out : float32 ``(1, heads, n)``, contiguous: the merged log-sum-exp
+
+    Returns
+    -------
+    ``out``
+    """
+    count, _, heads, n_rows, dim = parts.shape
+    if not lse.is_contiguous() or not lse_out.is_contiguous() or parts.stride(-1) != 1 or out.stride(-1) != 1:
+        raise ValueError("the parts' merge needs contiguous log-sum-exps and a unit stride along the head dimension")
+    _merge_parts_kernel[(triton.cdiv(n_rows, block_m), heads)](
+        parts, lse, out, lse_out,
+        parts.stride(0), parts.stride(2), parts.stride(3), lse.stride(0), out.stride(1), out.stride(2),
+        n_rows, count, BLOCK_M=block_m, HEAD_DIM=dim, num_warps=4,
+    )  # fmt: skip
+    return out
 
 
 def block_rows_attention(
@@ -348,21 +435,31 @@ def block_rows_attention(
     scaling: float,
     out: torch.Tensor,
     prior: tuple[torch.Tensor, torch.Tensor] | None = None,
-    split_at: int | None = None,
 ) -> torch.Tensor | None:
     """:func:`block_rows_attention_kernel`, or None when it cannot run here: the first
     failure turns it off for the process (with a warning), so the caller's plain path runs
     instead. Inside a CUDA graph capture a failure is raised (the capture fails and its
     caller falls back)."""
-    return SWITCH.launch(
-        functools.partial(block_rows_attention_kernel, split_at=split_at),
-        rows, key, value, blocks, key_start, scaling, out, prior,
-    )  # fmt: skip
+    return SWITCH.launch(block_rows_attention_kernel, rows, key, value, blocks, key_start, scaling, out, prior)
 
 
-def balanced_split(seen: int, n_rows: int, block_n: int = 64) -> int | None:
-    """Where to split ``seen`` shared keys into two ranges of about equal work (the second
-    also walks the rows' own block, about half of ``n_rows`` keys a row), on a multiple of
-    ``block_n``; None when the keys are too few to split."""
-    split_at = (seen + n_rows // 2) // 2 // block_n * block_n
-    return split_at if 0 < split_at < seen else None
+def key_ranges(shared: int, row_programs: int, device: torch.device, min_keys: int = MIN_KEYS_PER_RANGE) -> int:
+    """How many ranges ``shared`` keys split into for ``row_programs`` programs of rows:
+    about :data:`PROGRAMS_PER_SM` programs for each of the device's multiprocessors, each
+    range at least ``min_keys`` long (0 without shared keys)."""
+    if shared <= 0:
+        return 0
+    wanted = PROGRAMS_PER_SM * multiprocessors(device)
+    return max(1, min(round(wanted / max(row_programs, 1)), -(-shared // min_keys)))
+
+
+@functools.cache
+def _multiprocessors(device_type: str, index: int | None) -> int:
+    if device_type != "cuda":
+        return 4  # Triton's interpreter: any count works
+    return torch.cuda.get_device_properties(index if index is not None else torch.cuda.current_device()).multi_processor_count
+
+
+def multiprocessors(device: torch.device) -> int:
+    """The device's streaming multiprocessors (4 off CUDA, where only the interpreter runs)."""
+    return _multiprocessors(device.type, device.index)

@@ -35,7 +35,7 @@ def test_kernel_equals_attention_under_the_block_mask():
         kernel = block_attention_kernel.block_rows_attention_kernel
 
         def counted(*args, **kwargs):
-            calls.append((args[4], kwargs.get("split_at")))  # key_start > 0: resumed from the cached part
+            calls.append(args[4])  # key_start > 0: resumed from the cached part
             return kernel(*args, **kwargs)
 
         block_attention_kernel.block_rows_attention_kernel = counted
@@ -68,10 +68,7 @@ def test_kernel_equals_attention_under_the_block_mask():
             _, weighed = lead_and_blocks_attention(*args, weights)
             assert len(calls) == before + 2, "the kernel did not run"
             resumed = with_chunk == "1" and lead_read and lead > 0 and cached > 0
-            assert (calls[-1][0] > 0) == resumed, calls[-1]
-            seen = cached + lead
-            split = resumed or (seen + sum(blocks) // 2) // 2 >= 64  # two ranges of keys where they hold a tile
-            assert (calls[-1][1] is not None) == (not resumed and split), calls[-1]
+            assert (calls[-1] > 0) == resumed, calls[-1]
             mask = block_query_mask(blocks, k_len, query.device, lead)
             groups = heads // kv_heads
             reference = F.scaled_dot_product_attention(
@@ -94,26 +91,47 @@ def test_kernel_equals_attention_under_the_block_mask():
         scores = scores.masked_fill(~mask, float("-inf"))
         torch.testing.assert_close(lse, torch.logsumexp(scores, -1), atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(out, torch.softmax(scores, -1) @ value.repeat_interleave(3, 1), atol=2e-6, rtol=1e-5)
-        # two ranges of keys at once, merged: split inside a tile, and at the last shared key
-        for split_at in (40, 89):
+        # the shared keys in ranges walked at once, merged: one range, ranges ending inside a
+        # tile, one tile each, more ranges asked than tiles; resumed from a prior part too
+        for ranges in (1, 2, 3, 6, 40):
             out = torch.empty(1, n, heads, 32).transpose(1, 2)  # strided
-            lse = kernel(rows, key, value, blocks, 0, 0.2, out, None, 16, 16, 4, split_at)
+            lse = kernel(rows, key, value, blocks, 0, 0.2, out, None, 16, 16, 4, ranges)
             torch.testing.assert_close(lse, torch.logsumexp(scores, -1), atol=1e-5, rtol=1e-5)
             torch.testing.assert_close(out, torch.softmax(scores, -1) @ value.repeat_interleave(3, 1), atol=2e-6, rtol=1e-5)
+            split = 37
+            head_scores = scores[..., :split]
+            prior_lse = torch.logsumexp(head_scores, -1)
+            prior_out = torch.softmax(head_scores, -1) @ value.repeat_interleave(3, 1)[:, :, :split]
+            out = torch.empty_like(rows)
+            lse = kernel(rows, key, value, blocks, split, 0.2, out, (prior_out, prior_lse), 16, 16, 4, ranges)
+            torch.testing.assert_close(lse, torch.logsumexp(scores, -1), atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(out, torch.softmax(scores, -1) @ value.repeat_interleave(3, 1), atol=2e-6, rtol=1e-5)
+        # every shared key in the prior part: the own block alone resumes from it
+        prior_lse = torch.logsumexp(scores[..., :seen], -1)
+        prior_out = torch.softmax(scores[..., :seen], -1) @ value.repeat_interleave(3, 1)[:, :, :seen]
+        out = torch.empty_like(rows)
+        lse = kernel(rows, key, value, blocks, seen, 0.2, out, (prior_out, prior_lse), 16, 16)
+        torch.testing.assert_close(lse, torch.logsumexp(scores, -1), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(out, torch.softmax(scores, -1) @ value.repeat_interleave(3, 1), atol=2e-6, rtol=1e-5)
         print("ok", len(calls))
         """
     )
     assert out.split() == ["ok", "24"]
 
 
-def test_balanced_split():
-    """Two ranges of about equal work on a tile boundary (the second also walks the own
-    block), or none when the keys are too few."""
-    from hermes_policy.block_attention_kernel import balanced_split
+def test_key_ranges(monkeypatch):
+    """Enough ranges to give every multiprocessor its programs, none shorter than the
+    minimum, at least one while there are shared keys, none without."""
+    from hermes_policy.block_attention_kernel import PROGRAMS_PER_SM, key_ranges
 
-    assert balanced_split(5569, 176) == 2816
-    assert balanced_split(100, 10) is None
-    assert balanced_split(128, 0) == 64
+    monkeypatch.setattr(block_attention_kernel, "multiprocessors", lambda device: 132)
+    cuda = torch.device("cuda")
+    wanted = PROGRAMS_PER_SM * 132
+    assert key_ranges(5569, 56, cuda) == round(wanted / 56)
+    assert key_ranges(5569, 20, cuda, min_keys=256) == min(round(wanted / 20), 22)
+    assert key_ranges(300, 20, cuda, min_keys=256) == 2
+    assert key_ranges(100, 10_000, cuda) == 1
+    assert key_ranges(0, 56, cuda) == 0
 
 
 def test_block_bounds():
