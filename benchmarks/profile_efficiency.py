@@ -86,6 +86,53 @@ def timeline(session: StreamingSession, chunk, chunks: int = 8) -> None:
         )
 
 
+def gather_tail(session: StreamingSession, chunk, chunks: int = 8) -> None:
+    """Where the gather phase's GPU span goes, without synchronising: a CUDA event at the
+    point :meth:`KVStore.keep_layers` waits for its copy of the indices (every gather is
+    queued by then) splits it into the gathers' GPU work and the time the GPU then waits
+    for the host's bookkeeping (until the phase's end event)."""
+    import time
+
+    from hermes_policy import kv_store
+
+    original = kv_store.Download.wait
+    marks: list[tuple[float, float, torch.cuda.Event]] = []
+
+    def wait(self):
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        begin = time.perf_counter()
+        out = original(self)
+        marks.append((begin, time.perf_counter(), event))
+        return out
+
+    kv_store.Download.wait = wait
+    session.phase_marks = []
+    try:
+        for _ in range(chunks):
+            session.add_frames(chunk)
+        torch.cuda.synchronize()
+    finally:
+        kv_store.Download.wait = original
+    phases, session.phase_marks = session.phase_marks, None
+    gathers = [m for m in phases if m[0] == "gather"]
+    selects = [m for m in phases if m[0] == "select"]
+    if len(gathers) != len(marks) or len(selects) != len(marks):
+        print(f"== gather tail: {len(gathers)} gather phases, {len(marks)} waits: not one each, skipped")
+        return
+    rows = []
+    for (_, _, _, s0, s1), (_, h0, h1, g0, g1), (w0, w1, queued) in zip(selects, gathers, marks, strict=True):
+        rows.append((
+            s0.elapsed_time(s1), g0.elapsed_time(queued), queued.elapsed_time(g1),
+            (w0 - h0) * 1e3, (w1 - w0) * 1e3, (h1 - w1) * 1e3,
+        ))  # fmt: skip
+    mean = [sum(r[i] for r in rows) / len(rows) for i in range(6)]
+    print(f"== gather phase split at the wait for the indices (ms, mean of {len(rows)} compressing chunks)")
+    print(f"  GPU: select span {mean[0]:.2f}, gathers queued before the wait {mean[1]:.2f}, "
+          f"after it until the phase ends (GPU work left plus waiting for the host) {mean[2]:.2f}")
+    print(f"  host: queueing the gathers {mean[3]:.2f}, waiting for the indices {mean[4]:.2f}, bookkeeping {mean[5]:.2f}")
+
+
 def synchronising_calls(run, name: str) -> None:
     """Print the lines that block the host on the GPU while ``run`` runs."""
     with sync_sites() as sites:
@@ -670,6 +717,7 @@ def main() -> None:
     parser.add_argument("--ingest", action="store_true", help="only the ingest A/B, phases, the fused pseudo-queries' cost and the phase timeline")
     parser.add_argument("--compression", action="store_true", help="only the compression step: its GPU kernels and host time")
     parser.add_argument("--graph-kernels", action="store_true", help="only the pseudo-queries' cost inside the ingest graph, by kernel")
+    parser.add_argument("--tail", action="store_true", help="only the phase timeline of a steady session and the gather phase's split at its wait")
     parser.add_argument("--diagnose", action="store_true", help="only shape-level profiles of the fused prefill and the answer's host time")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -685,6 +733,12 @@ def main() -> None:
         adapter = build_random_adapter(shape, tokenizer=args.tokenizer)
         ingest_comparison(adapter, shape, args.chunk, args.warm)
         ingest_phases(adapter, shape, args.chunk, args.warm, args.chunks)
+        return
+    if args.tail:
+        shape = get_shape(args.shape)
+        session, chunk = steady_session(build_random_adapter(shape, tokenizer=args.tokenizer), shape, args.chunk, args.warm)
+        timeline(session, chunk, args.chunks)
+        gather_tail(session, chunk, args.chunks)
         return
     if args.graph_kernels:
         shape = get_shape(args.shape)

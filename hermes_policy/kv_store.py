@@ -217,9 +217,9 @@ class KVStore:
             download = prefetched[1]  # queued earlier (prefetch)
         else:
             download = Download(wanted)
-        for layer, (_, extra) in decisions.items():
-            summary_kv = None if extra is None else (extra[0], extra[1])
-            self.cache.layers[layer].gather(on_device[layer], summary_kv)
+        self.cache.gather_layers(
+            {layer: (on_device[layer], None if extra is None else (extra[0], extra[1])) for layer, (_, extra) in decisions.items()}
+        )
         # -- the host's metadata (numpy: torch's CPU indexing costs ~1 ms a call on a
         # many-core GPU host), from one copy back of what lives on a GPU
         host = download.wait()

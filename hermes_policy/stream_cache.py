@@ -19,6 +19,8 @@ from __future__ import annotations
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
+from . import compaction_kernel
+
 GROWTH_QUANTUM = 256
 
 
@@ -213,6 +215,31 @@ class StreamCache(Cache):
 
     def __init__(self, num_layers: int):
         super().__init__(layers=[PreallocatedLayer() for _ in range(num_layers)])
+
+    def gather_layers(
+        self, decisions: dict[int, tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]]
+    ) -> None:
+        """:meth:`PreallocatedLayer.gather` for several layers: ``{layer: (indices, extra)}``
+        with indices on the layers' device (sorted, distinct: kept tokens in order).
+
+        On a GPU, all of them in one kernel (:mod:`~hermes_policy.compaction_kernel`) where
+        the layers allow it (keys and values in one buffer each, one shape); layer by layer
+        otherwise.
+        """
+        layers = [self.layers[layer] for layer in decisions]
+        buffers = [layer.kv_buffer for layer in layers]
+        if all(buffer is not None for buffer in buffers):
+            indices = [kept for kept, _ in decisions.values()]
+            summaries = [
+                None if extra is None else tuple(t.to(buffer.dtype).contiguous() for t in extra)
+                for (_, extra), buffer in zip(decisions.values(), buffers, strict=True)
+            ]
+            if compaction_kernel.compact_layers(buffers, indices, summaries):
+                for layer, kept, summary in zip(layers, indices, summaries, strict=True):
+                    layer.length = kept.shape[0] + (summary is not None)
+                return
+        for layer, (kept, extra) in zip(layers, decisions.values(), strict=True):
+            layer.gather(kept, extra)
 
     @property
     def generation(self) -> tuple[int, ...]:

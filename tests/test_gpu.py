@@ -487,3 +487,15 @@ def test_ingest_graphs_capture_again_after_a_failed_capture(tiny_llama_dir):
     x.fill_(2.0)
     graph.replay()
     assert torch.equal(outputs[0], torch.full_like(x, 6.0)) and torch.equal(warm[0], torch.full_like(x, 3.0))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("launch", [{}, {"block_rows": 16, "cols": 4}])
+def test_compaction_kernel_on_cuda(dtype, launch):
+    """Every layer's eviction gather in one kernel, in place, bit for bit against each
+    layer gathered on its own: sources just ahead of their destinations (the in-place
+    hazard, which only real parallel threads could get wrong), small and default tiles."""
+    from compaction_cases import check_compaction
+
+    check_compaction("cuda", dtype, **launch)
+    torch.cuda.synchronize()
