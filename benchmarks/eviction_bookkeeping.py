@@ -4,7 +4,8 @@ After a compression step the host rewrites every layer's positions ``(axes, n)``
 indices ``(n,)`` to the kept tokens (:meth:`hermes_policy.kv_store.KVStore.keep_layers`),
 after its one wait for the GPU and before the next chunk is queued, so the GPU waits for it.
 This times that work for a LLaVA-OV-7B-like steady state (28 layers, a 4K budget plus a
-chunk of 8 frames, 3 position axes): fancy indexing against ``np.take``; and, before it,
+chunk of 8 frames, 3 position axes): fancy indexing against ``np.take`` (and against the layers stacked, one
+``np.take_along_axis`` for all: slower, not used); and, before it,
 the hand-back of the downloaded indices (one staged array holding every layer's kept
 indices and the summary tokens' positions, :class:`hermes_policy.transfer.Download`) as a
 torch split and view per member against numpy views of one array. Alternated in one run;
@@ -38,6 +39,17 @@ def fancy(positions: np.ndarray, frames: np.ndarray, kept: np.ndarray) -> tuple[
 def take(positions: np.ndarray, frames: np.ndarray, kept: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """The form in KVStore.keep_layers."""
     return np.take(positions, kept, axis=1), np.take(frames, kept)
+
+
+def stacked_rows(layers: list[tuple[np.ndarray, np.ndarray, np.ndarray]]) -> list[tuple[np.ndarray, np.ndarray]]:
+    """A form tried and not taken (2026-12-02): the layers stacked, one
+    ``np.take_along_axis`` each for positions and frames, then a row per layer."""
+    positions = np.stack([p for p, _, _ in layers])
+    frames = np.stack([f for _, f, _ in layers])
+    kept = np.stack([k for _, _, k in layers])
+    new_positions = np.take_along_axis(positions, kept[:, None, :], axis=2)
+    new_frames = np.take_along_axis(frames, kept, axis=1)
+    return [(new_positions[i], new_frames[i]) for i in range(len(layers))]
 
 
 def torch_views(flat: torch.Tensor, shapes: list[tuple[int, ...]]) -> list[np.ndarray]:
@@ -100,11 +112,14 @@ def main() -> None:
     staged = torch.arange(sum(math.prod(shape) for shape in shapes))
     for a, b in zip(torch_views(staged, shapes), numpy_views(staged, shapes), strict=True):
         assert np.array_equal(a, b)
-    # alternated so that both see the same machine state
-    before, after, split, views = [], [], [], []
+    for (a_pos, a_frames), (b_pos, b_frames) in zip(stacked_rows(layers), [take(*layer) for layer in layers], strict=True):
+        assert np.array_equal(a_pos, b_pos) and np.array_equal(a_frames, b_frames)
+    # alternated so that all see the same machine state
+    before, after, stacked, split, views = [], [], [], [], []
     for _ in range(5):
         before.append(time_per_compression(fancy, layers, args.repeats))
         after.append(time_per_compression(take, layers, args.repeats))
+        stacked.append(median_ms(lambda: stacked_rows(layers), args.repeats))
         split.append(median_ms(lambda: torch_views(staged, shapes), args.repeats))
         views.append(median_ms(lambda: numpy_views(staged, shapes), args.repeats))
     result = {
@@ -116,12 +131,13 @@ def main() -> None:
         "np_take_ms": statistics.median(after),
     }
     result["ratio"] = result["fancy_indexing_ms"] / result["np_take_ms"]
+    result["stacked_take_along_axis_ms"] = statistics.median(stacked)
     result["download_members"] = len(shapes)
     result["download_torch_split_ms"] = statistics.median(split)
     result["download_numpy_views_ms"] = statistics.median(views)
     result["download_ratio"] = result["download_torch_split_ms"] / result["download_numpy_views_ms"]
     print(f"{result['shape']}: fancy indexing {result['fancy_indexing_ms']:.2f} ms, np.take {result['np_take_ms']:.2f} ms "
-          f"a compression ({result['ratio']:.1f}x)")
+          f"a compression ({result['ratio']:.1f}x); layers stacked, np.take_along_axis {result['stacked_take_along_axis_ms']:.2f} ms")
     print(f"download hand-back of {len(shapes)} arrays: torch split and views {result['download_torch_split_ms']:.3f} ms, "
           f"numpy views {result['download_numpy_views_ms']:.3f} ms ({result['download_ratio']:.1f}x)")
     if args.out:

@@ -425,6 +425,64 @@ def test_keep_layers_equals_keep_layer_by_layer():
     assert together.positions[2].tolist() == [[3, 4, 10, 11, 99]]
 
 
+def test_keep_layers_of_alike_layers_equals_keep_layer_by_layer():
+    """Layers grouped for the host's bookkeeping (as many tokens held and kept, with or
+    without a summary token), three position axes, a layer of another length: positions,
+    frames, keys and values as layer by layer."""
+    from hermes_policy.kv_store import KVStore
+
+    g = torch.Generator().manual_seed(4)
+    lengths = [12, 12, 12, 12, 12, 9]
+
+    def filled() -> KVStore:
+        store = KVStore(len(lengths), 3)
+        for i, (layer, n) in enumerate(zip(store.cache.layers, lengths, strict=True)):
+            tokens = torch.randn(2, 1, 2, n, 4, generator=torch.Generator().manual_seed(i))
+            layer.set_contents(tokens[0], tokens[1])
+        store.positions = [torch.randint(0, 50, (3, n), generator=torch.Generator().manual_seed(10 + i)) for i, n in enumerate(lengths)]
+        store.frame_index = [torch.arange(n) // 3 + i for i, n in enumerate(lengths)]
+        return store
+
+    def kept(n: int, count: int) -> torch.Tensor:
+        return torch.randperm(n, generator=g)[:count].sort().values
+
+    def summary(i: int) -> tuple:
+        return (torch.full((1, 2, 1, 4), float(i)), torch.full((1, 2, 1, 4), -float(i)), torch.tensor([[60 + i], [61], [62]]), -i)
+
+    decisions = {
+        0: (kept(12, 6), None),
+        1: (kept(12, 6), summary(1)),
+        2: (kept(12, 6), None),
+        3: (kept(12, 6), summary(3)),
+        4: (kept(12, 7), None),
+        5: (kept(9, 6), summary(5)),
+    }
+    together, one_by_one, before = filled(), filled(), filled()
+    together.keep_layers(decisions)
+    for layer, (indices, extra) in decisions.items():
+        one_by_one.keep(layer, indices, extra)
+    for layer in range(len(lengths)):
+        assert torch.equal(together.cache.layers[layer].keys, one_by_one.cache.layers[layer].keys)
+        assert torch.equal(together.cache.layers[layer].values, one_by_one.cache.layers[layer].values)
+        assert torch.equal(together.positions[layer], one_by_one.positions[layer])
+        assert torch.equal(together.frame_index[layer], one_by_one.frame_index[layer])
+        assert together.positions[layer].is_contiguous()
+        # against plain indexing of what the layer held
+        indices, extra = decisions[layer]
+        positions = before.positions[layer][:, indices]
+        frames = before.frame_index[layer][indices]
+        keys = before.cache.layers[layer].keys[:, :, indices]
+        if extra is not None:
+            positions = torch.cat([positions, extra[2]], dim=1)
+            frames = torch.cat([frames, torch.tensor([extra[3]])])
+            keys = torch.cat([keys, extra[0]], dim=2)
+        assert torch.equal(together.positions[layer], positions)
+        assert torch.equal(together.frame_index[layer], frames)
+        assert torch.equal(together.cache.layers[layer].keys, keys)
+    assert together.lengths() == [6, 7, 6, 7, 7, 7]
+    assert together.positions[3][:, -1].tolist() == [63, 61, 62] and together.frame_index[3][-1] == -3
+
+
 def test_keep_layers_uses_a_prefetched_copy_of_the_same_tensors_only(monkeypatch):
     """A copy back queued early (prefetch) serves keep_layers when it is of the very tensors
     keep_layers would copy; a stale one (other tensors) is dropped and a new copy made."""
