@@ -6,17 +6,19 @@ cache, the chunk, and causally their own block. The plain path runs that as flas
 the cache and chunk (with the query heads stacked, a copy first), two small products and
 a softmax over the blocks' own keys, and a log-sum-exp merge: nine kernels a layer, each
 with its launch gap inside the ingest graph. Here one program per (block of stacked rows,
-KV head, range of keys) walks its range of the shared keys, and the last range then its
-rows' own block, with the softmax online (as flash attention does). By default the shared
-keys split into two ranges walked at once (a few hundred rows leave most of the GPU idle
-otherwise), merged after by :func:`merge_into_kernel`; with a prior part given (the
-blocks' rows over the cache, computed with the chunk's rows by cuDNN in one call:
-``HERMES_BLOCKS_WITH_CHUNK=1``, see :func:`~hermes_policy.attention._blocks_by_kernel`)
-one range resumes from its output and log-sum-exp. Either way the pass writes the output
-and the log-sum-exp over everything the rows saw (which the captured probabilities need).
-Per layer on the LLaVA-OV-7B shape on an H200 (inside a graph), a layer's whole attention
-with prompts of 40 + 80 / 64 + 112 rows takes 305 / 329 us against 326 / 354 us on the
-plain path (``benchmarks/block_attention_alternatives.py --layer``).
+KV head, part of the keys) walks its part with the softmax online (as flash attention
+does): the shared keys split into ranges (:func:`key_ranges`: enough to give each
+multiprocessor about :data:`PROGRAMS_PER_SM` programs, since a few hundred rows make few
+programs, each walking thousands of keys otherwise), and the rows' own block is one more
+part, which resumes from a prior part when one is given (the blocks' rows over the cache,
+computed with the chunk's rows by cuDNN in one call: ``HERMES_BLOCKS_WITH_CHUNK=1``, see
+:func:`~hermes_policy.attention._blocks_by_kernel`). :func:`merge_parts_kernel` then
+merges the parts by log-sum-exp and writes the output and the log-sum-exp over everything
+the rows saw (which the captured probabilities need). Per layer on the LLaVA-OV-7B shape
+on an H200 (inside a graph), a layer's whole attention with prompts of 40 + 80 / 64 + 112
+rows takes 316 / 314 us against 329 / 354 us on the plain path, the kernel alone 72 / 78 us
+in one range and 38-45 / 58-63 us in the best few (``benchmarks/block_attention_alternatives.py
+--layer``).
 
 Triton (installed with torch on Linux); :func:`available` says whether it runs on a
 device for a head size. ``HERMES_BLOCK_KERNEL=0`` turns it off, and so does a first

@@ -1,7 +1,8 @@
 """Where one of our Triton kernels runs, and what happens when it cannot.
 
 Each kernel (:mod:`~hermes_policy.split_kv_attention`,
-:mod:`~hermes_policy.probability_kernel`) has a :class:`KernelSwitch`: an environment
+:mod:`~hermes_policy.probability_kernel`, :mod:`~hermes_policy.block_attention_kernel`,
+:mod:`~hermes_policy.compaction_kernel`) has a :class:`KernelSwitch`: an environment
 variable that turns it off (``=0``), and a flag set by a first launch that fails outside a
 CUDA graph capture (a GPU or Triton build without the kernel), after which its caller's
 plain torch path runs for the rest of the process. On the CPU the kernels run only under
