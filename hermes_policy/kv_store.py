@@ -11,6 +11,7 @@ first ``prefix_len`` tokens of every layer are the fixed system prefix, never ev
 from __future__ import annotations
 
 import operator
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -63,17 +64,56 @@ class KVStore:
         self.num_layers = num_layers
         self.position_axes = position_axes
         self.cache = StreamCache(num_layers)
-        self.positions = [torch.zeros(position_axes, 0, dtype=torch.long) for _ in range(num_layers)]
-        self.frame_index = [torch.zeros(0, dtype=torch.long) for _ in range(num_layers)]
+        self._positions = [torch.zeros(position_axes, 0, dtype=torch.long) for _ in range(num_layers)]
+        self._frame_index = [torch.zeros(0, dtype=torch.long) for _ in range(num_layers)]
         self.prefix_len = 0
         # next free position per layer, with the positions tensor it was computed from
         # (every change assigns a new tensor, so identity tells whether it is current)
         self._next_positions: list[tuple[torch.Tensor, int] | None] = [None] * num_layers
         self._prefetched: tuple[list[torch.Tensor], Download] | None = None  # see prefetch()
+        # the host's bookkeeping of the last keep_layers, not done yet (see keep_layers):
+        # the work, and meanwhile each changed layer's length and next free position
+        self._pending: Callable[[], None] | None = None
+        self._pending_lengths: dict[int, int] = {}
+        self._pending_next: dict[int, int] = {}
+
+    # -- positions and frames (the bookkeeping a compression leaves is done on first read)
+    @property
+    def positions(self) -> list[torch.Tensor]:
+        """Per layer, LongTensor ``(axes, seq)``: each token's position."""
+        self._settle()
+        return self._positions
+
+    @positions.setter
+    def positions(self, value: list[torch.Tensor]) -> None:
+        self._settle()
+        self._positions = value
+
+    @property
+    def frame_index(self) -> list[torch.Tensor]:
+        """Per layer, LongTensor ``(seq,)``: each token's frame (-1: not from a frame)."""
+        self._settle()
+        return self._frame_index
+
+    @frame_index.setter
+    def frame_index(self, value: list[torch.Tensor]) -> None:
+        self._settle()
+        self._frame_index = value
+
+    def _settle(self) -> None:
+        """Do the bookkeeping :meth:`keep_layers` left, if any."""
+        work = self._pending
+        if work is None:
+            return
+        self._pending = None
+        work()
+        self._pending_lengths.clear()
+        self._pending_next.clear()
 
     # -- reading ---------------------------------------------------------------------
     def length(self, layer: int) -> int:
-        return int(self.positions[layer].shape[1])
+        pending = self._pending_lengths.get(layer)
+        return pending if pending is not None else int(self._positions[layer].shape[1])
 
     def lengths(self) -> list[int]:
         return [self.length(layer) for layer in range(self.num_layers)]
@@ -89,7 +129,10 @@ class KVStore:
         return first.device if first.is_initialized else torch.device("cpu")
 
     def next_position(self, layer: int) -> int:
-        positions = self.positions[layer]
+        pending = self._pending_next.get(layer)
+        if pending is not None:
+            return pending
+        positions = self._positions[layer]
         cached = self._next_positions[layer]
         if cached is not None and cached[0] is positions:
             return cached[1]
@@ -171,6 +214,10 @@ class KVStore:
         """
         self.keep_layers({layer: (indices, extra)})
 
+    # the host's bookkeeping after a compression waits for the first read of positions or
+    # frames (see keep_layers); False: done inside keep_layers
+    defer_bookkeeping = True
+
     def prefetch(self, tensors: list[torch.Tensor]) -> None:
         """Queue now the device-to-host copy the next :meth:`keep_layers` makes of
         ``tensors``: every decision's indices, then each summary token's position, in the
@@ -181,6 +228,7 @@ class KVStore:
         and the host's bookkeeping overlaps that work as well as the gathers. Used only when
         :meth:`keep_layers` is given the very same tensor objects; otherwise it copies again.
         """
+        self._settle()  # its host arrays view a staging buffer that downloads reuse
         tensors = list(tensors)
         self._prefetched = (tensors, Download(tensors))
 
@@ -195,8 +243,17 @@ class KVStore:
         they are and host ones copied there in one transfer per device; the host-side
         metadata is then updated from one device-to-host copy of whatever lived on a GPU,
         the only point where this waits for the GPU. That copy is queued before the
-        gathers, so the host does its bookkeeping while the GPU gathers.
+        gathers.
+
+        The host's bookkeeping (each layer's positions and frames gathered to the kept
+        tokens) then waits for the first read of :attr:`positions` or :attr:`frame_index`
+        where a layer's next free position can be known without it (one position axis):
+        in a stream, until the next chunk's forward is queued, so that the GPU runs it
+        meanwhile (with every gather one kernel, the GPU would otherwise finish first and
+        wait). :meth:`length`, :meth:`lengths` and :meth:`next_position` answer from what
+        is known before; everything else reads the finished bookkeeping.
         """
+        self._settle()  # the last compression's bookkeeping, before these indices into it
         # -- the GPU's work: every layer's gather
         pending: dict[torch.device, list[int]] = {}
         for layer, (indices, _) in decisions.items():
@@ -224,16 +281,58 @@ class KVStore:
         # many-core GPU host), from one copy back of what lives on a GPU
         host = download.wait()
         summary_positions = dict(zip(extras, host[len(decisions) :], strict=True))
-        for layer, host_indices in zip(decisions, host[: len(decisions)], strict=True):
-            # np.take, not fancy indexing plus a contiguous copy: 3x less host time, which
-            # the gathers must cover (benchmarks/eviction_bookkeeping.py)
-            positions = np.take(self.positions[layer].numpy(), host_indices, axis=1)
-            frames = np.take(self.frame_index[layer].numpy(), host_indices)
-            if layer in extras:
-                positions = np.concatenate([positions, summary_positions[layer]], axis=1)
-                frames = np.append(frames, extras[layer][3])
-            self.positions[layer] = torch.from_numpy(positions)  # C-contiguous (np.take)
-            self.frame_index[layer] = torch.from_numpy(frames)
+        kept_by_layer = dict(zip(decisions, host[: len(decisions)], strict=True))
+
+        def bookkeeping() -> None:
+            for layer, host_indices in kept_by_layer.items():
+                # np.take, not fancy indexing plus a contiguous copy: 3x less host time
+                # (benchmarks/eviction_bookkeeping.py)
+                positions = np.take(self._positions[layer].numpy(), host_indices, axis=1)
+                frames = np.take(self._frame_index[layer].numpy(), host_indices)
+                if layer in extras:
+                    positions = np.concatenate([positions, summary_positions[layer]], axis=1)
+                    frames = np.append(frames, extras[layer][3])
+                self._positions[layer] = torch.from_numpy(positions)  # C-contiguous (np.take)
+                self._frame_index[layer] = torch.from_numpy(frames)
+            for layer, expected in self._pending_next.items():
+                if next_free_position(self._positions[layer]) != expected:
+                    raise RuntimeError(f"KV store positions out of order at layer {layer}: deferred bookkeeping disagrees")
+
+        ahead = self._next_positions_ahead(kept_by_layer, summary_positions) if self.defer_bookkeeping else None
+        if ahead is None:
+            bookkeeping()
+            return
+        # Left for the first read of positions or frames: in a stream, after the next
+        # chunk's forward is queued, so the GPU runs it meanwhile instead of waiting.
+        # What that chunk needs before (each layer's length and next free position) is
+        # known now.
+        self._pending = bookkeeping
+        self._pending_lengths = {layer: len(kept) + (layer in extras) for layer, kept in kept_by_layer.items()}
+        self._pending_next = ahead
+
+    def _next_positions_ahead(
+        self, kept_by_layer: dict[int, np.ndarray], summary_positions: dict[int, np.ndarray]
+    ) -> dict[int, int] | None:
+        """Each changed layer's next free position after keeping ``kept_by_layer``, without
+        gathering its positions; None where that needs the gather (more than one position
+        axis, or nothing kept).
+
+        With one axis a layer's positions never decrease along its tokens (appended in
+        order, kept in order, re-indexed by rank, a summary token after the kept ones), so
+        the kept tokens' largest position is the last kept one's (the deferred bookkeeping
+        checks that it agrees).
+        """
+        if self.position_axes != 1:
+            return None
+        ahead = {}
+        for layer, kept in kept_by_layer.items():
+            if not len(kept):
+                return None
+            highest = int(self._positions[layer].numpy()[0, kept[-1]])
+            if layer in summary_positions:
+                highest = max(highest, int(summary_positions[layer].max()))
+            ahead[layer] = highest + 1
+        return ahead
 
     def reindex(self, layer: int, rotary_emb: torch.nn.Module) -> bool:
         """Left-compact one layer's stream positions and rotate its keys to match.

@@ -559,3 +559,92 @@ def test_hermes_select_prefetches_what_keep_layers_copies_back(tiny_adapter, mon
         assert len(positions) == len(expected)
         if keep.summary is not None:
             assert positions[-1] == 2 * int(keep.indices.max()) + 1  # after the last kept token
+
+
+# -- the host's bookkeeping after a compression, deferred ------------------------------------
+@pytest.mark.parametrize("name", ["hermes", "hermes-eager", "fifo", "uniform"])
+def test_deferred_bookkeeping_streams_exactly_like_immediate(tiny_llama_small_limit_dir, name, monkeypatch):
+    """The same stream (compressions, lazy re-indexing past the position limit, questions in
+    between) with the bookkeeping left for the first read of positions and with it done in
+    keep_layers: the same positions, frames, keys and values in every layer, the same answers."""
+    from hermes_policy.kv_store import KVStore
+    from hermes_policy.models import load_adapter
+
+    adapter = load_adapter(tiny_llama_small_limit_dir, device="cpu", tokens_per_frame=4)
+    stream = frames(adapter, 300, seed=5)
+    results = {}
+    for defer in (True, False):
+        monkeypatch.setattr(KVStore, "defer_bookkeeping", defer)
+        session = StreamingSession(adapter, rules(adapter, 48)[name], chunk_frames=8)
+        answers = []
+        for start in range(0, 300, 60):
+            session.add_frames(stream[start : start + 60])
+            answers.append(session.ask("What now?", max_new_tokens=3).token_ids)
+        assert session.compressions > 0
+        store = session.store
+        results[defer] = (answers, store.positions, store.frame_index, [layer.keys.clone() for layer in store.cache.layers])
+        results[defer] += ([layer.values.clone() for layer in store.cache.layers], store.lengths())
+    deferred, immediate = results[True], results[False]
+    assert deferred[0] == immediate[0]
+    for got, want in zip(deferred[1:5], immediate[1:5], strict=True):
+        assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True))
+    assert deferred[5] == immediate[5]
+
+
+def test_deferred_bookkeeping_waits_for_the_first_read_of_positions(tiny_adapter):
+    """After keep_layers the lengths and next free positions come from what is known
+    before the bookkeeping, which runs on the first read of positions or frames (and not
+    before), with the values the gathered positions give."""
+    from hermes_policy.positions import next_free_position
+
+    session = StreamingSession(tiny_adapter, rules(tiny_adapter, 24)["hermes"], chunk_frames=4)
+    session.add_frames(frames(tiny_adapter, 4))
+    store = session.store
+    assert session.compressions == 1 and store._pending is not None, "the bookkeeping was left for later"
+    lengths, ahead = store.lengths(), [store.next_position(layer) for layer in range(store.num_layers)]
+    assert store._pending is not None, "lengths and next positions do not need it"
+    positions = store.positions  # the first read does it
+    assert store._pending is None
+    assert [p.shape[1] for p in positions] == lengths
+    assert ahead == [next_free_position(p) for p in positions]
+    assert [len(f) for f in store.frame_index] == lengths
+
+
+def test_deferred_bookkeeping_refuses_positions_out_of_order():
+    """The next free position known ahead relies on one axis of positions never decreasing
+    along a layer's tokens; positions out of order make the bookkeeping fail loudly, and
+    positions in order pass."""
+    from hermes_policy.kv_store import KVStore
+
+    def store_with(positions: list[int]) -> KVStore:
+        store = KVStore(1, 1)
+        store.cache.layers[0].set_contents(torch.randn(1, 1, 6, 4), torch.randn(1, 1, 6, 4))
+        store.positions = [torch.tensor([positions])]
+        store.frame_index = [torch.arange(6)]
+        return store
+
+    in_order = store_with([0, 1, 2, 3, 4, 5])
+    in_order.keep_layers({0: (torch.tensor([0, 4, 5]), None)})
+    assert in_order.next_position(0) == 6
+    assert in_order.positions[0].tolist() == [[0, 4, 5]]
+    shuffled = store_with([0, 1, 9, 3, 4, 5])
+    shuffled.keep_layers({0: (torch.tensor([0, 2, 5]), None)})
+    assert shuffled.next_position(0) == 6  # known ahead from the last kept token, wrongly
+    with pytest.raises(RuntimeError, match="out of order"):
+        shuffled.positions  # noqa: B018 - the read runs the bookkeeping
+
+
+def test_bookkeeping_is_not_deferred_with_several_position_axes():
+    """With multimodal positions (three axes) a layer's next free position needs its kept
+    positions gathered: keep_layers does the bookkeeping itself."""
+    from hermes_policy.kv_store import KVStore
+
+    store = KVStore(2, 3)
+    for i, layer in enumerate(store.cache.layers):
+        layer.set_contents(torch.randn(1, 1, 6, 4), torch.randn(1, 1, 6, 4) + i)
+    store.positions = [torch.arange(18).view(3, 6) for _ in range(2)]
+    store.frame_index = [torch.arange(6) for _ in range(2)]
+    store.keep_layers({0: (torch.tensor([0, 2, 5]), None), 1: (torch.tensor([1, 3]), None)})
+    assert store._pending is None
+    assert store.positions[0].tolist() == [[0, 2, 5], [6, 8, 11], [12, 14, 17]]
+    assert store.lengths() == [3, 2]
