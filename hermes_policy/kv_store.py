@@ -106,9 +106,11 @@ class KVStore:
         if work is None:
             return
         self._pending = None
-        work()
-        self._pending_lengths.clear()
-        self._pending_next.clear()
+        try:
+            work()
+        finally:
+            self._pending_lengths.clear()
+            self._pending_next.clear()
 
     # -- reading ---------------------------------------------------------------------
     def length(self, layer: int) -> int:
