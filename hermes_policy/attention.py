@@ -676,9 +676,9 @@ def lead_and_blocks_attention(
     The lead rows attend causally to the keys before the blocks (:func:`causal_attention`).
     The blocks' rows attend to those keys (the cache and the lead) and, causally, to their
     own block's keys. Where the block attention kernel runs
-    (:mod:`~hermes_policy.block_attention_kernel`) that is one pass after, on CUDA at a
-    steady shape, one cuDNN call of all rows over the cache (:func:`_blocks_by_kernel`);
-    otherwise one flash call for all blocks over the keys before them (no mask), one small
+    (:mod:`~hermes_policy.block_attention_kernel`) that is one pass over every key (with
+    ``HERMES_BLOCKS_WITH_CHUNK=1``, after one cuDNN call of all rows over the cache:
+    :func:`_blocks_by_kernel`); otherwise one flash call for all blocks over the keys before them (no mask), one small
     explicit product over their own keys, and a log-sum-exp merge of the two
     (:func:`merge_attention`). No block's view of the cache is ever copied, and the
     probabilities of captured rows come from the same log-sum-exp: one pass over the

@@ -229,7 +229,6 @@ if triton is not None:
         b_ptr,
         b_lse_ptr,
         o_ptr,
-        lse_out_ptr,
         stride_ah,
         stride_at,
         stride_alh,
@@ -243,7 +242,6 @@ if triton is not None:
         n_rows,
         BLOCK_M: tl.constexpr,
         HEAD_DIM: tl.constexpr,
-        WRITE_LSE: tl.constexpr,
     ):
         # one program: BLOCK_M rows of one head; each part weighs its share of the exponent mass
         head = tl.program_id(1)
@@ -257,10 +255,6 @@ if triton is not None:
         b = tl.load(b_ptr + head * stride_bh + t[:, None] * stride_bt + d[None, :], mask=valid[:, None], other=0.0)
         out = b.to(tl.float32) + share[:, None] * (a.to(tl.float32) - b.to(tl.float32))
         tl.store(o_ptr + head * stride_oh + t[:, None] * stride_ot + d[None, :], out.to(o_ptr.dtype.element_ty), mask=valid[:, None])
-        if WRITE_LSE:  # logaddexp(lse_a, lse_b), contiguous (heads, n)
-            top = tl.maximum(lse_a, lse_b)
-            total = top + tl.log(tl.exp(lse_a - top) + tl.exp(lse_b - top))
-            tl.store(lse_out_ptr + head * n_rows + t, total, mask=valid)
 
 
 def merge_into_kernel(
@@ -270,7 +264,6 @@ def merge_into_kernel(
     lse_b: torch.Tensor,
     dest: torch.Tensor,
     block_m: int = 64,
-    lse_out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """:func:`~hermes_policy.attention.merge_attention_into` as one Triton kernel that
     takes every stride as it comes: the chunk's part of a cuDNN call over more rows has
@@ -281,7 +274,6 @@ def merge_into_kernel(
     ----------
     out_a, out_b, dest : ``(1, heads, n, head_dim)``, unit stride along ``head_dim``
     lse_a, lse_b : float32 ``(1, heads, n)``
-    lse_out : float32 ``(1, heads, n)``, contiguous: where the merged log-sum-exp goes (if given)
 
     Returns
     -------
@@ -291,11 +283,11 @@ def merge_into_kernel(
     if any(t.stride(-1) != 1 for t in (out_a, out_b, dest)):
         raise ValueError("the merge kernel needs a unit stride along the head dimension")
     _merge_kernel[(triton.cdiv(n_rows, block_m), heads)](
-        out_a, lse_a, out_b, lse_b, dest, lse_a if lse_out is None else lse_out,
+        out_a, lse_a, out_b, lse_b, dest,
         out_a.stride(1), out_a.stride(2), lse_a.stride(1), lse_a.stride(2),
         out_b.stride(1), out_b.stride(2), lse_b.stride(1), lse_b.stride(2),
         dest.stride(1), dest.stride(2), n_rows,
-        BLOCK_M=block_m, HEAD_DIM=dim, WRITE_LSE=lse_out is not None, num_warps=4,
+        BLOCK_M=block_m, HEAD_DIM=dim, num_warps=4,
     )  # fmt: skip
     return dest
 
