@@ -19,7 +19,7 @@ import torch
 
 from .positions import compact_positions, next_free_position, rerotate_keys
 from .stream_cache import StreamCache
-from .transfer import Download, upload
+from .transfer import Download, StagingBuffers, upload
 
 
 @dataclass
@@ -71,6 +71,9 @@ class KVStore:
         # (every change assigns a new tensor, so identity tells whether it is current)
         self._next_positions: list[tuple[torch.Tensor, int] | None] = [None] * num_layers
         self._prefetched: tuple[list[torch.Tensor], Download] | None = None  # see prefetch()
+        # where this store's copies back land: its own, because the deferred bookkeeping
+        # reads them after other stores (other sessions of the process) may have downloaded
+        self._staging = StagingBuffers()
         # the host's bookkeeping of the last keep_layers, not done yet (see keep_layers):
         # the work, and meanwhile each changed layer's length and next free position
         self._pending: Callable[[], None] | None = None
@@ -232,7 +235,7 @@ class KVStore:
         """
         self._settle()  # its host arrays view a staging buffer that downloads reuse
         tensors = list(tensors)
-        self._prefetched = (tensors, Download(tensors))
+        self._prefetched = (tensors, Download(tensors, self._staging))
 
     def keep_layers(
         self,
@@ -275,17 +278,22 @@ class KVStore:
         if prefetched is not None and len(prefetched[0]) == len(wanted) and all(map(operator.is_, prefetched[0], wanted)):
             download = prefetched[1]  # queued earlier (prefetch)
         else:
-            download = Download(wanted)
+            download = Download(wanted, self._staging)
         self.cache.gather_layers(
             {layer: (on_device[layer], None if extra is None else (extra[0], extra[1])) for layer, (_, extra) in decisions.items()}
         )
         # -- the host's metadata (numpy: torch's CPU indexing costs ~1 ms a call on a
         # many-core GPU host), from one copy back of what lives on a GPU
         host = download.wait()
+        staged_at = self._staging.taken
         summary_positions = dict(zip(extras, host[len(decisions) :], strict=True))
         kept_by_layer = dict(zip(decisions, host[: len(decisions)], strict=True))
 
         def bookkeeping() -> None:
+            if self._staging.taken - staged_at >= self._staging.slots:
+                # cannot happen while every download of this store settles first (prefetch,
+                # keep_layers): the arrays below view a staging buffer reused since
+                raise RuntimeError("KV store bookkeeping read a reused staging buffer")
             for layer, host_indices in kept_by_layer.items():
                 # np.take, not fancy indexing plus a contiguous copy: 3x less host time
                 # (benchmarks/eviction_bookkeeping.py)

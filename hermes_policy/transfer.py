@@ -78,6 +78,41 @@ def upload(tensor: torch.Tensor, device: torch.device | str) -> torch.Tensor:
     return tensor.pin_memory().to(device, non_blocking=True)
 
 
+class StagingBuffers:
+    """Pinned host buffers that downloads land in, taken in turn.
+
+    A :meth:`Download.wait`'s arrays view the buffer its download took, so they stay valid
+    until that buffer's turn comes round again: a consumer that keeps them a while (the KV
+    store's deferred bookkeeping) owns its own set, so that nobody else's downloads can
+    overwrite them (a process may stream several sessions).
+
+    Parameters
+    ----------
+    slots : number of buffers
+    """
+
+    def __init__(self, slots: int = 2):
+        self._buffers: list[torch.Tensor | None] = [None] * slots
+        self.taken = 0  # buffers handed out so far
+
+    @property
+    def slots(self) -> int:
+        return len(self._buffers)
+
+    def take(self, nbytes: int) -> torch.Tensor:
+        """The next buffer in turn, of at least ``nbytes`` bytes (grown when short)."""
+        turn = self.taken % len(self._buffers)
+        self.taken += 1
+        buffer = self._buffers[turn]
+        if buffer is None or buffer.numel() < nbytes:
+            with torch.inference_mode(False):
+                buffer = self._buffers[turn] = torch.empty(max(nbytes, 1 << 20), dtype=torch.uint8, pin_memory=True)
+        return buffer
+
+
+_SHARED_STAGING = StagingBuffers()  # for downloads whose arrays are read at once
+
+
 class Download:
     """Device tensors on their way to the host: the copies are queued, :meth:`wait` waits for them.
 
@@ -85,13 +120,15 @@ class Download:
     staging buffer without blocking, so the host can queue more GPU work (the gathers that
     follow the copies in stream order) before it waits, and then work on the host while the
     GPU runs it. Host tensors pass through. The arrays :meth:`wait` returns view the staging
-    buffer, which the next download but one reuses: read them before then.
+    buffer, which ``staging``'s next download but one reuses: read them before then.
+
+    Parameters
+    ----------
+    tensors : what to copy back
+    staging : where it lands (default: buffers shared by every such caller)
     """
 
-    _staging: list[torch.Tensor | None] = [None, None]  # pinned, one per download in turn (grown when short)
-    _turn = [0]
-
-    def __init__(self, tensors: list[torch.Tensor]):
+    def __init__(self, tensors: list[torch.Tensor], staging: StagingBuffers | None = None):
         self._shapes = [tuple(t.shape) for t in tensors]
         self._host: list[np.ndarray | None] = [t.numpy() if t.device.type == "cpu" else None for t in tensors]
         remote: dict[torch.device, list[int]] = {}
@@ -107,30 +144,21 @@ class Download:
             return
         # one region of the staging buffer per device, each 16-byte aligned
         spans = [-(-(f.numel() * f.element_size()) // 16) * 16 for f in flats.values()]
-        staging = self._stage(sum(spans)) if all(d.type == "cuda" for d in flats) else None
+        on_cuda = all(d.type == "cuda" for d in flats)
+        staging_buffer = (staging or _SHARED_STAGING).take(sum(spans)) if on_cuda else None
         offset = 0
         for (device, flat), span in zip(flats.items(), spans, strict=True):
-            if staging is None:
+            if staging_buffer is None:
                 self._staged.append(flat.cpu())
                 self._pending.append((remote[device], flat, None))
                 continue
-            target = staging[offset : offset + flat.numel() * flat.element_size()].view(flat.dtype)
+            target = staging_buffer[offset : offset + flat.numel() * flat.element_size()].view(flat.dtype)
             offset += span
             target.copy_(flat, non_blocking=True)
             done = torch.cuda.Event()
             done.record(torch.cuda.current_stream(device))
             self._staged.append(target)
             self._pending.append((remote[device], flat, done))
-
-    @classmethod
-    def _stage(cls, nbytes: int) -> torch.Tensor:
-        turn = cls._turn[0]
-        cls._turn[0] = (turn + 1) % len(cls._staging)
-        buffer = cls._staging[turn]
-        if buffer is None or buffer.numel() < nbytes:
-            with torch.inference_mode(False):
-                buffer = cls._staging[turn] = torch.empty(max(nbytes, 1 << 20), dtype=torch.uint8, pin_memory=True)
-        return buffer
 
     def wait(self) -> list[np.ndarray]:
         """The tensors as numpy arrays, once their copies are done."""

@@ -331,6 +331,35 @@ def test_download_is_queued_in_stream_order():
             np.testing.assert_array_equal(got, want.numpy())
 
 
+def test_deferred_bookkeeping_of_one_store_survives_other_stores_downloads():
+    """A store's deferred bookkeeping reads its indices from pinned staging after the
+    compression; other stores (other sessions of the process) downloading meanwhile must
+    not overwrite them. Each store stages into its own buffers (seen on an H200 when they
+    were shared: the first of two sessions read the second's indices)."""
+    from hermes_policy.kv_store import KVStore
+
+    def filled(seed: int) -> KVStore:
+        g = torch.Generator().manual_seed(seed)
+        store = KVStore(3, 1)
+        for layer in store.cache.layers:
+            layer.set_contents(torch.randn(1, 2, 64, 8, generator=g).cuda(), torch.randn(1, 2, 64, 8, generator=g).cuda())
+        store.positions = [torch.arange(64)[None] * 3 for _ in range(3)]
+        store.frame_index = [torch.arange(64) for _ in range(3)]
+        return store
+
+    kept = [torch.arange(0, 64, step, device="cuda") for step in (2, 3, 5)]
+    first = filled(0)
+    first.keep_layers({layer: (indices, None) for layer, indices in enumerate(kept)})
+    assert first._pending is not None, "the bookkeeping was left for the first read"
+    other = filled(1)
+    for _ in range(3):  # more downloads than staging buffers
+        other.keep_layers({layer: (torch.arange(n, device="cuda"), None) for layer, n in enumerate((40, 30, 20))})
+        other.positions  # noqa: B018 - settles, so that the next keep_layers downloads again
+    for layer, indices in enumerate(kept):
+        assert first.positions[layer].tolist() == [(indices.cpu() * 3).tolist()]
+        assert first.frame_index[layer].tolist() == indices.cpu().tolist()
+
+
 def test_hermes_eviction_on_cuda_equals_cpu(tiny_llama_dir):
     """The eviction path that keeps indices on the GPU (kept and evicted indices, summary
     positions, one copy back after the gathers) against the same step on the CPU."""

@@ -492,9 +492,9 @@ def test_keep_layers_uses_a_prefetched_copy_of_the_same_tensors_only(monkeypatch
     made = []
     real = kv_store.Download
 
-    def counted(tensors):
+    def counted(tensors, staging=None):
         made.append(len(tensors))
-        return real(tensors)
+        return real(tensors, staging)
 
     monkeypatch.setattr(kv_store, "Download", counted)
 
@@ -536,7 +536,7 @@ def test_hermes_select_prefetches_what_keep_layers_copies_back(tiny_adapter, mon
 
     made = []
     real = kv_store.Download
-    monkeypatch.setattr(kv_store, "Download", lambda tensors: made.append(len(tensors)) or real(tensors))
+    monkeypatch.setattr(kv_store, "Download", lambda tensors, staging=None: made.append(len(tensors)) or real(tensors, staging))
     layers, n, prefix = 6, 300, 5
     g = torch.Generator().manual_seed(0)
     store = KVStore(layers, 1)
@@ -632,6 +632,25 @@ def test_deferred_bookkeeping_refuses_positions_out_of_order():
     assert shuffled.next_position(0) == 6  # known ahead from the last kept token, wrongly
     with pytest.raises(RuntimeError, match="out of order"):
         shuffled.positions  # noqa: B018 - the read runs the bookkeeping
+
+
+def test_deferred_bookkeeping_refuses_a_reused_staging_buffer():
+    """The deferred bookkeeping reads arrays that view the store's staging buffer; were that
+    buffer handed out again before the bookkeeping ran (the store's own downloads settle
+    first, so only a bug could), it fails loudly instead of using overwritten indices."""
+    from hermes_policy.kv_store import KVStore
+
+    store = KVStore(1, 1)
+    store.cache.layers[0].set_contents(torch.randn(1, 1, 6, 4), torch.randn(1, 1, 6, 4))
+    store.positions = [torch.arange(6)[None]]
+    store.frame_index = [torch.arange(6)]
+    store.keep_layers({0: (torch.tensor([0, 4, 5]), None)})
+    store._staging.taken += store._staging.slots - 1  # the other buffer: still fine
+    assert store.positions[0].tolist() == [[0, 4, 5]]
+    store.keep_layers({0: (torch.tensor([1, 2]), None)})
+    store._staging.taken += store._staging.slots  # the bookkeeping's own buffer again
+    with pytest.raises(RuntimeError, match="reused staging buffer"):
+        store.positions  # noqa: B018 - the read runs the bookkeeping
 
 
 def test_bookkeeping_is_not_deferred_with_several_position_axes():
