@@ -24,11 +24,13 @@ Output of the run on an H200:
 Usage::
 
     python benchmarks/block_attention_alternatives.py [--layer]   # --layer: the whole-layer part only
+    python benchmarks/block_attention_alternatives.py --sweep     # the two kernels' launches
 """
 
 from __future__ import annotations
 
 import functools
+import itertools
 import os
 import sys
 from pathlib import Path
@@ -171,9 +173,57 @@ def measure_layer(blocks: list[int]) -> None:
               f" over every key, by ranges: {by_ranges}")  # fmt: skip
 
 
+def sweep(blocks: list[int], shared: int) -> None:
+    """The block kernel over every key and the probability kernel alone, over a grid of
+    launches (rows and keys per program, warps, pipelining depth, ranges): which launch
+    the defaults should be."""
+    total = shared + sum(blocks)
+    rows = torch.randn(1, sum(blocks), 28, 128, dtype=torch.bfloat16, device="cuda").transpose(1, 2)
+    buf = torch.randn(2, 1, 4, total + 512, 128, dtype=torch.bfloat16, device="cuda")
+    key, value = buf[0][:, :, :total], buf[1][:, :, :total]
+    out = torch.empty_like(rows)
+    auto = block_attention_kernel.key_ranges(shared, triton.cdiv(7 * sum(blocks), 64) * 4, rows.device)
+    print(f"== sweep: blocks {blocks} over {shared} shared keys (per layer, in a graph; {auto} ranges by key_ranges)")
+    timings = []
+    for block_m, block_n, warps, stages in itertools.product((64, 128), (32, 64, 128), (4, 8), (2, 3, 4)):
+        if block_m == 128 and warps == 4 or block_n == 128 and stages == 4:
+            continue  # register or shared-memory spills: slow everywhere in a first pass
+        whole = functools.partial(
+            block_attention_kernel.block_rows_attention_kernel,
+            rows, key, value, blocks, 0, SCALE, out, None, block_m, block_n, warps, num_stages=stages,
+        )  # fmt: skip
+        line = []
+        for r in sorted({auto, 2, 3, 4, 6, 8}):
+            t = 1e3 * graph_ms(functools.partial(whole, ranges=r))
+            timings.append((t, block_m, block_n, warps, stages, r))
+            line.append(f"{r} {t:.1f}")
+        print(f"  block kernel, rows {block_m:3d}, keys {block_n:3d}, warps {warps}, stages {stages}: by ranges (us): {', '.join(line)}")
+    best = sorted(timings)[:5]
+    print("  best: " + "; ".join(f"{t:.1f} us (rows {m}, keys {n}, warps {w}, stages {st}, ranges {r})" for t, m, n, w, st, r in best))
+    lse = torch.zeros(1, 28, sum(blocks), device="cuda")
+    weights = torch.full((blocks[0],), 1 / blocks[0], device="cuda")
+    first = rows[:, :, : blocks[0]]
+    probs = []
+    for block_n, block_r, warps, stages in itertools.product((32, 64, 128), (32, 64), (4, 8), (2, 3, 4)):
+        kernel = functools.partial(
+            probability_kernel.weighted_probabilities_kernel,
+            first, key[:, :, :shared], lse[:, :, : blocks[0]], None, weights, SCALE, block_n, block_r, warps, stages,
+        )  # fmt: skip
+        probs.append((1e3 * graph_ms(kernel), block_n, block_r, warps, stages))
+    default = [t for t, n, r, w, st in probs if (n, r, w) == (64, 64, 4)]
+    probs.sort()
+    print(f"  probability kernel ({blocks[0]} rows), best: " + "; ".join(
+        f"{t:.1f} us (keys {n}, rows {r}, warps {w}, stages {st})" for t, n, r, w, st in probs[:5]))  # fmt: skip
+    print(f"  probability kernel, the default launch (keys 64, rows 64, warps 4) by stages 2/3/4: {', '.join(f'{t:.1f}' for t in default)} us")
+
+
 def main() -> None:
     torch.manual_seed(0)
     print(f"# device: {torch.cuda.get_device_name()}, torch {torch.__version__}")
+    if "--sweep" in sys.argv:
+        for blocks in ([40, 80], [64, 112], [40], [64]):
+            sweep(blocks, CACHE + LEAD)
+        return
     with steady_shapes():  # the kernels of a stream's steady state (cuDNN for the chunk)
         for blocks in ([40, 80], [64, 112]):
             measure_layer(blocks)

@@ -7,8 +7,8 @@ the cache and chunk (with the query heads stacked, a copy first), two small prod
 a softmax over the blocks' own keys, and a log-sum-exp merge: nine kernels a layer, each
 with its launch gap inside the ingest graph. Here one program per (block of stacked rows,
 KV head, part of the keys) walks its part with the softmax online (as flash attention
-does): the shared keys split into ranges (:func:`key_ranges`: enough to give each
-multiprocessor about :data:`PROGRAMS_PER_SM` programs, since a few hundred rows make few
+does): the shared keys split into ranges (:func:`key_ranges`: as many as keep about one
+wave of programs on the multiprocessors, since a few hundred rows make few
 programs, each walking thousands of keys otherwise), and the rows' own block is one more
 part, which resumes from a prior part when one is given (the blocks' rows over the cache,
 computed with the chunk's rows by cuDNN in one call: ``HERMES_BLOCKS_WITH_CHUNK=1``, see
@@ -16,9 +16,10 @@ computed with the chunk's rows by cuDNN in one call: ``HERMES_BLOCKS_WITH_CHUNK=
 merges the parts by log-sum-exp and writes the output and the log-sum-exp over everything
 the rows saw (which the captured probabilities need). Per layer on the LLaVA-OV-7B shape
 on an H200 (inside a graph), a layer's whole attention with prompts of 40 + 80 / 64 + 112
-rows takes 316 / 314 us against 329 / 354 us on the plain path, the kernel alone 72 / 78 us
-in one range and 38-45 / 58-63 us in the best few (``benchmarks/block_attention_alternatives.py
---layer``).
+rows takes 316 / 314 us against 329 / 354 us on the plain path (5 / 3 ranges then), and the
+kernel alone with its merge 72 / 78 us in one range, 39.5 / 51.5 us in the 4 / 3 ranges
+:func:`key_ranges` now picks (``benchmarks/block_attention_alternatives.py --layer`` and
+``--sweep``).
 
 Triton (installed with torch on Linux); :func:`available` says whether it runs on a
 device for a head size. ``HERMES_BLOCK_KERNEL=0`` turns it off, and so does a first
@@ -46,10 +47,13 @@ SWITCH = KernelSwitch("HERMES_BLOCK_KERNEL", "block attention kernel", "using fl
 ENV_SWITCH = SWITCH.env
 MAX_BLOCKS = 4  # block boundaries travel as scalar arguments (no tensor to build per layout)
 LOG2E = 1.4426950408889634
-# the shared keys split until about this many programs run per multiprocessor, in ranges of
-# at least MIN_KEYS_PER_RANGE keys (benchmarks/block_attention_alternatives.py --layer)
-PROGRAMS_PER_SM = 2
-MIN_KEYS_PER_RANGE = 256
+# the shared keys split into as many ranges as keep the programs over them within this many
+# per multiprocessor (with the rows' own part, about one wave of two programs on each), in
+# ranges of at least MIN_KEYS_PER_RANGE keys: past one wave a layer took 15-40% longer, and
+# ranges shorter than ~1,000 keys gained nothing (benchmarks/block_attention_alternatives.py
+# --sweep, results/block-attention-alternatives-nvidia-h200-2026-12-02-sweep.txt)
+PROGRAMS_PER_SM = 1.85
+MIN_KEYS_PER_RANGE = 1024
 
 
 def available(device: torch.device, head_dim: int) -> bool:
@@ -322,6 +326,7 @@ def block_rows_attention_kernel(
     block_n: int = 64,
     num_warps: int = 4,
     ranges: int | None = None,
+    num_stages: int | None = None,
 ) -> torch.Tensor:
     """The blocks' rows over keys ``key_start .. seen`` and causally over their own block,
     resuming from a prior part over keys before ``key_start``.
@@ -344,6 +349,7 @@ def block_rows_attention_kernel(
         ``(1, heads, n)`` over keys ``0 .. key_start`` (needed when ``key_start > 0``)
     ranges : how many ranges the shared keys split into (default: :func:`key_ranges` for
         this device); fewer when the keys run out first
+    num_stages : Triton's software pipelining depth of the key loop (default: Triton's)
 
     Returns
     -------
@@ -383,7 +389,7 @@ def block_rows_attention_kernel(
         GROUPS=heads // kv_heads, HAS_PRIOR=prior is not None,
         BLOCK_M=block_m, BLOCK_N=block_n, HEAD_DIM=dim,
         PRECISION="ieee" if rows.dtype == torch.float32 else None,  # float32 stays float32 (no TF32)
-        num_warps=num_warps,
+        num_warps=num_warps, **({} if num_stages is None else {"num_stages": num_stages}),
     )  # fmt: skip
     if parts == 1:
         return lse[0]
@@ -439,12 +445,12 @@ def block_rows_attention(
 
 def key_ranges(shared: int, row_programs: int, device: torch.device, min_keys: int = MIN_KEYS_PER_RANGE) -> int:
     """How many ranges ``shared`` keys split into for ``row_programs`` programs of rows:
-    about :data:`PROGRAMS_PER_SM` programs for each of the device's multiprocessors, each
-    range at least ``min_keys`` long (0 without shared keys)."""
+    at most :data:`PROGRAMS_PER_SM` programs for each of the device's multiprocessors, each
+    range at least ``min_keys`` long (at least one range; 0 without shared keys)."""
     if shared <= 0:
         return 0
-    wanted = PROGRAMS_PER_SM * multiprocessors(device)
-    return max(1, min(round(wanted / max(row_programs, 1)), -(-shared // min_keys)))
+    slots = int(PROGRAMS_PER_SM * multiprocessors(device))
+    return max(1, min(slots // max(row_programs, 1), -(-shared // min_keys)))
 
 
 @functools.cache

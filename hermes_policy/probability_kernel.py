@@ -112,6 +112,7 @@ def weighted_probabilities_kernel(
     block_n: int = 64,
     block_r: int = 64,
     num_warps: int = 4,
+    num_stages: int | None = None,
 ) -> torch.Tensor:
     """Each key's softmax probability, averaged over heads and summed over rows by ``weights``.
 
@@ -127,6 +128,8 @@ def weighted_probabilities_kernel(
     lse_seen, lse_own : float32 ``(1, heads, n)``: each row's log-sum-exp over these keys
         and over the rest it sees (or None)
     weights : float32 ``(n,)``
+    block_n, block_r, num_warps, num_stages : the launch: keys per program, rows per step,
+        warps, Triton's pipelining depth (default: Triton's)
 
     Returns
     -------
@@ -148,7 +151,7 @@ def weighted_probabilities_kernel(
         n_rows, n_keys, scaling, 1.0 / heads,
         GROUPS=heads // kv_heads, BLOCK_R=block_r, BLOCK_N=block_n, HEAD_DIM=dim,
         PRECISION="ieee" if rows.dtype == torch.float32 else None,  # float32 stays float32 (no TF32)
-        TWO_PARTS=two_parts, num_warps=num_warps,
+        TWO_PARTS=two_parts, num_warps=num_warps, **({} if num_stages is None else {"num_stages": num_stages}),
     )  # fmt: skip
     return parts.sum(dim=0).view(1, 1, 1, n_keys)
 

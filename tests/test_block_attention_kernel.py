@@ -120,15 +120,17 @@ def test_kernel_equals_attention_under_the_block_mask():
 
 
 def test_key_ranges(monkeypatch):
-    """Enough ranges to give every multiprocessor its programs, none shorter than the
-    minimum, at least one while there are shared keys, none without."""
-    from hermes_policy.block_attention_kernel import PROGRAMS_PER_SM, key_ranges
+    """As many ranges as keep the programs within one wave, none shorter than the minimum,
+    at least one while there are shared keys, none without. On 132 multiprocessors: the
+    fastest counts of the H200 sweep (block-attention-alternatives-...-sweep.txt) for the
+    LLaVA-OV-7B prompts, 56 / 80 programs of rows (40 + 80 / 64 + 112 rows) and 20 / 28
+    (a deep layer's 40 / 64 rows), over 5,569 keys."""
+    from hermes_policy.block_attention_kernel import key_ranges
 
     monkeypatch.setattr(block_attention_kernel, "multiprocessors", lambda device: 132)
     cuda = torch.device("cuda")
-    wanted = PROGRAMS_PER_SM * 132
-    assert key_ranges(5569, 56, cuda) == round(wanted / 56)
-    assert key_ranges(5569, 20, cuda, min_keys=256) == min(round(wanted / 20), 22)
+    assert [key_ranges(5569, programs, cuda) for programs in (56, 80, 20, 28)] == [4, 3, 6, 6]
+    assert key_ranges(5569, 20, cuda, min_keys=256) == 12  # the wave, not the keys, bounds it
     assert key_ranges(300, 20, cuda, min_keys=256) == 2
     assert key_ranges(100, 10_000, cuda) == 1
     assert key_ranges(0, 56, cuda) == 0
