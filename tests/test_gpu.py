@@ -461,6 +461,29 @@ def test_compiled_scoring_ops_equal_their_eager_code():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_compiled_evicted_summary_equals_its_eager_code(dtype):
+    """A summary token straight from a layer's cache buffer (a view of a longer one, as the
+    stream cache's are), compiled, against its eager code, at two evicted counts (the
+    second compiles with symbolic sizes) and two cache lengths."""
+    from hermes_policy.retention.scoring import evicted_summary
+
+    g = torch.Generator(device="cuda").manual_seed(1)
+    buffer = torch.randn(2, 1, 4, 6000, 128, device="cuda", generator=g).to(dtype)
+    for length, n in ((5599, 1570), (5000, 1000)):
+        keys, values = buffer[0][:, :, :length], buffer[1][:, :, :length]
+        evicted = torch.randperm(length, device="cuda", generator=g)[:n].sort().values
+        angles = torch.rand(n, 64, device="cuda", generator=g) * 50
+        cos, sin = torch.cat([angles.cos()] * 2, -1), torch.cat([angles.sin()] * 2, -1)
+        key, value = evicted_summary(keys, values, evicted, cos, sin)
+        want_key, want_value = evicted_summary.eager(keys, values, evicted, cos, sin)
+        tol = 1e-5 if dtype == torch.float32 else 1e-2
+        torch.testing.assert_close(key, want_key, rtol=tol, atol=tol)
+        torch.testing.assert_close(value, want_value, rtol=tol, atol=tol)
+        assert key.shape == value.shape == (1, 4, 1, 128) and key.dtype == dtype
+    assert not evicted_summary.failed and evicted_summary.compiled_signatures
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_compiled_block_attention_ops_equal_their_eager_code(dtype):
     """The pseudo-query blocks' compiled ops (their own-block softmax with log-sum-exp, the
     log-sum-exp merge with the cache part) against their eager code."""

@@ -381,6 +381,27 @@ def test_batched_scoring_equals_per_layer_scoring():
     assert rule.batched_kept(store, attention) is None  # lengths differ: per-layer path
 
 
+def test_evicted_summary_equals_summary_tokens_of_the_gathered_tokens(tiny_adapter):
+    """A layer's summary token straight from its cache (gather, rotation and mean in one
+    op) equals summary_tokens of its evicted tokens gathered first."""
+    from hermes_policy.positions import rotary_cos_sin
+    from hermes_policy.retention.scoring import evicted_summary, summary_tokens
+
+    g = torch.Generator().manual_seed(5)
+    keys, values = torch.randn(1, 2, 30, 16, generator=g), torch.randn(1, 2, 30, 16, generator=g)
+    positions = torch.arange(30)[None] * 2 + 3
+    evicted = torch.tensor([1, 4, 5, 9, 20])
+    target = torch.tensor([[70]])
+    cos, sin = rotary_cos_sin(tiny_adapter.rotary_emb, target - positions[:, evicted])
+    key, value = evicted_summary(keys, values, evicted, cos[0], sin[0])
+    want_key, want_value = summary_tokens(
+        keys[None, :, :, evicted], values[None, :, :, evicted], positions[None, :, evicted], target[None], tiny_adapter.rotary_emb
+    )
+    torch.testing.assert_close(key, want_key[0])
+    torch.testing.assert_close(value, want_value[0])
+    assert not torch.allclose(key, keys[:, :, evicted].mean(-2, keepdim=True)), "the keys were moved"
+
+
 def test_summary_tokens_of_several_layers_equal_one_layer_at_a_time(tiny_adapter):
     from hermes_policy.positions import rerotate_keys
     from hermes_policy.retention.scoring import summary_tokens

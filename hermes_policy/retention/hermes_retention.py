@@ -30,6 +30,7 @@ from ..errors import PolicyError, RetentionError
 from ..kv_store import KVStore
 from ..models.base import ModelAdapter
 from ..policy import Policy
+from ..positions import rotary_cos_sin
 from ..transfer import upload
 from .base import (
     GuidanceRequest,
@@ -42,11 +43,11 @@ from .base import (
 from .scoring import (
     batched_mixed_scores,
     batched_top_indices,
+    evicted_summary,
     mix_scores,
     recency_scores,
     smooth_across_layers,
     smooth_rows,
-    summary_tokens,
     top_indices,
 )
 
@@ -252,16 +253,18 @@ class HermesRetention(RetentionRule):
         return groups
 
     def _summaries(self, store: KVStore, groups: list[_SummaryGroup], context: SelectContext) -> dict[int, SummaryToken]:
-        """One summary token per layer of ``groups``, computed together for each group."""
+        """One summary token per layer of ``groups``: the rotations of each group at once,
+        then each layer's evicted tokens gathered, moved and averaged in one fused op."""
         out: dict[int, SummaryToken] = {}
         for group in groups:
-            states = [store.layer(layer) for layer in group.layers]
-            evicted = group.evicted
-            keys = torch.stack([st.keys.index_select(-2, evicted[i]) for i, st in enumerate(states)])
-            values = torch.stack([st.values.index_select(-2, evicted[i]) for i, st in enumerate(states)])
-            key, value = summary_tokens(keys, values, group.evicted_positions, group.targets, context.rotary_emb)
+            layers, axes, n = group.evicted_positions.shape
+            delta = group.targets.expand(-1, -1, n) - group.evicted_positions  # (m, axes, n)
+            cos, sin = rotary_cos_sin(context.rotary_emb, delta.permute(1, 0, 2).reshape(axes, layers * n), group.evicted.device)
+            cos, sin = cos.view(layers, n, -1), sin.view(layers, n, -1)
             for i, layer in enumerate(group.layers):
-                out[layer] = SummaryToken(key=key[i], value=value[i], position=group.positions[i], frame=-1)
+                cache_layer = store.cache.layers[layer]
+                key, value = evicted_summary(cache_layer.keys, cache_layer.values, group.evicted[i], cos[i], sin[i])
+                out[layer] = SummaryToken(key=key.contiguous(), value=value, position=group.positions[i], frame=-1)
         return out
 
 
