@@ -201,10 +201,12 @@ evicted_summary = FusedOp(_evicted_summary)
 kv_heads, seq, head_dim)``, the evicted tokens' indices ``evicted (n,)`` into them, and the
 rotation that moves each to the summary's position, ``cos, sin (n, head_dim)`` (float32, from
 :func:`~hermes_policy.positions.rotary_cos_sin` of target minus position). Returns key and
-value ``(batch, kv_heads, 1, head_dim)``. On CUDA compiled into one kernel or two (the
-gather, rotation and mean), where the eager path takes a gather, a stack and about ten
-elementwise kernels for a group of layers (~0.35 ms of a compression step's 0.9 on the
-LLaVA-OV-7B shape on an H200: profile-...-compression-compaction.txt)."""
+value ``(batch, kv_heads, 1, head_dim)``. On CUDA compiled into one reduction kernel (the
+gather, rotation and mean), where gathering the evicted tokens first and
+:func:`summary_tokens` took a gather per layer, a stack and about ten elementwise kernels
+for a group of layers: on the LLaVA-OV-7B shape on an H200, 21 us a layer, and the
+compression step's kernels 0.74 ms against 0.92 (benchmarks/results/profile-...-2026-12-02-
+compression-summary.txt and -compression-compaction.txt)."""
 
 
 def summary_tokens(
@@ -214,7 +216,8 @@ def summary_tokens(
     targets: torch.Tensor,
     rotary_emb: nn.Module,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`summary_token` of several layers at once (one rotation, one mean).
+    """:func:`summary_token` of several layers at once (one rotation, one mean), from their
+    evicted tokens gathered: the reference :func:`evicted_summary` is tested against.
 
     Parameters
     ----------
@@ -232,7 +235,7 @@ def summary_tokens(
     old = positions.permute(1, 0, 2).reshape(positions.shape[1], layers * n)
     new = targets.expand(-1, -1, n).permute(1, 0, 2).reshape(old.shape)
     moved = rerotate_keys(flat, old, new, rotary_emb).view(batch, kv_heads, layers, n, dim)
-    # contiguous: each layer's token is then one block of memory (the compaction kernel's)
+    # contiguous: each layer's token is then one block of memory (as the compaction kernel takes it)
     key = moved.float().mean(dim=-2, keepdim=True).permute(2, 0, 1, 3, 4).to(keys.dtype, memory_format=torch.contiguous_format)
     value = values.float().mean(dim=-2, keepdim=True).to(values.dtype)
     return key, value
