@@ -42,6 +42,7 @@ if triton is not None:
     def _compact_kernel(
         table_ptr,
         planes,
+        COLUMNS: tl.constexpr,
         WORDS: tl.constexpr,
         COLS: tl.constexpr,
         BLOCK_ROWS: tl.constexpr,
@@ -52,7 +53,7 @@ if triton is not None:
         plane = tl.program_id(1)  # (key or value) * planes + batch * heads + head
         cols = tl.program_id(2) * COLS + tl.arange(0, COLS)
         in_row = cols < WORDS
-        entry = table_ptr + layer * 6
+        entry = table_ptr + layer * COLUMNS
         capacity = tl.load(entry + 1)
         count = tl.load(entry + 3)
         base = tl.load(entry).to(tl.pointer_type(tl.int64)) + plane * capacity * WORDS
@@ -150,7 +151,7 @@ def _launch(table: np.ndarray, first: torch.Tensor, block_rows: int = 64, cols: 
     device_table = upload(torch.from_numpy(table), first.device)
     grid = (table.shape[0], 2 * planes, triton.cdiv(words, cols))
     # one stage: a tile's reads are not hoisted across the barrier before its writes
-    _compact_kernel[grid](device_table, planes, WORDS=words, COLS=cols, BLOCK_ROWS=block_rows, num_warps=4, num_stages=1)
+    _compact_kernel[grid](device_table, planes, COLUMNS=TABLE_COLUMNS, WORDS=words, COLS=cols, BLOCK_ROWS=block_rows, num_warps=4, num_stages=1)
     return True
 
 

@@ -82,8 +82,8 @@ class StagingBuffers:
     """Pinned host buffers that downloads land in, taken in turn.
 
     A :meth:`Download.wait`'s arrays view the buffer its download took, so they stay valid
-    until that buffer's turn comes round again: a consumer that keeps them a while (the KV
-    store's deferred bookkeeping) owns its own set, so that nobody else's downloads can
+    until that buffer's turn comes round again: each consumer owns its set (the KV store's
+    deferred bookkeeping reads them a while later), so that nobody else's downloads can
     overwrite them (a process may stream several sessions).
 
     Parameters
@@ -110,9 +110,6 @@ class StagingBuffers:
         return buffer
 
 
-_SHARED_STAGING = StagingBuffers()  # for downloads whose arrays are read at once
-
-
 class Download:
     """Device tensors on their way to the host: the copies are queued, :meth:`wait` waits for them.
 
@@ -125,10 +122,10 @@ class Download:
     Parameters
     ----------
     tensors : what to copy back
-    staging : where it lands (default: buffers shared by every such caller)
+    staging : where it lands (the caller's own buffers)
     """
 
-    def __init__(self, tensors: list[torch.Tensor], staging: StagingBuffers | None = None):
+    def __init__(self, tensors: list[torch.Tensor], staging: StagingBuffers):
         self._shapes = [tuple(t.shape) for t in tensors]
         self._host: list[np.ndarray | None] = [t.numpy() if t.device.type == "cpu" else None for t in tensors]
         remote: dict[torch.device, list[int]] = {}
@@ -145,7 +142,7 @@ class Download:
         # one region of the staging buffer per device, each 16-byte aligned
         spans = [-(-(f.numel() * f.element_size()) // 16) * 16 for f in flats.values()]
         on_cuda = all(d.type == "cuda" for d in flats)
-        staging_buffer = (staging or _SHARED_STAGING).take(sum(spans)) if on_cuda else None
+        staging_buffer = staging.take(sum(spans)) if on_cuda else None
         offset = 0
         for (device, flat), span in zip(flats.items(), spans, strict=True):
             if staging_buffer is None:

@@ -316,12 +316,13 @@ def test_upload_through_the_pinned_ring():
 def test_download_is_queued_in_stream_order():
     """Indices copied back without blocking: the values at the point the download was
     queued, not those of GPU work queued after it; several rounds reuse the staging."""
-    from hermes_policy.transfer import Download
+    from hermes_policy.transfer import Download, StagingBuffers
 
+    staging = StagingBuffers()
     for round_ in range(4):
         sources = [torch.arange(5000 * (round_ + 1), device="cuda"), torch.arange(6, device="cuda").view(2, 3) + round_]
         expected = [t.cpu() for t in sources]
-        download = Download([*sources, torch.tensor([7, 8])])
+        download = Download([*sources, torch.tensor([7, 8])], staging)
         for tensor in sources:
             torch.cuda._sleep(1_000_000)  # the writes below run long after the copy was queued
             tensor.add_(100)

@@ -513,7 +513,7 @@ def test_keep_layers_uses_a_prefetched_copy_of_the_same_tensors_only(monkeypatch
     made = []
     real = kv_store.Download
 
-    def counted(tensors, staging=None):
+    def counted(tensors, staging):
         made.append(len(tensors))
         return real(tensors, staging)
 
@@ -557,7 +557,7 @@ def test_hermes_select_prefetches_what_keep_layers_copies_back(tiny_adapter, mon
 
     made = []
     real = kv_store.Download
-    monkeypatch.setattr(kv_store, "Download", lambda tensors, staging=None: made.append(len(tensors)) or real(tensors, staging))
+    monkeypatch.setattr(kv_store, "Download", lambda tensors, staging: made.append(len(tensors)) or real(tensors, staging))
     layers, n, prefix = 6, 300, 5
     g = torch.Generator().manual_seed(0)
     store = KVStore(layers, 1)

@@ -235,7 +235,6 @@ def summary_tokens(
     old = positions.permute(1, 0, 2).reshape(positions.shape[1], layers * n)
     new = targets.expand(-1, -1, n).permute(1, 0, 2).reshape(old.shape)
     moved = rerotate_keys(flat, old, new, rotary_emb).view(batch, kv_heads, layers, n, dim)
-    # contiguous: each layer's token is then one block of memory (as the compaction kernel takes it)
-    key = moved.float().mean(dim=-2, keepdim=True).permute(2, 0, 1, 3, 4).to(keys.dtype, memory_format=torch.contiguous_format)
+    key = moved.float().mean(dim=-2, keepdim=True).permute(2, 0, 1, 3, 4).to(keys.dtype)
     value = values.float().mean(dim=-2, keepdim=True).to(values.dtype)
     return key, value
