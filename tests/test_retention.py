@@ -91,6 +91,27 @@ def test_top_indices_temporal_order_and_ties_to_newest():
     assert evenly_spaced(10, 4).tolist() == [0, 3, 6, 9]
 
 
+def test_batched_partition_keeps_the_top_and_evicts_the_rest_in_order():
+    """Against a plain-Python ranking (highest score first, the newer token first among
+    equal scores): each row's kept tokens and the rest, both in temporal order, after the
+    prefix; ties, a constant row, and counts at and past the row's length."""
+    from hermes_policy.retention.scoring import batched_partition
+
+    g = torch.Generator().manual_seed(3)
+    scores = torch.rand(5, 50, generator=g)
+    scores[1, 10:30] = 0.5
+    scores[2] = 1.0
+    keep, lead = [10, 20, 49, 50, 60], 3
+    kept, rest = batched_partition(scores, keep, lead=lead)
+    for row, k in enumerate(keep):
+        values = scores[row].tolist()
+        ranked = sorted(range(50), key=lambda i: (-values[i], -i))
+        want = sorted(ranked[:k])
+        assert kept[row].tolist() == list(range(lead)) + [i + lead for i in want]
+        assert rest[row].tolist() == [i + lead for i in range(50) if i not in want]
+        assert torch.equal(top_indices(scores[row], k), torch.tensor(want))
+
+
 def test_paper_default_with_layer_budgets():
     policy = paper_default(ModelInfo("m", "A", 4, 2, 2, 8), budget=100, budget_weights=[1, 1, 1, 2])
     assert [layer.budget for layer in policy.layers] == [80, 80, 80, 160]

@@ -87,12 +87,12 @@ def top_indices(scores: torch.Tensor, keep: int) -> torch.Tensor:
 
     Ties go to the newer token, so that equal scores behave like FIFO.
     """
-    if keep >= scores.shape[0]:
-        return torch.arange(scores.shape[0], device=scores.device)
-    # a tiny ramp breaks ties in favour of newer tokens without reordering distinct scores
-    ramp = torch.arange(scores.shape[0], dtype=torch.float64, device=scores.device) * 1e-12
-    chosen = torch.topk(scores.double() + ramp, keep).indices
-    return chosen.sort().values
+    n = scores.shape[0]
+    if keep >= n:
+        return torch.arange(n, device=scores.device)
+    # a stable sort of the reversed scores: among equal scores the newer token ranks first
+    ranked = torch.sort(scores.flip(0), descending=True, stable=True).indices[:keep]
+    return ((n - 1) - ranked).sort().values
 
 
 def batched_mixed_scores(
@@ -123,27 +123,67 @@ def batched_mixed_scores(
     return torch.where(w >= 1.0, scaled_recency, mixed)
 
 
-def batched_top_indices(scores: torch.Tensor, keep: list[int], lead: int = 0) -> list[torch.Tensor]:
-    """:func:`top_indices` of every row ``(layers, n)``, with one top-k and one sort.
+def _partition_by_rank(ranked: torch.Tensor, counts: torch.Tensor, lead: int) -> torch.Tensor:
+    n = ranked.shape[-1]
+    rows = ranked.shape[0]
+    index = torch.arange(n, device=ranked.device).expand(rows, n)
+    chosen = index < counts[:, None]  # by rank: the first counts[r] of row r
+    kept = torch.zeros_like(chosen).scatter(-1, (n - 1) - ranked, chosen)  # by token
+    kept_through = torch.cumsum(kept.to(torch.int64), dim=-1)  # kept tokens up to each one
+    # kept tokens to the front in order, then the others in order: a permutation
+    slot = torch.where(kept, kept_through - 1, counts[:, None] + index - kept_through)
+    order = torch.empty_like(slot).scatter(-1, slot, index)
+    head = torch.arange(lead, device=ranked.device).expand(rows, lead)
+    return torch.cat([head, order + lead], dim=-1)
 
-    Returns, per row, the ``keep[l]`` indices where ``scores`` live (no host copy, so no wait
-    for the GPU), in temporal order (ties go to the newer token). With ``lead``, every
-    row's indices are shifted by ``lead`` and preceded by ``0 .. lead - 1`` (a fixed prefix
-    ahead of the scored tokens), for all rows in one addition and one concatenation.
+
+partition_by_rank = FusedOp(_partition_by_rank)
+""":func:`batched_partition`'s step after its sort: ``ranked (rows, n)``, each row's
+token indices into its *reversed* scores by descending score, and ``counts (rows,)``
+int64 -> int64 ``(rows, lead + n)``: ``0 .. lead - 1``, then ``lead +`` the row's
+``counts[r]`` highest-ranked tokens in temporal order, then ``lead +`` the others in
+temporal order. On CUDA compiled (a scatter, a scan, a scatter), where it was a dozen small
+kernels."""
+
+
+def batched_partition(scores: torch.Tensor, keep: list[int], lead: int = 0) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """:func:`top_indices` of every row ``(layers, n)`` and their complements, with one
+    sort and one compiled op.
+
+    Returns, per row, the ``keep[l]`` indices of its highest scores (ties go to the newer
+    token) and the indices of the others, each in temporal order, where ``scores`` live
+    (no host copy, so no wait for the GPU). With ``lead``, every index is shifted by
+    ``lead`` and the kept ones are preceded by ``0 .. lead - 1`` (a fixed prefix ahead of
+    the scored tokens). The two lists are views of one ``(layers, lead + n)`` tensor.
     """
     n = scores.shape[1]
-    ramp = torch.arange(n, dtype=torch.float64, device=scores.device) * 1e-12
     counts = [min(k, n) for k in keep]
-    k_max = max(counts)
-    order = torch.topk(scores.double() + ramp, k_max, dim=1).indices  # descending
-    # sort every row on the device at once: entries past a row's own count sort last
-    # (the counts travel without a blocking copy, which would wait for the queued forward)
-    past = torch.arange(k_max, device=order.device) >= upload(torch.tensor(counts), order.device)[:, None]
-    ordered = order.masked_fill(past, n).sort(dim=1).values
-    if lead:
-        head = torch.arange(lead, device=ordered.device).expand(ordered.shape[0], lead)
-        ordered = torch.cat([head, ordered + lead], dim=1)
-    return [ordered[row, : lead + k] for row, k in enumerate(counts)]
+    # a stable sort of the reversed rows: among equal scores the newer token ranks first
+    # (one sort where a top-k, which sorts what it picks, and an ordering sort took two)
+    ranked = torch.sort(scores.flip(-1), dim=1, descending=True, stable=True).indices
+    # the counts travel without a blocking copy, which would wait for the queued forward
+    table = partition_by_rank(ranked, upload(torch.tensor(counts), ranked.device), lead)
+    kept = [table[row, : lead + k] for row, k in enumerate(counts)]
+    rest = [table[row, lead + k :] for row, k in enumerate(counts)]
+    return kept, rest
+
+
+def batched_top_indices(scores: torch.Tensor, keep: list[int], lead: int = 0) -> list[torch.Tensor]:
+    """The kept half of :func:`batched_partition`: :func:`top_indices` of every row."""
+    return batched_partition(scores, keep, lead)[0]
+
+
+def _mixed_smoothed_rows(
+    attention: torch.Tensor, forgetting_rates: torch.Tensor, recency_weights: torch.Tensor, smoothing: tuple[float, ...]
+) -> torch.Tensor:
+    return _smooth_rows(batched_mixed_scores(attention, forgetting_rates, recency_weights), smoothing)
+
+
+mixed_smoothed_rows = FusedOp(_mixed_smoothed_rows)
+""":func:`batched_mixed_scores` then :func:`smooth_rows`: ``attention (layers, n)``,
+``forgetting_rates, recency_weights (layers,)`` and the layers' lambdas -> float32
+``(layers, n)``. On CUDA compiled as one op (the recency rows, both min-max scalings, the
+mix and the smoothing), where the scores alone were about fifteen small kernels."""
 
 
 def split_budget(weights: list[float], per_layer: int) -> list[int]:
