@@ -2,12 +2,12 @@
 
 Each kernel (:mod:`~hermes_policy.split_kv_attention`,
 :mod:`~hermes_policy.probability_kernel`, :mod:`~hermes_policy.block_attention_kernel`,
-:mod:`~hermes_policy.compaction_kernel`) has a :class:`KernelSwitch`: an environment
-variable that turns it off (``=0``), and a flag set by a first launch that fails outside a
-CUDA graph capture (a GPU or Triton build without the kernel), after which its caller's
-plain torch path runs for the rest of the process. On the CPU the kernels run only under
-Triton's interpreter (``TRITON_INTERPRET=1``, set before Triton is imported; the tests do
-that in a subprocess).
+:mod:`~hermes_policy.compaction_kernel`, :mod:`~hermes_policy.summary_kernel`) has a
+:class:`KernelSwitch`: an environment variable that turns it off (``=0``), and a flag set
+by a first launch that fails outside a CUDA graph capture (a GPU or Triton build without
+the kernel), after which its caller's plain torch path runs for the rest of the process.
+On the CPU the kernels run only under Triton's interpreter (``TRITON_INTERPRET=1``, set
+before Triton is imported; the tests do that in a subprocess).
 """
 
 from __future__ import annotations

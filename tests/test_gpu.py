@@ -461,6 +461,37 @@ def test_compiled_scoring_ops_equal_their_eager_code():
     assert not smooth_rows.failed and smooth_rows.compiled_signatures
 
 
+def test_compiled_selection_ops_equal_their_eager_code():
+    """The selection's compiled ops on the LLaVA-OV-7B layer count (28 rows of 5,569
+    scores): the mixed scores with their smoothing, to float32 rounding; the partition
+    after the sort, exactly; and the whole batched partition on CUDA against the CPU's
+    (the same kept and evicted indices), ties included."""
+    from hermes_policy.retention.scoring import (
+        batched_partition,
+        mixed_smoothed_rows,
+        partition_by_rank,
+    )
+
+    g = torch.Generator(device="cuda").manual_seed(3)
+    attention = torch.rand(28, 5569, device="cuda", generator=g)
+    rates = torch.linspace(20, 8, 28, device="cuda")
+    weights = torch.cat([torch.ones(5), torch.linspace(0.75, 0.15, 15), torch.zeros(8)]).cuda()
+    lambdas = tuple([0.1] * 5 + [0.3] * 15 + [0.4] * 8)
+    smoothed = mixed_smoothed_rows(attention, rates, weights, lambdas)
+    torch.testing.assert_close(smoothed, mixed_smoothed_rows.eager(attention, rates, weights, lambdas), rtol=1e-5, atol=1e-6)
+    assert not mixed_smoothed_rows.failed and mixed_smoothed_rows.compiled_signatures
+    smoothed[3, 100:400] = 0.5  # ties: the newer token first on both devices
+    keep = [4000] * 20 + [3999] * 8
+    ranked = torch.sort(smoothed.flip(-1), dim=1, descending=True, stable=True).indices
+    counts = torch.tensor(keep, device="cuda")
+    assert torch.equal(partition_by_rank(ranked, counts, 30), partition_by_rank.eager(ranked, counts, 30))
+    assert not partition_by_rank.failed and partition_by_rank.compiled_signatures
+    kept, rest = batched_partition(smoothed, keep, lead=30)
+    cpu_kept, cpu_rest = batched_partition(smoothed.cpu(), keep, lead=30)
+    for row in range(28):
+        assert torch.equal(kept[row].cpu(), cpu_kept[row]) and torch.equal(rest[row].cpu(), cpu_rest[row])
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_compiled_evicted_summary_equals_its_eager_code(dtype):
     """A summary token straight from a layer's cache buffer (a view of a longer one, as the
@@ -482,6 +513,28 @@ def test_compiled_evicted_summary_equals_its_eager_code(dtype):
         torch.testing.assert_close(value, want_value, rtol=tol, atol=tol)
         assert key.shape == value.shape == (1, 4, 1, 128) and key.dtype == dtype
     assert not evicted_summary.failed and evicted_summary.compiled_signatures
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_summary_kernel_equals_each_layer_on_its_own(dtype):
+    """Eight layers' summary tokens in one launch on the LLaVA-OV-7B shape (4 KV heads of
+    128, 1,570 of 5,599 tokens evicted, each cache a view of a longer buffer), against each
+    layer's eager code: float32 to 1e-5, bfloat16 within one step (the float32 sums add up
+    in another order)."""
+    from test_summary_kernel import assert_summaries_equal_eager
+
+    from hermes_policy import summary_kernel
+
+    g = torch.Generator(device="cuda").manual_seed(2)
+    length, n = 5599, 1570
+    buffers = [torch.randn(2, 1, 4, 6000, 128, device="cuda", generator=g).to(dtype) for _ in range(8)]
+    keys, values = [b[0][:, :, :length] for b in buffers], [b[1][:, :, :length] for b in buffers]
+    evicted = torch.stack([torch.randperm(length, device="cuda", generator=g)[:n].sort().values for _ in buffers])
+    angles = torch.rand(8, n, 64, device="cuda", generator=g) * 50
+    cos, sin = torch.cat([angles.cos()] * 2, -1), torch.cat([angles.sin()] * 2, -1)
+    key, value = summary_kernel.evicted_summaries(keys, values, evicted, cos, sin)
+    assert_summaries_equal_eager(key, value, keys, values, evicted, cos, sin)
+    assert not summary_kernel.SWITCH.failed
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .. import summary_kernel
 from ..errors import PolicyError, RetentionError
 from ..kv_store import KVStore
 from ..models.base import ModelAdapter
@@ -41,13 +42,12 @@ from .base import (
     SummaryToken,
 )
 from .scoring import (
-    batched_mixed_scores,
-    batched_top_indices,
+    batched_partition,
     evicted_summary,
     mix_scores,
+    mixed_smoothed_rows,
     recency_scores,
     smooth_across_layers,
-    smooth_rows,
     top_indices,
 )
 
@@ -74,6 +74,7 @@ class HermesRetention(RetentionRule):
             raise PolicyError(f"history_words must be at least 1 (or None), got {self.history_words}")
         self.reindex = self.policy.reindex
         self._on_device: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._zero_rows: dict[tuple[int, torch.device], torch.Tensor] = {}
 
     # -- protocol --------------------------------------------------------------------
     def budget_of(self, layer: int) -> int:
@@ -142,9 +143,17 @@ class HermesRetention(RetentionRule):
 
         The same decisions as the per-layer path, as a few whole-tensor operations. None
         when layers differ in length (the per-layer path resamples scores between them).
-        ``lead``: see :func:`~hermes_policy.retention.scoring.batched_top_indices` (the
+        ``lead``: see :func:`~hermes_policy.retention.scoring.batched_partition` (the
         system prefix ahead of the stream).
         """
+        split = self._batched_split(store, attention, lead)
+        return None if split is None else split[0]
+
+    def _batched_split(
+        self, store: KVStore, attention: list[torch.Tensor | None] | None, lead: int = 0
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor]] | None:
+        """:meth:`batched_kept` and, per layer, the indices it evicts (ascending, shifted by
+        ``lead``)."""
         lengths = store.stream_lengths()
         if len(set(lengths)) != 1:
             return None
@@ -157,14 +166,23 @@ class HermesRetention(RetentionRule):
             if attn is None:
                 if entry.recency_weight < 1.0:
                     raise RetentionError(f"layer {layer} needs pseudo-query attention, none was given")
-                attn = torch.zeros(n, device=device)
+                attn = self._zeros(n, device)  # ignored: a pure-recency layer
             rows.append(attn.to(device=device, dtype=torch.float32))
         layers = self.policy.layers
         rates, weights = self._layer_parameters(device)
-        scores = batched_mixed_scores(torch.stack(rows), rates, weights)
-        smoothed = smooth_rows(scores, tuple(float(e.smoothing) for e in layers))
+        smoothed = mixed_smoothed_rows(torch.stack(rows), rates, weights, tuple(float(e.smoothing) for e in layers))
         keep = [e.budget - 1 if e.summary_token else e.budget for e in layers]
-        return batched_top_indices(smoothed, keep, lead)
+        return batched_partition(smoothed, keep, lead)
+
+    def _zeros(self, n: int, device: torch.device) -> torch.Tensor:
+        """A float32 row of ``n`` zeros on ``device``, made once per length (never written)."""
+        key = (n, device)
+        cached = self._zero_rows.get(key)
+        if cached is None:
+            if len(self._zero_rows) >= 4:  # the lengths of a stream before its steady state
+                self._zero_rows.clear()
+            cached = self._zero_rows[key] = torch.zeros(n, device=device)
+        return cached
 
     def _layer_parameters(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """Forgetting rates and recency weights ``(layers,)`` on ``device`` (copied once)."""
@@ -185,9 +203,10 @@ class HermesRetention(RetentionRule):
         :meth:`KVStore.keep_layers` reads them back once, after queueing the gathers.
         """
         prefix = store.prefix_len
-        # on the batched path each row holds the prefix's indices, then the kept ones
-        batched = self.batched_kept(store, context.attention, lead=prefix)
-        if batched is None:
+        # on the batched path each row holds the prefix's indices, then the kept ones; the
+        # evicted ones come with them (a summary token folds them)
+        split = self._batched_split(store, context.attention, lead=prefix)
+        if split is None:
             attention = context.attention
             if attention is not None:  # per-layer scoring is cheaper on the host
                 attention = [None if a is None else a.cpu() for a in attention]
@@ -195,35 +214,39 @@ class HermesRetention(RetentionRule):
             smoothed = smooth_across_layers(raw, [entry.smoothing for entry in self.policy.layers])
         lengths = store.stream_lengths()
         indices: dict[int, torch.Tensor] = {}  # prefix included
+        evicted: dict[int, torch.Tensor] = {}  # where known already (the batched path)
         for layer, entry in enumerate(self.policy.layers):
             if lengths[layer] <= entry.budget:
                 continue
-            if batched is not None:
-                indices[layer] = batched[layer]
+            if split is not None:
+                indices[layer], evicted[layer] = split[0][layer], split[1][layer]
             else:
                 keep_count = entry.budget - 1 if entry.summary_token else entry.budget
                 kept = top_indices(smoothed[layer], keep_count).cpu() + prefix
                 indices[layer] = torch.cat([torch.arange(prefix), kept])
         with torch.profiler.record_function("hermes:summary"):
+            summarised = [layer for layer in indices if self.policy.layers[layer].summary_token]
             groups = self._summary_groups(
-                store,
-                {layer: kept[prefix:] for layer, kept in indices.items() if self.policy.layers[layer].summary_token},
-                context,
+                store, {layer: indices[layer][prefix:] for layer in summarised}, evicted, context
             )
-            if batched is not None:  # on the device: the copy back is queued before the summaries' work
+            if split is not None:  # on the device: the copy back is queued before the summaries' work
                 targets = {layer: group.positions[i] for group in groups for i, layer in enumerate(group.layers)}
                 store.prefetch(list(indices.values()) + [targets[layer] for layer in indices if layer in targets])
             summaries = self._summaries(store, groups, context)
         return {layer: LayerKeep(kept, summaries.get(layer)) for layer, kept in indices.items()}
 
     def _summary_groups(
-        self, store: KVStore, kept_by_layer: dict[int, torch.Tensor], context: SelectContext
+        self,
+        store: KVStore,
+        kept_by_layer: dict[int, torch.Tensor],
+        evicted_by_layer: dict[int, torch.Tensor],
+        context: SelectContext,
     ) -> list[_SummaryGroup]:
-        """The layers in ``kept_by_layer`` (sorted kept stream indices, prefix excluded)
-        grouped by length and number of evicted tokens, with their evicted indices and
-        positions and their summary tokens' positions, where their indices live (no host
-        copy: the evicted indices are the kept ones' complement, sorted on the device, and
-        the positions travel there)."""
+        """The layers in ``kept_by_layer`` (sorted kept indices, prefix excluded) grouped by
+        length and number of evicted tokens, with their evicted indices and positions and
+        their summary tokens' positions, where their indices live (no host copy: the
+        positions travel there). A layer's evicted indices come from ``evicted_by_layer``
+        (ascending) where given; otherwise they are its kept ones' complement."""
         if not kept_by_layer:
             return []
         if context.rotary_emb is None:
@@ -234,14 +257,15 @@ class HermesRetention(RetentionRule):
             evicted = length - store.prefix_len - kept.shape[0]
             grouped.setdefault((length, evicted, kept.device), []).append((layer, kept))
         groups = []
-        for (length, n_evicted, device), members in grouped.items():
+        for (length, _, device), members in grouped.items():
             kept = torch.stack([k for _, k in members])  # (m, k)
             layers = [layer for layer, _ in members]
-            # the complement of the kept stream tokens, ascending (a stable sort of the mask)
-            evict_mask = torch.ones(len(members), length, dtype=torch.uint8, device=device)
-            evict_mask[:, : store.prefix_len] = 0
-            evict_mask.scatter_(1, kept, 0)
-            evicted = torch.sort(evict_mask, dim=1, descending=True, stable=True).indices[:, :n_evicted]
+            if all(layer in evicted_by_layer for layer in layers):
+                evicted = torch.stack([evicted_by_layer[layer] for layer in layers])
+            else:  # the complement of the kept stream tokens, ascending
+                keep_mask = torch.zeros(len(members), length - store.prefix_len, dtype=torch.bool, device=device)
+                keep_mask.scatter_(1, kept - store.prefix_len, True)
+                evicted = torch.stack([torch.nonzero(~row).flatten() for row in keep_mask]) + store.prefix_len
             # positions live on the host: one copy of this group's (no wait for the GPU)
             host_positions = np.stack([store.positions[layer].numpy() for layer in layers])  # (m, axes, length)
             positions = upload(torch.from_numpy(host_positions), device)
@@ -254,17 +278,26 @@ class HermesRetention(RetentionRule):
 
     def _summaries(self, store: KVStore, groups: list[_SummaryGroup], context: SelectContext) -> dict[int, SummaryToken]:
         """One summary token per layer of ``groups``: the rotations of each group at once,
-        then each layer's evicted tokens gathered, moved and averaged in one fused op."""
+        then every layer's evicted tokens gathered, moved and averaged by one kernel for
+        the group (:mod:`~hermes_policy.summary_kernel`), or by one fused op a layer where
+        that kernel does not run."""
         out: dict[int, SummaryToken] = {}
         for group in groups:
             layers, axes, n = group.evicted_positions.shape
             delta = group.targets.expand(-1, -1, n) - group.evicted_positions  # (m, axes, n)
             cos, sin = rotary_cos_sin(context.rotary_emb, delta.permute(1, 0, 2).reshape(axes, layers * n), group.evicted.device)
             cos, sin = cos.view(layers, n, -1), sin.view(layers, n, -1)
-            for i, layer in enumerate(group.layers):
-                cache_layer = store.cache.layers[layer]
-                key, value = evicted_summary(cache_layer.keys, cache_layer.values, group.evicted[i], cos[i], sin[i])
-                out[layer] = SummaryToken(key=key.contiguous(), value=value, position=group.positions[i], frame=-1)
+            caches = [store.cache.layers[layer] for layer in group.layers]
+            together = summary_kernel.evicted_summaries(
+                [c.keys for c in caches], [c.values for c in caches], group.evicted, cos, sin
+            )
+            for i, (layer, cache_layer) in enumerate(zip(group.layers, caches, strict=True)):
+                if together is not None:
+                    key, value = together[0][i], together[1][i]
+                else:
+                    key, value = evicted_summary(cache_layer.keys, cache_layer.values, group.evicted[i], cos[i], sin[i])
+                    key = key.contiguous()
+                out[layer] = SummaryToken(key=key, value=value, position=group.positions[i], frame=-1)
         return out
 
 
