@@ -35,6 +35,11 @@ from .transfer import upload
 SWITCH = KernelSwitch("HERMES_COMPACTION_KERNEL", "compaction kernel", "gathering layer by layer")
 ENV_SWITCH = SWITCH.env
 TABLE_COLUMNS = 6  # buffer address, capacity, indices address, kept count, summary key and value addresses
+# the launch: 128 rows a tile, 32 words of each row a program (a bf16 row of 128 whole), 8
+# warps: 126 us for the 28 layers of the LLaVA-OV-7B shape on an H200 against 160 us at 64
+# rows and 8 words (benchmarks/compression_step_alternatives.py,
+# results/compression-step-alternatives-nvidia-h200-2026-12-02.txt)
+BLOCK_ROWS, COLS, NUM_WARPS = 128, 32, 8
 
 if triton is not None:
 
@@ -123,8 +128,8 @@ def compact_layers_kernel(
     buffers: list[torch.Tensor],
     indices: list[torch.Tensor],
     summaries: list[tuple[torch.Tensor, torch.Tensor] | None],
-    block_rows: int = 64,
-    cols: int = 8,
+    block_rows: int = BLOCK_ROWS,
+    cols: int = COLS,
 ) -> bool:
     """Keep the rows ``indices[l]`` of each buffer at its front, then the summary token.
 
@@ -145,14 +150,22 @@ def compact_layers_kernel(
     return _launch(address_table(buffers, indices, summaries), buffers[0], block_rows, cols)
 
 
-def _launch(table: np.ndarray, first: torch.Tensor, block_rows: int = 64, cols: int = 8) -> bool:
+def _launch(table: np.ndarray, first: torch.Tensor, block_rows: int = BLOCK_ROWS, cols: int = COLS, num_warps: int = NUM_WARPS) -> bool:
+    launch_with_table(upload(torch.from_numpy(table), first.device), first, block_rows, cols, num_warps)
+    return True
+
+
+def launch_with_table(
+    device_table: torch.Tensor, first: torch.Tensor, block_rows: int = BLOCK_ROWS, cols: int = COLS, num_warps: int = NUM_WARPS
+) -> None:
+    """The kernel over an :func:`address_table` already on ``first``'s device (``first``:
+    any layer's buffer, for the row layout), at a launch shape: ``block_rows`` rows a tile,
+    ``cols`` words of each row a program, ``num_warps`` warps."""
     words = words_per_row(first)
     planes = first.shape[1] * first.shape[2]
-    device_table = upload(torch.from_numpy(table), first.device)
-    grid = (table.shape[0], 2 * planes, triton.cdiv(words, cols))
+    grid = (device_table.shape[0], 2 * planes, triton.cdiv(words, cols))
     # one stage: a tile's reads are not hoisted across the barrier before its writes
-    _compact_kernel[grid](device_table, planes, COLUMNS=TABLE_COLUMNS, WORDS=words, COLS=cols, BLOCK_ROWS=block_rows, num_warps=4, num_stages=1)
-    return True
+    _compact_kernel[grid](device_table, planes, COLUMNS=TABLE_COLUMNS, WORDS=words, COLS=cols, BLOCK_ROWS=block_rows, num_warps=num_warps, num_stages=1)
 
 
 def available(device: torch.device) -> bool:

@@ -43,7 +43,12 @@ from .transfer import upload
 SWITCH = KernelSwitch("HERMES_SUMMARY_KERNEL", "summary kernel", "computing each layer's summary on its own")
 ENV_SWITCH = SWITCH.env
 TABLE_COLUMNS = 6  # keys' address, batch and head strides; values' address, batch and head strides
-PROGRAMS_PER_SM = 2  # the gather's programs: about two on each multiprocessor
+# the gather's programs: about eight on each multiprocessor, of one warp each, 32 evicted
+# tokens a tile: 17.8 us for 8 layers of 1,570 evicted tokens on an H200, against 31 us at
+# two programs of 4 warps, and 115 us for one compiled op a layer
+# (benchmarks/compression_step_alternatives.py, results/compression-step-alternatives-nvidia-h200-2026-12-02.txt)
+PROGRAMS_PER_SM = 8
+NUM_WARPS = 1
 
 if triton is not None:
     _TRITON_DTYPES = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}
@@ -209,7 +214,7 @@ def evicted_summaries_kernel(
     sin: torch.Tensor,
     splits: int | None = None,
     block_n: int = 32,
-    num_warps: int = 4,
+    num_warps: int = NUM_WARPS,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Each layer's summary token straight from its cache, all layers in one launch.
 
@@ -247,7 +252,7 @@ def _launch(
     sin: torch.Tensor,
     splits: int | None = None,
     block_n: int = 32,
-    num_warps: int = 4,
+    num_warps: int = NUM_WARPS,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     device_table = upload(torch.from_numpy(table), first.device)
     return launch_with_table(device_table, first, evicted, cos, sin, splits, block_n, num_warps)
@@ -261,7 +266,7 @@ def launch_with_table(
     sin: torch.Tensor,
     splits: int | None = None,
     block_n: int = 32,
-    num_warps: int = 4,
+    num_warps: int = NUM_WARPS,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The two kernels over an :func:`address_table` already on ``first``'s device
     (``first``: any layer's keys, for the shapes); arguments as

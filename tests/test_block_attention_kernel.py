@@ -119,6 +119,32 @@ def test_kernel_equals_attention_under_the_block_mask():
     assert out.split() == ["ok", "24"]
 
 
+def test_merge_of_parts_equals_a_log_sum_exp_merge():
+    """The parts' merge against a softmax over their log-sum-exps: fewer parts than the
+    unrolled loops take, as many, and more (the rest in a loop of their own), with a part
+    that saw no key (log-sum-exp -inf, weight 0) and a strided output."""
+    out = run_interpreted(
+        """
+        import torch
+        from hermes_policy.block_attention_kernel import MERGE_UNROLLED, merge_parts_kernel
+
+        g = torch.Generator().manual_seed(0)
+        for count in (3, MERGE_UNROLLED, MERGE_UNROLLED + 3):
+            parts = torch.randn(count, 1, 3, 20, 32, generator=g)
+            lse = torch.randn(count, 1, 3, 20, generator=g) * 3
+            lse[1] = float("-inf")
+            out = torch.empty(1, 20, 3, 32).transpose(1, 2)
+            lse_out = torch.empty(1, 3, 20)
+            merge_parts_kernel(parts, lse, out, lse_out, block_m=8)
+            weights = torch.softmax(lse, dim=0)[..., None]
+            torch.testing.assert_close(out, (weights * parts).sum(0), atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(lse_out, torch.logsumexp(lse, dim=0), atol=1e-5, rtol=1e-5)
+        print("ok")
+        """
+    )
+    assert out.split() == ["ok"]
+
+
 def test_key_ranges(monkeypatch):
     """As many ranges as keep the programs within one wave, none shorter than the minimum,
     at least one while there are shared keys, none without. On 132 multiprocessors: the
