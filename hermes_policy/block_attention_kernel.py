@@ -54,9 +54,10 @@ LOG2E = 1.4426950408889634
 # --sweep, results/block-attention-alternatives-nvidia-h200-2026-12-02-sweep.txt)
 PROGRAMS_PER_SM = 1.85
 MIN_KEYS_PER_RANGE = 1024
-# parts the merge adds up in unrolled loops (more take a loop of their own): the merge of a
-# layer took 7.2 -> 5.5 us inside the ingest graph with its parts' loads issued at once
-# (profile_efficiency.py --graph-kernels, 28 layers, 0.202 -> 0.155 ms)
+# parts the merge adds up in unrolled loops (more take a loop of their own): the merges of
+# 28 layers inside the ingest graph took 0.187 ms this way against 0.202 in one loop, and
+# 0.155 with the exact count compiled in, which recompiled inside a stream for each new
+# count (profile_efficiency.py --graph-kernels, results/profile-...-2026-12-02-graph-kernels-merge-*.txt)
 MERGE_UNROLLED = 8
 
 
