@@ -189,6 +189,16 @@ if triton is not None:
         lse = tl.where(seen_any, (m_i + tl.log2(tl.where(seen_any, l_i, 1.0))) / 1.4426950408889634, float("-inf"))
         tl.store(lse_ptr + part * stride_ls + head * n_rows + token, lse, mask=valid)
 
+    @triton.jit
+    def _part_lse(lse_ptr, p, stride_lp, head, n_rows, t, here):
+        # part p's log-sum-exps of rows t of one head; -inf (weight 0) where ``here`` is off
+        return tl.load(lse_ptr + p * stride_lp + head * n_rows + t, mask=here, other=float("-inf"))
+
+    @triton.jit
+    def _part_rows(parts_ptr, p, stride_pp, stride_ph, stride_pt, head, t, d, here):
+        # part p's outputs of rows t of one head; zeros where ``here`` is off
+        return tl.load(parts_ptr + p * stride_pp + head * stride_ph + t[:, None] * stride_pt + d[None, :], mask=here[:, None], other=0.0)
+
     # the first MERGE_UNROLLED parts in unrolled loops, so that their loads issue at once
     # (the rest, if any, one after the other): the part count itself stays a run-time value,
     # which would otherwise compile a new kernel (~1 s, inside a stream) for each count the
@@ -219,31 +229,20 @@ if triton is not None:
         d = tl.arange(0, HEAD_DIM)
         top = tl.full([BLOCK_M], float("-inf"), tl.float32)
         for p in tl.static_range(UNROLLED):
-            here = valid & (p < parts)
-            top = tl.maximum(top, tl.load(lse_ptr + p * stride_lp + head * n_rows + t, mask=here, other=float("-inf")))
+            top = tl.maximum(top, _part_lse(lse_ptr, p, stride_lp, head, n_rows, t, valid & (p < parts)))
         for p in range(UNROLLED, parts):
-            top = tl.maximum(top, tl.load(lse_ptr + p * stride_lp + head * n_rows + t, mask=valid, other=0.0))
+            top = tl.maximum(top, _part_lse(lse_ptr, p, stride_lp, head, n_rows, t, valid))
         top = tl.where(valid, top, 0.0)
         total = tl.zeros([BLOCK_M], tl.float32)
         acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
         for p in tl.static_range(UNROLLED):
             here = valid & (p < parts)  # a part past the count weighs exp(-inf) = 0
-            weight = tl.exp(tl.load(lse_ptr + p * stride_lp + head * n_rows + t, mask=here, other=float("-inf")) - top)
-            part = tl.load(
-                parts_ptr + p * stride_pp + head * stride_ph + t[:, None] * stride_pt + d[None, :],
-                mask=here[:, None],
-                other=0.0,
-            )
-            acc += weight[:, None] * part
+            weight = tl.exp(_part_lse(lse_ptr, p, stride_lp, head, n_rows, t, here) - top)
+            acc += weight[:, None] * _part_rows(parts_ptr, p, stride_pp, stride_ph, stride_pt, head, t, d, here)
             total += weight
         for p in range(UNROLLED, parts):
-            weight = tl.exp(tl.load(lse_ptr + p * stride_lp + head * n_rows + t, mask=valid, other=0.0) - top)
-            part = tl.load(
-                parts_ptr + p * stride_pp + head * stride_ph + t[:, None] * stride_pt + d[None, :],
-                mask=valid[:, None],
-                other=0.0,
-            )
-            acc += weight[:, None] * part
+            weight = tl.exp(_part_lse(lse_ptr, p, stride_lp, head, n_rows, t, valid) - top)
+            acc += weight[:, None] * _part_rows(parts_ptr, p, stride_pp, stride_ph, stride_pt, head, t, d, valid)
             total += weight
         out = acc / total[:, None]
         tl.store(o_ptr + head * stride_oh + t[:, None] * stride_ot + d[None, :], out.to(o_ptr.dtype.element_ty), mask=valid[:, None])
