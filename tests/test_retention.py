@@ -441,6 +441,42 @@ def test_summary_tokens_of_several_layers_equal_one_layer_at_a_time(tiny_adapter
         torch.testing.assert_close(value[layer], values[layer].mean(dim=-2, keepdim=True))
 
 
+def test_summary_tokens_on_the_per_layer_path_fold_the_kept_tokens_complement(tiny_adapter):
+    """Layers of different lengths take the per-layer path, whose summary groups find the
+    evicted tokens as the kept ones' complement: each summary layer's token is
+    :func:`summary_token` of exactly the tokens it did not keep."""
+    from hermes_policy.kv_store import KVStore
+    from hermes_policy.retention import SelectContext
+    from hermes_policy.retention.scoring import summary_token
+
+    layers, n, prefix = 6, 300, 5
+    rule = HermesRetention(policy=paper_default(ModelInfo("x", "y", layers, 4, 2, 10), budget=120))
+    store = KVStore(layers, 1)
+    g = torch.Generator().manual_seed(4)
+    for i, layer in enumerate(store.cache.layers):
+        layer.set_contents(torch.randn(1, 2, n - i, 16, generator=g), torch.randn(1, 2, n - i, 16, generator=g))
+    store.positions = [torch.arange(n - i)[None] * 2 for i in range(layers)]
+    store.frame_index = [torch.arange(n - i) // 10 for i in range(layers)]
+    store.prefix_len = prefix
+    attention = [torch.rand(n - i - prefix, generator=g) for i in range(layers)]
+    assert rule.batched_kept(store, attention) is None  # lengths differ: the per-layer path
+    decisions = rule.select(store, SelectContext(attention=attention, rotary_emb=tiny_adapter.rotary_emb))
+    summarised = [layer for layer, keep in decisions.items() if keep.summary is not None]
+    assert summarised == [layer for layer, e in enumerate(rule.policy.layers) if e.summary_token]
+    for layer in summarised:
+        keep, cache = decisions[layer], store.cache.layers[layer]
+        kept = set(keep.indices.tolist())
+        evicted = torch.tensor([i for i in range(prefix, n - layer) if i not in kept])
+        assert len(kept) + len(evicted) == n - layer
+        positions = store.positions[layer]
+        key, value = summary_token(
+            cache.keys[..., evicted, :], cache.values[..., evicted, :], positions[:, evicted], keep.summary.position, tiny_adapter.rotary_emb
+        )
+        torch.testing.assert_close(keep.summary.key, key, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(keep.summary.value, value, atol=1e-6, rtol=1e-6)
+        assert int(keep.summary.position.max()) == int(positions[:, keep.indices].max()) + 1
+
+
 def test_keep_layers_equals_keep_layer_by_layer():
     from hermes_policy.kv_store import KVStore
 
