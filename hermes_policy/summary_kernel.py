@@ -12,10 +12,11 @@ rounded one by one as in the reference: no fused multiply-add), rounds them to t
 dtype, and writes float32 sums of its range; a second kernel, one program per (layer,
 batch and KV head), adds the ranges' sums in a fixed order (no atomics: the same inputs
 give the same bits), divides by the count and rounds to the keys' dtype. The ranges are
-as many as keep about two programs on each multiprocessor (:func:`default_splits`). Each
-layer's key and value caches are found through a table of addresses and strides (the
-layers' buffers are separate allocations, and their views change length from call to
-call); the evicted indices and rotations of all the layers come as one tensor each. Nothing that changes from call to call (the layers, the evicted
+as many as keep about :data:`PROGRAMS_PER_SM` programs on each multiprocessor
+(:func:`default_splits`). Each layer's key and value caches are found through a table of
+addresses and strides (the layers' buffers are separate allocations, and their views
+change length from call to call); the evicted indices and rotations of all the layers
+come as one tensor each. Nothing that changes from call to call (the layers, the evicted
 count, the cache lengths and addresses) is compiled into the kernels.
 
 Triton (installed with torch on Linux); ``HERMES_SUMMARY_KERNEL=0`` turns it off, and so
@@ -240,22 +241,8 @@ def evicted_summaries_kernel(
         order in which the float32 sums add up). One table upload and two kernels, no host
         sync.
     """
-    table = address_table(keys, values, evicted, cos, sin)
-    return _launch(table, keys[0], evicted, cos, sin, splits, block_n, num_warps)
-
-
-def _launch(
-    table: np.ndarray,
-    first: torch.Tensor,
-    evicted: torch.Tensor,
-    cos: torch.Tensor,
-    sin: torch.Tensor,
-    splits: int | None = None,
-    block_n: int = 32,
-    num_warps: int = NUM_WARPS,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    device_table = upload(torch.from_numpy(table), first.device)
-    return launch_with_table(device_table, first, evicted, cos, sin, splits, block_n, num_warps)
+    table = upload(torch.from_numpy(address_table(keys, values, evicted, cos, sin)), keys[0].device)
+    return launch_with_table(table, keys[0], evicted, cos, sin, splits, block_n, num_warps)
 
 
 def launch_with_table(
@@ -322,4 +309,4 @@ def evicted_summaries(
         table = address_table(keys, values, evicted, cos, sin)
     except ValueError:
         return None
-    return SWITCH.launch(_launch, table, keys[0], evicted, cos, sin)
+    return SWITCH.launch(launch_with_table, upload(torch.from_numpy(table), keys[0].device), keys[0], evicted, cos, sin)

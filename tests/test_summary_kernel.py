@@ -174,7 +174,7 @@ def test_evicted_summaries_does_not_run_where_it_cannot(monkeypatch):
         launches.append(table.shape[0])
         return "launched"
 
-    monkeypatch.setattr(summary_kernel, "_launch", fake_launch)
+    monkeypatch.setattr(summary_kernel, "launch_with_table", fake_launch)
     monkeypatch.setattr(summary_kernel.SWITCH, "failed", False)
     monkeypatch.delenv(summary_kernel.ENV_SWITCH, raising=False)
     monkeypatch.setattr(summary_kernel, "INTERPRETED", False)
@@ -202,7 +202,7 @@ def test_a_failing_launch_turns_the_kernel_off(monkeypatch):
 
     monkeypatch.setattr(summary_kernel, "INTERPRETED", True)
     monkeypatch.setattr(summary_kernel.SWITCH, "failed", False)
-    monkeypatch.setattr(summary_kernel, "_launch", failing)
+    monkeypatch.setattr(summary_kernel, "launch_with_table", failing)
     monkeypatch.delenv(summary_kernel.ENV_SWITCH, raising=False)
     with pytest.warns(UserWarning, match="summary kernel failed"):
         assert summary_kernel.evicted_summaries(*case) is None

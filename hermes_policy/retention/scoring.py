@@ -168,11 +168,6 @@ def batched_partition(scores: torch.Tensor, keep: list[int], lead: int = 0) -> t
     return kept, rest
 
 
-def batched_top_indices(scores: torch.Tensor, keep: list[int], lead: int = 0) -> list[torch.Tensor]:
-    """The kept half of :func:`batched_partition`: :func:`top_indices` of every row."""
-    return batched_partition(scores, keep, lead)[0]
-
-
 def _mixed_smoothed_rows(
     attention: torch.Tensor, forgetting_rates: torch.Tensor, recency_weights: torch.Tensor, smoothing: tuple[float, ...]
 ) -> torch.Tensor:
