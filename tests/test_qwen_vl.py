@@ -157,9 +157,10 @@ def test_qwen3_timestamps_and_frame_index(q3):
     # An odd chunk: the processor pads the last temporal patch with a copy of frame 6.
     piece = q3.frames_piece(random_frames(3), 4, [2.0, 2.5, 3.0])
     text = q3.tokenizer.decode(piece.input_ids)
-    assert text.startswith("<|vision_start|><2.2 seconds><|vision_start|>")  # (2.0 + 2.5) / 2
+    outer = "<|vision_start|>" if q3.keeps_outer_wrapper else ""
+    assert text.startswith(outer + "<2.2 seconds><|vision_start|>")  # (2.0 + 2.5) / 2
     assert "<|vision_end|><3.0 seconds><|vision_start|>" in text
-    assert text.endswith("<|vision_end|><|vision_end|>")
+    assert text.endswith("<|vision_end|>" + ("<|vision_end|>" if outer else ""))
     ids, frames = piece.input_ids, piece.frame_index
     video = ids == q3.video_token_id
     assert frames[video].tolist() == [4] * 6 + [6] * 6
@@ -168,6 +169,67 @@ def test_qwen3_timestamps_and_frame_index(q3):
     timestamp = ~video & ~markers
     assert sorted(set(frames[timestamp].tolist())) == [4, 6]
     assert frames[timestamp].tolist() == [4] * 13 + [6] * 13
+
+
+def processor_expansion(adapter, frames: np.ndarray, fps: float, text: str) -> list[int]:
+    """The installed processor's token ids for ``text`` holding one video of ``frames``."""
+    metadata = VideoMetadata(total_num_frames=len(frames), fps=fps, frames_indices=list(range(len(frames))))
+    out = adapter.processor(
+        text=[text], videos=[frames], video_metadata=[metadata], do_sample_frames=False,
+        cap_pixels_per_frame=False, return_tensors="pt",
+    )
+    return out["input_ids"][0].tolist()
+
+
+def test_qwen3_detects_the_installed_processor_layout(q3):
+    """The detected layout is the one the processor gives the chat template's placeholder:
+    an outer vision pair around the timestamped groups (transformers 5.10-5.2x), or none
+    (4.x, 5.25)."""
+    frames = random_frames(4)
+    ids = processor_expansion(q3, frames, 2.0, q3.video_placeholder)
+    groups = 2  # temporal patches of 4 frames
+    assert ids.count(q3.vision_start_id) == groups + int(q3.keeps_outer_wrapper)
+    assert (ids[0] == q3.vision_start_id) == q3.keeps_outer_wrapper
+
+
+@pytest.mark.parametrize("keeps_outer_wrapper", [True, False], ids=["outer-pair-kept", "collapsed"])
+def test_qwen3_chunk_text_follows_either_processor_layout(tmp_path, keeps_outer_wrapper):
+    """Both sides of the transformers change, on one install. The timestamped groups are
+    the processor's own expansion of a bare ``<|video_pad|>`` (every version expands it the
+    same way); the kept layout wraps them in the template's pair. A layout the adapter is
+    told about (here forced, normally detected) is reproduced token for token, and its
+    positions follow the tokens (text +1, each group its own vision block)."""
+    adapter = load_adapter(tiny_qwen3_vl(tmp_path, max_positions=MAX_POSITIONS), device="cpu")
+    adapter.__dict__["keeps_outer_wrapper"] = keeps_outer_wrapper
+    frames = random_frames(4)
+    groups = processor_expansion(adapter, frames, 2.0, adapter._token(adapter.video_token_id))
+    expected = (
+        [adapter.vision_start_id, *groups, adapter.vision_end_id] if keeps_outer_wrapper else groups
+    )
+    piece = adapter.frames_piece(frames, 0, [0.0, 0.5, 1.0, 1.5])
+    assert piece.input_ids.tolist() == expected
+    video = (piece.input_ids == adapter.video_token_id).nonzero().flatten()
+    first_block = video[:6]
+    assert piece.positions[0, first_block].unique().numel() == 1  # one temporal patch: t = s
+    assert piece.positions[:, 0].tolist() == [0, 0, 0]
+    assert int(piece.positions[:, -1].max()) == int(piece.positions[:, :-1].max()) + 1
+
+
+def test_qwen3_refuses_an_unknown_processor_layout(tmp_path, monkeypatch):
+    from hermes_policy.errors import ModelLoadError
+
+    adapter = load_adapter(tiny_qwen3_vl(tmp_path, max_positions=MAX_POSITIONS), device="cpu")
+    real = type(adapter.processor).__call__
+
+    def doubled_markers(self, *args, **kwargs):
+        out = real(self, *args, **kwargs)
+        start = torch.tensor([[adapter.vision_start_id, adapter.vision_start_id]])
+        out["input_ids"] = torch.cat([start, out["input_ids"]], dim=1)
+        return out
+
+    monkeypatch.setattr(type(adapter.processor), "__call__", doubled_markers)
+    with pytest.raises(ModelLoadError, match="verified: transformers"):
+        adapter.frames_piece(random_frames(2), 0, None)
 
 
 def test_qwen2_5_frame_index_odd_chunk(q25):

@@ -15,11 +15,15 @@ renders a video item as ``<|vision_start|><|video_pad|><|vision_end|>``) produce
   ``<|vision_start|>...<|vision_end|>``, per temporal patch ``g``, into
   ``<{t_g:.1f} seconds><|vision_start|>`` + n x ``<|video_pad|>`` + ``<|vision_end|>``,
   where ``t_g`` is the mean of the timestamps of the first and last frame of the patch.
-  Since transformers 5.10 the processor replaces only the pad token, so the template's
-  outer pair stays: a chunk reads ``<|vision_start|><0.3 seconds><|vision_start|>...
-  <|vision_end|><1.3 seconds><|vision_start|>...<|vision_end|><|vision_end|>`` (4.x
-  processors replaced the whole wrapper). We reproduce the installed (>= 5.17) processor
-  token for token; the chunk's text is tokenized in one call, as the processor does.
+  Whether the template's outer ``<|vision_start|>...<|vision_end|>`` pair stays around the
+  groups depends on the installed transformers: 5.10-5.2x processors replace only the pad
+  token, so it stays (a chunk reads ``<|vision_start|><0.3 seconds><|vision_start|>...
+  <|vision_end|>...<|vision_end|><|vision_end|>``); 4.x processors and 5.25 collapse the
+  wrapper first, so a chunk is the groups alone. The adapter does not guess from version
+  strings: :meth:`Qwen3VLAdapter.keeps_outer_wrapper` runs the installed processor once on
+  a two-frame clip and reads which layout it produced (an unknown layout is refused with
+  a :class:`ModelLoadError`). We reproduce that processor token for token; the chunk's text
+  is tokenized in one call, as the processor does.
 
 Positions (``position_axes = 3``: t, h, w; relative to the chunk's start):
 
@@ -71,6 +75,7 @@ question are those of a text-only turn, and the text between the video and the q
 
 from __future__ import annotations
 
+import functools
 from abc import abstractmethod
 from typing import Any, ClassVar
 
@@ -439,6 +444,46 @@ class Qwen3VLAdapter(_QwenVLAdapter):
     def _blocks(self, grid, fps):
         return [((1, grid[1], grid[2]), 1.0)] * grid[0]
 
+    @functools.cached_property
+    def keeps_outer_wrapper(self) -> bool:
+        """Whether the installed processor keeps the chat template's outer vision pair.
+
+        Feature detection rather than a version check: the processor expands one video
+        placeholder for a clip of one temporal patch, and the token layout it returns is
+        either ``start <t seconds> start pad... end end`` (kept) or ``<t seconds> start pad...
+        end`` (collapsed). Anything else is a layout this adapter cannot reproduce exactly,
+        so it is refused rather than streamed with wrong positions.
+        """
+        side = self.vision_config.patch_size * self.merge_size
+        clip = np.zeros((self.temporal_patch_size, side, side, 3), dtype=np.uint8)
+        from transformers.video_utils import VideoMetadata
+
+        metadata = VideoMetadata(
+            total_num_frames=len(clip), fps=self.fps, width=side, height=side,
+            frames_indices=list(range(len(clip))),
+        )
+        out = self.processor(
+            text=[self.video_placeholder], videos=[clip], video_metadata=[metadata],
+            do_sample_frames=False, return_tensors="pt",
+        )
+        ids = [int(i) for i in out["input_ids"][0]]
+        starts = ids.count(self.vision_start_id)
+        pads = ids.count(self.video_token_id)
+        grid = tuple(int(x) for x in out[GRID_KEY][0])
+        expected_pads = grid[0] * grid[1] * grid[2] // self.merge_size**2
+        if pads == expected_pads and starts == ids.count(self.vision_end_id):
+            if starts == 2 and ids[0] == self.vision_start_id and ids[-1] == self.vision_end_id:
+                return True
+            if starts == 1 and ids[0] != self.vision_start_id and ids[-1] == self.vision_end_id:
+                return False
+        import transformers
+
+        raise ModelLoadError(
+            f"the Qwen3-VL processor of transformers {transformers.__version__} lays out a video "
+            "in a way this adapter does not reproduce; verified: transformers 5.17-5.25 "
+            "(see the README's 'Verified versions')"
+        )
+
     def _chunk_text(self, grid, times):
         n = grid[1] * grid[2] // self.merge_size**2
         start, end, pad = (
@@ -450,4 +495,4 @@ class Qwen3VLAdapter(_QwenVLAdapter):
             f"<{t:.1f} seconds>" + start + pad * n + end
             for t in self.patch_timestamps(times, self.temporal_patch_size)
         )
-        return start + groups + end
+        return start + groups + end if self.keeps_outer_wrapper else groups
