@@ -165,7 +165,7 @@ class AnswerGraphs:
             host = torch.empty(size, dtype=torch.long, pin_memory=self._device.type == "cuda")
         elif copied is not None:
             copied.synchronize()  # the last question's copy from this buffer (long done)
-        # numpy on the host: small torch operations on the CPU cost ~10 us each
+        # numpy on the host: small torch operations on the CPU each have a fixed cost
         values = host.numpy()
         ids, rel = values[:bucket], values[bucket : bucket + axes * bucket].reshape(axes, bucket)
         ids[:q_real] = piece.input_ids.numpy()
@@ -256,8 +256,8 @@ class AnswerGraphs:
 
     def _captured(self, key: tuple[int | str, int], body: Callable[[], None]) -> _Graph:
         """The graph of ``body``, kept under ``key``; after a failed capture, ``body`` run
-        eagerly for this answer and captured again at the key's next use (failures seen on
-        an H200 were one-off), and after :data:`MAX_CAPTURE_ATTEMPTS` failures of one key
+        eagerly for this answer and captured again at the key's next use (a failure can be
+        one-off), and after :data:`MAX_CAPTURE_ATTEMPTS` failures of one key
         (a forward that syncs with the host) no graphs at all."""
         try:
             graph = self._capture(body)

@@ -351,8 +351,8 @@ def grouped_masked_attention(
     groups = heads // kv_heads
     if not runs_explicitly(query, key):
         # Many rows on many keys: the fused memory-efficient kernel, chosen explicitly (left
-        # to itself SDPA picks cuDNN for masked attention, which builds a new plan, ~30 ms,
-        # for every key length). Query heads stacked as in grouped_scores.
+        # to itself SDPA picks cuDNN for masked attention, which builds a new plan for every
+        # key length). Query heads stacked as in grouped_scores.
         stacked = query.reshape(batch, kv_heads, groups * q_len, dim)
         with sdpa_kernel(SDPBackend.EFFICIENT_ATTENTION):
             out = F.scaled_dot_product_attention(
@@ -360,8 +360,8 @@ def grouped_masked_attention(
             )
         return out.reshape(batch, heads, q_len, dim)
     # Matmul-softmax-matmul, where cuBLAS splits the key axis across the GPU; the fused
-    # kernels run few rows on a handful of blocks (measured on an H200: TTFT 13 ms this way,
-    # 16 ms with the memory-efficient kernel, for a 64-token bucket on a 4K cache).
+    # kernels run few rows on a handful of blocks, slower for a question's rows over a cache
+    # of thousands of keys (docs/performance.md).
     scores = grouped_scores(query, key, scaling)
     scores = scores.view(batch, kv_heads, groups, q_len, k_len).masked_fill_(blocked, float("-inf"))
     probs = torch.softmax(scores, dim=-1)
@@ -489,7 +489,7 @@ def block_rows_needed(lead: int, blocks: list[int], captured: list[range]) -> li
 
 class ShapeCounter:
     """How often each attention shape has run; a fused kernel whose first call at a shape
-    is expensive (cuDNN builds an execution plan, 40-60 ms on an H200) is used for a shape
+    is expensive (cuDNN builds an execution plan) is used for a shape
     only once it has recurred ``after`` times, so a cache that grows every chunk never pays
     for plans it would use once, and a bounded cache pays once for its steady state."""
 
@@ -630,9 +630,8 @@ def causal_attention(
 
     On CUDA, a chunk over a cache at a recurring shape runs as two cuDNN calls merged by
     log-sum-exp (:func:`merge_attention`): the cached keys without a mask, the chunk's own
-    keys causally (0.38 ms against flash's 0.60 ms for 1,569 queries on a 4K cache, 28 heads
-    in 4 groups, on an H200; ``benchmarks/profile_efficiency.py --attention-only``, output in
-    ``benchmarks/results/profile-llava-ov-7b-nvidia-h200-2026-12-01-timeline.txt``).
+    keys causally, faster than one flash call at such a shape
+    (``benchmarks/profile_efficiency.py --attention-only``; docs/performance.md).
     Otherwise the flash kernel with the bottom-right causal bias (no mask materialised).
     """
     q_len, k_len = query.shape[-2], key.shape[-2]
@@ -710,9 +709,8 @@ def lead_and_blocks_attention(
     joined = None
     if lead or (seen and block_attention_kernel.available(query.device, dim)):
         # the lead's and the blocks' outputs written side by side in (batch, q, heads,
-        # head_dim) memory, the layout the output projection reads: no join copies them
-        # (it cost ~1 ms a compressing chunk of 8 frames on the LLaVA-OV-7B shape), and the
-        # caller's transpose back copies nothing
+        # head_dim) memory, the layout the output projection reads: no join copies them, and
+        # the caller's transpose back copies nothing
         joined = query.new_empty(batch, q_len, heads, dim).transpose(1, 2)
     rows = query[:, :, lead:]
     lse = _blocks_by_kernel(query, key, value, lead, blocks, scaling, joined, lead_read) if seen else None
@@ -738,8 +736,8 @@ def lead_and_blocks_attention(
     total = parts[0] if parts[1] is None else torch.logaddexp(*parts)
     # over a multiple of 8 keys (the blocks' own keys follow; their columns are cut off
     # the result, not the scores): cuBLAS runs a float32 output whose rows are not
-    # 16-byte aligned in a kernel ~4x slower (56 us a layer on an H200 for 5,599 keys),
-    # and the compiled exponential reads a cut view of the scores ~10x slower
+    # 16-byte aligned in a much slower kernel, and the compiled exponential reads a cut
+    # view of the scores much more slowly (docs/performance.md)
     width = min(-(-seen // 8) * 8, key.shape[-2])
     scores = grouped_scores(rows[:, :, start:stop], key[:, :, :width], None).view(*total.shape, width)
     if row_weights is not None:
@@ -768,8 +766,8 @@ def _blocks_by_kernel(
     blocks over every key, in ranges walked at once (merged after). With
     ``HERMES_BLOCKS_WITH_CHUNK=1``, for a lead that is read, over a cache, where cuDNN runs
     the chunk's attention (on the CPU its explicit stand-in): one cuDNN call takes all rows,
-    the lead's and the blocks', over the cached keys (~2-5 us more than the lead's alone on
-    the LLaVA-OV-7B shape, against ~40-60 us for the blocks' own flash call), the lead's
+    the lead's and the blocks', over the cached keys (little more than the lead's alone,
+    and less than the blocks' own flash call: docs/performance.md), the lead's
     rows take their own keys causally (merged by
     :func:`~hermes_policy.block_attention_kernel.merge_into`, whose strides change with the
     prompts), and the kernel resumes the blocks' rows from their cached part over the lead's
@@ -908,7 +906,7 @@ def unmasked_attention_with_lse(
 
     On CUDA in half precision the flash kernel, with the query heads of each KV head
     stacked along the query axis (exact without a mask, so grouped heads need no repeated
-    keys); it needs no execution plan per shape (cuDNN's costs ~65 ms for each new key
+    keys); it needs no execution plan per shape (cuDNN builds one for each new key
     length, and a growing cache has a new one every chunk). Elsewhere
     :func:`explicit_attention_with_lse` (CPU, tests).
 

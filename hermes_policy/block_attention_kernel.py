@@ -14,12 +14,9 @@ part, which resumes from a prior part when one is given (the blocks' rows over t
 computed with the chunk's rows by cuDNN in one call: ``HERMES_BLOCKS_WITH_CHUNK=1``, see
 :func:`~hermes_policy.attention._blocks_by_kernel`). :func:`merge_parts_kernel` then
 merges the parts by log-sum-exp and writes the output and the log-sum-exp over everything
-the rows saw (which the captured probabilities need). Per layer on the LLaVA-OV-7B shape
-on an H200 (inside a graph), a layer's whole attention with prompts of 40 + 80 / 64 + 112
-rows takes 316 / 314 us against 329 / 354 us on the plain path (5 / 3 ranges then), and the
-kernel alone with its merge 72 / 78 us in one range, 39.5 / 51.5 us in the 4 / 3 ranges
-:func:`key_ranges` now picks (``benchmarks/block_attention_alternatives.py --layer`` and
-``--sweep``).
+the rows saw (which the captured probabilities need).
+``benchmarks/block_attention_alternatives.py --layer`` and ``--sweep`` time it against
+the plain path and over the number of ranges (results: docs/performance.md).
 
 Triton (installed with torch on Linux); :func:`available` says whether it runs on a
 device for a head size. ``HERMES_BLOCK_KERNEL=0`` turns it off, and so does a first
@@ -49,15 +46,14 @@ MAX_BLOCKS = 4  # block boundaries travel as scalar arguments (no tensor to buil
 LOG2E = 1.4426950408889634
 # the shared keys split into as many ranges as keep the programs over them within this many
 # per multiprocessor (with the rows' own part, about one wave of two programs on each), in
-# ranges of at least MIN_KEYS_PER_RANGE keys: past one wave a layer took 15-40% longer, and
-# ranges shorter than ~1,000 keys gained nothing (benchmarks/block_attention_alternatives.py
-# --sweep, results/block-attention-alternatives-nvidia-h200-2026-12-02-sweep.txt)
+# ranges of at least MIN_KEYS_PER_RANGE keys: in the sweep of
+# benchmarks/block_attention_alternatives.py --sweep, more programs than one wave were
+# slower and shorter ranges gained nothing (docs/performance.md)
 PROGRAMS_PER_SM = 1.85
 MIN_KEYS_PER_RANGE = 1024
-# parts the merge adds up in unrolled loops (more take a loop of their own): the merges of
-# 28 layers inside the ingest graph took 0.187 ms this way against 0.202 in one loop, and
-# 0.155 with the exact count compiled in, which recompiled inside a stream for each new
-# count (profile_efficiency.py --graph-kernels, results/profile-...-2026-12-02-graph-kernels-merge-*.txt)
+# parts the merge adds up in unrolled loops (more take a loop of their own); the part count
+# is a run-time value, not compiled in, so a new count never compiles a kernel inside a
+# stream (the three variants' timings: docs/performance.md)
 MERGE_UNROLLED = 8
 
 

@@ -3,9 +3,8 @@
 Once a bounded rule has reached its budget, every chunk runs the same shapes: the same
 number of new tokens on the same per-layer cache lengths, with the same pseudo-query
 blocks when it compresses. Launching the ~40 kernels of each decoder layer from Python
-takes about as long as the GPU takes to run them (LLaVA-OV-7B shape on an H200: the host
-launched a fused chunk prefill in 56 ms, the GPU ran it in 77; a trace showed the GPU
-waiting between kernels), so after a shape has recurred ``after`` times (or at once, when
+takes about as long as the GPU takes to run them (a trace showed the GPU waiting between
+kernels; docs/performance.md), so after a shape has recurred ``after`` times (or at once, when
 the session knows it will: a full chunk on a cache at its budget) the text-model part of
 the prefill is captured once and then replayed; the capture's warm-up run is that chunk's
 own forward:
@@ -270,7 +269,7 @@ class ChunkGraphs:
         device = graph.positions.device
         for name, value in inputs.items():
             graph.inputs[name].copy_(upload(value, device))
-        # stacked in numpy: torch's CPU ops cost ~1 ms a call on a many-core GPU host
+        # stacked in numpy: torch's CPU ops have a large fixed cost per call on a many-core GPU host
         stacked = torch.from_numpy(np.stack([p.numpy() for p in positions]))
         graph.positions.copy_(upload(stacked, graph.positions.device))
 

@@ -36,9 +36,8 @@ SWITCH = KernelSwitch("HERMES_COMPACTION_KERNEL", "compaction kernel", "gatherin
 ENV_SWITCH = SWITCH.env
 TABLE_COLUMNS = 6  # buffer address, capacity, indices address, kept count, summary key and value addresses
 # the launch: 128 rows a tile, 32 words of each row a program (a bf16 row of 128 whole), 8
-# warps: 126 us for the 28 layers of the LLaVA-OV-7B shape on an H200 against 160 us at 64
-# rows and 8 words (benchmarks/compression_step_alternatives.py,
-# results/compression-step-alternatives-nvidia-h200-2026-12-02.txt)
+# warps, the launch that benchmarks/compression_step_alternatives.py found fastest (its
+# timings: docs/performance.md, "Measurements behind the runtime's code")
 BLOCK_ROWS, COLS, NUM_WARPS = 128, 32, 8
 
 if triton is not None:

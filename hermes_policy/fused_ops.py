@@ -3,8 +3,7 @@
 Inside the answer graphs, a decoder layer's element-wise steps (residual add, RMSNorm and
 its weight, rotary embedding, SiLU times the up projection) each
 cost a kernel of a few microseconds that reads and writes a few kilobytes: on the
-LLaVA-OV-7B shape ~16 such kernels a layer, ~1 ms of a 6.5 ms question prefill on an
-H200. Each function here is written once in plain torch (the reference, and what runs on
+LLaVA-OV-7B shape ~16 such kernels a layer. Each function here is written once in plain torch (the reference, and what runs on
 the CPU); on CUDA it is compiled by ``torch.compile`` (Inductor generates one Triton
 kernel per function), with rounding to the input dtype where the eager code rounds
 (``emulate_precision_casts``). If compiling fails (no Triton, no compiler), the eager

@@ -59,10 +59,8 @@ class FusedOp:
     the next compilation (``torch.compile``'s automatic dynamic shapes): the token count
     varies between calls, the feature sizes (hidden, heads, head size) do not. Compiled
     with every size symbolic (``dynamic=True``), Triton cannot prove the rows' 16-byte
-    alignment and loads element by element: on an H200 the ingest forward's SiLU-and-multiply
-    over 1,665 x 37,888 values took 151 us and its rotary 138 us, several times what their
-    memory traffic needs (benchmarks/results/profile-llava-ov-7b-nvidia-h200-2026-12-01-diagnose.txt) (PyTorch pull request 193614 measured 0.158 ms against 0.045 ms
-    static for such a kernel on an H100).
+    alignment and loads element by element, several times slower than the kernel's memory
+    traffic needs (measurements: docs/performance.md).
 
     A copy that reaches torch.compile's recompile limit (inputs sliced at many lengths, each
     with its own strides) keeps its variants, and the next new variant starts a fresh copy

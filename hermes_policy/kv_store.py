@@ -179,7 +179,7 @@ class KVStore:
         positions : per layer, LongTensor ``(axes, new)`` (absolute positions used)
         frame_index : LongTensor ``(new,)``
         """
-        # numpy on the host: torch's CPU ops cost ~1 ms a call on a many-core GPU host
+        # numpy on the host: torch's CPU ops have a large fixed cost per call on a many-core GPU host
         frames = frame_index.cpu().numpy()
         for layer in range(self.num_layers):
             self.positions[layer] = torch.from_numpy(
@@ -282,8 +282,8 @@ class KVStore:
         self.cache.gather_layers(
             {layer: (on_device[layer], None if extra is None else (extra[0], extra[1])) for layer, (_, extra) in decisions.items()}
         )
-        # -- the host's metadata (numpy: torch's CPU indexing costs ~1 ms a call on a
-        # many-core GPU host), from one copy back of what lives on a GPU
+        # -- the host's metadata (numpy: torch's CPU indexing has a large fixed cost per call
+        # on a many-core GPU host), from one copy back of what lives on a GPU
         host = download.wait()
         staged_at = self._staging.taken
         summary_positions = dict(zip(extras, host[len(decisions) :], strict=True))

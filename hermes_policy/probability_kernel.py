@@ -4,13 +4,11 @@ Where HERMES scores a layer by a guidance prompt's attention, the ingest forward
 for each key before the prompt, the prompt's softmax probability averaged over the query
 heads and over the prompt's tokens (weighed: a padded prompt's padding rows weigh 0).
 The plain path writes the rows' float32 scores over the whole cache (64 rows x 28 heads x
-5,600 keys: 40 MB a layer), then reads them back for the exponential and the mean: on the
-LLaVA-OV-7B shape on an H200 that adds 43 / 63 us a layer for 32 / 64 captured rows to
-the prompts' attention of 63 / 88 us. Here one program per (range of keys, KV head)
-computes the products for every (query head, row) in registers, exponentiates them
-against each row's log-sum-exp and sums them, so the scores never reach memory: 14 / 20
-us (``benchmarks/block_attention_alternatives.py``; output in
-``benchmarks/results/block-attention-alternatives-nvidia-h200-2026-12-02.txt``).
+5,600 keys: 40 MB a layer), then reads them back for the exponential and the mean. Here
+one program per (range of keys, KV head) computes the products for every (query head,
+row) in registers, exponentiates them against each row's log-sum-exp and sums them, so
+the scores never reach memory (``benchmarks/block_attention_alternatives.py`` times both
+paths; results in docs/performance.md).
 
 The log-sum-exp comes in two parts (the keys before the prompt, the prompt's own keys)
 and is combined in the kernel. Triton (installed with torch on Linux); :func:`available`

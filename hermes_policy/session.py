@@ -156,7 +156,7 @@ def pad_piece(piece: StreamPiece, quantum: int) -> StreamPiece:
     start = piece.extent
     ids, positions, frames = piece.input_ids.numpy(), piece.positions.numpy(), piece.frame_index.numpy()
     padding = np.broadcast_to(np.arange(start, start + extra, dtype=positions.dtype), (positions.shape[0], extra))
-    # numpy: each small torch operation on the CPU costs ~10 us and more, on every compressing chunk
+    # numpy: each small torch operation on the CPU has a fixed cost, paid on every compressing chunk
     return StreamPiece(
         input_ids=torch.from_numpy(np.concatenate([ids, np.repeat(ids[-1:], extra)])),
         positions=torch.from_numpy(np.concatenate([positions, padding], axis=1)),

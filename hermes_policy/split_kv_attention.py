@@ -4,9 +4,8 @@ A question's prefill and each decode step attend from a few rows (16 question to
 one new token, times the query heads of each KV head) to the ~4K keys a layer keeps. The
 explicit path (:func:`~hermes_policy.static_forward.biased_slot_attention`: a score
 product writing float32 scores, a softmax, a value product) writes and reads the scores
-as often as it reads the keys, and its products run on a few thread blocks: 37 us a layer
-for 16 tokens and 18 us for one on the LLaVA-OV-7B shape on an H200, where reading the
-keys and values once takes ~2 us. Here the keys are split into ranges, one program per
+as often as it reads the keys, and its products run on a few thread blocks: it takes many
+times as long as reading the keys and values once (docs/performance.md). Here the keys are split into ranges, one program per
 (KV head, block of rows, range) computes its partial softmax in registers (online, as
 flash attention does), and a second kernel merges the ranges by their log-sum-exp.
 

@@ -2,8 +2,8 @@
 
 A question's prefill and a decode step read the weights once (a few milliseconds on a
 current GPU); what they add on top is the time of the ~35 small kernels each decoder layer
-launches, which a CUDA graph replays but does not remove (LLaVA-OV-7B shape on an H200: a
-decode step 6.4 ms against a 3.4 ms weight-reading floor; 5.0 ms with this module). For
+launches, which a CUDA graph replays but does not remove (measurements against the
+weight-reading floor: docs/performance.md). For
 decoder layers of the Llama/Qwen2 form (1D RoPE, or Qwen2(.5)-VL's sectioned M-RoPE, its
 per-axis sections picked once per forward by :func:`layer_rotary`), this module runs the
 same arithmetic with fewer kernels:
@@ -261,8 +261,8 @@ def biased_slot_attention(
     else:  # the same arithmetic in float32 (CPU, tests)
         scores = torch.baddbmm(bias, stacked.float(), keys[0].transpose(1, 2).float(), alpha=scaling)
     # two aten kernels: compiled into one (as a split reduction or one pass per row) the
-    # softmax and its cast ran slower on these few rows of a 4K-key window (H200: 42.7 and
-    # 31.7 us against 33.8 and 17.7 for the whole attention of 16 and 1 new tokens)
+    # softmax and its cast ran slower on these few rows of a 4K-key window
+    # (docs/performance.md)
     probs = torch.softmax(scores, dim=-1).to(values.dtype)
     out = torch.bmm(probs, values[0])  # (kv_heads, groups * q, dim)
     return out.view(kv_heads, groups, q_len, dim).permute(2, 0, 1, 3).reshape(q_len, heads, dim)

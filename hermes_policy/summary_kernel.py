@@ -3,9 +3,8 @@
 A layer's summary token is the mean of its evicted keys, each rotated to the summary's
 position (rounded to the keys' dtype after the rotation), and the mean of their values
 (:data:`~hermes_policy.retention.scoring.evicted_summary`, which stays the reference).
-Today that is one compiled reduction per layer: on the LLaVA-OV-7B shape on an H200
-(1,570 evicted tokens x 4 KV heads x 128 dims) about 21 us a layer, latency-bound, since
-one layer makes few programs. Here one program per (layer, batch and KV head, range of
+The reference is one compiled reduction per layer, latency-bound, since one layer makes
+few programs. Here one program per (layer, batch and KV head, range of
 the evicted tokens) gathers its tokens' keys and values from the layer's cache in tiles,
 rotates the keys in float32 (each row's two halves loaded apart, products and sums
 rounded one by one as in the reference: no fused multiply-add), rounds them to the keys'
@@ -45,9 +44,8 @@ SWITCH = KernelSwitch("HERMES_SUMMARY_KERNEL", "summary kernel", "computing each
 ENV_SWITCH = SWITCH.env
 TABLE_COLUMNS = 6  # keys' address, batch and head strides; values' address, batch and head strides
 # the gather's programs: about eight on each multiprocessor, of one warp each, 32 evicted
-# tokens a tile: 17.8 us for 8 layers of 1,570 evicted tokens on an H200, against 31 us at
-# two programs of 4 warps, and 115 us for one compiled op a layer
-# (benchmarks/compression_step_alternatives.py, results/compression-step-alternatives-nvidia-h200-2026-12-02.txt)
+# tokens a tile, the launch that benchmarks/compression_step_alternatives.py found fastest
+# (its timings: docs/performance.md, "Measurements behind the runtime's code")
 PROGRAMS_PER_SM = 8
 NUM_WARPS = 1
 

@@ -7,9 +7,8 @@ chunk's positions, a layer's kept indices). :func:`upload` stages the tensor in 
 memory and copies asynchronously, so the host goes on queueing work.
 
 Staging reuses a ring of pinned buffers (:class:`PinnedRing`): ``tensor.pin_memory()``
-allocates pinned memory per call, which cost ~0.7 ms a call on the GPU machine (15 calls,
-10 ms, in three compression steps of the LLaVA-OV-7B shape; ``benchmarks/profile_efficiency.py``),
-while copying into a buffer that is already pinned costs microseconds.
+allocates pinned memory per call, far slower than copying into a buffer that is already
+pinned (measured with ``benchmarks/profile_efficiency.py``; docs/performance.md).
 """
 
 from __future__ import annotations

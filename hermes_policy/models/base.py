@@ -77,13 +77,13 @@ class StreamPiece:
         """How far the next piece's positions start after this one's (max position + 1)."""
         if not self.positions.numel():
             return 0
-        # numpy for host positions: a torch reduction on the CPU costs ~10 us and more
+        # numpy for host positions: a torch reduction on the CPU has a fixed cost per call
         top = self.positions.numpy().max() if self.positions.device.type == "cpu" else self.positions.max()
         return int(top) + 1
 
     @classmethod
     def text(cls, ids: list[int] | torch.Tensor, axes: int) -> StreamPiece:
-        # built in numpy: small torch operations on the CPU cost ~10 us each, and a
+        # built in numpy: small torch operations on the CPU each have a fixed cost, and a
         # question's piece is on the time to first token
         ids = np.asarray(ids.detach().cpu().numpy() if isinstance(ids, torch.Tensor) else ids, dtype=np.int64).reshape(-1)
         positions = np.broadcast_to(np.arange(ids.shape[0], dtype=np.int64), (axes, ids.shape[0])).copy()
@@ -238,8 +238,8 @@ class ModelAdapter(ABC):
         return prefix, suffix
 
     def encode_text(self, text: str) -> list[int]:
-        # a fast tokenizer's Rust backend directly: the Python wrapper around it costs
-        # ~0.1 ms a call, which a question's time to first token pays
+        # a fast tokenizer's Rust backend directly: the Python wrapper around it adds a
+        # cost to every call, which a question's time to first token pays
         backend = getattr(self.tokenizer, "backend_tokenizer", None) if getattr(self.tokenizer, "is_fast", False) else None
         if backend is not None:
             return backend.encode(text, add_special_tokens=False).ids

@@ -287,9 +287,8 @@ def contiguous_vision_embeddings(base_model: Any) -> None:
     ``(frames, patches, hidden)`` tensor laid out hidden-major. Each encoder layer's
     residual add keeps the layout of its first operand, so the whole residual stream
     stays transposed: every add reads across strides and every layer norm first copies
-    its input. On an H200 that was ~5 ms of an 8-frame chunk's ~50 ms (52 adds of 48 us
-    and 54 copies of 45 us where ~7 us each would do;
-    ``benchmarks/profile_efficiency.py --diagnose``). Set on this model instance only;
+    its input (``benchmarks/profile_efficiency.py --diagnose`` shows the cost;
+    docs/performance.md). Set on this model instance only;
     the values do not change.
     """
     tower = getattr(base_model, "vision_tower", None)

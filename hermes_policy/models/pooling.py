@@ -1,11 +1,10 @@
 """Bilinear 2x pooling of patch grids as one matrix product.
 
 LLaVA-OneVision pools each video frame's patch grid (27x27 -> 14x14 for the 384px/14
-checkpoints) with ``F.interpolate(mode="bilinear")``. In bf16 that CUDA kernel took 11 ms
-for one 8-frame chunk on an H200 (measured with ``benchmarks/profile_efficiency.py``),
-about a seventh of the chunk's whole prefill. Bilinear resampling is linear and separable,
-so the same result is one small matrix ``(out_h * out_w, in_h * in_w)`` applied to every
-frame and channel: a float32 matmul that takes well under a millisecond.
+checkpoints) with ``F.interpolate(mode="bilinear")``, whose bf16 CUDA kernel is slow at
+these shapes (measured with ``benchmarks/profile_efficiency.py``; docs/performance.md).
+Bilinear resampling is linear and separable, so the same result is one small matrix
+``(out_h * out_w, in_h * in_w)`` applied to every frame and channel: one float32 matmul.
 """
 
 from __future__ import annotations

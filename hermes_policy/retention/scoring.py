@@ -239,9 +239,7 @@ rotation that moves each to the summary's position, ``cos, sin (n, head_dim)`` (
 value ``(batch, kv_heads, 1, head_dim)``. On CUDA compiled into one reduction kernel (the
 gather, rotation and mean), where gathering the evicted tokens first and
 :func:`summary_tokens` took a gather per layer, a stack and about ten elementwise kernels
-for a group of layers: on the LLaVA-OV-7B shape on an H200, 21 us a layer, and the
-compression step's kernels 0.74 ms against 0.92 (benchmarks/results/profile-...-2026-12-02-
-compression-summary.txt and -compression-compaction.txt)."""
+for a group of layers (measurements: docs/performance.md)."""
 
 
 def summary_tokens(
