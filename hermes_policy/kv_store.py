@@ -202,6 +202,22 @@ class KVStore:
             self.positions[layer] = self.positions[layer][:, :n]
             self.frame_index[layer] = self.frame_index[layer][:n]
 
+    def append_layers(
+        self, contents: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]
+    ) -> None:
+        """Append tokens to some layers: ``{layer: (keys, values, positions, frame_index)}``.
+
+        keys / values ``(batch, kv_heads, n, head_dim)`` with RoPE already applied at
+        ``positions`` ``(axes, n)``; ``frame_index`` ``(n,)``. Attention does not depend on
+        the order of cached tokens (each carries its own position), so tokens older than
+        the ones held may be appended after them; :meth:`truncate` takes them out again.
+        """
+        for layer, (keys, values, positions, frames) in contents.items():
+            self.cache.layers[layer].append(keys, values)
+            self.positions[layer] = torch.cat([self.positions[layer], positions.cpu()], dim=1)
+            self.frame_index[layer] = torch.cat([self.frame_index[layer], frames.cpu()])
+        self._check_consistent()
+
     def keep(
         self,
         layer: int,

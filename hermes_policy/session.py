@@ -46,11 +46,14 @@ class Answer:
     Attributes
     ----------
     ttft_ms : question arrival to first output token (includes ingesting frames still
-        waiting to fill a chunk, reported in ``pending_frames``)
+        waiting to fill a chunk, reported in ``pending_frames``, and a question-time
+        rule's work: the window's prefill, retrieval and its copies)
     tpot_ms : mean time per output token after the first (None for one-token answers)
-    tokens_kept : stream tokens held per layer when the question was asked
+    tokens_kept : stream tokens per layer the question saw
     peak_memory_bytes : peak GPU memory during the call (None on CPU)
-    kv_cache_bytes : bytes of keys and values held
+    kv_cache_bytes : bytes of keys and values the question saw
+    host_memory_bytes : bytes a question-time rule holds outside the cache (offloaded
+        chunks, buffered frames)
     """
 
     question: str
@@ -63,6 +66,7 @@ class Answer:
     kv_cache_bytes: int
     frames_seen: int
     pending_frames: int = 0
+    host_memory_bytes: int = 0
 
 
 @dataclass
@@ -263,6 +267,8 @@ class StreamingSession:
         self.adapter = adapter
         self.retention = retention if retention is not None else FullRetention()
         self.retention.validate(adapter)
+        # the state of a rule that works at question time (window, retrieval), else None
+        self.memory = self.retention.question_memory(adapter, chunk_frames)
         self.chunk_frames = chunk_frames
         self.fps = fps
         self.system_prompt = system_prompt
@@ -300,6 +306,8 @@ class StreamingSession:
             raise StreamError(f"{len(timestamps)} timestamps for {len(items)} frames")
         start = time.perf_counter()
         self._reset_peak_memory()
+        if self.memory is not None and self.memory.buffers_frames:
+            return self._buffer_frames(items, timestamps, start)
         for i, item in enumerate(items):
             self._pending.append(item)
             if timestamps is not None:
@@ -330,6 +338,58 @@ class StreamingSession:
             peak_memory_bytes=self._peak_memory(),
         )
 
+    def _buffer_frames(self, items: list[Any], timestamps: Sequence[float] | None, start: float) -> IngestReport:
+        """Hand frames to a memory that keeps them for the next question (nothing is prefilled)."""
+        if timestamps is not None:
+            times: list[float | None] = [float(t) for t in timestamps]
+        elif self.fps:
+            times = [(self.frames_seen + i) / self.fps for i in range(len(items))]
+        else:
+            times = [None] * len(items)
+        self.memory.buffer_frames(items, times, self.frames_seen)
+        self.frames_seen += len(items)
+        return IngestReport(
+            frames=len(items),
+            chunks=0,
+            seconds=time.perf_counter() - start,
+            compressions=0,
+            tokens_kept=self.store.stream_lengths(),
+            peak_memory_bytes=self._peak_memory(),
+        )
+
+    def prefill_frames(self, frames: list[Any], times: list[float | None], first_frame: int) -> None:
+        """Encode frames as one piece and prefill it at each layer's next free position.
+
+        For question-time memories (:class:`~hermes_policy.retention.base.QuestionTimeMemory`);
+        the retention rule is not applied.
+        """
+        with torch.inference_mode():
+            piece = self.adapter.frames_piece(_stack_frames(frames), first_frame, None if None in times else times)
+            self._prefill(piece)
+
+    def probe_question(self, question: StreamPiece, capture: AttentionCapture) -> None:
+        """Prefill a question piece under ``capture`` and take it back out of the cache."""
+        saved_lengths = self.store.lengths()
+        try:
+            with torch.inference_mode(), capture:
+                self._prefill(question, last_only=True)
+        finally:
+            self.store.truncate(saved_lengths)
+
+    @contextmanager
+    def _question_memory(self, question: StreamPiece) -> Iterator[None]:
+        """Around a question: let a question-time memory assemble the cache, then undo it."""
+        memory = self.memory
+        if memory is None:
+            yield
+            return
+        with torch.inference_mode():
+            memory.before_question(self, question)
+        try:
+            yield
+        finally:
+            memory.after_question(self)
+
     def flush(self) -> int:
         """Ingest frames still waiting for a full chunk; returns how many there were."""
         n = len(self._pending)
@@ -358,36 +418,11 @@ class StreamingSession:
                 raise StreamError("a question was asked before any frame was streamed")
             limit = self.max_new_tokens if max_new_tokens is None else max_new_tokens
             stops = self.adapter.stop_token_ids
-            saved_lengths = self.store.lengths()
-            kept = self.store.stream_lengths()
-            tokens: list[int] = []
-            first_token_at = arrival
             piece = self.adapter.question_piece(question)
-            if self.answer_path != "eager":
-                marks: list[float] = []
-
-                def first_token() -> None:
-                    marks.append(time.perf_counter())
-                    resume_gc()
-
-                with torch.inference_mode():
-                    tokens = self.answer_graphs.answer(piece, limit, stops, on_first_token=first_token)
-                first_token_at = marks[0]
-            else:
-                try:
-                    with torch.inference_mode():
-                        hidden = self._prefill(piece, last_only=True)
-                        token = int(self.adapter.logits(hidden[:, -1:]).argmax(-1))
-                        self._sync()
-                        first_token_at = time.perf_counter()
-                        tokens.append(token)
-                        while token not in stops and len(tokens) < limit:
-                            hidden = self._prefill(StreamPiece.text([token], self.adapter.position_axes))
-                            token = int(self.adapter.logits(hidden[:, -1:]).argmax(-1))
-                            tokens.append(token)
-                        self._sync()
-                finally:
-                    self.store.truncate(saved_lengths)
+            with self._question_memory(piece):
+                kept = self.store.stream_lengths()
+                kv_bytes = self.store.nbytes()
+                tokens, first_token_at = self._answer_tokens(piece, limit, stops, resume_gc)
             done = time.perf_counter()
         answer_ids = [t for t in tokens if t not in stops]
         text = self.adapter.decode(answer_ids)
@@ -400,10 +435,44 @@ class StreamingSession:
             tpot_ms=(done - first_token_at) * 1e3 / (len(tokens) - 1) if len(tokens) > 1 else None,
             tokens_kept=kept,
             peak_memory_bytes=self._peak_memory(),
-            kv_cache_bytes=self.store.nbytes(),
+            kv_cache_bytes=kv_bytes,
             frames_seen=self.frames_seen,
             pending_frames=pending,
+            host_memory_bytes=0 if self.memory is None else self.memory.nbytes(),
         )
+
+    def _answer_tokens(
+        self, piece: StreamPiece, limit: int, stops: set[int], resume_gc: Callable[[], None]
+    ) -> tuple[list[int], float]:
+        """Greedy answer tokens of a question piece on the cache as it is, and the time the
+        first one was known; the cache is left as it was."""
+        if self.answer_path != "eager":
+            marks: list[float] = []
+
+            def first_token() -> None:
+                marks.append(time.perf_counter())
+                resume_gc()
+
+            with torch.inference_mode():
+                tokens = self.answer_graphs.answer(piece, limit, stops, on_first_token=first_token)
+            return tokens, marks[0]
+        saved_lengths = self.store.lengths()
+        tokens: list[int] = []
+        try:
+            with torch.inference_mode():
+                hidden = self._prefill(piece, last_only=True)
+                token = int(self.adapter.logits(hidden[:, -1:]).argmax(-1))
+                self._sync()
+                first_token_at = time.perf_counter()
+                tokens.append(token)
+                while token not in stops and len(tokens) < limit:
+                    hidden = self._prefill(StreamPiece.text([token], self.adapter.position_axes))
+                    token = int(self.adapter.logits(hidden[:, -1:]).argmax(-1))
+                    tokens.append(token)
+                self._sync()
+        finally:
+            self.store.truncate(saved_lengths)
+        return tokens, first_token_at
 
     def next_token_logits(self, question: str) -> torch.Tensor:
         """Logits ``(vocab,)`` of the first answer token, leaving the cache untouched.
@@ -426,17 +495,19 @@ class StreamingSession:
         self.flush()
         if self.frames_seen == 0:
             raise StreamError("a question was asked before any frame was streamed")
-        saved_lengths = self.store.lengths()
         axes = self.adapter.position_axes
-        try:
-            with torch.inference_mode():
-                first = self._prefill(self.adapter.question_piece(question), last_only=True)
-                rest = self._prefill(StreamPiece.text(answer_ids[:-1], axes)) if len(answer_ids) > 1 else None
-                hidden = first if rest is None else torch.cat([first, rest], dim=1)
-                logprobs = torch.log_softmax(self.adapter.logits(hidden)[0].float(), dim=-1)
-                return float(logprobs[torch.arange(len(answer_ids)), torch.tensor(answer_ids)].sum())
-        finally:
-            self.store.truncate(saved_lengths)
+        piece = self.adapter.question_piece(question)
+        with self._question_memory(piece):
+            saved_lengths = self.store.lengths()
+            try:
+                with torch.inference_mode():
+                    first = self._prefill(piece, last_only=True)
+                    rest = self._prefill(StreamPiece.text(answer_ids[:-1], axes)) if len(answer_ids) > 1 else None
+                    hidden = first if rest is None else torch.cat([first, rest], dim=1)
+                    logprobs = torch.log_softmax(self.adapter.logits(hidden)[0].float(), dim=-1)
+                    return float(logprobs[torch.arange(len(answer_ids)), torch.tensor(answer_ids)].sum())
+            finally:
+                self.store.truncate(saved_lengths)
 
     def run_query(self, text: str, capture: AttentionCapture | None = None) -> torch.Tensor:
         """Prefill a question on the cache and take it back out; returns its last hidden state.
@@ -453,12 +524,14 @@ class StreamingSession:
         self.flush()
         if self.frames_seen == 0:
             raise StreamError("a question was asked before any frame was streamed")
-        saved_lengths = self.store.lengths()
-        try:
-            with torch.inference_mode(), capture or nullcontext():
-                return self._prefill(self.adapter.question_piece(text), last_only=True)
-        finally:
-            self.store.truncate(saved_lengths)
+        piece = self.adapter.question_piece(text)
+        with self._question_memory(piece):
+            saved_lengths = self.store.lengths()
+            try:
+                with torch.inference_mode(), capture or nullcontext():
+                    return self._prefill(piece, last_only=True)
+            finally:
+                self.store.truncate(saved_lengths)
 
     @property
     def answer_graphs(self) -> AnswerGraphs:
@@ -538,6 +611,8 @@ class StreamingSession:
             attention = self._prefill_chunk(piece, recurring=n == self.chunk_frames and self._at_budget())
         self._pending, self._pending_times = self._pending[n:], self._pending_times[n:]
         self.frames_seen += n
+        if self.memory is not None:
+            self.memory.after_chunk(self.store, len(piece))
         return attention
 
     def _prefill_chunk(self, piece: StreamPiece, recurring: bool = False) -> list[torch.Tensor | None] | None:

@@ -176,6 +176,14 @@ class PreallocatedLayer(DynamicLayer):
         self._v[..., :n, :] = values
         self.length = n
 
+    def append(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Write ``keys`` / ``values`` ``(batch, kv_heads, n, head_dim)`` after the held tokens."""
+        start, n = self.length, keys.shape[-2]
+        self.reserve(start + n, self._k, self._v)
+        self._k[..., start : start + n, :] = keys.to(self._k)
+        self._v[..., start : start + n, :] = values.to(self._v)
+        self.length = start + n
+
     def gather(self, indices: torch.Tensor, extra: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
         """Keep only the tokens at ``indices`` (in that order), then append ``extra``.
 

@@ -7,6 +7,7 @@ from .attention_retention import AttentionRetention
 from .base import (
     GuidanceRequest,
     LayerKeep,
+    QuestionTimeMemory,
     RetentionRule,
     SelectContext,
     SummaryToken,
@@ -15,8 +16,10 @@ from .base import (
 from .fifo_retention import FifoRetention
 from .full_retention import FullRetention
 from .hermes_retention import HermesRetention
+from .retrieval_retention import RetrievalRetention
 from .sink_recent_retention import SinkRecentRetention
 from .uniform_retention import UniformRetention
+from .window_retention import WindowRetention
 
 RULES: dict[str, type[RetentionRule]] = {
     rule.name: rule
@@ -27,24 +30,32 @@ RULES: dict[str, type[RetentionRule]] = {
         UniformRetention,
         AttentionRetention,
         HermesRetention,
+        WindowRetention,
+        RetrievalRetention,
     )
 }
 
 
-def make_rule(name: str, budget: int | None = None, policy=None) -> RetentionRule:
+def make_rule(name: str, budget: int | None = None, policy=None, **options) -> RetentionRule:
     """Build a rule by registry name.
 
     ``budget`` goes to rules that take one; ``hermes`` needs ``policy`` (a
-    :class:`~hermes_policy.policy.Policy`).
+    :class:`~hermes_policy.policy.Policy`); ``options`` are other fields of the rule's
+    dataclass (``frames`` of ``window``, ``retrieve_chunks`` of ``retrieval``); an option
+    the rule does not have is an error, an option given as None is left at its default.
     """
     if name not in RULES:
         raise RetentionError(f"unknown retention rule {name!r}; choose one of {', '.join(RULES)}")
     cls = RULES[name]
+    options = {key: value for key, value in options.items() if value is not None}
+    unknown = sorted(set(options) - set(cls.__dataclass_fields__))
+    if unknown:
+        raise RetentionError(f"the {name} rule has no option {', '.join(unknown)}")
     if cls is HermesRetention:
-        return HermesRetention(policy=policy)
+        return HermesRetention(policy=policy, **options)
     if budget is not None and "budget" in cls.__dataclass_fields__:
-        return cls(budget=budget)
-    return cls()
+        options["budget"] = budget
+    return cls(**options)
 
 
 __all__ = [
@@ -55,11 +66,14 @@ __all__ = [
     "GuidanceRequest",
     "HermesRetention",
     "LayerKeep",
+    "QuestionTimeMemory",
     "RetentionRule",
+    "RetrievalRetention",
     "SelectContext",
     "SinkRecentRetention",
     "SummaryToken",
     "UniformRetention",
+    "WindowRetention",
     "make_rule",
     "newest_indices",
 ]

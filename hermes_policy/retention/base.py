@@ -10,22 +10,31 @@ Per compression step the session calls, in order: :meth:`RetentionRule.needs_com
 (cheap); :meth:`RetentionRule.guidance` (which pseudo-query prompts, if any, and which
 layer needs which prompt's attention); one guidance forward when asked; then
 :meth:`RetentionRule.select` with a :class:`SelectContext` holding that attention.
+
+Two baselines work at question time instead (``window``: re-prefill the last frames;
+``retrieval``: bring offloaded chunks back). Their rule stays a configuration dataclass;
+the state they need between questions lives in a :class:`QuestionTimeMemory` that the
+rule creates for each session (:meth:`RetentionRule.question_memory`), and that the
+session calls at three points: after each prefilled chunk, before a question, after it.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 from torch import nn
 
 from ..errors import RetentionError
 from ..kv_store import KVStore
-from ..models.base import ModelAdapter
+from ..models.base import ModelAdapter, StreamPiece
 
-ReindexMode = Literal["eager", "lazy"]
+# "never": positions are kept as encoded (the question-time rules, whose offloaded or
+# re-prefilled tokens must line up with the ones on the GPU); the stream must then stay
+# within the model's position range
+ReindexMode = Literal["eager", "lazy", "never"]
 
 
 @dataclass(frozen=True)
@@ -126,6 +135,41 @@ class RetentionRule(ABC):
 
     def validate(self, adapter: ModelAdapter) -> None:  # noqa: B027 - optional hook
         """Check the configuration against the model (frame size, shape); raise a HermesError."""
+
+    def question_memory(self, adapter: ModelAdapter, chunk_frames: int) -> QuestionTimeMemory | None:
+        """The per-session state of a rule that works at question time (None: none)."""
+        return None
+
+
+class QuestionTimeMemory(ABC):
+    """Per-session state of a rule that assembles the cache when a question arrives.
+
+    The session calls :meth:`buffer_frames` instead of prefilling frames when
+    :attr:`buffers_frames` is set; otherwise :meth:`after_chunk` after each prefilled
+    chunk (before the rule's eviction). :meth:`before_question` runs once the question's
+    pending frames are in, before the question is prefilled (its cost is part of the time
+    to first token); :meth:`after_question` once the answer is done.
+    """
+
+    buffers_frames: ClassVar[bool] = False
+
+    def buffer_frames(self, frames: list, times: list[float | None], first_frame: int) -> None:  # noqa: B027
+        """Keep frames (not prefilled) for the next question."""
+        raise NotImplementedError(f"{type(self).__name__} does not buffer frames")
+
+    def after_chunk(self, store: KVStore, new_tokens: int) -> None:  # noqa: B027 - optional hook
+        """See a chunk of ``new_tokens`` tokens just appended to every layer of ``store``."""
+
+    @abstractmethod
+    def before_question(self, session: Any, question: StreamPiece) -> None:
+        """Assemble the cache the question will see (``session``: the StreamingSession)."""
+
+    def after_question(self, session: Any) -> None:  # noqa: B027 - optional hook
+        """Undo what :meth:`before_question` added that must not outlive the answer."""
+
+    def nbytes(self) -> int:
+        """Bytes this memory holds outside the GPU cache (host copies, buffered frames)."""
+        return 0
 
 
 @dataclass
