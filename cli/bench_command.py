@@ -73,7 +73,9 @@ def bench_command(
     shapes: Annotated[str, typer.Option(help="Model shapes, comma-separated (llava-ov-7b, qwen2.5-vl-7b, llava-ov-72b, tiny-*).")] = "llava-ov-7b,qwen2.5-vl-7b",
     frames: Annotated[str, typer.Option(help="Checkpoints of each stream (frames), increasing.")] = "16,64,256,1024",
     chunks: Annotated[str, typer.Option(help="Chunk sizes (frames per prefill).")] = "8,16",
-    rules: Annotated[str, typer.Option(help="Rules: full, fifo, hermes (paper-default policy).")] = "full,fifo,hermes",
+    rules: Annotated[
+        str, typer.Option(help="Rules: full, fifo, hermes (paper-default policy), window (4 frames), retrieval (top-4 chunks).")
+    ] = "full,fifo,hermes",
     budget: Annotated[int, typer.Option(help="Stream tokens kept per layer (fifo, hermes).")] = 4000,
     questions: Annotated[int, typer.Option(help="Timed questions per checkpoint (median).")] = 5,
     answer_tokens: Annotated[int, typer.Option(help="Tokens decoded per answer (TPOT).")] = 32,

@@ -75,11 +75,20 @@ def eval_command(
     annotations: Annotated[Path, typer.Option(help="Streaming-QA annotation JSON (METHOD.md section 10).")],
     out: Annotated[Path, typer.Option(help="Output folder; re-running into it resumes.")],
     policy: Annotated[
-        str, typer.Option(help="A policy.json, paper-default, or a rule: full, fifo, sink+recent, uniform, attention-only.")
+        str, typer.Option(help="A policy.json, paper-default, or a rule: full, fifo, sink+recent, uniform, attention-only, window, retrieval.")
     ] = "paper-default",
     video_root: Annotated[Path | None, typer.Option(help="Folder that relative video paths refer to.")] = None,
     limit: Annotated[int | None, typer.Option(min=1, help="Only the first N questions of the benchmark.")] = None,
     budget: Annotated[int, typer.Option(min=1, help="Stream tokens per layer (rules and paper-default).")] = 4000,
+    window_frames: Annotated[
+        int | None, typer.Option(min=1, help="--policy window: frames re-prefilled at each question [default: 4].")
+    ] = None,
+    retrieve_chunks: Annotated[
+        int | None, typer.Option(min=0, help="--policy retrieval: chunks brought back per layer [default: 4].")
+    ] = None,
+    host_budget_gb: Annotated[
+        float | None, typer.Option(min=0.001, help="--policy retrieval: host memory for offloaded chunks [default: 32].")
+    ] = None,
     fps: Annotated[float, typer.Option(min=0.01, help="Frames sampled per second of video.")] = 0.5,
     chunk: Annotated[int, typer.Option(min=1, help="Frames per prefill chunk.")] = 8,
     max_new_tokens: Annotated[int, typer.Option(min=1, help="Answer length limit, open-ended questions.")] = 64,
@@ -107,7 +116,7 @@ def eval_command(
 
 
 def _run(**options: Any) -> None:
-    from hermes_cli.main import _load, console
+    from hermes_cli.main import _load, _rule_options, console
 
     from hermes_policy.evaluation import distributed, evaluate, make_judge
 
@@ -121,6 +130,7 @@ def _run(**options: Any) -> None:
         adapter = _load(o["model"], str(device), o["dtype"], None, o["trust_remote_code"])
         result = evaluate(
             adapter, o["policy"], entries, o["out"], budget=o["budget"], fps=o["fps"],
+            rule_options=_rule_options(o["window_frames"], o["retrieve_chunks"], o["host_budget_gb"]),
             chunk_frames=o["chunk"], max_new_tokens=o["max_new_tokens"],
             mc_max_new_tokens=o["mc_max_new_tokens"], judge=judge, limit=o["limit"],
             overwrite=o["overwrite"], progress=o["progress"], console=console, ctx=ctx,

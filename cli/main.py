@@ -278,7 +278,7 @@ def stream(
         str | None, typer.Option(help="Hub id, local folder or .gguf file; default: the embedded SmolLM2.")
     ] = None,
     policy: Annotated[
-        str, typer.Option(help="A policy.json, paper-default, or a rule: full, fifo, sink+recent, uniform, attention-only.")
+        str, typer.Option(help="A policy.json, paper-default, or a rule: full, fifo, sink+recent, uniform, attention-only, window, retrieval.")
     ] = "paper-default",
     video: Annotated[Path | None, typer.Option(help="A video file or frame folder.")] = None,
     annotations: Annotated[Path | None, typer.Option(help="Run every video and question of a streaming-QA JSON.")] = None,
@@ -289,6 +289,15 @@ def stream(
     fps: Annotated[float, typer.Option(min=0.01, help="Frames sampled per second of video.")] = 0.5,
     chunk: Annotated[int, typer.Option(min=1, help="Frames per prefill chunk.")] = 8,
     budget: Annotated[int, typer.Option(min=1, help="Stream tokens per layer (rules and paper-default).")] = 4000,
+    window_frames: Annotated[
+        int | None, typer.Option(min=1, help="--policy window: frames re-prefilled at each question [default: 4].")
+    ] = None,
+    retrieve_chunks: Annotated[
+        int | None, typer.Option(min=0, help="--policy retrieval: chunks brought back per layer [default: 4].")
+    ] = None,
+    host_budget_gb: Annotated[
+        float | None, typer.Option(min=0.001, help="--policy retrieval: host memory for offloaded chunks [default: 32].")
+    ] = None,
     ask: Annotated[list[str] | None, typer.Option(help="A question (repeatable).")] = None,
     at: Annotated[
         list[float] | None, typer.Option(help="Stream second of each --ask, in order (default: at the end).")
@@ -345,7 +354,7 @@ def stream(
         raise StreamError("nothing to ask: give --ask (or --annotations with questions)")
     records = []
     for name, stream_frames, stamps, questions in jobs:
-        rule = rule_from_spec(policy, adapter, budget)
+        rule = rule_from_spec(policy, adapter, budget, **_rule_options(window_frames, retrieve_chunks, host_budget_gb))
         session = StreamingSession(adapter, rule, chunk_frames=chunk, fps=fps)
         console.print(f"[bold]{name}[/]: {len(stream_frames)} frames | rule [bold]{rule.name}[/] | "
                       f"{adapter.name_or_path}")
@@ -371,6 +380,15 @@ def stream(
     if json_out is not None:
         write_json_atomic(json_out, {"model": adapter.name_or_path, "policy": policy, "budget": budget,
                                      "results": records})
+
+
+def _rule_options(window_frames: int | None, retrieve_chunks: int | None, host_budget_gb: float | None) -> dict:
+    """The question-time rules' options as :func:`~hermes_policy.streaming.rule_from_spec` takes them."""
+    return {
+        "frames": window_frames,
+        "retrieve_chunks": retrieve_chunks,
+        "host_budget_bytes": None if host_budget_gb is None else int(host_budget_gb * 2**30),
+    }
 
 
 @app.command()

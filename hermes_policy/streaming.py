@@ -11,17 +11,23 @@ import numpy as np
 
 from .models.base import ModelAdapter
 from .policy import ModelInfo, Policy, paper_default
-from .retention import HermesRetention, RetentionRule, make_rule
+from .retention import RULES, HermesRetention, RetentionRule, make_rule
 from .session import Answer, StreamingSession
 
 
-def rule_from_spec(spec: str, adapter: ModelAdapter, budget: int) -> RetentionRule:
-    """A rule from a command-line spec: a policy file, ``paper-default``, or a rule name."""
+def rule_from_spec(spec: str, adapter: ModelAdapter, budget: int, **options: Any) -> RetentionRule:
+    """A rule from a command-line spec: a policy file, ``paper-default``, or a rule name.
+
+    ``options`` go to rules that have them (``frames`` of ``window``; ``retrieve_chunks``
+    and ``host_budget_bytes`` of ``retrieval``); None values and options of other rules are
+    ignored, so a command line can pass every option whatever the rule.
+    """
     if spec == "paper-default":
         return HermesRetention(policy=paper_default(ModelInfo.of(adapter), budget=budget))
     if spec.endswith(".json") or Path(spec).is_file():
         return HermesRetention(policy=Policy.load(spec))
-    return make_rule(spec, budget)
+    fields = RULES[spec].__dataclass_fields__ if spec in RULES else {}
+    return make_rule(spec, budget, **{k: v for k, v in options.items() if k in fields})
 
 
 @dataclass

@@ -459,3 +459,27 @@ def test_fused_guidance_overhead_pairs_cancel_drift_and_outliers(monkeypatch):
     assert clock["runs"] == 2 + 2 * 8 and len(truncated) == clock["runs"] and session.guidance_passes == 3
     session.retention = SimpleNamespace(guidance=lambda store, history: None)
     assert efficiency.fused_guidance_overhead(session, frames=None) is None
+
+
+@pytest.mark.parametrize("rule_name", ["window", "retrieval"])
+def test_run_stream_measures_the_question_time_baselines(tiny_llava, rule_name):
+    """On a real video architecture (tiny LLaVA-OV): the window holds 4 frames whatever the
+    stream's length; retrieval keeps its GPU window and offloads the rest to host memory."""
+    shape = get_shape("tiny-llava-ov")
+    per_frame = tiny_llava.tokens_per_frame
+    config = EfficiencyConfig(
+        shapes=("tiny-llava-ov",), frames=(8, 32), chunks=(4,), rules=(rule_name,), budget=6 * per_frame,
+        questions=2, answer_tokens=3,
+    )
+    config.validate()
+    rows = run_stream(tiny_llava, shape, rule_name, 4, config, shape_summary(tiny_llava, CEILINGS))
+    early, late = rows
+    assert all(r["status"] == "ok" for r in rows)
+    if rule_name == "window":
+        # 4 frames (one chunk of 4: its newline token too) at every checkpoint, nothing on the host
+        assert early["tokens_kept"] == late["tokens_kept"] == 4 * per_frame + 1
+        assert early["kv_cache_bytes"] == late["kv_cache_bytes"]
+        assert late["host_memory_bytes"] == early["host_memory_bytes"] > 0  # the buffered frames
+    else:
+        assert late["host_memory_bytes"] > early["host_memory_bytes"] > 0
+        assert late["tokens_kept"] > config.budget  # the window plus retrieved chunks, at the question

@@ -77,3 +77,28 @@ def test_stream_command_errors(tiny_llama_dir, tmp_path):
         result = runner.invoke(app, base + extra)
         assert result.exit_code == 1, (extra, result.output)
         assert message in result.output, (extra, result.output)
+
+
+@pytest.mark.parametrize(
+    "options,tokens_seen",
+    [
+        (["--policy", "window", "--window-frames", "2"], {16}),  # 2 frames of 8 tokens
+        # the 16-token GPU window (frames 10-11) plus one chunk per layer: a whole one of 32
+        # tokens, or the evicted half of the newest chunk (frames 8-9)
+        (["--policy", "retrieval", "--budget", "16", "--retrieve-chunks", "1", "--host-budget-gb", "0.01"], {32, 48}),
+    ],
+)
+def test_stream_command_runs_the_question_time_rules(tiny_llama_dir, tmp_path, options, tokens_seen):
+    out = tmp_path / "r.json"
+    result = runner.invoke(app, [
+        "stream", "--model", str(tiny_llama_dir), "--tokens-per-frame", "8", "--device", "cpu",
+        "--frames", "12", "--chunk", "4", *options, "--ask", "last?", "--max-new-tokens", "2", "--json", str(out),
+    ])
+    assert result.exit_code == 0, result.output
+    (record,) = json.loads(out.read_text())["results"]
+    assert set(record["tokens_kept"]) <= tokens_seen
+
+
+def test_rule_from_spec_passes_only_the_rules_own_options(tiny_adapter):
+    assert rule_from_spec("window", tiny_adapter, 64, frames=3, retrieve_chunks=2).frames == 3
+    assert rule_from_spec("fifo", tiny_adapter, 64, frames=3).budget == 64

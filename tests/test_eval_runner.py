@@ -18,6 +18,7 @@ from typer.testing import CliRunner
 
 from hermes_policy import StreamingSession
 from hermes_policy.annotations import load_annotations
+from hermes_policy.errors import HermesError
 from hermes_policy.evaluation import evaluate
 from hermes_policy.evaluation.prompts import format_prompt
 from hermes_policy.evaluation.results import RESULTS_FILE, read_records
@@ -216,3 +217,24 @@ def test_cli_errors_are_one_line(llava_dir, tiny_llama_dir, bench, reference, tm
     assert "text-only" in _one_error_line(run(bench, model=tiny_llama_dir))
     line = _one_error_line(run(bench, out=reference[0], extra=["--budget", "64"]))
     assert "another configuration" in line and "budget: 40 -> 64" in line
+
+
+@pytest.mark.parametrize(
+    "rule,options",
+    [("window", {"frames": 2}), ("retrieval", {"retrieve_chunks": 1})],
+)
+def test_eval_runs_the_question_time_rules_and_resumes_only_with_their_options(adapter, bench, tmp_path, rule, options):
+    out = tmp_path / "out"
+    result = evaluate(adapter, rule, load_annotations(bench), out, progress=False, rule_options=options, **SETTINGS)
+    assert result.summary["answered"] == 16 and result.summary["failed_videos"] == []
+    config = json.loads((out / "config.json").read_text())
+    assert config["rule"] == rule and config["rule_options"] == options
+    records = read_records(out / RESULTS_FILE)
+    if rule == "window":  # the last (up to) two frames, 9 tokens each, +1 newline per piece of a chunk
+        for r in records:
+            window = range(max(0, r["frames_seen"] - 2), r["frames_seen"])
+            pieces = len({frame // SETTINGS["chunk_frames"] for frame in window})
+            assert r["tokens_kept_max"] == 9 * len(window) + pieces
+    changed = {key: value + 1 for key, value in options.items()}
+    with pytest.raises(HermesError, match="rule_options"):
+        evaluate(adapter, rule, load_annotations(bench), out, progress=False, rule_options=changed, **SETTINGS)

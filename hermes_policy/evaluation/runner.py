@@ -77,7 +77,7 @@ from .summary import summarize
 CONFIG_SCHEMA = "hermes-eval/1"
 # Settings that change answers: a resumed run must use the same ones.
 COMPARED_SETTINGS = ("model", "policy", "budget", "fps", "chunk_frames", "max_new_tokens",
-                     "mc_max_new_tokens", "judge", "judge_threshold", "prompt")
+                     "mc_max_new_tokens", "judge", "judge_threshold", "prompt", "rule_options")
 
 
 class EvalError(HermesError):
@@ -291,6 +291,7 @@ def evaluate(
     ctx: dist_mod.DistContext | None = None,
     run_info: dict[str, Any] | None = None,
     on_record: Callable[[dict[str, Any]], None] | None = None,
+    rule_options: dict[str, Any] | None = None,
 ) -> EvalResult:
     """Evaluate ``adapter`` under the retention rule ``rule_spec`` on ``entries``.
 
@@ -312,6 +313,9 @@ def evaluate(
     ctx : the distributed context (default: the initialised process group, if any)
     run_info : extra facts stored in ``config.json`` and the summary (not compared on resume)
     on_record : called with every record after it is written (tests use it to interrupt)
+    rule_options : options of the question-time rules (``frames``, ``retrieve_chunks``,
+        ``host_budget_bytes``; see :func:`~hermes_policy.streaming.rule_from_spec`), compared
+        on resume like the other settings
 
     Returns
     -------
@@ -338,10 +342,12 @@ def evaluate(
         judge = make_judge(judge)
     correct = check_benchmark(entries)
     counts = select_questions(entries, limit)
-    rule = rule_from_spec(rule_spec, adapter, budget)
+    rule_options = {k: v for k, v in (rule_options or {}).items() if v is not None}
+    rule = rule_from_spec(rule_spec, adapter, budget, **rule_options)
     rule.validate(adapter)  # fail before any video, not inside the first one
     config = {
         "schema": CONFIG_SCHEMA, "model": adapter.name_or_path, "policy": rule_spec, "rule": rule.name,
+        **({"rule_options": rule_options} if rule_options else {}),
         "budget": budget, "fps": fps, "chunk_frames": chunk_frames, "max_new_tokens": max_new_tokens,
         "mc_max_new_tokens": mc_max_new_tokens, **_judge_settings(judge), "prompt": PROMPT_VERSION,
         **(run_info or {}),
@@ -378,7 +384,7 @@ def evaluate(
             limits = [mc_max_new_tokens if it.question.choices else max_new_tokens for it in items]
             written_here = 0
             try:
-                session = StreamingSession(adapter, rule_from_spec(rule_spec, adapter, budget),
+                session = StreamingSession(adapter, rule_from_spec(rule_spec, adapter, budget, **rule_options),
                                            chunk_frames=chunk_frames, fps=fps)
                 chunks = iter_video_chunks(entry.video_path, fps, chunk_frames)
                 for i, answer in stream_answers(session, chunks, timed, limits):
