@@ -605,3 +605,30 @@ def test_compaction_kernel_on_cuda(dtype, launch):
 
     check_compaction("cuda", dtype, **launch)
     torch.cuda.synchronize()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_question_time_rules_on_cuda_with_graph_answers(tiny_llama_dir, dtype):
+    """window and retrieval on the CUDA-graph answer path: a window covering the stream and a
+    retrieval window holding it answer as full does; a retrieval that brings chunks back
+    answers as its eager path does, from pinned host copies."""
+    from hermes_policy.models import load_adapter
+    from hermes_policy.retention import FullRetention, RetrievalRetention, WindowRetention
+
+    adapter = load_adapter(tiny_llama_dir, device="cuda", dtype=dtype, tokens_per_frame=8)
+    frames = torch.randint(0, 250, (24, 8), generator=torch.Generator().manual_seed(5))
+
+    def answer(rule, path):
+        session = StreamingSession(adapter, rule, chunk_frames=4, answer_path=path)
+        session.add_frames(frames)
+        tokens = [session.ask(q, max_new_tokens=6).token_ids for q in ("What now?", "And before?")]
+        return tokens, session
+
+    full, _ = answer(FullRetention(), "graphs")
+    assert answer(WindowRetention(frames=24), "graphs")[0] == full
+    assert answer(RetrievalRetention(budget=10_000), "graphs")[0] == full
+    retrieved, session = answer(RetrievalRetention(budget=32, retrieve_chunks=2), "graphs")
+    assert retrieved == answer(RetrievalRetention(budget=32, retrieve_chunks=2), "eager")[0]
+    assert all(len(picked) == 2 for picked in session.memory.retrieved)
+    assert session.memory.chunks[0].keys[0].is_pinned()
+    assert session.tokens_kept == [32] * adapter.num_layers
