@@ -50,15 +50,15 @@ def markdown_table(results: dict[str, Any]) -> str:
             )
             + (f" Split over {', '.join(shape['devices'])} (peak memory per GPU)." if shape.get("devices") else ""),
             "",
-            "| rule | chunk | frames | TTFT ms (x floor) | TPOT ms (x floor) | peak GiB | KV GiB "
+            "| rule | chunk | frames | TTFT ms (x floor) | TPOT ms (x floor) | peak GiB | KV GiB | host GiB "
             "| ingest fps (segment / median chunk) | compression (synchronised / pipelined) "
             "| pseudo-queries: tokens, row share, fused cost |",
-            "|---|---|---|---|---|---|---|---|---|---|",
+            "|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for row in (r for r in results["rows"] if r["shape"] == name):
             if row.get("status") != "ok":
                 lines.append(
-                    f"| {row['rule']} | {row['chunk']} | {row['frames']} | {row.get('status')} | | | | | | |"
+                    f"| {row['rule']} | {row['chunk']} | {row['frames']} | {row.get('status')} | | | | | | | |"
                 )
                 continue
             share = row.get("compression_share")
@@ -68,7 +68,7 @@ def markdown_table(results: dict[str, Any]) -> str:
                 f"| {row['rule']} | {row['chunk']} | {row['frames']} "
                 f"| {row['ttft_ms']:.1f} ({row['ttft_floor_ratio']:.2f}x) "
                 f"| {row['tpot_ms']:.1f} ({row['tpot_floor_ratio']:.2f}x) "
-                f"| {peak} | {_gib(row['kv_cache_bytes'])} "
+                f"| {peak} | {_gib(row['kv_cache_bytes'])} | {_gib(row.get('host_memory_bytes') or 0)} "
                 f"| {_speeds(row.get('ingest_fps'), row.get('ingest_fps_median_chunk'))} "
                 f"| {_share(share, row.get('compression_share_pipelined'))} | {_guidance(row)} |"
             )
