@@ -20,8 +20,10 @@ nothing is forgotten, and the work moves to question time. Our version:
   tokens are dropped again. The extra question pass, the scoring and the copies are part
   of the time to first token.
 - positions: tokens keep the positions they were encoded at (``reindex = "never"``), so
-  retrieved keys need no rotation and the question sits after the newest token. A stream
-  must therefore stay within the model's position range (the session refuses to pass it).
+  retrieved keys need no rotation and the question sits after the newest token. Positions
+  therefore grow with the stream, as under ``full``: past the model's position range the
+  session warns (the model was not trained there); re-indexing would have to rotate every
+  offloaded chunk as well.
 
 Exactness: a chunk's keys and values are those its sliding-window prefill produced, so
 retrieving every chunk equals ``full`` only when the window held the whole stream at
