@@ -116,7 +116,11 @@ def demo(
         f"{session.store.nbytes() / 2**20:.1f} MiB"
     )
     if json_out is not None:
-        write_json_atomic(json_out, {"model": adapter.name_or_path, "rule": retention.name, "answers": results})
+        from hermes_policy.manifest import run_manifest
+
+        manifest = run_manifest(adapter, retention, chunk_frames=session.chunk_frames, mode="streaming (synthetic)")
+        write_json_atomic(json_out, {"manifest": manifest, "model": adapter.name_or_path, "rule": retention.name,
+                                     "answers": results})
 
 
 def _answer_dict(answer: Any) -> dict[str, Any]:
@@ -180,7 +184,10 @@ def analyze(
             raise ProbeError(f"{from_profiles} does not say which model it was recorded on")
         metrics, fit, policy = analyze_profile(profile, ModelInfo(**profile.meta["model"]), budget=policy_budget)
         out.mkdir(parents=True, exist_ok=True)
-        write_outputs(out, profile, metrics, fit, policy, {}, figures=figures)
+        from hermes_policy.manifest import run_manifest
+
+        manifest = run_manifest(mode="probe (from profiles)", profiles=str(from_profiles), model=profile.meta["model"])
+        write_outputs(out, profile, metrics, fit, policy, {}, figures=figures, manifest=manifest)
     else:
         chosen = [name for name, given in (("--videos", videos), ("--annotations", annotations),
                                            ("--synthetic", synthetic or None)) if given is not None]
@@ -378,7 +385,11 @@ def stream(
         console.print(f"compressions {session.compressions}, guidance passes {session.guidance_passes}, "
                       f"KV cache {session.store.nbytes() / 2**20:.1f} MiB")
     if json_out is not None:
-        write_json_atomic(json_out, {"model": adapter.name_or_path, "policy": policy, "budget": budget,
+        from hermes_policy.manifest import run_manifest
+
+        manifest = run_manifest(adapter, rule, fps=fps, chunk_frames=chunk, mode="streaming")
+        write_json_atomic(json_out, {"manifest": manifest, "model": adapter.name_or_path, "policy": policy,
+                                     "budget": budget,
                                      "results": records})
 
 

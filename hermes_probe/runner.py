@@ -243,7 +243,14 @@ def analyze(
     out.mkdir(parents=True, exist_ok=True)
     profile, failed = record_streams(adapter, streams, config, profile_path, progress=progress)
     metrics, fit, policy = analyze_profile(profile, model_info(adapter), budget=policy_budget)
-    write_outputs(out, profile, metrics, fit, policy, failed, figures=figures)
+    from hermes_policy.manifest import run_manifest
+    from hermes_policy.retention import FifoRetention
+
+    manifest = run_manifest(
+        adapter, FifoRetention(budget=config.fifo_budget), fps=config.fps, chunk_frames=config.chunk_frames,
+        mode="probe", probe=config.to_dict(), streams=[s.name for s in streams],
+    )
+    write_outputs(out, profile, metrics, fit, policy, failed, figures=figures, manifest=manifest)
     return ProbeResult(profile, metrics, fit, policy, failed)
 
 
@@ -255,13 +262,17 @@ def write_outputs(
     policy: Policy,
     failed: dict[str, str],
     figures: bool = True,
+    manifest: dict[str, Any] | None = None,
 ) -> None:
-    """Everything but the profile; the policy last, so its presence means a finished run."""
+    """Everything but the profile; the policy last, so its presence means a finished run.
+
+    ``manifest``: the run's manifest (:func:`hermes_policy.manifest.run_manifest`), written
+    at the top of ``metrics.json``."""
     from .report import render_report
 
     write_json_atomic(
         out / "metrics.json",
-        {"layers": metrics.layer_table(), "head_periodicity": metrics.head_periodicity,
+        {"manifest": manifest, "layers": metrics.layer_table(), "head_periodicity": metrics.head_periodicity,
          "head_recency_share": metrics.head_recency_share, "tier_fit": {
              "tiers": fit.tiers, "levels": fit.levels, "r2": fit.r2, "roles": fit.roles,
              "mismatches": fit.mismatches}, "failed_streams": failed},

@@ -264,6 +264,8 @@ def test_run_efficiency_document_on_cpu():
     )
     doc = run_efficiency(config, CEILINGS, device="cpu")
     assert doc["schema"] == "hermes-efficiency/1"
+    assert doc["manifest"]["rules"] == ["full", "fifo"] and doc["manifest"]["device"] == CEILINGS.name
+    assert doc["manifest"]["packages"]["torch"]
     assert [(r["rule"], r["frames"]) for r in doc["rows"]] == [("full", 8), ("fifo", 8)]
 
 

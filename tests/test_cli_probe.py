@@ -28,6 +28,9 @@ def test_analyze_then_show_then_reanalyze(tiny_llama_dir, tmp_path):
     assert (out / "profiles.npz").is_file() and (out / "report.md").read_text().startswith("# hermes-probe report")
     metrics = json.loads((out / "metrics.json").read_text())
     assert len(metrics["layers"]) == 3
+    manifest = metrics["manifest"]
+    assert manifest["mode"] == "probe" and manifest["rule"]["name"] == "fifo" and manifest["rule"]["budget"] == 64
+    assert manifest["chunk_frames"] == 4 and manifest["probe"]["fifo_budget"] == 64 and len(manifest["streams"]) == 1
 
     shown = run("show", out / "policy.json")
     assert shown.exit_code == 0 and "tiers: sensory" in shown.output
@@ -38,6 +41,7 @@ def test_analyze_then_show_then_reanalyze(tiny_llama_dir, tmp_path):
                "--policy-budget", 64)
     assert redo.exit_code == 0, redo.output
     assert Policy.load(again / "policy.json").tiers == policy.tiers
+    assert json.loads((again / "metrics.json").read_text())["manifest"]["model"]["tokens_per_frame"] == 8
 
 
 def test_existing_policy_is_not_overwritten(tiny_llama_dir, tmp_path):

@@ -229,6 +229,10 @@ def test_eval_runs_the_question_time_rules_and_resumes_only_with_their_options(a
     assert result.summary["answered"] == 16 and result.summary["failed_videos"] == []
     config = json.loads((out / "config.json").read_text())
     assert config["rule"] == rule and config["rule_options"] == options
+    manifest = json.loads((out / "summary.json").read_text())["manifest"]
+    assert manifest["rule"]["name"] == rule and all(manifest["rule"][k] == v for k, v in options.items())
+    assert manifest["adapter"] == "LlavaOnevisionAdapter" and manifest["fps"] == SETTINGS["fps"]
+    assert manifest["judge"] == {"judge": "f1", "judge_threshold": 0.5} and "size" in manifest["frames"]
     records = read_records(out / RESULTS_FILE)
     if rule == "window":  # the last (up to) two frames, 9 tokens each, +1 newline per piece of a chunk
         for r in records:

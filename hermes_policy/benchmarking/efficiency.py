@@ -532,8 +532,17 @@ def run_efficiency(
                 rows.extend(run_stream(adapter, shape, rule_name, chunk, config, shapes[name], progress))
         del adapter
         _release_memory()
+    from ..manifest import run_manifest
+
+    manifest = run_manifest(
+        mode="streaming (random-weight model shapes)", shapes=list(config.shapes), rules=list(config.rules),
+        budget=config.budget, chunks=list(config.chunks), frames=list(config.frames), dtype="bfloat16",
+        tokenizer=config.tokenizer, device_map=config.device_map,
+    )
+    manifest["device"] = ceilings.name
     return {
         "schema": SCHEMA,
+        "manifest": manifest,
         "ceilings": ceilings.as_dict(),
         "config": asdict(config),
         "shapes": shapes,

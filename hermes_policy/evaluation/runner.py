@@ -52,6 +52,7 @@ import torch
 
 from ..annotations import AnnotationError, Question, VideoEntry
 from ..errors import HermesError, StreamError, VideoInputError
+from ..manifest import run_manifest
 from ..models.base import ModelAdapter
 from ..session import Answer, StreamingSession
 from ..streaming import TimedQuestion, rule_from_spec, stream_with_questions
@@ -425,6 +426,11 @@ def evaluate(
         chosen = [r for r in records if record_key(r) in selected]
         summary = summarize(chosen, selected=len(selected), config=config, failed=result.failed)
         summary["resume_mismatches"] = result.resume_mismatches
+        summary = {
+            "manifest": run_manifest(adapter, rule, fps=fps, chunk_frames=chunk_frames, mode="streaming",
+                                     judge=_judge_settings(judge), annotations=(run_info or {}).get("annotations")),
+            **summary,
+        }
         write_json_atomic(result.summary_path, summary)
         result.summary, result.records = summary, chosen
     dist_mod.barrier(ctx)
