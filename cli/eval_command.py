@@ -51,6 +51,10 @@ def _print_summary(console: Any, summary: dict[str, Any], result: Any) -> None:
         for name in ("short", "medium", "long"):
             if split[name]["questions"]:
                 row(f"{name} ({split['thresholds_s'][name]} s)", split[name])
+    window = summary.get("config", {}).get("perception_window_s")
+    for need, block in (summary.get("by_need") or {}).items():
+        if block["questions"]:
+            row(f"{need} (evidence {'within' if need == 'perception' else 'beyond'} {_fmt(window, 'g')} s)", block)
     console.print(table)
     peak = summary.get("peak_memory_bytes_max")
     console.print(

@@ -94,3 +94,27 @@ def test_shard_context_round_robin_and_environment(monkeypatch):
         distributed.env_world()
     monkeypatch.setenv("RANK", "1")
     assert distributed.resolve_device("cpu").type == "cpu"
+
+
+def test_question_need_from_evidence_span_or_position():
+    from hermes_policy.evaluation.summary import question_need
+
+    assert question_need(28.0, 30.0, 600.0, window_s=8.0) == "perception"  # evidence 2 s before asking
+    assert question_need(5.0, 30.0, 600.0, window_s=8.0) == "memory"  # evidence 25 s before
+    assert question_need(None, 30.0, 600.0, window_s=8.0) == "perception"  # real-time, no span
+    assert question_need(None, None, 600.0, window_s=8.0) == "memory"  # after the whole video
+    assert question_need(None, None, 6.0, window_s=8.0) == "perception"  # ... shorter than the window
+    assert question_need(None, None, None, window_s=8.0) == "memory"
+
+
+def test_summary_splits_accuracy_by_need():
+    from hermes_policy.evaluation.summary import summarize
+
+    records = [
+        {"need": "perception", "correct": True}, {"need": "perception", "correct": False},
+        {"need": "memory", "correct": True}, {"need": "memory", "correct": True}, {"need": "memory", "correct": None},
+    ]
+    summary = summarize(records, selected=5, config={}, failed=[])
+    assert summary["by_need"]["perception"] == {"questions": 2, "scored": 2, "correct": 1, "accuracy": 0.5,
+                                               "unparseable": 0}
+    assert summary["by_need"]["memory"]["accuracy"] == 1.0 and summary["by_need"]["memory"]["questions"] == 3

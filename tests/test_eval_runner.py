@@ -36,7 +36,7 @@ CLI_SETTINGS = ["--budget", "40", "--fps", "1", "--chunk", "2", "--max-new-token
                 "--mc-max-new-tokens", "2", "--device", "cpu", "--policy", "paper-default"]
 VOLATILE = ("ttft_ms", "tpot_ms", "peak_memory_bytes")
 FIELDS = {"video_id", "question_index", "task", "question", "choices", "answer", "answer_choice", "end_time",
-          "duration", "prediction", "parsed_choice", "unparseable", "correct", "score", "scored_by", "ttft_ms",
+          "duration", "need", "prediction", "parsed_choice", "unparseable", "correct", "score", "scored_by", "ttft_ms",
           "tpot_ms", "tokens_kept_min", "tokens_kept_max", "tokens_kept_mean", "peak_memory_bytes",
           "kv_cache_bytes", "frames_seen"}
 
@@ -97,6 +97,11 @@ def test_full_pipeline_writes_results_and_summary(reference, bench):
     assert json.loads((out / "config.json").read_text())["rule"] == "hermes"
     assert not list(out.glob("shards/*.jsonl"))
     assert "accuracy" in output and "answered 16 of 16 questions" in output and "wrote" in output
+    needs = summary["by_need"]
+    assert needs["perception"]["questions"] + needs["memory"]["questions"] == 16
+    assert all(r["need"] in ("perception", "memory") for r in records)
+    if needs["perception"]["questions"]:
+        assert "perception (evidence within 4 s)" in output
 
 
 def test_lazy_stream_asks_where_stream_with_questions_does(adapter, bench, reference):

@@ -73,12 +73,13 @@ from .results import (
     shard_path,
     write_json_atomic,
 )
-from .summary import summarize
+from .summary import question_need, summarize
 
 CONFIG_SCHEMA = "hermes-eval/1"
 # Settings that change answers: a resumed run must use the same ones.
 COMPARED_SETTINGS = ("model", "policy", "budget", "fps", "chunk_frames", "max_new_tokens",
-                     "mc_max_new_tokens", "judge", "judge_threshold", "prompt", "rule_options")
+                     "mc_max_new_tokens", "judge", "judge_threshold", "prompt", "rule_options",
+                     "perception_window_s")
 
 
 class EvalError(HermesError):
@@ -185,8 +186,10 @@ def _tokens_kept_fields(kept: list[int]) -> dict[str, Any]:
     }
 
 
-def make_record(entry: VideoEntry, item: _Item, answer: Answer, judge: Judge | None) -> dict[str, Any]:
-    """The results line of one answered question."""
+def make_record(
+    entry: VideoEntry, item: _Item, answer: Answer, judge: Judge | None, perception_window_s: float = math.inf
+) -> dict[str, Any]:
+    """The results line of one answered question (``need``: see :func:`.summary.question_need`)."""
     question = item.question
     prediction = answer.text
     parsed: int | None = None
@@ -212,6 +215,7 @@ def make_record(entry: VideoEntry, item: _Item, answer: Answer, judge: Judge | N
         "answer_choice": letter(item.correct) if item.correct is not None else None,
         "end_time": question.end_time,
         "duration": entry.duration,
+        "need": question_need(question.start_time, question.end_time, entry.duration, perception_window_s),
         "prediction": prediction,
         "parsed_choice": letter(parsed) if parsed is not None else None,
         "unparseable": unparseable,
@@ -293,6 +297,7 @@ def evaluate(
     run_info: dict[str, Any] | None = None,
     on_record: Callable[[dict[str, Any]], None] | None = None,
     rule_options: dict[str, Any] | None = None,
+    perception_window_s: float | None = None,
 ) -> EvalResult:
     """Evaluate ``adapter`` under the retention rule ``rule_spec`` on ``entries``.
 
@@ -317,6 +322,9 @@ def evaluate(
     rule_options : options of the question-time rules (``frames``, ``retrieve_chunks``,
         ``host_budget_bytes``; see :func:`~hermes_policy.streaming.rule_from_spec`), compared
         on resume like the other settings
+    perception_window_s : questions whose evidence lies within this many seconds before them
+        count as perception, the others as memory (default: 4 frames at ``fps``; see
+        :func:`.summary.question_need`)
 
     Returns
     -------
@@ -344,6 +352,8 @@ def evaluate(
     correct = check_benchmark(entries)
     counts = select_questions(entries, limit)
     rule_options = {k: v for k, v in (rule_options or {}).items() if v is not None}
+    if perception_window_s is None:
+        perception_window_s = 4 / fps
     rule = rule_from_spec(rule_spec, adapter, budget, **rule_options)
     rule.validate(adapter)  # fail before any video, not inside the first one
     config = {
@@ -351,6 +361,7 @@ def evaluate(
         **({"rule_options": rule_options} if rule_options else {}),
         "budget": budget, "fps": fps, "chunk_frames": chunk_frames, "max_new_tokens": max_new_tokens,
         "mc_max_new_tokens": mc_max_new_tokens, **_judge_settings(judge), "prompt": PROMPT_VERSION,
+        "perception_window_s": perception_window_s,
         **(run_info or {}),
     }
     _prepare_out_dir(out_dir, config, overwrite, ctx)
@@ -397,7 +408,7 @@ def evaluate(
                                           "re-asked on resume, answered differently than stored "
                                           f"({item.done.get('prediction')!r} -> {answer.text!r})")
                         continue
-                    record = make_record(entry, item, answer, judge)
+                    record = make_record(entry, item, answer, judge, perception_window_s)
                     writer.write(record)
                     written += 1
                     written_here += 1

@@ -12,6 +12,16 @@ VideoMME length split
     ``duration`` comes from the annotation file; questions of videos without one are
     counted under ``unknown_duration``, and the split is omitted (null) when no video has a
     duration.
+
+Perception / memory split
+    A question is *perception* when the last few frames suffice to answer it, *memory* when
+    it needs older ones; a rule that keeps only a recent window (``window``) can answer the
+    first kind only. :func:`question_need` decides from the annotation: with an evidence
+    span (``start_time``, asked at ``end_time``) by whether the span lies within the
+    perception window before the question; a question asked mid-stream without a span is
+    taken as a real-time question about what is on screen (perception); one asked after the
+    whole video is memory unless the video is no longer than the window. The window
+    defaults to SimpleStream's 4 frames at the run's frame rate.
 """
 
 from __future__ import annotations
@@ -33,6 +43,17 @@ def duration_class(duration: float | None) -> str | None:
     if duration < SPLIT_THRESHOLDS_S["long"]:
         return "medium"
     return "long"
+
+
+def question_need(
+    start_time: float | None, end_time: float | None, duration: float | None, window_s: float
+) -> str:
+    """``"perception"`` or ``"memory"`` (see the module docstring)."""
+    if start_time is not None and end_time is not None:
+        return "perception" if end_time - start_time <= window_s else "memory"
+    if end_time is not None:
+        return "perception"
+    return "perception" if duration is not None and duration <= window_s else "memory"
 
 
 def _mean(values: Iterable[float | None]) -> float | None:
@@ -91,6 +112,8 @@ def summarize(
         **{k: v for k, v in accuracy_block(records).items() if k != "questions"},
         "per_task": {task: accuracy_block(group) for task, group in sorted(by_task.items())},
         "videomme_split": split,
+        "by_need": {need: accuracy_block([r for r in records if r.get("need") == need])
+                    for need in ("perception", "memory")},
         "ttft_ms_mean": _mean(r.get("ttft_ms") for r in records),
         "tpot_ms_mean": _mean(r.get("tpot_ms") for r in records),
         "peak_memory_bytes_max": max(peaks) if peaks else None,
