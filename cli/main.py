@@ -412,9 +412,11 @@ def version() -> None:
 
 from hermes_cli.bench_command import bench_command  # noqa: E402 - needs the helpers above
 from hermes_cli.eval_command import eval_command  # noqa: E402 - needs the helpers above
+from hermes_cli.serve_command import serve_command  # noqa: E402 - needs the helpers above
 
 app.command("eval")(eval_command)
 app.command("bench")(friendly_errors(bench_command))
+app.command("serve")(serve_command)
 
 
 def main() -> None:  # pragma: no cover - console entry

@@ -112,11 +112,12 @@ class AnswerGraphs:
         max_new_tokens: int,
         stop_ids: set[int],
         on_first_token: Callable[[], None] | None = None,
+        on_token: Callable[[int], None] | None = None,
     ) -> list[int]:
         """Greedy answer tokens for a question piece (stop token included when hit).
 
         The store is left as it was: the question and answer tokens are written after
-        each layer's length and never counted.
+        each layer's length and never counted. ``on_token`` sees each token as it is read.
         """
         q_real = len(piece)
         bucket = bucket_length(q_real)
@@ -131,6 +132,8 @@ class AnswerGraphs:
         token = int(self._token)
         if on_first_token is not None:
             on_first_token()
+        if on_token is not None:
+            on_token(token)
         tokens = [token]
         if token in stop_ids or max_new_tokens <= 1:
             return tokens
@@ -139,6 +142,8 @@ class AnswerGraphs:
             decode.run()
             token = int(self._token)
             tokens.append(token)
+            if on_token is not None:
+                on_token(token)
             if token in stop_ids:
                 break
         return tokens

@@ -398,12 +398,17 @@ class StreamingSession:
                 self._ingest_chunk(n)
         return n
 
-    def ask(self, question: str, max_new_tokens: int | None = None) -> Answer:
+    def ask(
+        self, question: str, max_new_tokens: int | None = None, on_token: Callable[[int], None] | None = None
+    ) -> Answer:
         """Answer a question about everything streamed so far, then forget the Q/A tokens.
 
         The question is prefilled on the cache, the answer decoded greedily with explicit
         positions, and the cache truncated back to its state before the question. The
         Q/A text is kept in :attr:`history`. No retention work happens here.
+
+        ``on_token`` is called with each answer token id as soon as it is known (stop token
+        included), for callers that stream the answer.
         """
         if not question or not question.strip():
             raise StreamError("the question is empty")
@@ -422,7 +427,7 @@ class StreamingSession:
             with self._question_memory(piece):
                 kept = self.store.stream_lengths()
                 kv_bytes = self.store.nbytes()
-                tokens, first_token_at = self._answer_tokens(piece, limit, stops, resume_gc)
+                tokens, first_token_at = self._answer_tokens(piece, limit, stops, resume_gc, on_token)
             done = time.perf_counter()
         answer_ids = [t for t in tokens if t not in stops]
         text = self.adapter.decode(answer_ids)
@@ -442,7 +447,12 @@ class StreamingSession:
         )
 
     def _answer_tokens(
-        self, piece: StreamPiece, limit: int, stops: set[int], resume_gc: Callable[[], None]
+        self,
+        piece: StreamPiece,
+        limit: int,
+        stops: set[int],
+        resume_gc: Callable[[], None],
+        on_token: Callable[[int], None] | None = None,
     ) -> tuple[list[int], float]:
         """Greedy answer tokens of a question piece on the cache as it is, and the time the
         first one was known; the cache is left as it was."""
@@ -454,7 +464,7 @@ class StreamingSession:
                 resume_gc()
 
             with torch.inference_mode():
-                tokens = self.answer_graphs.answer(piece, limit, stops, on_first_token=first_token)
+                tokens = self.answer_graphs.answer(piece, limit, stops, on_first_token=first_token, on_token=on_token)
             return tokens, marks[0]
         saved_lengths = self.store.lengths()
         tokens: list[int] = []
@@ -465,10 +475,14 @@ class StreamingSession:
                 self._sync()
                 first_token_at = time.perf_counter()
                 tokens.append(token)
+                if on_token is not None:
+                    on_token(token)
                 while token not in stops and len(tokens) < limit:
                     hidden = self._prefill(StreamPiece.text([token], self.adapter.position_axes))
                     token = int(self.adapter.logits(hidden[:, -1:]).argmax(-1))
                     tokens.append(token)
+                    if on_token is not None:
+                        on_token(token)
                 self._sync()
         finally:
             self.store.truncate(saved_lengths)

@@ -1,0 +1,266 @@
+"""One live stream: a source played by the clock, a session ingesting it, questions on demand.
+
+Threads per stream: a *reader* releases sampled frames by the wall clock into a bounded
+queue (frames that find it full are dropped and counted: a live source does not wait for a
+slow model), and an *ingester* moves queued frames into the session. Every use of the model
+(ingest, answers, standing questions) holds the server's one model lock, so streams share
+the model one forward at a time; ingest takes the lock per chunk, so a question on one
+stream waits at most one chunk of another stream's ingest.
+
+A question first ingests every frame released before it arrived (as
+:meth:`StreamingSession.ask` flushes a partial chunk), then answers. Standing questions are
+re-checked after every ingested chunk by comparing the model's next-token scores of "Yes"
+and "No" after the question (one question prefill per standing question per chunk); an
+event is emitted when the answer turns from no to yes.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from collections import deque
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..errors import HermesError
+from ..session import Answer, StreamingSession
+from .sources import Frame, frame_to_jpeg, paced
+
+QUEUE_FRAMES = 64  # released frames waiting for ingest before the oldest are dropped
+
+
+@dataclass
+class StandingQuestion:
+    """A yes/no question re-checked after every chunk."""
+
+    question: str
+    answer_yes: bool = False
+
+
+@dataclass
+class StreamEvent:
+    """A standing question's answer turned from no to yes at ``frame_time`` (media seconds)."""
+
+    question: str
+    frame_time: float
+    frames_seen: int
+    wall_time: float
+
+
+@dataclass
+class StreamStats:
+    frames_released: int = 0
+    frames_ingested: int = 0
+    frames_dropped: int = 0
+    last_media_time: float | None = None
+    last_ingest_wall: float | None = None
+    error: str | None = None
+    finished: bool = False
+
+
+class LiveStream:
+    """A session fed by a paced source in the background (see the module docstring).
+
+    Parameters
+    ----------
+    session : the streaming session (its rule decides what memory keeps)
+    frames : the source's sampled frames ``(frame, media_seconds)``
+    model_lock : the lock every use of the shared model holds
+    standing : yes/no questions re-checked after every chunk
+    realtime : pace the frames by the wall clock (False: as fast as ingest takes them)
+    """
+
+    def __init__(
+        self,
+        session: StreamingSession,
+        frames: Iterator[tuple[Frame, float]],
+        model_lock: threading.Lock,
+        *,
+        standing: list[str] | None = None,
+        realtime: bool = True,
+        description: dict[str, Any] | None = None,
+    ):
+        self.id = uuid.uuid4().hex[:12]
+        self.session = session
+        self.model_lock = model_lock
+        self.description = description or {}
+        self.standing = [StandingQuestion(q) for q in standing or []]
+        self.events: list[StreamEvent] = []
+        self.stats = StreamStats()
+        self.created = time.time()
+        self._queue: deque[tuple[Frame, float, float]] = deque()
+        self._queue_lock = threading.Lock()
+        self._have_frames = threading.Condition(self._queue_lock)
+        self._stop = threading.Event()
+        self._ingest_lock = threading.Lock()  # one ingester at a time: the thread or a question
+        self._event_listeners: list[Callable[[StreamEvent], None]] = []
+        self.latest_frame: Frame | None = None
+        self._frames = frames
+        self._realtime = realtime
+        self._reader = threading.Thread(target=self._read, name=f"reader-{self.id}", daemon=True)
+        self._ingester = threading.Thread(target=self._ingest_loop, name=f"ingest-{self.id}", daemon=True)
+
+    def start(self) -> LiveStream:
+        self._reader.start()
+        self._ingester.start()
+        return self
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self._stop.set()
+        with self._have_frames:
+            self._have_frames.notify_all()
+        for thread in (self._reader, self._ingester):
+            if thread.is_alive() and thread is not threading.current_thread():
+                thread.join(timeout)
+
+    # -- background work ---------------------------------------------------------------
+    def _read(self) -> None:
+        frames = self._frames
+        source = paced(frames, stopped=self._stop.is_set) if self._realtime else (
+            (frame, media, time.monotonic()) for frame, media in frames
+        )
+        try:
+            for frame, media, arrival in source:
+                with self._have_frames:
+                    if not self._realtime:
+                        while len(self._queue) >= QUEUE_FRAMES and not self._stop.is_set():
+                            self._have_frames.wait(0.05)  # a file played as fast as possible: no drops
+                    if len(self._queue) >= QUEUE_FRAMES:
+                        self._queue.popleft()
+                        self.stats.frames_dropped += 1
+                    self._queue.append((frame, media, arrival))
+                    self.stats.frames_released += 1
+                    self.latest_frame = frame
+                    self._have_frames.notify_all()
+                if self._stop.is_set():
+                    return
+        except Exception as exc:  # noqa: BLE001 - a broken source ends this stream, reported in its stats
+            self.stats.error = f"source: {exc}"
+        finally:
+            self.stats.finished = True
+            with self._have_frames:
+                self._have_frames.notify_all()
+
+    def _take(self, until: float | None = None) -> list[tuple[Frame, float, float]]:
+        """Queued frames released up to ``until`` (all when None), oldest first."""
+        with self._queue_lock:
+            taken = []
+            while self._queue and (until is None or self._queue[0][2] <= until):
+                taken.append(self._queue.popleft())
+            if taken:
+                self._have_frames.notify_all()
+            return taken
+
+    def _ingest(self, frames: list[tuple[Frame, float, float]]) -> None:
+        if not frames:
+            return
+        chunks_before = self.session.frames_seen // self.session.chunk_frames
+        with self.model_lock:
+            self.session.add_frames([f for f, _, _ in frames], timestamps=[m for _, m, _ in frames])
+        self.stats.frames_ingested += len(frames)
+        self.stats.last_media_time = frames[-1][1]
+        self.stats.last_ingest_wall = frames[-1][2]
+        if self.standing and self.session.frames_seen // self.session.chunk_frames > chunks_before:
+            self._check_standing(frames[-1][1])
+
+    def _ingest_loop(self) -> None:
+        chunk = self.session.chunk_frames
+        while not self._stop.is_set():
+            with self._have_frames:
+                while len(self._queue) < chunk and not self.stats.finished and not self._stop.is_set():
+                    self._have_frames.wait(0.1)
+            if self._stop.is_set():
+                return
+            with self._ingest_lock:
+                batch = self._take()
+                try:
+                    # a partial chunk stays pending in the session until more frames or a question
+                    self._ingest(batch)
+                except Exception as exc:  # noqa: BLE001 - reported in the stream's stats
+                    self.stats.error = f"ingest: {exc}"
+                    return
+            if self.stats.finished and not self._queue:
+                return
+
+    def _check_standing(self, media_time: float) -> None:
+        adapter = self.session.adapter
+        yes, no = (adapter.encode_text(word)[0] for word in ("Yes", "No"))
+        for item in self.standing:
+            with self.model_lock:
+                logits = self.session.next_token_logits(f"{item.question} Answer yes or no.")
+            now_yes = bool(logits[yes] > logits[no])
+            if now_yes and not item.answer_yes:
+                event = StreamEvent(item.question, media_time, self.session.frames_seen, time.time())
+                self.events.append(event)
+                for listener in list(self._event_listeners):
+                    listener(event)
+            item.answer_yes = now_yes
+
+    # -- questions -----------------------------------------------------------------------
+    def ask(self, question: str, max_new_tokens: int, on_token: Callable[[int], None] | None = None) -> Answer:
+        """Answer from the memory as it is when the question arrives (frames released
+        before it are ingested first)."""
+        arrival = time.monotonic()
+        with self._ingest_lock:
+            self._ingest(self._take(until=arrival))
+            if self.session.frames_seen == 0:
+                raise HermesError("the stream has no frames yet; ask again in a moment")
+            with self.model_lock:
+                return self.session.ask(question, max_new_tokens=max_new_tokens, on_token=on_token)
+
+    def add_listener(self, listener: Callable[[StreamEvent], None]) -> Callable[[], None]:
+        self._event_listeners.append(listener)
+        return lambda: self._event_listeners.remove(listener)
+
+    # -- reporting ------------------------------------------------------------------------
+    def status(self) -> dict[str, Any]:
+        stats = self.stats
+        session = self.session
+        lag = None
+        if stats.last_ingest_wall is not None:
+            lag = max(0.0, time.monotonic() - stats.last_ingest_wall) if self._queue else 0.0
+        kept = session.tokens_kept
+        return {
+            "id": self.id,
+            **self.description,
+            "frames_released": stats.frames_released,
+            "frames_ingested": stats.frames_ingested,
+            "frames_dropped": stats.frames_dropped,
+            "frames_waiting": len(self._queue) + len(session._pending),
+            "lag_seconds": lag,
+            "media_time": stats.last_media_time,
+            "tokens_kept_per_layer": kept,
+            "kv_cache_bytes": session.store.nbytes(),
+            "host_memory_bytes": 0 if session.memory is None else session.memory.nbytes(),
+            "compressions": session.compressions,
+            "standing_questions": [{"question": s.question, "answer_yes": s.answer_yes} for s in self.standing],
+            "events": len(self.events),
+            "finished": stats.finished and not self._queue,
+            "error": stats.error,
+        }
+
+    def latest_jpeg(self) -> bytes | None:
+        frame = self.latest_frame
+        return None if frame is None else frame_to_jpeg(frame)
+
+
+@dataclass
+class StreamRegistry:
+    """The server's streams, bounded by a count and a KV memory estimate."""
+
+    max_streams: int
+    kv_budget_bytes: int
+    streams: dict[str, LiveStream] = field(default_factory=dict)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def admit(self, estimate: int) -> str | None:
+        """None when a stream needing ``estimate`` bytes fits, else the reason it does not."""
+        if len(self.streams) >= self.max_streams:
+            return f"the server holds its maximum of {self.max_streams} streams; delete one first"
+        held = sum(s.description.get("kv_estimate_bytes", 0) for s in self.streams.values())
+        if held + estimate > self.kv_budget_bytes:
+            return (f"a new stream needs about {estimate / 2**20:.0f} MiB of KV cache, and "
+                    f"{held / 2**20:.0f} of {self.kv_budget_bytes / 2**20:.0f} MiB are taken")
+        return None
