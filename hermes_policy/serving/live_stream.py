@@ -218,9 +218,7 @@ class LiveStream:
     def status(self) -> dict[str, Any]:
         stats = self.stats
         session = self.session
-        lag = None
-        if stats.last_ingest_wall is not None:
-            lag = max(0.0, time.monotonic() - stats.last_ingest_wall) if self._queue else 0.0
+        lag = self.lag_seconds()
         kept = session.tokens_kept
         return {
             "id": self.id,
@@ -240,6 +238,14 @@ class LiveStream:
             "finished": stats.finished and not self._queue,
             "error": stats.error,
         }
+
+    def lag_seconds(self) -> float:
+        """How long the oldest frame of a full chunk has waited for ingest (0 while fewer
+        frames than a chunk wait: filling a chunk is the stream's pace, not lag)."""
+        with self._queue_lock:
+            if len(self._queue) < self.session.chunk_frames:
+                return 0.0
+            return max(0.0, time.monotonic() - self._queue[0][2])
 
     def latest_jpeg(self) -> bytes | None:
         frame = self.latest_frame
