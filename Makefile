@@ -13,7 +13,7 @@ TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 CONSTRAINTS := constraints.txt
 STAMP := $(VENV)/.hermes-installed
 
-.PHONY: install demo test lint upgrade-check clean
+.PHONY: install browser demo test lint upgrade-check clean
 
 $(STAMP): pyproject.toml Makefile $(CONSTRAINTS)
 	$(PYTHON) -m venv $(VENV)
@@ -28,7 +28,12 @@ install: $(STAMP)
 demo: install
 	$(BIN)/hermes-probe analyze --out runs/demo --force
 
-test: install
+# the page test drives a real headless browser: Debian's chromium and its driver
+browser:
+	@command -v chromedriver >/dev/null || { apt-get update -q && apt-get install -y -q chromium chromium-driver; } \
+	  || { echo "make test needs chromium and chromedriver (apt-get install chromium chromium-driver, as root)"; exit 1; }
+
+test: install browser
 	$(BIN)/python -m pytest -q
 
 lint: install
