@@ -122,11 +122,13 @@ def eval_command(
 
 def _run(**options: Any) -> None:
     from hermes_cli.main import _load, console
+    from hermes_cli.outputs import check_output_folder
 
     from hermes_policy.evaluation import distributed, evaluate, make_judge
 
     o = options
     device = distributed.resolve_device(o["device"])
+    check_output_folder(o["out"])  # before the model loads and the first video streams
     entries = _load_benchmark(o["annotations"], o["video_root"])
     judge = make_judge(o["judge"], f1_threshold=o["f1_threshold"], url=o["judge_url"],
                        model=o["judge_model"], api_key_env=o["judge_api_key_env"])

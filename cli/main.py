@@ -70,13 +70,6 @@ def _report_to_stderr(enabled: bool) -> Iterator[None]:
         console.file = None  # type: ignore[assignment]
 
 
-def _check_fps(fps: float) -> None:
-    from hermes_policy.errors import VideoInputError
-
-    if math.isnan(fps):
-        raise VideoInputError("--fps must be a number of frames per second, got nan")
-
-
 def _note(message: str) -> None:
     """A notice about what the run did (not an error): yellow, on stderr."""
     typer.secho(message, err=True, fg=typer.colors.YELLOW)
@@ -241,7 +234,6 @@ def analyze(
     )
     from hermes_probe.runner import analyze as run_analysis
 
-    _check_fps(fps)
     config = ProbeConfig(fps=fps, chunk_frames=chunk, fifo_budget=fifo_budget, seed=seed, queries=tuple(query or ()))
     if from_profiles is not None:
         from hermes_policy.policy import ModelInfo
@@ -407,7 +399,6 @@ def stream(
         raise StreamError(f"choose one input, not {' and '.join(chosen)}")
     if at and (not ask or len(at) > len(ask)):
         raise StreamError("each --at needs its --ask (they pair up in order)")
-    _check_fps(fps)
     check_output_file(json_out)  # before the stream runs, not after
     with _report_to_stderr(is_stdout(json_out)):
         _stream(model, policy, video, annotations, video_root, frames, tokens_per_frame, fps, chunk, budget,
