@@ -106,6 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from hermes_policy import StreamingSession
+    from hermes_policy.atomic import write_text_atomic
     from hermes_policy.models import load_adapter
     from hermes_policy.streaming import rule_from_spec
     from hermes_policy.synthetic import text_stream
@@ -124,6 +125,31 @@ def main(argv: list[str] | None = None) -> int:
 
     samples: list[Sample] = []
     answers: list[dict[str, object]] = []
+    date = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    device = str(adapter.device)
+    if adapter.device.type == "cuda":
+        device += f" ({torch.cuda.get_device_name(adapter.device)})"
+    else:
+        device += f" ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+    out = args.out
+    if out is None:
+        model_name = adapter.name_or_path.replace("/", "_").replace(":", "-")
+        out = RESULTS / f"soak-{model_name}-{rule.name}-{args.frames}f-{adapter.device.type}-{date[:10]}.json"
+
+    def record(problems: list[str] | None) -> dict[str, object]:
+        """The results file; written after every sample, so an interrupted run keeps its data."""
+        return {
+            "command": "python benchmarks/soak.py " + shlex.join(sys.argv[1:] if argv is None else argv),
+            "date": date, "device": device, "torch": torch.__version__, "model": adapter.name_or_path,
+            "rule": rule.name, "budget": args.budget, "tokens_per_frame": adapter.tokens_per_frame,
+            "chunk_frames": args.chunk, "frames": args.frames, "max_positions": adapter.max_positions,
+            "complete": problems is not None, "frames_done": samples[-1].frames if samples else 0,
+            "seconds": samples[-1].seconds if samples else 0.0,
+            "flat": problems is not None and not problems, "problems": problems,
+            "answers": answers, "samples": [asdict(s) for s in samples],
+        }
+
+    out.parent.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     step = args.chunk * max(1, args.sample_every // args.chunk)
     for first in range(0, args.frames, step):
@@ -147,41 +173,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{sample.frames:>7} frames  {sample.seconds:7.0f} s  RSS {sample.rss_bytes / MIB:7.1f} MiB  "
               f"KV {sample.kv_cache_bytes / MIB:6.2f} MiB  kept<= {sample.tokens_kept_max:>5}  "
               f"max position {sample.max_position:>6}  compressions {sample.compressions}", flush=True)
+        write_text_atomic(out, json.dumps(record(None), indent=1) + "\n")
 
     problems = verdict(samples, int(args.warmup * args.frames), int(args.rss_tolerance_mib * MIB),
                        adapter.max_positions, budget_tokens)
-    device = str(adapter.device)
-    if adapter.device.type == "cuda":
-        device += f" ({torch.cuda.get_device_name(adapter.device)})"
-    else:
-        device += f" ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
-    record = {
-        "command": "python benchmarks/soak.py " + shlex.join(sys.argv[1:] if argv is None else argv),
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "device": device,
-        "torch": torch.__version__,
-        "model": adapter.name_or_path,
-        "rule": rule.name,
-        "budget": args.budget,
-        "tokens_per_frame": adapter.tokens_per_frame,
-        "chunk_frames": args.chunk,
-        "frames": args.frames,
-        "max_positions": adapter.max_positions,
-        "seconds": samples[-1].seconds if samples else 0.0,
-        "flat": not problems,
-        "problems": problems,
-        "answers": answers,
-        "samples": [asdict(s) for s in samples],
-    }
-    out = args.out
-    if out is None:
-        model_name = adapter.name_or_path.replace("/", "_").replace(":", "-")
-        day = record["date"][:10]
-        out = RESULTS / f"soak-{model_name}-{rule.name}-{args.frames}f-{adapter.device.type}-{day}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
+    write_text_atomic(out, json.dumps(record(problems), indent=1) + "\n")
     after = [s for s in samples if s.frames >= args.warmup * args.frames] or samples
-    print(f"\n{args.frames} frames in {record['seconds']:.0f} s on {device}; RSS after warm-up "
+    print(f"\n{args.frames} frames in {samples[-1].seconds:.0f} s on {device}; RSS after warm-up "
           f"{min(s.rss_bytes for s in after) / MIB:.1f}-{max(s.rss_bytes for s in after) / MIB:.1f} MiB; "
           f"highest position {max(s.max_position for s in samples)} of {adapter.max_positions}")
     print("FLAT" if not problems else "NOT FLAT: " + "; ".join(problems))
