@@ -67,6 +67,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--rss-tolerance-mib", type=float, default=64.0,
                         help="allowed growth of the median RSS from the first to the last quarter after warm-up")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (1 avoids spinning threads on a machine shared with other jobs)")
     parser.add_argument("--out", type=Path, default=None, help="results file (default: benchmarks/results/...)")
     return parser.parse_args(argv)
 
@@ -111,6 +113,8 @@ def main(argv: list[str] | None = None) -> int:
     from hermes_policy.streaming import rule_from_spec
     from hermes_policy.synthetic import text_stream
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     process = psutil.Process()
     adapter = load_adapter(args.model, device=args.device, tokens_per_frame=args.tokens_per_frame)
     if not adapter.is_text_only:
