@@ -114,7 +114,9 @@ def _demo(model: str | None, frames: int, tokens_per_frame: int, chunk: int, rul
     from hermes_policy.synthetic import shapes_video, text_stream
 
     adapter = _load(model, device, None, tokens_per_frame, False, exact_frame_length=False)
-    retention = rule_from_spec(rule, adapter, budget if budget is not None else 6000)
+    policy_file = rule.endswith(".json") or Path(rule).is_file()
+    # a policy file keeps its own budgets unless --budget is given; rules default to 6000 here
+    retention = rule_from_spec(rule, adapter, budget if budget is not None or policy_file else 6000)
     if adapter.is_text_only:
         stream = text_stream(frames, seed=seed)
         items: Any = stream.frames

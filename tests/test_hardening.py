@@ -164,6 +164,11 @@ def test_demo_runs_the_hermes_rule(tiny_llama_dir: Path, tmp_path: Path) -> None
     assert result.exit_code == 0, result.output
     data = json.loads(out.read_text())
     assert data["rule"] == "hermes" and data["budget"] == 32
+    policy = paper_default(ModelInfo("tiny", "LlamaForCausalLM", 3, 4, 2, 8), budget=40).save(tmp_path / "p.json")
+    result = runner.invoke(app, ["demo", "--model", str(tiny_llama_dir), "--frames", "8", "--tokens-per-frame", "8",
+                                 "--chunk", "4", "--rule", str(policy), "--device", "cpu", "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    assert json.loads(out.read_text())["budget"] == 40  # the file's own budget, not demo's default
 
 
 # -- analyze: identity, stream list, --force ----------------------------------------------------
