@@ -76,14 +76,20 @@ def _print_summary(console: Any, summary: dict[str, Any], result: Any) -> None:
 
 def eval_command(
     model: Annotated[str, typer.Option(help="Hub id or local folder of a video model.")],
-    annotations: Annotated[Path, typer.Option(help="Streaming-QA annotation JSON (METHOD.md section 10).")],
+    annotations: Annotated[Path, typer.Option(help="Streaming-QA annotation JSON: a list of videos, each with "
+                                              "video_id, video_path and conversations (question, answer, "
+                                              "optional choices and end_time); see docs/annotations.md.")],
     out: Annotated[Path, typer.Option(help="Output folder; re-running into it resumes.")],
     policy: Annotated[
-        str, typer.Option(help="A policy.json, paper-default, or a rule: full, fifo, sink+recent, uniform, attention-only, window, retrieval.")
+        str, typer.Option(help="A policy.json, paper-default (the paper's HERMES policy; also: hermes), "
+                          "or a rule: full, fifo, sink+recent, uniform, attention-only, window, retrieval.")
     ] = "paper-default",
     video_root: Annotated[Path | None, typer.Option(help="Folder that relative video paths refer to.")] = None,
     limit: Annotated[int | None, typer.Option(min=1, help="Only the first N questions of the benchmark.")] = None,
-    budget: Annotated[int, typer.Option(min=1, help="Stream tokens per layer (rules and paper-default).")] = 4000,
+    budget: Annotated[
+        int | None, typer.Option(min=1, help="Stream tokens per layer: for rules and paper-default (default 4000); "
+                                 "with a policy.json it overrides the file's budgets.")
+    ] = None,
     window_frames: Annotated[
         int | None, typer.Option(min=1, help="--policy window: frames re-prefilled at each question [default: 4].")
     ] = None,
@@ -93,7 +99,8 @@ def eval_command(
     host_budget_gb: Annotated[
         float | None, typer.Option(min=0.001, help="--policy retrieval: host memory for offloaded chunks [default: 32].")
     ] = None,
-    fps: Annotated[float, typer.Option(min=0.01, help="Frames sampled per second of video.")] = 0.5,
+    fps: Annotated[float, typer.Option(min=0.01, help="Frames sampled per second of video "
+                                       "(at most each video's own rate).")] = 0.5,
     chunk: Annotated[int, typer.Option(min=1, help="Frames per prefill chunk.")] = 8,
     max_new_tokens: Annotated[int, typer.Option(min=1, help="Answer length limit, open-ended questions.")] = 64,
     mc_max_new_tokens: Annotated[int, typer.Option(min=1, help="Answer length limit, multiple choice.")] = 16,
@@ -112,7 +119,14 @@ def eval_command(
     overwrite: Annotated[bool, typer.Option(help="Discard earlier results in --out instead of resuming.")] = False,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
 ) -> None:
-    """Run a video-QA benchmark: answers to results.jsonl (resumable), accuracies to summary.json."""
+    """Run a video-QA benchmark: answers to results.jsonl (resumable), accuracies to summary.json.
+
+    The annotation file is a JSON list of videos; each has a video_id, a video_path (relative
+    paths start at --video-root, else at the file's folder) and conversations: questions with
+    their answer, optional multiple-choice options and the stream second after which to ask
+    (end_time; absent: after the whole video). The format, with an example, is in
+    docs/annotations.md. To try it without a GPU or downloads: --model random:tiny-llava-ov.
+    """
     options = dict(locals())
     from hermes_cli.main import friendly_errors  # here: hermes_cli.main imports this module
 
@@ -121,11 +135,13 @@ def eval_command(
 
 def _run(**options: Any) -> None:
     from hermes_cli.main import _load, _rule_options, console
+    from hermes_cli.outputs import check_output_folder
 
     from hermes_policy.evaluation import distributed, evaluate, make_judge
 
     o = options
     device = distributed.resolve_device(o["device"])
+    check_output_folder(o["out"])  # before the model loads and the first video streams
     entries = _load_benchmark(o["annotations"], o["video_root"])
     judge = make_judge(o["judge"], f1_threshold=o["f1_threshold"], url=o["judge_url"],
                        model=o["judge_model"], api_key_env=o["judge_api_key_env"])
@@ -142,5 +158,16 @@ def _run(**options: Any) -> None:
         )
         if ctx.is_main and result.summary is not None:
             _print_summary(console, result.summary, result)
+            _fail_when_nothing_answered(result.summary)
     finally:
         distributed.shutdown(ctx)
+
+
+def _fail_when_nothing_answered(summary: dict[str, Any]) -> None:
+    """A run in which every video failed answered nothing: that is an error (exit 1), not an
+    accuracy of null that a script would take for success."""
+    from hermes_policy.evaluation.runner import EvalError
+
+    if summary["selected_questions"] and not summary["answered"] and summary["failed_videos"]:
+        raise EvalError(f"every video failed ({len(summary['failed_videos'])} of them); no question was "
+                        "answered (reasons above)")

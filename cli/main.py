@@ -7,16 +7,17 @@ line on stderr and exit code 1; nothing else about a user error is printed.
 from __future__ import annotations
 
 import functools
+import math
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
 import typer
+from hermes_cli.outputs import check_output_file, check_output_folder, is_stdout, write_json_output
 from rich.console import Console
 from rich.table import Table
-
-from hermes_policy.atomic import write_json_atomic
 
 app = typer.Typer(
     name="hermes-probe",
@@ -28,8 +29,16 @@ console = Console(width=None if sys.stdout.isatty() else 160)
 F = TypeVar("F", bound=Callable[..., Any])
 
 
+def _error_line(message: str) -> None:
+    typer.secho(f"error: {message}", err=True, fg=typer.colors.RED)
+
+
 def friendly_errors(func: F) -> F:
-    """Report user errors as one line and exit 1."""
+    """Report user errors as one line and exit 1.
+
+    Besides the package's own errors, a file-system error (a disk that fills up, a folder
+    removed under a run) is the user's environment, not a bug: it gets one line too.
+    """
 
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -38,10 +47,32 @@ def friendly_errors(func: F) -> F:
         try:
             return func(*args, **kwargs)
         except HermesError as exc:
-            typer.secho(f"error: {exc}", err=True, fg=typer.colors.RED)
+            _error_line(str(exc))
             raise typer.Exit(1) from None
+        except OSError as exc:
+            where = f": {exc.filename}" if exc.filename else ""
+            _error_line(f"{exc.strerror or exc}{where}")
+            raise typer.Exit(1) from None
+        finally:
+            console.file = None  # type: ignore[assignment] - back to standard output
 
     return wrapper  # type: ignore[return-value]
+
+
+@contextmanager
+def _report_to_stderr(enabled: bool) -> Iterator[None]:
+    """With ``--json -`` the JSON owns standard output; tables and notes go to stderr."""
+    if enabled:
+        console.file = sys.stderr
+    try:
+        yield
+    finally:
+        console.file = None  # type: ignore[assignment]
+
+
+def _note(message: str) -> None:
+    """A notice about what the run did (not an error): yellow, on stderr."""
+    typer.secho(message, err=True, fg=typer.colors.YELLOW)
 
 
 @app.command()
@@ -53,26 +84,39 @@ def demo(
     frames: Annotated[int, typer.Option(min=1, help="Frames of the synthetic stream.")] = 40,
     tokens_per_frame: Annotated[int, typer.Option(min=1, help="Text-frame length (causal LMs).")] = 48,
     chunk: Annotated[int, typer.Option(min=1, help="Frames per prefill chunk.")] = 8,
-    rule: Annotated[str, typer.Option(help="Retention rule: full or fifo.")] = "full",
-    budget: Annotated[int, typer.Option(min=1, help="Stream tokens per layer (bounded rules).")] = 6000,
+    rule: Annotated[str, typer.Option(help="Retention rule: full, fifo, sink+recent, uniform, attention-only, "
+                                      "hermes (= paper-default, the paper's policy) or a policy.json.")] = "full",
+    budget: Annotated[
+        int | None, typer.Option(min=1, help="Stream tokens per layer (bounded rules; default 6000; "
+                                 "overrides a policy file's own).")
+    ] = None,
     question: Annotated[
         str | None, typer.Option(help="Question to ask (default: the stream's own questions).")
     ] = None,
     device: Annotated[str | None, typer.Option(help="cpu, cuda, cuda:1 ... (default: cuda if available).")] = None,
     seed: Annotated[int, typer.Option(help="Seed of the synthetic stream.")] = 0,
-    json_out: Annotated[Path | None, typer.Option("--json", help="Also write the results here.")] = None,
+    json_out: Annotated[
+        Path | None, typer.Option("--json", help="Also write the results here (- for standard output).")
+    ] = None,
 ) -> None:
     """Stream the built-in synthetic stream through a model and answer questions about it."""
+    check_output_file(json_out)
+    with _report_to_stderr(is_stdout(json_out)):
+        _demo(model, frames, tokens_per_frame, chunk, rule, budget, question, device, seed, json_out)
+
+
+def _demo(model: str | None, frames: int, tokens_per_frame: int, chunk: int, rule: str, budget: int | None,
+          question: str | None, device: str | None, seed: int, json_out: Path | None) -> None:
     from rich.progress import Progress
 
     from hermes_policy import StreamingSession
-    from hermes_policy.models import load_adapter
-    from hermes_policy.retention import make_rule
+    from hermes_policy.streaming import rule_budget, rule_from_spec
     from hermes_policy.synthetic import shapes_video, text_stream
 
-    with console.status("loading model..."):
-        adapter = load_adapter(model, device=device, tokens_per_frame=tokens_per_frame)
-    retention = make_rule(rule, budget)
+    adapter = _load(model, device, None, tokens_per_frame, False, exact_frame_length=False)
+    policy_file = rule.endswith(".json") or Path(rule).is_file()
+    # a policy file keeps its own budgets unless --budget is given; rules default to 6000 here
+    retention = rule_from_spec(rule, adapter, budget if budget is not None or policy_file else 6000)
     if adapter.is_text_only:
         stream = text_stream(frames, seed=seed)
         items: Any = stream.frames
@@ -87,7 +131,7 @@ def demo(
         f"{frames} frames in chunks of {chunk}"
     )
     with Progress(console=console, transient=True) as progress:
-        task = progress.add_task("streaming", total=frames)
+        task = progress.add_task("streaming frames", total=frames)
         for start in range(0, frames, chunk):
             session.add_frames(items[start : start + chunk])
             progress.update(task, advance=min(chunk, frames - start))
@@ -113,14 +157,27 @@ def demo(
     kept = session.tokens_kept
     console.print(
         f"tokens kept per layer: min {min(kept)}, max {max(kept)} | KV cache "
-        f"{session.store.nbytes() / 2**20:.1f} MiB"
+        f"{session.store.nbytes() / 2**20:.1f} MiB | compressions {session.compressions}"
     )
+    _note_no_compression(session, retention)
     if json_out is not None:
         from hermes_policy.manifest import run_manifest
 
         manifest = run_manifest(adapter, retention, chunk_frames=session.chunk_frames, mode="streaming (synthetic)")
-        write_json_atomic(json_out, {"manifest": manifest, "model": adapter.name_or_path, "rule": retention.name,
-                                     "answers": results})
+        write_json_output(json_out, {"manifest": manifest, "model": adapter.name_or_path, "rule": retention.name,
+                                     "budget": rule_budget(retention, adapter.num_layers),
+                                     "compressions": session.compressions, "answers": results})
+
+
+def _note_no_compression(session: Any, rule: Any) -> None:
+    """A bounded rule that never had to compress ran as the full cache: say so, so that a
+    comparison of rules on a stream shorter than the budget is not taken for a result."""
+    budgets = [rule.budget_of(layer) for layer in range(session.store.num_layers)]
+    if session.compressions == 0 and any(b is not None for b in budgets):
+        streamed = session.frames_seen * session.adapter.tokens_per_frame
+        _note(f"note: no compression happened: the stream ({session.frames_seen} frames, about "
+              f"{streamed} tokens) fits the budget ({min(b for b in budgets if b is not None)} tokens per "
+              f"layer), so rule '{rule.name}' kept everything, as the full cache would")
 
 
 def _answer_dict(answer: Any) -> dict[str, Any]:
@@ -144,12 +201,15 @@ def analyze(
     videos: Annotated[Path | None, typer.Option(help="A video file or a folder of videos.")] = None,
     annotations: Annotated[Path | None, typer.Option(help="A streaming-QA annotation JSON.")] = None,
     video_root: Annotated[Path | None, typer.Option(help="Folder that relative video paths refer to.")] = None,
-    synthetic: Annotated[bool, typer.Option(help="Probe on the built-in synthetic stream (the default).")] = False,
+    synthetic: Annotated[bool, typer.Option(
+        help="Probe on the built-in synthetic stream (also used when neither --videos nor --annotations is given).",
+        show_default=False)] = False,
     frames: Annotated[int, typer.Option(min=3, help="Frames of the synthetic stream.")] = 64,
     tokens_per_frame: Annotated[
         int | None, typer.Option(min=1, help="Text-frame length for causal LMs (default 48).")
     ] = None,
-    fps: Annotated[float, typer.Option(min=0.01, help="Frames sampled per second of video.")] = 0.5,
+    fps: Annotated[float, typer.Option(min=0.01, help="Frames sampled per second of video "
+                                       "(at most the video's own rate).")] = 0.5,
     chunk: Annotated[int, typer.Option(min=1, help="Frames per prefill chunk.")] = 8,
     fifo_budget: Annotated[int, typer.Option(min=1, help="FIFO window of stream tokens per layer.")] = 6000,
     policy_budget: Annotated[int, typer.Option(min=1, help="Stream tokens per layer in the written policy.")] = 4000,
@@ -158,7 +218,8 @@ def analyze(
         list[str] | None, typer.Option(help="Probe query (repeatable); default: guidance prompts + generic questions.")
     ] = None,
     out: Annotated[Path, typer.Option(help="Output folder.")] = Path("probe-out"),
-    force: Annotated[bool, typer.Option(help="Overwrite an existing policy / start over.")] = False,
+    force: Annotated[bool, typer.Option(help="Start over: first remove the outputs of an earlier run in --out "
+                                        "(policy.json, profiles.npz, metrics.json, report.md, figures/).")] = False,
     figures: Annotated[bool, typer.Option(help="Write the figures.")] = True,
     from_profiles: Annotated[
         Path | None, typer.Option(help="Redo the analysis from a saved profiles.npz, without the model.")
@@ -169,7 +230,13 @@ def analyze(
 ) -> None:
     """Probe how a model's layers attend over a stream; write policy.json, profiles and figures."""
     from hermes_probe.report import findings
-    from hermes_probe.runner import ProbeConfig, ProbeError, analyze_profile, write_outputs
+    from hermes_probe.runner import (
+        ProbeConfig,
+        ProbeError,
+        analyze_profile,
+        clear_outputs,
+        write_outputs,
+    )
     from hermes_probe.runner import analyze as run_analysis
 
     config = ProbeConfig(fps=fps, chunk_frames=chunk, fifo_budget=fifo_budget, seed=seed, queries=tuple(query or ()))
@@ -177,13 +244,20 @@ def analyze(
         from hermes_policy.policy import ModelInfo
         from hermes_probe.profiles import AttentionProfile
 
+        check_output_folder(out)
         if (out / "policy.json").exists() and not force:
             raise ProbeError(f"{out} already holds a policy.json; use --force to overwrite it")
         profile = AttentionProfile.load(from_profiles)
-        if "model" not in profile.meta:
+        if not isinstance(profile.meta.get("model"), dict):
             raise ProbeError(f"{from_profiles} does not say which model it was recorded on")
-        metrics, fit, policy = analyze_profile(profile, ModelInfo(**profile.meta["model"]), budget=policy_budget)
-        out.mkdir(parents=True, exist_ok=True)
+        try:
+            model_info = ModelInfo(**profile.meta["model"])
+        except TypeError:
+            raise ProbeError(f"{from_profiles}: its model description is malformed") from None
+        metrics, fit, policy = analyze_profile(profile, model_info, budget=policy_budget,
+                                               source=str(from_profiles))
+        if force:
+            clear_outputs(out, keep=from_profiles)
         from hermes_policy.manifest import run_manifest
 
         manifest = run_manifest(mode="probe (from profiles)", profiles=str(from_profiles), model=profile.meta["model"])
@@ -193,6 +267,7 @@ def analyze(
                                            ("--synthetic", synthetic or None)) if given is not None]
         if len(chosen) > 1:
             raise ProbeError(f"choose one input, not {' and '.join(chosen)}")
+        check_output_folder(out)
         if (out / "policy.json").exists() and not force:
             raise ProbeError(f"{out} already holds a policy.json; use --force to overwrite it")
         adapter = _load(model, device, dtype, tokens_per_frame, trust_remote_code)
@@ -210,14 +285,20 @@ def analyze(
 
 
 def _load(model: str | None, device: str | None, dtype: str | None, tokens_per_frame: int | None,
-          trust_remote_code: bool) -> Any:
+          trust_remote_code: bool, exact_frame_length: bool = True) -> Any:
+    """Load a model quietly; ``exact_frame_length``: a video model whose frames are not
+    ``tokens_per_frame`` tokens long is an error (a default length only applies to text)."""
+    from transformers.utils import logging as transformers_logging
+
     from hermes_policy.errors import ModelLoadError
     from hermes_policy.models import load_adapter
 
+    # transformers' own "Loading weights" bars would print on every run, under our status line
+    transformers_logging.disable_progress_bar()
     with console.status("loading model..."):
         adapter = load_adapter(model, device=device, dtype=dtype, tokens_per_frame=tokens_per_frame,
                                trust_remote_code=trust_remote_code)
-    if tokens_per_frame is not None and adapter.tokens_per_frame != tokens_per_frame:
+    if exact_frame_length and tokens_per_frame is not None and adapter.tokens_per_frame != tokens_per_frame:
         raise ModelLoadError(
             f"{adapter.name_or_path} encodes one frame as {adapter.tokens_per_frame} tokens; "
             f"--tokens-per-frame {tokens_per_frame} is not possible for this model"
@@ -285,17 +366,25 @@ def stream(
         str | None, typer.Option(help="Hub id, local folder or .gguf file; default: the embedded SmolLM2.")
     ] = None,
     policy: Annotated[
-        str, typer.Option(help="A policy.json, paper-default, or a rule: full, fifo, sink+recent, uniform, attention-only, window, retrieval.")
+        str, typer.Option(help="A policy.json, paper-default (the paper's HERMES policy; also: hermes), "
+                          "or a rule: full, fifo, sink+recent, uniform, attention-only, window, retrieval.")
     ] = "paper-default",
     video: Annotated[Path | None, typer.Option(help="A video file or frame folder.")] = None,
-    annotations: Annotated[Path | None, typer.Option(help="Run every video and question of a streaming-QA JSON.")] = None,
+    annotations: Annotated[Path | None, typer.Option(help="Run every video and question of a streaming-QA JSON "
+                                                     "(format: docs/annotations.md).")] = None,
     video_root: Annotated[Path | None, typer.Option(help="Folder that relative video paths refer to.")] = None,
-    synthetic: Annotated[bool, typer.Option(help="Stream the built-in synthetic stream (the default).")] = False,
+    synthetic: Annotated[bool, typer.Option(
+        help="Stream the built-in synthetic stream (also used when neither --video nor --annotations is given).",
+        show_default=False)] = False,
     frames: Annotated[int, typer.Option(min=1, help="Frames of the synthetic stream.")] = 64,
     tokens_per_frame: Annotated[int | None, typer.Option(min=1, help="Text-frame length (causal LMs).")] = None,
-    fps: Annotated[float, typer.Option(min=0.01, help="Frames sampled per second of video.")] = 0.5,
+    fps: Annotated[float, typer.Option(min=0.01, help="Frames sampled per second of video "
+                                       "(at most the video's own rate).")] = 0.5,
     chunk: Annotated[int, typer.Option(min=1, help="Frames per prefill chunk.")] = 8,
-    budget: Annotated[int, typer.Option(min=1, help="Stream tokens per layer (rules and paper-default).")] = 4000,
+    budget: Annotated[
+        int | None, typer.Option(min=1, help="Stream tokens per layer: for rules and paper-default (default 4000); "
+                                 "with a policy.json it overrides the file's budgets.")
+    ] = None,
     window_frames: Annotated[
         int | None, typer.Option(min=1, help="--policy window: frames re-prefilled at each question [default: 4].")
     ] = None,
@@ -314,19 +403,12 @@ def stream(
     device: Annotated[str | None, typer.Option(help="cpu, cuda, cuda:1 ... (default: cuda if available).")] = None,
     dtype: Annotated[str | None, typer.Option(help="float32, bfloat16 or float16.")] = None,
     trust_remote_code: Annotated[bool, typer.Option(help="Allow code from the model repository.")] = False,
-    json_out: Annotated[Path | None, typer.Option("--json", help="Also write the results here.")] = None,
+    json_out: Annotated[
+        Path | None, typer.Option("--json", help="Also write the results here (- for standard output).")
+    ] = None,
 ) -> None:
     """Stream a video (or the synthetic stream) under a retention rule and answer questions at their times."""
-    import math
-
-    import numpy as np
-
-    from hermes_policy import StreamingSession
-    from hermes_policy.annotations import load_annotations
     from hermes_policy.errors import StreamError
-    from hermes_policy.streaming import TimedQuestion, rule_from_spec, stream_with_questions
-    from hermes_policy.synthetic import shapes_video, text_stream
-    from hermes_policy.video import read_video
 
     chosen = [n for n, g in (("--video", video), ("--annotations", annotations), ("--synthetic", synthetic or None))
               if g is not None]
@@ -334,41 +416,93 @@ def stream(
         raise StreamError(f"choose one input, not {' and '.join(chosen)}")
     if at and (not ask or len(at) > len(ask)):
         raise StreamError("each --at needs its --ask (they pair up in order)")
+    check_output_file(json_out)  # before the stream runs, not after
+    with _report_to_stderr(is_stdout(json_out)):
+        _stream(model, policy, video, annotations, video_root, frames, tokens_per_frame, fps, chunk, budget,
+                ask, at, max_new_tokens, seed, device, dtype, trust_remote_code, json_out)
+
+
+def _stream(model: str | None, policy: str, video: Path | None, annotations: Path | None,
+            video_root: Path | None, frames: int, tokens_per_frame: int | None, fps: float, chunk: int,
+            budget: int | None, ask: list[str] | None, at: list[float] | None, max_new_tokens: int,
+            seed: int, device: str | None, dtype: str | None, trust_remote_code: bool,
+            json_out: Path | None) -> None:
+    from types import SimpleNamespace
+
+    import numpy as np
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from hermes_policy import StreamingSession
+    from hermes_policy.annotations import load_annotations
+    from hermes_policy.errors import StreamError
+    from hermes_policy.streaming import (
+        TimedQuestion,
+        rule_budget,
+        rule_from_spec,
+        stream_chunks_with_questions,
+    )
+    from hermes_policy.synthetic import shapes_video, text_stream
+    from hermes_policy.video import iter_video_chunks, source_rate
+
+    entries = load_annotations(annotations, video_root) if annotations is not None else []
     adapter = _load(model, device, dtype, tokens_per_frame, trust_remote_code)
     if (video or annotations) and adapter.is_text_only:
         raise StreamError(f"{adapter.name_or_path} is a text-only model and cannot watch videos; use --synthetic")
+    rule_options = _rule_options(window_frames, retrieve_chunks, host_budget_gb)
+    rule = rule_from_spec(policy, adapter, budget, **rule_options)
+    rule.validate(adapter)  # before any frame is decoded
+    if budget is not None and policy not in ("paper-default", "hermes") and getattr(rule, "policy", None):
+        original = rule.policy.provenance.get("budget_override", {}).get("from")
+        _note(f"note: --budget {budget} overrides the budget of {policy} ({original} tokens per layer)")
     times = list(at or []) + [math.inf] * (len(ask or []) - len(at or []))
-    jobs = []  # (name, frames, timestamps, questions)
+
+    def chunks_of(path: Path) -> tuple[Any, int | None]:
+        """Lazily decoded chunks (one chunk in memory, not the video) and no known length."""
+        rate = source_rate(path)
+        if rate > 0 and fps > rate:
+            _note(f"note: --fps {fps:g} is above the rate of {path} ({rate:g} fps); sampling at {rate:g} fps "
+                  "(a higher rate would only repeat frames)")
+        return iter_video_chunks(path, fps, chunk, cap_at_source_rate=True), None
+
+    jobs: list[tuple[str, Callable[[], tuple[Any, int | None]], list[Any]]] = []
     if annotations is not None:
-        for entry in load_annotations(annotations, video_root):
-            decoded = read_video(entry.video_path, fps=fps)
+        for entry in entries:
             questions = [TimedQuestion(q.question, q.ask_after, q.answer) for q in entry.questions]
-            jobs.append((entry.video_id, decoded.frames, decoded.timestamps, questions))
+            jobs.append((entry.video_id, functools.partial(chunks_of, Path(entry.video_path)), questions))
     elif video is not None:
-        decoded = read_video(video, fps=fps)
-        jobs.append((str(video), decoded.frames, decoded.timestamps,
+        jobs.append((str(video), functools.partial(chunks_of, video),
                      [TimedQuestion(q, t) for q, t in zip(ask or [], times)]))
     else:
-        if adapter.is_text_only:
-            synth = text_stream(frames, seed=seed)
-        else:
-            synth = shapes_video(frames, seed=seed)
+        synth = text_stream(frames, seed=seed) if adapter.is_text_only else shapes_video(frames, seed=seed)
         questions = [TimedQuestion(q, t) for q, t in zip(ask or [], times)] or [
             TimedQuestion(q.question, q.end_time, q.answer) for q in synth.questions[:3]
         ]
-        jobs.append(("synthetic", synth.frames, np.asarray(synth.timestamps), questions))
+        stamps = np.asarray(synth.timestamps)
+
+        def synthetic_chunks() -> tuple[Any, int | None]:
+            pieces = (SimpleNamespace(frames=synth.frames[i : i + chunk], timestamps=stamps[i : i + chunk])
+                      for i in range(0, len(synth.frames), chunk))
+            return pieces, len(synth.frames)
+
+        jobs.append(("synthetic", synthetic_chunks, questions))
     if not any(questions for *_, questions in jobs):
         raise StreamError("nothing to ask: give --ask (or --annotations with questions)")
     records = []
-    for name, stream_frames, stamps, questions in jobs:
-        rule = rule_from_spec(policy, adapter, budget, **_rule_options(window_frames, retrieve_chunks, host_budget_gb))
-        session = StreamingSession(adapter, rule, chunk_frames=chunk, fps=fps)
-        console.print(f"[bold]{name}[/]: {len(stream_frames)} frames | rule [bold]{rule.name}[/] | "
-                      f"{adapter.name_or_path}")
+    compressions = 0
+    for name, open_chunks, questions in jobs:
+        session = StreamingSession(adapter, rule_from_spec(policy, adapter, budget, **rule_options), chunk_frames=chunk,
+                                   fps=fps)
+        console.print(f"[bold]{name}[/] | rule [bold]{rule.name}[/] | {adapter.name_or_path}")
         table = Table()
         for column in ("at s", "question", "expected", "answer", "TTFT ms", "TPOT ms", "kept/layer", "peak MiB"):
             table.add_column(column)
-        for question, answer in stream_with_questions(session, stream_frames, stamps, questions, max_new_tokens):
+        chunks, total = open_chunks()
+        columns = (TextColumn("streaming"), BarColumn(), TextColumn("{task.completed} frames"), TimeElapsedColumn())
+        with Progress(*columns, console=console, transient=True) as progress:
+            task = progress.add_task("streaming", total=total)
+            answered = stream_chunks_with_questions(session, chunks, questions, max_new_tokens,
+                                                    on_frames=lambda n, task=task: progress.advance(task, n))
+        for question, answer in answered:
             kept = answer.tokens_kept
             peak = answer.peak_memory_bytes
             table.add_row(
@@ -382,15 +516,17 @@ def stream(
                             "question": question.question, "expected": question.expected,
                             **_answer_dict(answer)})
         console.print(table)
-        console.print(f"compressions {session.compressions}, guidance passes {session.guidance_passes}, "
-                      f"KV cache {session.store.nbytes() / 2**20:.1f} MiB")
+        console.print(f"{session.frames_seen} frames | compressions {session.compressions}, guidance passes "
+                      f"{session.guidance_passes}, KV cache {session.store.nbytes() / 2**20:.1f} MiB")
+        _note_no_compression(session, session.retention)
+        compressions += session.compressions
     if json_out is not None:
         from hermes_policy.manifest import run_manifest
 
         manifest = run_manifest(adapter, rule, fps=fps, chunk_frames=chunk, mode="streaming")
-        write_json_atomic(json_out, {"manifest": manifest, "model": adapter.name_or_path, "policy": policy,
-                                     "budget": budget,
-                                     "results": records})
+        write_json_output(json_out, {"manifest": manifest, "model": adapter.name_or_path, "policy": policy,
+                                     "budget": rule_budget(rule, adapter.num_layers),
+                                     "compressions": compressions, "answers": records})
 
 
 def _rule_options(window_frames: int | None, retrieve_chunks: int | None, host_budget_gb: float | None) -> dict:

@@ -1,10 +1,39 @@
-"""hermes_policy: the streaming runtime (models, video input, KV store, retention rules)."""
+"""hermes_policy: the streaming runtime (models, video input, KV store, retention rules).
+
+The heavy names (the session and the KV store, which import torch and Triton) load on
+first use, so that ``hermes-probe --help``, ``version`` and ``show`` answer at once.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
 
 from .errors import HermesError, ModelLoadError, RetentionError, StreamError, VideoInputError
-from .kv_store import KVStore
-from .session import Answer, IngestReport, StreamingSession
 
 __version__ = "0.1.0"
+
+# name -> submodule that defines it, imported on first access (PEP 562)
+_LAZY = {
+    "KVStore": "kv_store",
+    "Answer": "session",
+    "IngestReport": "session",
+    "StreamingSession": "session",
+}
+
+if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
+    from .kv_store import KVStore
+    from .session import Answer, IngestReport, StreamingSession
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value  # later accesses skip this function
+    return value
+
 
 __all__ = [
     "Answer",

@@ -15,13 +15,13 @@ naming the entry.
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from .errors import HermesError
+from .json_input import load_json_file
 
 
 class AnnotationError(HermesError):
@@ -116,10 +116,7 @@ def load_annotations(path: str | Path, video_root: str | Path | None = None) -> 
     path = Path(path)
     if not path.is_file():
         raise AnnotationError(f"annotation file not found: {path}")
-    try:
-        data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise AnnotationError(f"{path} is not valid JSON: {exc}") from None
+    data = load_json_file(path, error=AnnotationError)
     if isinstance(data, dict) and isinstance(data.get("videos"), list):
         data = data["videos"]
     if not isinstance(data, list):

@@ -13,8 +13,6 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 
 @contextmanager
 def atomic_path(path: str | os.PathLike[str], suffix: str = "") -> Iterator[Path]:
@@ -38,7 +36,9 @@ def write_text_atomic(path: str | os.PathLike[str], text: str) -> Path:
     return Path(path)
 
 
-def _json_default(value: Any) -> Any:
+def json_default(value: Any) -> Any:
+    import numpy as np  # here: the CLI imports this module and must start fast
+
     if isinstance(value, np.generic):
         return value.item()
     if isinstance(value, np.ndarray):
@@ -48,4 +48,4 @@ def _json_default(value: Any) -> Any:
 
 def write_json_atomic(path: str | os.PathLike[str], data: Any) -> Path:
     """Write ``data`` as indented JSON (numpy values allowed) atomically."""
-    return write_text_atomic(path, json.dumps(data, indent=2, default=_json_default) + "\n")
+    return write_text_atomic(path, json.dumps(data, indent=2, default=json_default) + "\n")

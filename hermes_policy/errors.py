@@ -30,3 +30,7 @@ class RetentionError(HermesError):
 
 class PolicyError(HermesError):
     """A policy JSON is malformed, of another schema, or does not fit the model."""
+
+
+class OutputError(HermesError):
+    """An output path cannot be written (read-only, a file where a folder is needed, ...)."""

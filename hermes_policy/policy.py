@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, field
+import string
+from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 from .atomic import write_json_atomic
 from .errors import PolicyError
+from .json_input import load_json_file
 
 SCHEMA = "hermes-policy/1"
 TIERS = ("sensory", "working", "long_term")
@@ -136,11 +138,7 @@ class Policy:
         path = Path(path)
         if not path.is_file():
             raise PolicyError(f"policy file not found: {path}")
-        try:
-            data = json.loads(path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise PolicyError(f"{path} is not valid JSON: {exc}") from None
-        return _parse(data, str(path))
+        return _parse(load_json_file(path, error=PolicyError), str(path))
 
     def save(self, path: str | Path) -> Path:
         """Validate, then write atomically (temp file in the same folder, then rename)."""
@@ -149,6 +147,17 @@ class Policy:
         return write_json_atomic(path, data)
 
     # -- use -------------------------------------------------------------------------
+    def with_budget(self, budget: int) -> Policy:
+        """This policy at another budget: ``budget`` stream tokens per layer, per-layer
+        budgets scaled in proportion (never below one frame); provenance notes the change."""
+        if budget < self.model.tokens_per_frame:
+            raise PolicyError(f"budget {budget} is smaller than one frame ({self.model.tokens_per_frame} tokens)")
+        scale = budget / self.budget
+        layers = [replace(layer, budget=max(self.model.tokens_per_frame, round(layer.budget * scale)))
+                  for layer in self.layers]
+        provenance = {**self.provenance, "budget_override": {"from": self.budget, "to": budget}}
+        return replace(self, budget=budget, layers=layers, provenance=provenance)
+
     def check_model(self, num_layers: int, num_heads: int, num_kv_heads: int, tokens_per_frame: int) -> None:
         """Raise PolicyError when the policy was made for a model of another shape."""
         expected = {
@@ -242,6 +251,33 @@ def paper_default(
 
 
 # -- validation ------------------------------------------------------------------------
+# A guidance prompt is prefilled at every compression, so its length is its cost; the
+# defaults are ~150 characters.
+MAX_GUIDANCE_CHARS = 2000
+MAX_HISTORY_PLACEHOLDERS = 4
+
+
+def _check_template(text: str, key: str, source: str) -> None:
+    """A guidance template is data: literal text plus bare ``{history}`` placeholders. Format specs (``{history:>9999}`` makes a prompt of any
+    size), conversions (``{history!r}``) and other fields are refused, so that formatting
+    it can neither fail mid-stream nor grow without bound."""
+    try:
+        fields = [(name, spec, conversion) for _, name, spec, conversion in string.Formatter().parse(text)
+                  if name is not None]
+    except ValueError as exc:  # a lone "{" or "}"
+        raise PolicyError(f"{source}: guidance.{key} is not a valid template ({exc}); "
+                          "write a literal brace as {{ or }}") from None
+    for name, spec, conversion in fields:
+        if name != "history" or spec or conversion:
+            shown = "{" + name + (f"!{conversion}" if conversion else "") + (f":{spec}" if spec else "") + "}"
+            raise PolicyError(f"{source}: guidance.{key} contains {shown}; "
+                              "the only placeholder allowed is a bare {history}")
+    if not fields:
+        raise PolicyError(f"{source}: guidance.{key} must contain the placeholder {{history}}")
+    if len(fields) > MAX_HISTORY_PLACEHOLDERS:  # each one repeats the last question and answer
+        raise PolicyError(f"{source}: guidance.{key} repeats {{history}} {len(fields)} times "
+                          f"(at most {MAX_HISTORY_PLACEHOLDERS})")
+
 def _need(data: dict, key: str, kind: type | tuple[type, ...], where: str) -> Any:
     if not isinstance(data, dict):
         raise PolicyError(f"{where} must be an object")
@@ -336,14 +372,12 @@ def _parse(data: Any, source: str) -> Policy:
         local_with_history=_need(g, "local_with_history", str, f"{where}.guidance"),
         global_with_history=_need(g, "global_with_history", str, f"{where}.guidance"),
     )
-    for key in ("local_with_history", "global_with_history"):
-        text = getattr(guidance, key)
-        if "{history}" not in text:
-            raise PolicyError(f"{source}: guidance.{key} must contain the placeholder {{history}}")
-        try:
-            text.format(history="")
-        except (KeyError, IndexError, ValueError):
-            raise PolicyError(f"{source}: guidance.{key} may contain no placeholder but {{history}}") from None
+    for key, text in guidance.to_dict().items():
+        if len(text) > MAX_GUIDANCE_CHARS:
+            raise PolicyError(f"{source}: guidance.{key} is {len(text)} characters long "
+                              f"(at most {MAX_GUIDANCE_CHARS})")
+        if key.endswith("_with_history"):  # the others are used as they are, never formatted
+            _check_template(text, key, source)
     reindex = _need(data, "reindex", str, where)
     if reindex not in REINDEX_MODES:
         raise PolicyError(f"{source}: reindex is {reindex!r}, expected 'lazy' or 'eager'")

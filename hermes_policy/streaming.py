@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -14,20 +15,35 @@ from .policy import ModelInfo, Policy, paper_default
 from .retention import RULES, HermesRetention, RetentionRule, make_rule
 from .session import Answer, StreamingSession
 
+DEFAULT_BUDGET = 4000
 
-def rule_from_spec(spec: str, adapter: ModelAdapter, budget: int, **options: Any) -> RetentionRule:
-    """A rule from a command-line spec: a policy file, ``paper-default``, or a rule name.
+def rule_from_spec(spec: str, adapter: ModelAdapter, budget: int | None = None, **options: Any) -> RetentionRule:
+    """A rule from a command-line spec: a policy file, ``paper-default`` (also ``hermes``),
+    or a rule name.
 
+    ``budget`` is stream tokens per layer; None means the policy file's own budget, or
+    :data:`DEFAULT_BUDGET` for rules and the paper default. Given with a policy file it
+    overrides the file's budgets (see :meth:`Policy.with_budget`), never silently ignored.
     ``options`` go to rules that have them (``frames`` of ``window``; ``retrieve_chunks``
     and ``host_budget_bytes`` of ``retrieval``); None values and options of other rules are
     ignored, so a command line can pass every option whatever the rule.
     """
-    if spec == "paper-default":
-        return HermesRetention(policy=paper_default(ModelInfo.of(adapter), budget=budget))
+    if spec in ("paper-default", "hermes"):
+        return HermesRetention(policy=paper_default(ModelInfo.of(adapter), budget=budget or DEFAULT_BUDGET))
     if spec.endswith(".json") or Path(spec).is_file():
-        return HermesRetention(policy=Policy.load(spec))
+        policy = Policy.load(spec)
+        return HermesRetention(policy=policy if budget is None else policy.with_budget(budget))
     fields = RULES[spec].__dataclass_fields__ if spec in RULES else {}
-    return make_rule(spec, budget, **{k: v for k, v in options.items() if k in fields})
+    return make_rule(spec, budget or DEFAULT_BUDGET, **{k: v for k, v in options.items() if k in fields})
+
+
+def rule_budget(rule: RetentionRule, num_layers: int) -> int | list[int] | None:
+    """The stream tokens per layer a rule keeps: one number when every layer has the same,
+    a list per layer otherwise, None when unbounded (what the results record)."""
+    budgets = [rule.budget_of(layer) for layer in range(num_layers)]
+    if any(b is None for b in budgets):
+        return None
+    return budgets[0] if len(set(budgets)) == 1 else budgets
 
 
 @dataclass
@@ -70,5 +86,39 @@ def stream_with_questions(
         if not pending and index >= n:
             break
     for question in pending:  # questions after the end
+        results.append((question, session.ask(question.question, max_new_tokens)))
+    return results
+
+
+def stream_chunks_with_questions(
+    session: StreamingSession,
+    chunks: Iterable[Any],
+    questions: list[TimedQuestion],
+    max_new_tokens: int | None = None,
+    on_frames: Callable[[int], None] | None = None,
+) -> list[tuple[TimedQuestion, Answer]]:
+    """:func:`stream_with_questions` over lazily decoded chunks (objects with ``frames`` and
+    ``timestamps``, e.g. from :func:`hermes_policy.video.iter_video_chunks`).
+
+    One chunk is decoded ahead: a question is due within the current chunk when it comes
+    before the next chunk's first frame, so every question is asked at the same point as
+    with the whole video in memory, while memory holds two chunks, not the video.
+    ``on_frames(n)`` is called after each chunk with the frames it held (for progress).
+    """
+    pending = sorted(questions, key=lambda q: q.at)
+    results: list[tuple[TimedQuestion, Answer]] = []
+    iterator = iter(chunks)
+    current = next(iterator, None)
+    while current is not None:
+        upcoming = next(iterator, None)
+        horizon = float(upcoming.timestamps[0]) if upcoming is not None else math.inf
+        due = [q for q in pending if q.at < horizon]
+        pending = pending[len(due):]
+        results += stream_with_questions(session, current.frames, np.asarray(current.timestamps), due,
+                                         max_new_tokens)
+        if on_frames is not None:
+            on_frames(len(current.frames))
+        current = upcoming
+    for question in pending:  # only when there were no frames at all
         results.append((question, session.ask(question.question, max_new_tokens)))
     return results

@@ -11,7 +11,7 @@ Two kinds of stream, both reproducible from a seed:
   questions whose answers are those facts.
 
 :func:`write_synthetic_benchmark` writes shapes videos as mp4 plus a streaming-QA
-annotation JSON in the common format (METHOD.md section 10), to exercise benchmark code
+annotation JSON in the common format (docs/annotations.md), to exercise benchmark code
 without downloading anything.
 
 Question timing: a question about the content of frame ``j`` gets

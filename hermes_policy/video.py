@@ -396,12 +396,32 @@ def select_frames(
         k += 1
 
 
+def capped_rate(fps: float, source_fps: float, path: Any) -> float:
+    """``fps`` capped at the source's own rate: above it the sampler only repeats frames
+    (``--fps 1e9`` would make a billion copies). A source of unknown rate needs a finite fps."""
+    if source_fps > 0:
+        return min(fps, source_fps)
+    if not math.isfinite(fps):
+        raise VideoInputError(f"{path} does not state its frame rate; give a finite fps, got {fps}")
+    return fps
+
+
+def source_rate(path: str | os.PathLike[str], folder_fps: float = 1.0) -> float:
+    """The nominal frame rate of a video file (``folder_fps`` for a frame folder; 0 if unknown),
+    read from the container without decoding frames."""
+    with _open_source(path, folder_fps) as source:
+        return float(source.source_fps)
+
+
 def _check_args(
-    path: Any, fps: float | None, max_frames: int | None, start: float, end: float | None
+    path: Any, fps: float | None, max_frames: int | None, start: float, end: float | None,
+    allow_infinite: bool = False,
 ) -> float:
-    """Validate sampling parameters; returns ``end`` as a float (``inf`` when None)."""
-    if fps is not None and not (fps > 0 and math.isfinite(fps)):
-        raise VideoInputError(f"fps must be > 0 to sample {path}, got {fps}")
+    """Validate sampling parameters; returns ``end`` as a float (``inf`` when None).
+    ``allow_infinite``: an infinite fps means "every frame at the source rate"."""
+    if fps is not None and not (fps > 0 and (math.isfinite(fps) or allow_infinite)):
+        what = "a positive number" if allow_infinite else "a positive, finite number"
+        raise VideoInputError(f"fps must be {what} to sample {path}, got {fps}")
     if max_frames is not None and max_frames < 1:
         raise VideoInputError(f"max_frames must be at least 1 to read {path}, got {max_frames}")
     if not (start >= 0 and math.isfinite(start)):
@@ -419,14 +439,17 @@ def _sampled_frames(
     start: float,
     end: float | None,
     folder_fps: float,
+    cap_at_source_rate: bool = False,
 ) -> Iterator[tuple[float, np.ndarray, float]]:
     """Yield ``(timestamp, rgb (H, W, 3) uint8, source_fps)`` for each selected frame.
 
     Raises VideoInputError when nothing is selected, distinguishing a source without a
     single decodable frame from a window that misses all of them.
     """
-    end_f = _check_args(path, fps, max_frames, start, end)
+    end_f = _check_args(path, fps, max_frames, start, end, allow_infinite=cap_at_source_rate)
     with _open_source(path, folder_fps) as source:
+        if cap_at_source_rate and fps is not None:
+            fps = capped_rate(fps, source.source_fps, path)
         seen = 0
         last_t = 0.0
 
@@ -481,6 +504,7 @@ def read_video(
     end: float | None = None,
     *,
     folder_fps: float = 1.0,
+    cap_at_source_rate: bool = False,
 ) -> VideoFrames:
     """Decode a video file or frame folder into memory, sampled at ``fps``.
 
@@ -498,6 +522,9 @@ def read_video(
         Window ``[start, end)`` in seconds; ``end=None`` means the end of the video.
     folder_fps
         Rate at which the images of a frame folder are assumed to be shot.
+    cap_at_source_rate
+        Sample at most at the source's own rate (no repeated frames; ``fps=inf`` then
+        means every frame). The command line always sets it.
 
     Returns
     -------
@@ -511,7 +538,7 @@ def read_video(
         no frames in the window, empty frame folder, frames of different sizes, or
         invalid sampling parameters. The message names the file.
     """
-    items = list(_sampled_frames(path, fps, max_frames, start, end, folder_fps))
+    items = list(_sampled_frames(path, fps, max_frames, start, end, folder_fps, cap_at_source_rate))
     return _to_video_frames(items, str(path), items[0][2])
 
 
@@ -524,6 +551,7 @@ def iter_video_chunks(
     start: float = 0.0,
     end: float | None = None,
     folder_fps: float = 1.0,
+    cap_at_source_rate: bool = False,
 ) -> Iterator[VideoFrames]:
     """Decode a video lazily, yielding chunks of ``chunk_frames`` sampled frames.
 
@@ -533,7 +561,7 @@ def iter_video_chunks(
 
     Parameters
     ----------
-    path, fps, max_frames, start, end, folder_fps
+    path, fps, max_frames, start, end, folder_fps, cap_at_source_rate
         As in :func:`read_video`.
     chunk_frames
         Frames per chunk; the last chunk may be shorter.
@@ -552,7 +580,7 @@ def iter_video_chunks(
     if chunk_frames < 1:
         raise VideoInputError(f"chunk_frames must be at least 1 to read {path}, got {chunk_frames}")
     buffer: list[tuple[float, np.ndarray, float]] = []
-    for item in _sampled_frames(path, fps, max_frames, start, end, folder_fps):
+    for item in _sampled_frames(path, fps, max_frames, start, end, folder_fps, cap_at_source_rate):
         buffer.append(item)
         if len(buffer) == chunk_frames:
             yield _to_video_frames(buffer, str(path), item[2])

@@ -18,6 +18,7 @@ Saved as ``.npz`` (``allow_pickle=False``) with the metadata as a JSON string.
 from __future__ import annotations
 
 import json
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,7 @@ import numpy as np
 
 from hermes_policy.atomic import atomic_path
 from hermes_policy.errors import HermesError
+from hermes_policy.json_input import parse_json_text
 
 _ARRAYS = (
     "distance_sum",
@@ -152,18 +154,53 @@ class AttentionProfile:
         path = Path(path)
         if not path.is_file():
             raise ProfileError(f"profile file not found: {path}")
+        if path.stat().st_size == 0:
+            raise ProfileError(f"{path} is empty, not a hermes-probe profile")
         try:
             with np.load(path, allow_pickle=False) as data:
-                header = json.loads(str(data["header"]))
+                header = parse_json_text(str(data["header"]), f"{path} header", ProfileError)
                 arrays = {name: np.array(data[name], dtype=np.float64) for name in _ARRAYS}
-        except (OSError, ValueError, KeyError) as exc:
+        except ProfileError:
+            raise
+        # EOFError: a truncated file (click would print a bare "Aborted!" for it)
+        except (OSError, ValueError, KeyError, TypeError, EOFError, zipfile.BadZipFile) as exc:
             raise ProfileError(f"{path} is not a hermes-probe profile: {exc}") from None
-        return cls(
-            num_layers=int(header["num_layers"]),
-            num_heads=int(header["num_heads"]),
-            max_distance=int(header["max_distance"]),
-            period=int(header["period"]),
-            probes=int(header["probes"]),
-            meta=dict(header.get("meta", {})),
-            **arrays,
-        )
+        if not isinstance(header, dict):
+            raise ProfileError(f"{path} is not a hermes-probe profile: its header is not an object")
+        sizes = {}
+        for key in ("num_layers", "num_heads", "max_distance", "period", "probes"):
+            value = header.get(key)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ProfileError(f"{path}: header field {key!r} must be a non-negative integer, got {value!r}")
+            sizes[key] = value
+        meta = header.get("meta", {})
+        if not isinstance(meta, dict):
+            raise ProfileError(f"{path}: header field 'meta' must be an object")
+        return cls(**sizes, meta=dict(meta), **arrays)
+
+    def check_usable(self, source: str = "profile") -> None:
+        """Raise ProfileError with the reason when no sound analysis can come from this profile:
+        no probes, NaN or negative sums, no attention at all, impossible per-probe means, or a
+        window too short to tell recency from a per-frame rhythm."""
+        if self.num_layers < 3:
+            raise ProfileError(f"{source}: {self.num_layers} layer(s); three tiers need at least 3")
+        if self.probes < 1:
+            raise ProfileError(f"{source} holds no probe queries; nothing to analyse")
+        for name in _ARRAYS:
+            values = getattr(self, name)
+            if not np.isfinite(values).all():
+                raise ProfileError(f"{source}: {name} contains NaN or infinite values")
+            if (values < 0).any():
+                raise ProfileError(f"{source}: {name} contains negative values")
+        if not self.distance_sum.any() or not self.distance_count.any():
+            raise ProfileError(f"{source} records no attention at all (its sums are zero)")
+        for name in ("entropy", "top_mass", "video_mass"):
+            mean = self.mean(name)
+            if (mean > 1.0 + 1e-6).any():
+                raise ProfileError(f"{source}: the mean {name} per probe reaches {mean.max():.3g}; "
+                                   "as a share it cannot exceed 1")
+        if self.window < 2 * self.period:
+            raise ProfileError(
+                f"{source}: its window is {self.window} tokens, less than two frames of "
+                f"{self.period} tokens; recency and a per-frame rhythm cannot be measured from it"
+            )

@@ -15,6 +15,7 @@ lists the finished streams) is written atomically to ``profiles.npz``; a rerun s
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -77,9 +78,11 @@ def stream_budget(config: ProbeConfig, num_frames: int, tokens_per_frame: int) -
 
 
 def probe_stream(
-    adapter: ModelAdapter, stream: ProbeStream, config: ProbeConfig, recorder: AttentionRecorder
+    adapter: ModelAdapter, stream: ProbeStream, config: ProbeConfig, recorder: AttentionRecorder,
+    on_frames: Callable[[int, int], None] | None = None,
 ) -> int:
-    """Stream one input through a FIFO cache and record every probe query. Returns probes made."""
+    """Stream one input through a FIFO cache and record every probe query. Returns probes made.
+    ``on_frames(done, total)`` is called after each chunk (for progress)."""
     frames, timestamps = stream.load()
     num_frames = len(frames)
     budget = stream_budget(config, num_frames, adapter.tokens_per_frame)
@@ -102,6 +105,8 @@ def probe_stream(
             for query in generic:
                 recorder.probe(session, query)
                 probes += 1
+        if on_frames is not None:
+            on_frames(end, num_frames)
     if generic and probes == 0:  # the window never filled: probe once at the end
         for query in generic:
             recorder.probe(session, query)
@@ -142,7 +147,8 @@ def record_streams(
 
     info = asdict(model_info(adapter))
     recorder = AttentionRecorder(adapter, max_distance=config.fifo_budget)
-    done: list[str] = []
+    done: list[str] = []  # stream keys (identities), in the order they were probed
+    stream_list: list[dict[str, Any]] = []  # what each probed stream was, stored with the run
     if profile_path.is_file():
         recorder.profile = AttentionProfile.load(profile_path)
         meta = recorder.profile.meta
@@ -152,25 +158,44 @@ def record_streams(
                 "use another --out folder or --force to start over"
             )
         done = list(meta.get("done", []))
+        stream_list = list(meta.get("streams", []))
+        if len(stream_list) != len(done):  # written before streams were identified by file
+            raise ProbeError(
+                f"{profile_path} lists its streams by name only, so a resumed run could count one "
+                "twice; use --force to start over"
+            )
+    keys = [s.key for s in streams]
+    duplicates = sorted({s.name for s in streams if keys.count(s.key) > 1})
+    if duplicates:
+        raise ProbeError(f"the same stream is given twice: {', '.join(duplicates)}")
     failed: dict[str, str] = {}
-    todo = [s for s in streams if s.name not in done]
+    todo = [s for s in streams if s.key not in done]
     columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                TimeElapsedColumn(), TimeRemainingColumn())
     with Progress(*columns, disable=not progress, transient=False) as bar:
-        task = bar.add_task("probing streams", total=len(streams), completed=len(streams) - len(todo))
+        task = bar.add_task("streams", total=len(streams), completed=len(streams) - len(todo))
+        # one long stream takes minutes: a second bar follows its frames
+        frames_task = bar.add_task("frames", total=None, visible=False)
         for stream in todo:
             bar.update(task, description=f"probing {Path(stream.name).name[:40]}")
+
+            def on_frames(done_frames: int, total_frames: int) -> None:
+                bar.update(frames_task, completed=done_frames, total=total_frames, visible=True)
+
             try:
-                probe_stream(adapter, stream, config, recorder)
+                probe_stream(adapter, stream, config, recorder, on_frames=on_frames)
             except HermesError as exc:
                 failed[stream.name] = str(exc)
                 bar.advance(task)
                 continue
-            done.append(stream.name)
+            done.append(stream.key)
+            stream_list.append({"name": stream.name, **stream.identity})
             profile = recorder.profile
-            profile.meta.update({"model": info, "config": config.to_dict(), "done": done})
+            profile.meta.update({"model": info, "config": config.to_dict(), "done": done,
+                                 "streams": stream_list})
             profile.save(profile_path)
             bar.advance(task)
+        bar.update(frames_task, visible=False)
     if recorder.profile is None or recorder.profile.probes == 0:
         reasons = "; ".join(f"{k}: {v}" for k, v in failed.items()) or "no stream given"
         raise ProbeError(f"no stream could be probed ({reasons})")
@@ -178,9 +203,14 @@ def record_streams(
 
 
 def analyze_profile(
-    profile: AttentionProfile, model: ModelInfo, budget: int = 4000, reindex: str = "lazy"
+    profile: AttentionProfile, model: ModelInfo, budget: int = 4000, reindex: str = "lazy",
+    source: str = "the recorded profile",
 ) -> tuple[ProfileMetrics, TierFit, Policy]:
-    """Metrics, tiers and policy from a recorded profile (no model needed)."""
+    """Metrics, tiers and policy from a recorded profile (no model needed).
+
+    A degenerate profile (no probes, NaN, zeros, a window under two frames) is refused
+    with its reason rather than turned into a policy full of ``nan``."""
+    profile.check_usable(source)
     metrics = compute_metrics(profile)
     fit = best_contiguous_split(role_scores(metrics))
     layers = layer_parameters(metrics, fit, budget)
@@ -238,8 +268,8 @@ def analyze(
     if (out / "policy.json").exists() and not force:
         raise ProbeError(f"{out} already holds a policy.json; use --force to overwrite it")
     profile_path = out / "profiles.npz"
-    if force and profile_path.exists():
-        profile_path.unlink()
+    if force:
+        clear_outputs(out)
     out.mkdir(parents=True, exist_ok=True)
     profile, failed = record_streams(adapter, streams, config, profile_path, progress=progress)
     metrics, fit, policy = analyze_profile(profile, model_info(adapter), budget=policy_budget)
@@ -252,6 +282,25 @@ def analyze(
     )
     write_outputs(out, profile, metrics, fit, policy, failed, figures=figures, manifest=manifest)
     return ProbeResult(profile, metrics, fit, policy, failed)
+
+
+OUTPUT_FILES = ("policy.json", "profiles.npz", "metrics.json", "report.md")
+
+
+def clear_outputs(out: Path, keep: Path | None = None) -> None:
+    """Remove what an earlier run wrote into ``out`` (only the files this module writes, and
+    ``figures/``), the policy first: it marks a finished run, so an interrupted ``--force``
+    run leaves no old policy beside new partial profiles. ``keep`` (an input) is spared."""
+    import shutil
+
+    spared = keep.resolve() if keep is not None else None
+    for name in OUTPUT_FILES:
+        path = out / name
+        if path.is_file() and path.resolve() != spared:
+            path.unlink()
+    figures = out / "figures"
+    if figures.is_dir():
+        shutil.rmtree(figures)
 
 
 def write_outputs(
@@ -275,7 +324,8 @@ def write_outputs(
         {"manifest": manifest, "layers": metrics.layer_table(), "head_periodicity": metrics.head_periodicity,
          "head_recency_share": metrics.head_recency_share, "tier_fit": {
              "tiers": fit.tiers, "levels": fit.levels, "r2": fit.r2, "roles": fit.roles,
-             "mismatches": fit.mismatches}, "failed_streams": failed},
+             "mismatches": fit.mismatches}, "failed_streams": failed,
+         "streams": profile.meta.get("streams", [])},
     )
     write_text_atomic(out / "report.md", render_report(policy, metrics, fit, failed))
     if figures:

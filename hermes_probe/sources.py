@@ -6,6 +6,7 @@ never held in memory at once.
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -37,6 +38,27 @@ class ProbeStream:
     name: str
     load: Callable[[], tuple[Any, np.ndarray]]
     questions: list[tuple[float, str]] = field(default_factory=list)
+    identity: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not self.identity:
+            self.identity = {"name": self.name}
+
+    @property
+    def key(self) -> str:
+        """What a resumed run compares: the same file given by another path (relative,
+        absolute, through a link) has the same key, a file changed since has another."""
+        return json.dumps(self.identity, sort_keys=True)
+
+
+def file_identity(path: Path) -> dict[str, Any]:
+    """A video file's identity: resolved path, size and modification time."""
+    resolved = path.resolve()
+    try:
+        stat = resolved.stat()
+    except OSError as exc:
+        raise VideoInputError(f"cannot read {path}: {exc.strerror or exc}") from None
+    return {"path": str(resolved), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
 
 
 def synthetic_streams(adapter: ModelAdapter, num_frames: int, seed: int = 0) -> list[ProbeStream]:
@@ -57,7 +79,7 @@ def synthetic_streams(adapter: ModelAdapter, num_frames: int, seed: int = 0) -> 
 
 def _video_loader(path: Path, fps: float) -> Callable[[], tuple[Any, np.ndarray]]:
     def load() -> tuple[Any, np.ndarray]:
-        video = read_video(path, fps=fps)
+        video = read_video(path, fps=fps, cap_at_source_rate=True)
         return video.frames, np.asarray(video.timestamps, dtype=np.float64)
 
     return load
@@ -74,7 +96,7 @@ def video_streams(path: str | Path, fps: float) -> list[ProbeStream]:
         files = [path]
     else:
         raise VideoInputError(f"video path not found: {path}")
-    return [ProbeStream(str(f), _video_loader(f, fps)) for f in files]
+    return [ProbeStream(str(f), _video_loader(f, fps), identity=file_identity(f)) for f in files]
 
 
 def annotation_streams(path: str | Path, fps: float, video_root: str | Path | None = None) -> list[ProbeStream]:
@@ -82,7 +104,11 @@ def annotation_streams(path: str | Path, fps: float, video_root: str | Path | No
     streams = []
     for entry in load_annotations(path, video_root):
         questions = [(q.ask_after, q.question) for q in entry.questions]
-        streams.append(ProbeStream(entry.video_id, _video_loader(entry.video_path, fps), questions))
+        video_path = Path(entry.video_path)
+        identity = {"video_id": entry.video_id}
+        if video_path.is_file():  # a missing video fails when probed, with its reason
+            identity.update(file_identity(video_path))
+        streams.append(ProbeStream(entry.video_id, _video_loader(video_path, fps), questions, identity))
     return streams
 
 

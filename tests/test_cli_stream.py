@@ -42,7 +42,8 @@ def test_rule_from_spec(tiny_adapter, tmp_path):
     hermes = rule_from_spec("paper-default", tiny_adapter, 64)
     assert isinstance(hermes, HermesRetention) and hermes.budget_of(0) == 64
     path = paper_default(ModelInfo.of(tiny_adapter), budget=32).save(tmp_path / "p.json")
-    assert rule_from_spec(str(path), tiny_adapter, 64).budget_of(2) == 32
+    assert rule_from_spec(str(path), tiny_adapter, None).budget_of(2) == 32  # the file's own
+    assert rule_from_spec(str(path), tiny_adapter, 64).budget_of(2) == 64  # an explicit override
     with pytest.raises(PolicyError, match="not found"):
         rule_from_spec(str(tmp_path / "missing.json"), tiny_adapter, 64)
 
@@ -56,9 +57,10 @@ def test_stream_command_writes_answers(tiny_llama_dir, tmp_path):
     ])
     assert result.exit_code == 0, result.output
     data = json.loads(out.read_text())
-    assert [r["question"] for r in data["results"]] == ["first?", "last?"]
-    assert data["results"][0]["frames_seen"] == 4 and data["results"][1]["frames_seen"] == 12
-    assert all(max(r["tokens_kept"]) <= 32 for r in data["results"])
+    assert [r["question"] for r in data["answers"]] == ["first?", "last?"]
+    assert data["answers"][0]["frames_seen"] == 4 and data["answers"][1]["frames_seen"] == 12
+    assert all(max(r["tokens_kept"]) <= 32 for r in data["answers"])
+    assert data["budget"] == 32
     assert "guidance passes" in result.output
 
 

@@ -67,7 +67,7 @@ def _broken(mutate):
         (lambda d: d["budget"].update(video_tokens_per_layer=100), "smaller than one frame"),
         (lambda d: d.update(reindex="sometimes"), "reindex"),
         (lambda d: d["guidance"].update(local_with_history="no placeholder"), "{history}"),
-        (lambda d: d["guidance"].update(global_with_history="{history} {__class__}"), "no placeholder but"),
+        (lambda d: d["guidance"].update(global_with_history="{history} {__class__}"), "bare {history}"),
         (lambda d: d["model"].update(num_layers="28"), "must be a number"),
     ],
 )

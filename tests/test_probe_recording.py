@@ -108,7 +108,8 @@ def test_interrupted_runs_resume_without_redoing_streams(tiny_adapter, tmp_path)
     resumed, _ = record_streams(tiny_adapter, _streams(tiny_adapter, names, calls), config,
                                 tmp_path / "part.npz", progress=False)
     assert calls == ["a", "b", "c"]
-    assert resumed.meta["done"] == names and resumed.probes == uninterrupted.probes
+    assert [s["name"] for s in resumed.meta["streams"]] == names and resumed.probes == uninterrupted.probes
+    assert len(resumed.meta["done"]) == len(names)
     np.testing.assert_allclose(resumed.distance_sum, uninterrupted.distance_sum, atol=1e-12)
     # another protocol on the same file is refused
     with pytest.raises(ProbeError, match="another model or protocol"):
@@ -136,7 +137,7 @@ def test_unreadable_streams_are_reported_and_skipped(tiny_adapter, tmp_path):
     result = analyze(tiny_adapter, streams, ProbeConfig(chunk_frames=4, fifo_budget=48), tmp_path,
                      progress=False, figures=False, policy_budget=64)
     assert result.failed == {"broken.mp4": "cannot decode broken.mp4"}
-    assert result.profile.meta["done"] == ["ok"]
+    assert [s["name"] for s in result.profile.meta["streams"]] == ["ok"]
     with pytest.raises(ProbeError, match="no stream could be probed"):
         analyze(tiny_adapter, [ProbeStream("broken.mp4", broken)], ProbeConfig(), tmp_path / "x",
                 progress=False, figures=False)

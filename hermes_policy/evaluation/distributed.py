@@ -89,11 +89,15 @@ def resolve_device(device: str | None) -> torch.device:
     torchrun: any CUDA request (or no request, when CUDA is available) becomes
     ``cuda:LOCAL_RANK``, one GPU per process; ``cpu`` stays ``cpu``.
     """
+    from ..models.loading import resolve_device as check_device
+
     _, world, local_rank = env_world()
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    wanted = torch.device(device)
-    if wanted.type != "cuda" or world == 1:
+    if world == 1:
+        return check_device(device)  # an unknown device or a missing GPU is a one-line error
+    wanted = check_device(device) if not str(device).startswith("cuda") else torch.device("cuda")
+    if wanted.type != "cuda":
         return wanted
     if not torch.cuda.is_available():
         raise DistributedError("--device asks for CUDA but no GPU is visible")

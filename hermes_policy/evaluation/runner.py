@@ -55,7 +55,7 @@ from ..errors import HermesError, StreamError, VideoInputError
 from ..manifest import run_manifest
 from ..models.base import ModelAdapter
 from ..session import Answer, StreamingSession
-from ..streaming import TimedQuestion, rule_from_spec, stream_with_questions
+from ..streaming import TimedQuestion, rule_budget, rule_from_spec, stream_with_questions
 from ..video import iter_video_chunks
 from . import distributed as dist_mod
 from .answers import correct_choice, parse_choice
@@ -283,7 +283,7 @@ def evaluate(
     entries: list[VideoEntry],
     out_dir: str | Path,
     *,
-    budget: int = 4000,
+    budget: int | None = None,
     fps: float = 0.5,
     chunk_frames: int = 8,
     max_new_tokens: int = 64,
@@ -307,7 +307,8 @@ def evaluate(
     rule_spec : a policy JSON, ``paper-default`` or a rule name (as ``hermes-probe stream``)
     entries : the benchmark (:func:`hermes_policy.annotations.load_annotations`)
     out_dir : output folder (results, shards, config, summary; see :mod:`.results`)
-    budget : stream tokens per layer for rule names and ``paper-default``
+    budget : stream tokens per layer for rule names and ``paper-default`` (default 4000); with
+        a policy file it overrides the file's budgets (None: the file's own)
     fps, chunk_frames : frame sampling rate and frames per prefill chunk
     max_new_tokens, mc_max_new_tokens : answer length limits, open-ended / multiple choice
     judge : scores open-ended answers that have a reference: a :class:`Judge`, a name for
@@ -359,7 +360,8 @@ def evaluate(
     config = {
         "schema": CONFIG_SCHEMA, "model": adapter.name_or_path, "policy": rule_spec, "rule": rule.name,
         **({"rule_options": rule_options} if rule_options else {}),
-        "budget": budget, "fps": fps, "chunk_frames": chunk_frames, "max_new_tokens": max_new_tokens,
+        "budget": rule_budget(rule, adapter.num_layers), "fps": fps, "chunk_frames": chunk_frames,
+        "max_new_tokens": max_new_tokens,
         "mc_max_new_tokens": mc_max_new_tokens, **_judge_settings(judge), "prompt": PROMPT_VERSION,
         "perception_window_s": perception_window_s,
         **(run_info or {}),
@@ -398,7 +400,7 @@ def evaluate(
             try:
                 session = StreamingSession(adapter, rule_from_spec(rule_spec, adapter, budget, **rule_options),
                                            chunk_frames=chunk_frames, fps=fps)
-                chunks = iter_video_chunks(entry.video_path, fps, chunk_frames)
+                chunks = iter_video_chunks(entry.video_path, fps, chunk_frames, cap_at_source_rate=True)
                 for i, answer in stream_answers(session, chunks, timed, limits):
                     item = items[i]
                     if item.done is not None:

