@@ -419,14 +419,15 @@ def stream(
     check_output_file(json_out)  # before the stream runs, not after
     with _report_to_stderr(is_stdout(json_out)):
         _stream(model, policy, video, annotations, video_root, frames, tokens_per_frame, fps, chunk, budget,
-                ask, at, max_new_tokens, seed, device, dtype, trust_remote_code, json_out)
+                ask, at, max_new_tokens, seed, device, dtype, trust_remote_code, json_out,
+                _rule_options(window_frames, retrieve_chunks, host_budget_gb))
 
 
 def _stream(model: str | None, policy: str, video: Path | None, annotations: Path | None,
             video_root: Path | None, frames: int, tokens_per_frame: int | None, fps: float, chunk: int,
             budget: int | None, ask: list[str] | None, at: list[float] | None, max_new_tokens: int,
             seed: int, device: str | None, dtype: str | None, trust_remote_code: bool,
-            json_out: Path | None) -> None:
+            json_out: Path | None, rule_options: dict[str, Any]) -> None:
     from types import SimpleNamespace
 
     import numpy as np
@@ -448,7 +449,6 @@ def _stream(model: str | None, policy: str, video: Path | None, annotations: Pat
     adapter = _load(model, device, dtype, tokens_per_frame, trust_remote_code)
     if (video or annotations) and adapter.is_text_only:
         raise StreamError(f"{adapter.name_or_path} is a text-only model and cannot watch videos; use --synthetic")
-    rule_options = _rule_options(window_frames, retrieve_chunks, host_budget_gb)
     rule = rule_from_spec(policy, adapter, budget, **rule_options)
     rule.validate(adapter)  # before any frame is decoded
     if budget is not None and policy not in ("paper-default", "hermes") and getattr(rule, "policy", None):
