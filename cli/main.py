@@ -383,8 +383,10 @@ def version() -> None:
 
 from hermes_cli.bench_command import bench_command  # noqa: E402 - needs the helpers above
 from hermes_cli.eval_command import eval_command  # noqa: E402 - needs the helpers above
+from hermes_cli.fidelity_command import fidelity_command  # noqa: E402
 
 app.command("eval")(eval_command)
+app.command("fidelity")(friendly_errors(fidelity_command))
 app.command("bench")(friendly_errors(bench_command))
 
 
