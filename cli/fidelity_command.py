@@ -170,3 +170,34 @@ def fidelity_command(
 
         write_text_atomic(markdown, table + "\n")
     console.print(f"wrote {json_out}")
+
+
+def calibrate_after_analyze(adapter: Any, heuristic: Any, out: Path, *, frames: int, seed: int, chunk: int,
+                            console: Any) -> Any:
+    """``analyze --calibrate``: keep the heuristic policy as ``policy-heuristic.json``, write the
+    calibrated one as ``policy.json`` and the calibration report as ``calibration.json``.
+
+    Calibration streams: seeds ``seed`` and ``seed + 1`` at ``frames``; held-out: ``seed + 2``
+    at ``frames`` and ``seed + 3`` at one and a half times ``frames``.
+    """
+    from hermes_policy.atomic import write_json_atomic
+    from hermes_policy.fidelity_tasks import fidelity_stream
+    from hermes_probe.calibrate import run_calibration
+
+    def streams(s: int, f: int) -> Any:
+        return fidelity_stream(f, s, adapter.frame_ids, adapter.encode_text)
+
+    heuristic.save(out / "policy-heuristic.json")
+    with console.status("calibrating...") as status:
+        policy, report, _ = run_calibration(
+            adapter, heuristic, streams, [(seed, frames), (seed + 1, frames)],
+            [(seed + 2, frames), (seed + 3, frames * 3 // 2)], chunk_frames=chunk,
+            progress=lambda text: status.update(text))
+    write_json_atomic(out / "calibration.json", report)
+    policy.save(out / "policy.json")
+    for share, entry in report["heldout"].items():
+        line = ", ".join(f"{name} {value['mean']:.3f}" for name, value in entry.items())
+        console.print(f"  held-out attention recall at {share} of the stream: {line}", highlight=False)
+    console.print(f"wrote {out / 'policy.json'} (calibrated), {out / 'policy-heuristic.json'}, "
+                  f"{out / 'calibration.json'}")
+    return policy

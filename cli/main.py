@@ -162,6 +162,7 @@ def analyze(
     device: Annotated[str | None, typer.Option(help="cpu, cuda, cuda:1 ... (default: cuda if available).")] = None,
     dtype: Annotated[str | None, typer.Option(help="float32, bfloat16 or float16.")] = None,
     trust_remote_code: Annotated[bool, typer.Option(help="Allow code from the model repository.")] = False,
+    calibrate: Annotated[bool, typer.Option(help="Calibrate the policy by attention recall (see docs/fidelity.md).")] = False,
 ) -> None:
     """Probe how a model's layers attend over a stream; write policy.json, profiles and figures."""
     from hermes_probe.report import findings
@@ -195,6 +196,10 @@ def analyze(
         metrics, fit, policy = result.metrics, result.fit, result.policy
         for name, reason in result.failed.items():
             typer.secho(f"skipped {name}: {reason}", err=True, fg=typer.colors.YELLOW)
+        if calibrate:
+            from hermes_cli.fidelity_command import calibrate_after_analyze
+
+            policy = calibrate_after_analyze(adapter, policy, out, frames=frames, seed=seed, chunk=chunk, console=console)
     console.print(f"[bold]{policy.model.name_or_path}[/]: {policy.provenance['probe']['probes']} probe queries")
     for line in findings(metrics, fit):
         console.print(f"  - {line}", highlight=False)

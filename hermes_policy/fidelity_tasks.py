@@ -159,6 +159,10 @@ def fidelity_stream(
             ))
 
     if "copy" in tasks and copy_probes:
+        per_frame = len(frame_ids(""))  # frames are cut/padded to this many tokens
+        if copy_prompt + copy_span > per_frame:  # short frames: a third repeated, the rest scored
+            copy_prompt = max(1, per_frame // 3)
+            copy_span = max(1, per_frame - copy_prompt)
         fillers = [i for i in range(num_frames) if i not in taken]
         usable = [i for i in fillers if len(set(frame_ids(frames[i])[: copy_prompt + copy_span])) > copy_prompt
                   and len(encode(frames[i])) >= copy_prompt + copy_span]
