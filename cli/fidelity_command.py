@@ -201,3 +201,34 @@ def calibrate_after_analyze(adapter: Any, heuristic: Any, out: Path, *, frames: 
     console.print(f"wrote {out / 'policy.json'} (calibrated), {out / 'policy-heuristic.json'}, "
                   f"{out / 'calibration.json'}")
     return policy
+
+
+def stability_command(
+    profiles: Annotated[list[Path], typer.Argument(help="profiles.npz of two or more analyze runs (one stream each).")],
+    out: Annotated[Path, typer.Option(help="Stability JSON to write.")] = Path("stability.json"),
+    policy: Annotated[Path | None, typer.Option(help="Record the result in this policy's provenance.")] = None,
+    resamples: Annotated[int, typer.Option(min=10, help="Bootstrap resamples.")] = 200,
+) -> None:
+    """Bootstrap the probe's per-layer role scores and tiers over streams; flag uncertain layers."""
+    from hermes_cli.main import console
+
+    from hermes_policy.atomic import write_json_atomic
+    from hermes_policy.errors import HermesError
+    from hermes_policy.policy import Policy
+    from hermes_probe.profiles import AttentionProfile
+    from hermes_probe.stability import bootstrap, uncertain_lines
+
+    if len(profiles) < 2:
+        raise HermesError("stability needs the profiles of at least two streams")
+    loaded = [AttentionProfile.load(p) for p in profiles]
+    result = bootstrap(loaded, resamples=resamples).to_dict()
+    result["profiles"] = [str(p) for p in profiles]
+    write_json_atomic(out, result)
+    for line in uncertain_lines(result):
+        console.print(line, highlight=False)
+    if policy is not None:
+        target = Policy.load(policy)
+        target.provenance["stability"] = result
+        target.save(policy)
+        console.print(f"recorded in {policy}")
+    console.print(f"wrote {out}")

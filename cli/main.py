@@ -274,6 +274,10 @@ def show(policy_path: Annotated[Path, typer.Argument(help="A policy.json file.")
                     f"{metrics['periodicity'][i]:.3f}", str(metrics["anchor_phase"][i])]
         table.add_row(*row)
     console.print(table)
+    if policy.provenance.get("stability"):
+        from hermes_probe.stability import uncertain_lines
+
+        console.print("\n".join(uncertain_lines(policy.provenance["stability"])), highlight=False)
 
 
 @app.command()
@@ -388,10 +392,11 @@ def version() -> None:
 
 from hermes_cli.bench_command import bench_command  # noqa: E402 - needs the helpers above
 from hermes_cli.eval_command import eval_command  # noqa: E402 - needs the helpers above
-from hermes_cli.fidelity_command import fidelity_command  # noqa: E402
+from hermes_cli.fidelity_command import fidelity_command, stability_command  # noqa: E402
 
 app.command("eval")(eval_command)
 app.command("fidelity")(friendly_errors(fidelity_command))
+app.command("stability")(friendly_errors(stability_command))
 app.command("bench")(friendly_errors(bench_command))
 
 
