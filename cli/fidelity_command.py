@@ -173,12 +173,14 @@ def fidelity_command(
 
 
 def calibrate_after_analyze(adapter: Any, heuristic: Any, out: Path, *, frames: int, seed: int, chunk: int,
-                            console: Any) -> Any:
+                            console: Any, objective: str = "value", kl_check: bool = True) -> Any:
     """``analyze --calibrate``: keep the heuristic policy as ``policy-heuristic.json``, write the
     calibrated one as ``policy.json`` and the calibration report as ``calibration.json``.
 
     Calibration streams: seeds ``seed`` and ``seed + 1`` at ``frames``; held-out: ``seed + 2``
-    at ``frames`` and ``seed + 3`` at one and a half times ``frames``.
+    at ``frames`` and ``seed + 3`` at one and a half times ``frames``. ``objective``: ``value``
+    (value-weighted attention recall) or ``attention``; ``kl_check``: then blend the recency
+    weights towards 1 by the KL on the real runtime (calibration stream ``seed``).
     """
     from hermes_policy.atomic import write_json_atomic
     from hermes_policy.fidelity_tasks import fidelity_stream
@@ -192,7 +194,8 @@ def calibrate_after_analyze(adapter: Any, heuristic: Any, out: Path, *, frames: 
         policy, report, _ = run_calibration(
             adapter, heuristic, streams, [(seed, frames), (seed + 1, frames)],
             [(seed + 2, frames), (seed + 3, frames * 3 // 2)], chunk_frames=chunk,
-            progress=lambda text: status.update(text))
+            progress=lambda text: status.update(text), objective=objective,
+            kl_stream=streams(seed, frames) if kl_check else None)
     write_json_atomic(out / "calibration.json", report)
     policy.save(out / "policy.json")
     for share, entry in report["heldout"].items():

@@ -59,6 +59,10 @@ class StreamRecord:
         float32, each row summing to 1 over the stream tokens
     tasks : task of each probe
     seed, frames : the stream's seed and length
+    weighted : per probe and layer, the attention weighted by each token's value-output
+        norm ``||W_O,h v_i||`` and summed over heads, ``(probes, layers, T)`` summing to 1
+        over the stream: the share of the layer's attention *output* each token makes
+        (tokens that take attention but write little, such as attention sinks, count less)
     """
 
     guidance: dict[str, list[np.ndarray]]
@@ -66,6 +70,7 @@ class StreamRecord:
     tasks: list[str]
     seed: int
     frames: int
+    weighted: np.ndarray | None = None
 
     @property
     def length(self) -> int:
@@ -73,6 +78,39 @@ class StreamRecord:
 
     def layer_steps(self, prompt: str, layer: int) -> list[np.ndarray]:
         return [step[layer] for step in self.guidance[prompt]]
+
+    def target(self, layer: int, objective: str = "attention") -> np.ndarray:
+        """What recall is measured on at ``layer``, ``(probes, T)``: the head-mean attention
+        (``attention``) or the value-weighted attention (``value``)."""
+        if objective == "value":
+            if self.weighted is None:
+                raise ValueError("this record holds no value-weighted attention")
+            return self.weighted[:, layer]
+        if objective != "attention":
+            raise ValueError(f"unknown objective {objective!r}")
+        return self.questions[:, layer].mean(1)
+
+
+OBJECTIVES: tuple[str, ...] = ("attention", "value")
+
+
+def value_output_norms(adapter: ModelAdapter, session: StreamingSession) -> np.ndarray:
+    """``||W_O,h v_i||`` of every stream token ``i`` at every layer and query head ``h``:
+    ``(layers, heads, T)``. The norm of what head ``h`` writes per unit of attention on ``i``."""
+    store = session.store
+    prefix, heads = store.prefix_len, adapter.num_heads
+    out = []
+    with torch.inference_mode():
+        for layer, module in enumerate(adapter.attention_modules):
+            values = store.layer(layer).values[0, :, prefix:].float()  # (kv_heads, T, d)
+            kv_heads, _, dim = values.shape
+            weight = module.o_proj.weight.float()  # (hidden, heads * d)
+            rows = []
+            for h in range(heads):
+                w_h = weight[:, h * dim : (h + 1) * dim]
+                rows.append((values[h // (heads // kv_heads)] @ w_h.T).norm(dim=-1))
+            out.append(torch.stack(rows).cpu().numpy())
+    return np.stack(out)
 
 
 def record_stream(adapter: ModelAdapter, stream: FidelityStream, chunk_frames: int = 8,
@@ -92,6 +130,7 @@ def record_stream(adapter: ModelAdapter, stream: FidelityStream, chunk_frames: i
             steps[name].append(np.stack([a.float().cpu().numpy() for a in attention]).astype(np.float32))
     prefix = session.store.prefix_len
     length = session.store.stream_lengths()[0]
+    norms = value_output_norms(adapter, session)  # (L, H, T)
     probes = stream.probes
     out = np.zeros((len(probes), layers, adapter.num_heads, length), dtype=np.float32)
     for first in range(0, len(probes), batch):
@@ -111,7 +150,10 @@ def record_stream(adapter: ModelAdapter, stream: FidelityStream, chunk_frames: i
 
         capture = AttentionCapture(adapter.attention_modules, callback=take)
         session.batch_continuation_logprobs(items, capture=capture)
-    return StreamRecord(steps, out, [p.task for p in probes], stream.seed, len(stream.frames))
+    weighted = (out * norms[None]).sum(2)
+    weighted /= np.maximum(weighted.sum(-1, keepdims=True), 1e-30)
+    return StreamRecord(steps, out, [p.task for p in probes], stream.seed, len(stream.frames),
+                        weighted.astype(np.float32))
 
 
 def task_weights(tasks: Sequence[str]) -> np.ndarray:
@@ -127,21 +169,22 @@ def task_weights(tasks: Sequence[str]) -> np.ndarray:
     return w
 
 
-def layer_recall(record: StreamRecord, layer: int, kept: np.ndarray, weights: np.ndarray | None = None) -> float:
-    """Weighted mean over probes of the head-mean recall at ``layer`` of ``kept``."""
+def layer_recall(record: StreamRecord, layer: int, kept: np.ndarray, weights: np.ndarray | None = None,
+                 objective: str = "attention") -> float:
+    """Weighted mean over probes of the recall at ``layer`` of ``kept`` (see :meth:`StreamRecord.target`)."""
     w = task_weights(record.tasks) if weights is None else weights
-    a = record.questions[:, layer].mean(1)  # (P, T)
-    return float((recall(a, kept) * w).sum())
+    return float((recall(record.target(layer, objective), kept) * w).sum())
 
 
-def grid_recall(records: Sequence[StreamRecord], layer: int, budget_share: float) -> np.ndarray:
+def grid_recall(records: Sequence[StreamRecord], layer: int, budget_share: float,
+                objective: str = "attention") -> np.ndarray:
     """Objective of every (prompt, w, k) at ``layer``: ``(prompts, |W|, |K|)``, averaged over
     records, at a budget of ``budget_share`` of each stream's length."""
     out = np.zeros((len(PROMPTS), len(W_GRID), len(K_GRID)))
     for record in records:
         budget = max(1, int(round(budget_share * record.length)))
         weights = task_weights(record.tasks)
-        a = record.questions[:, layer].mean(1)
+        a = record.target(layer, objective)
         fifo_value = None
         for p, prompt in enumerate(PROMPTS):
             steps = record.layer_steps(prompt, layer)
@@ -208,7 +251,8 @@ class Calibration:
     objective: dict[str, Any] = field(default_factory=dict)
 
 
-def calibrate(records: Sequence[StreamRecord], budget_shares: Sequence[float], split: bool = True) -> Calibration:
+def calibrate(records: Sequence[StreamRecord], budget_shares: Sequence[float], split: bool = True,
+              objective: str = "attention") -> Calibration:
     """Per-layer (prompt, w, k), the budget split and a smoothing scale from ``records``.
 
     ``budget_shares``: budgets as shares of each stream's length (e.g. 1/8 and 1/4); the
@@ -217,7 +261,7 @@ def calibrate(records: Sequence[StreamRecord], budget_shares: Sequence[float], s
     layers = records[0].questions.shape[1]
     prompt, ws, ks = [], [], []
     for layer in range(layers):
-        grid = np.mean([grid_recall(records, layer, share) for share in budget_shares], axis=0)
+        grid = np.mean([grid_recall(records, layer, share, objective) for share in budget_shares], axis=0)
         p, i, j = np.unravel_index(int(np.argmax(grid)), grid.shape)
         prompt.append(PROMPTS[p])
         ws.append(W_GRID[i])
@@ -232,12 +276,12 @@ def calibrate(records: Sequence[StreamRecord], budget_shares: Sequence[float], s
                     budget = max(1, int(round(share * level * record.length)))
                     kept = simulate_keep(record.layer_steps(prompt[layer], layer), budget,
                                          recency_weight=ws[layer], forgetting_rate=ks[layer])
-                    curves[layer, li] += layer_recall(record, layer, kept) / len(records)
+                    curves[layer, li] += layer_recall(record, layer, kept, objective=objective) / len(records)
         multiples = split_by_recall(curves, BUDGET_LEVELS, layers)
     best_scale, best_value = 0.0, -np.inf
     values = {}
     for scale in SMOOTHING_SCALES:
-        value = policy_recall(records, prompt, ws, ks, multiples, [scale] * layers, budget_shares)
+        value = policy_recall(records, prompt, ws, ks, multiples, [scale] * layers, budget_shares, objective)
         values[scale] = value
         if value > best_value:
             best_scale, best_value = scale, value
@@ -246,7 +290,8 @@ def calibrate(records: Sequence[StreamRecord], budget_shares: Sequence[float], s
 
 
 def policy_recall(records: Sequence[StreamRecord], prompt: Sequence[str], ws: Sequence[float], ks: Sequence[float],
-                  multiples: Sequence[float], smoothing: Sequence[float], budget_shares: Sequence[float]) -> float:
+                  multiples: Sequence[float], smoothing: Sequence[float], budget_shares: Sequence[float],
+                  objective: str = "attention") -> float:
     """Mean over records, budgets and layers of the weighted recall of a whole policy."""
     values = []
     total = float(sum(multiples))
@@ -256,15 +301,17 @@ def policy_recall(records: Sequence[StreamRecord], prompt: Sequence[str], ws: Se
             budgets = [max(1, int(share * record.length * m * layers / total)) for m in multiples]
             steps = [record.layer_steps(prompt[layer], layer) for layer in range(layers)]
             kept = simulate_policy(steps, budgets, ws, ks, smoothing)
-            values.append(np.mean([layer_recall(record, layer, kept[layer]) for layer in range(layers)]))
+            values.append(np.mean([layer_recall(record, layer, kept[layer], objective=objective)
+                                   for layer in range(layers)]))
     return float(np.mean(values))
 
 
-def rule_recall(record: StreamRecord, rule: str, budget: int, policy: Policy | None = None) -> np.ndarray:
+def rule_recall(record: StreamRecord, rule: str, budget: int, policy: Policy | None = None,
+                objective: str = "attention") -> np.ndarray:
     """Per-layer weighted recall ``(layers,)`` of a rule (or a HERMES policy) at ``budget``."""
     layers = record.questions.shape[1]
     if rule == "oracle":
-        a = record.questions.mean(2)  # (P, L, T)
+        a = np.stack([record.target(i, objective) for i in range(layers)], axis=1)  # (P, L, T)
         w = task_weights(record.tasks)
         return (oracle_recall(a, budget) * w[:, None]).sum(0)
     if rule == "hermes":
@@ -277,7 +324,7 @@ def rule_recall(record: StreamRecord, rule: str, budget: int, policy: Policy | N
                                [e.smoothing for e in policy.layers])
     else:
         kept = [simulate_keep(record.layer_steps("global", i), budget, rule=rule) for i in range(layers)]
-    return np.array([layer_recall(record, i, kept[i]) for i in range(layers)])
+    return np.array([layer_recall(record, i, kept[i], objective=objective) for i in range(layers)])
 
 
 def calibrated_policy(base: Policy, result: Calibration, provenance: dict[str, Any]) -> Policy:
@@ -309,7 +356,7 @@ RECALL_RULES: tuple[str, ...] = ("fifo", "sink-recent", "attention-only")
 
 
 def recall_table(records: Sequence[StreamRecord], budget_shares: Sequence[float],
-                 policies: dict[str, Policy]) -> dict[str, Any]:
+                 policies: dict[str, Policy], objective: str = "attention") -> dict[str, Any]:
     """Per budget share, per entrant (rules, ``hermes (NAME)`` policies, oracle): the mean
     over records of the per-layer weighted recall, and its mean over layers."""
     out: dict[str, Any] = {}
@@ -321,9 +368,9 @@ def recall_table(records: Sequence[StreamRecord], budget_shares: Sequence[float]
             for record in records:
                 budget = max(1, int(round(share * record.length)))
                 if name.startswith("hermes ("):
-                    per_layer.append(rule_recall(record, "hermes", budget, policies[name[8:-1]]))
+                    per_layer.append(rule_recall(record, "hermes", budget, policies[name[8:-1]], objective))
                 else:
-                    per_layer.append(rule_recall(record, name, budget))
+                    per_layer.append(rule_recall(record, name, budget, objective=objective))
             layers = np.mean(per_layer, axis=0)
             entry[name] = {"mean": float(layers.mean()), "per_layer": [round(float(x), 4) for x in layers]}
         out[f"{share:g}"] = entry
@@ -339,6 +386,8 @@ def run_calibration(
     budget_shares: Sequence[float] = (1 / 8, 1 / 4),
     chunk_frames: int = 8,
     progress: Any = None,
+    objective: str = "value",
+    kl_stream: Any = None,
 ) -> tuple[Policy, dict[str, Any], list[StreamRecord]]:
     """Record calibration streams, calibrate, and measure recall on held-out streams.
 
@@ -364,7 +413,13 @@ def run_calibration(
         note(f"recording calibration stream seed {seed} ({frames} frames)")
         records.append(record_stream(adapter, streams(seed, frames), chunk_frames))
     note("calibrating")
-    result = calibrate(records, budget_shares)
+    result = calibrate(records, budget_shares, objective=objective)
+    kl_table = None
+    if kl_stream is not None:
+        base_for_kl = base
+        alpha, kl_table = kl_select(adapter, base_for_kl, result, kl_stream, budget_shares, chunk_frames=chunk_frames,
+                                    progress=note)
+        result = blended(result, alpha)
     held = []
     for seed, frames in heldout:
         note(f"recording held-out stream seed {seed} ({frames} frames)")
@@ -372,27 +427,79 @@ def run_calibration(
     provisional = calibrated_policy(base, result, {})
     paper = paper_default(ModelInfo.of(adapter), budget=base.budget)
     entrants = {"paper-default": paper, "heuristic": base, "calibrated": provisional}
+    measure = {"attention": "attention recall (head mean of the probes' attention at their answer positions)",
+               "value": "value-weighted attention recall (the probes' attention at their answer positions times "
+                        "each token's value-output norm ||W_O,h v||, summed over heads)"}[objective]
     report = {
-        "objective": "attention recall at the probes' answer positions (head mean), copy probes and memory "
-                     "probes (kv, facts) weighted one half each, averaged over layers and budgets; keep sets "
-                     "replayed through the rule's compression steps on pseudo-query attention recorded on the "
-                     "full cache",
+        "objective": f"{measure}; copy probes and memory probes (kv, facts) weighted one half each, averaged "
+                     "over layers and budgets; keep sets replayed through the rule's compression steps on "
+                     "pseudo-query attention recorded on the full cache",
+        "objective_name": objective,
         "budget_shares": [float(s) for s in budget_shares],
         "calibration_streams": [{"seed": s, "frames": f} for s, f in seeds],
         "heldout_streams": [{"seed": s, "frames": f} for s, f in heldout],
         "grid": {"recency_weight": list(W_GRID), "forgetting_rate": list(K_GRID), "prompt": list(PROMPTS),
                  "budget_levels": list(BUDGET_LEVELS), "smoothing": list(SMOOTHING_SCALES)},
         "summary_tokens": "off: attention recall cannot value a summary token",
+        "kl_blend": None if kl_table is None else {
+            "rule": "w -> w + alpha (1 - w), alpha chosen by KL(full || policy) on the real runtime",
+            "stream": {"seed": kl_stream.seed, "frames": len(kl_stream.frames)}, "kl_by_alpha": kl_table},
         "calibration_recall": result.objective,
-        "calibration": recall_table(records, budget_shares, entrants),
-        "heldout": recall_table(held, budget_shares, entrants),
+        "calibration": recall_table(records, budget_shares, entrants, objective),
+        "heldout": recall_table(held, budget_shares, entrants, objective),
+        "heldout_other_objective": recall_table(held, budget_shares, entrants,
+                                                "attention" if objective == "value" else "value"),
         "choices": {"prompt": result.prompt, "recency_weight": result.recency_weight,
                     "forgetting_rate": result.forgetting_rate, "budget_multiple": result.budget_multiple,
                     "smoothing": result.smoothing_scale},
     }
     heldout_summary = {share: {name: v["mean"] for name, v in entry.items()} for share, entry in report["heldout"].items()}
-    provenance = {key: report[key] for key in ("objective", "budget_shares", "calibration_streams", "heldout_streams",
-                                                "summary_tokens")}
+    provenance = {key: report[key] for key in ("objective", "objective_name", "budget_shares", "calibration_streams",
+                                                "heldout_streams", "summary_tokens", "kl_blend")}
     provenance["heldout_recall"] = heldout_summary
     provenance["uncalibrated_source"] = base.provenance.get("source", "probe")
     return calibrated_policy(base, result, provenance), report, held
+
+
+BLEND_ALPHAS: tuple[float, ...] = (0.0, 0.5, 0.8, 1.0)
+
+
+def blended(result: Calibration, alpha: float) -> Calibration:
+    """``result`` with every recency weight moved towards 1: ``w + alpha (1 - w)``
+    (``alpha = 0``: as calibrated; 1: pure recency with the calibrated budget split)."""
+    ws = [round(w + alpha * (1.0 - w), 4) for w in result.recency_weight]
+    return Calibration(result.prompt, ws, result.forgetting_rate, result.budget_multiple, result.smoothing_scale,
+                       dict(result.objective))
+
+
+def kl_select(adapter: ModelAdapter, base: Policy, result: Calibration, stream: FidelityStream,
+              budget_shares: Sequence[float], alphas: Sequence[float] = BLEND_ALPHAS, chunk_frames: int = 8,
+              progress: Any = None) -> tuple[float, dict[str, Any]]:
+    """Choose the blend :func:`blended` minimising KL(full || policy) on a calibration stream,
+    run on the real runtime; copy and memory probes weigh one half each, budgets equally.
+
+    Returns
+    -------
+    (best alpha, {alpha: weighted KL})
+    """
+    from hermes_policy.retention import HermesRetention
+
+    from .fidelity import kl_rows, rescaled_policy, score_probes, stream_session
+
+    weights = task_weights([p.task for p in stream.probes])
+    reference = score_probes(stream_session(adapter, FullRetention(), stream, chunk_frames), stream.probes)
+    length = len(stream.frames) * adapter.tokens_per_frame
+    table: dict[str, Any] = {}
+    for alpha in alphas:
+        policy = calibrated_policy(base, blended(result, alpha), {})
+        values = []
+        for share in budget_shares:
+            if progress:
+                progress(f"KL check: blend {alpha:g} at {share:g} of the stream")
+            rule = HermesRetention(policy=rescaled_policy(policy, int(round(share * length))))
+            scores = score_probes(stream_session(adapter, rule, stream, chunk_frames), stream.probes)
+            kl = np.array([kl_rows(r.logprobs, s.logprobs) for r, s in zip(reference, scores, strict=True)])
+            values.append(float((kl * weights).sum()))
+        table[f"{alpha:g}"] = float(np.mean(values))
+    best = min(alphas, key=lambda a: table[f"{a:g}"])
+    return best, table
