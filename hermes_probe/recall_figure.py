@@ -76,10 +76,10 @@ def plot_recall_curves(curves: dict[str, np.ndarray], shares: Sequence[float], p
         ax.axis("off")
     fig.supxlabel("budget (share of the stream)", fontsize=9)
     fig.supylabel("attention recall", fontsize=9)
-    fig.legend(loc="upper center", ncol=min(6, len(curves)), fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0, 1, 0.93))
+    fig.legend(loc="upper center", bbox_to_anchor=(0.5, 0.965), ncol=min(7, len(curves)), fontsize=8, frameon=False)
     if title:
-        fig.suptitle(title, y=1.02, fontsize=10)
-    fig.tight_layout(rect=(0, 0, 1, 0.95))
+        fig.suptitle(title, y=0.995, fontsize=10)
     with atomic_path(path, suffix=".png") as tmp:
         fig.savefig(tmp, dpi=110, bbox_inches="tight")
     plt.close(fig)
