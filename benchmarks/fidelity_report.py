@@ -29,6 +29,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("out", type=Path)
     parser.add_argument("parts", type=Path, nargs="+")
     parser.add_argument("--title", default="Retention fidelity on held-out streams")
+    parser.add_argument("--complete-seeds-only", action="store_true",
+                        help="drop seeds on which some (rule/policy, budget, task) cell is missing")
     args = parser.parse_args(argv)
     parts = [json.loads(p.read_text()) for p in args.parts]
     rows, seen = [], set()
@@ -41,6 +43,16 @@ def main(argv: list[str] | None = None) -> int:
                 raise SystemExit(f"cell {key} is in two parts")
             seen.add(key)
             rows.append(row)
+    if args.complete_seeds_only:
+        cells = {(label(r), r["task"], r["budget"]) for r in rows}
+        by_seed: dict[int, set] = {}
+        for r in rows:
+            by_seed.setdefault(r["seed"], set()).add((label(r), r["task"], r["budget"]))
+        keep = {seed for seed, have in by_seed.items() if have == cells}
+        dropped = sorted(set(by_seed) - keep)
+        if dropped:
+            print(f"dropping incomplete seeds {dropped}", file=sys.stderr)
+        rows = [r for r in rows if r["seed"] in keep]
     manifest = dict(parts[0]["manifest"])
     manifest["parts"] = [p["manifest"] for p in parts]
     summary = summarise(rows)
