@@ -227,6 +227,7 @@ def analyze(
     device: Annotated[str | None, typer.Option(help="cpu, cuda, cuda:1 ... (default: cuda if available).")] = None,
     dtype: Annotated[str | None, typer.Option(help="float32, bfloat16 or float16.")] = None,
     trust_remote_code: Annotated[bool, typer.Option(help="Allow code from the model repository.")] = False,
+    calibrate: Annotated[bool, typer.Option(help="Calibrate the policy by attention recall (see docs/fidelity.md).")] = False,
 ) -> None:
     """Probe how a model's layers attend over a stream; write policy.json, profiles and figures."""
     from hermes_probe.report import findings
@@ -277,6 +278,10 @@ def analyze(
         metrics, fit, policy = result.metrics, result.fit, result.policy
         for name, reason in result.failed.items():
             typer.secho(f"skipped {name}: {reason}", err=True, fg=typer.colors.YELLOW)
+        if calibrate:
+            from hermes_cli.fidelity_command import calibrate_after_analyze
+
+            policy = calibrate_after_analyze(adapter, policy, out, frames=frames, seed=seed, chunk=chunk, console=console)
     console.print(f"[bold]{policy.model.name_or_path}[/]: {policy.provenance['probe']['probes']} probe queries")
     for line in findings(metrics, fit):
         console.print(f"  - {line}", highlight=False)
@@ -357,6 +362,10 @@ def show(policy_path: Annotated[Path, typer.Argument(help="A policy.json file.")
                     f"{metrics['periodicity'][i]:.3f}", str(metrics["anchor_phase"][i])]
         table.add_row(*row)
     console.print(table)
+    if policy.provenance.get("stability"):
+        from hermes_probe.stability import uncertain_lines
+
+        console.print("\n".join(uncertain_lines(policy.provenance["stability"])), highlight=False)
 
 
 @app.command()
@@ -548,9 +557,12 @@ def version() -> None:
 
 from hermes_cli.bench_command import bench_command  # noqa: E402 - needs the helpers above
 from hermes_cli.eval_command import eval_command  # noqa: E402 - needs the helpers above
+from hermes_cli.fidelity_command import fidelity_command, stability_command  # noqa: E402
 from hermes_cli.serve_command import serve_command  # noqa: E402 - needs the helpers above
 
 app.command("eval")(eval_command)
+app.command("fidelity")(friendly_errors(fidelity_command))
+app.command("stability")(friendly_errors(stability_command))
 app.command("bench")(friendly_errors(bench_command))
 app.command("serve")(serve_command)
 

@@ -523,6 +523,64 @@ class StreamingSession:
             finally:
                 self.store.truncate(saved_lengths)
 
+    def continuation_logprobs(
+        self, prompt: list[int], continuation: list[int], capture: AttentionCapture | None = None
+    ) -> torch.Tensor:
+        """Log-probabilities at each token of ``continuation`` teacher-forced after ``prompt``.
+
+        ``prompt`` and ``continuation`` are token ids prefilled as plain text right after
+        the cache's tokens (the caller adds any chat-template text); the cache is left as
+        it was. With ``capture``, the attention of every prefilled row is handed over.
+
+        Returns
+        -------
+        FloatTensor ``(len(continuation), vocab)``: row ``j`` is the log-softmax of the
+        distribution that predicts ``continuation[j]``.
+        """
+        return self.batch_continuation_logprobs([(prompt, continuation)], capture)[0]
+
+    def batch_continuation_logprobs(
+        self, items: Sequence[tuple[list[int], list[int]]], capture: AttentionCapture | None = None
+    ) -> list[torch.Tensor]:
+        """:meth:`continuation_logprobs` of several (prompt, continuation) pairs in one forward.
+
+        Each pair is an independent query block (:class:`~hermes_policy.attention.QueryBlocks`):
+        it sees the cache and, causally, itself only, at the layer's next free position,
+        exactly as if it had been run alone. The cache is left as it was.
+
+        Returns
+        -------
+        per pair, FloatTensor ``(len(continuation), vocab)`` on the CPU
+        """
+        if not items or any(not p or not c for p, c in items):
+            raise StreamError("every prompt and continuation must hold tokens")
+        self.flush()
+        if self.frames_seen == 0:
+            raise StreamError("a question was asked before any frame was streamed")
+        saved_lengths = self.store.lengths()
+        axes = self.adapter.position_axes
+        blocks = [list(p) + list(c[:-1]) for p, c in items]
+        ids = np.concatenate([np.asarray(b, dtype=np.int64) for b in blocks])
+        positions = np.concatenate([np.arange(len(b), dtype=np.int64) for b in blocks])
+        merged = StreamPiece(
+            input_ids=torch.from_numpy(ids),
+            positions=torch.from_numpy(np.tile(positions, (axes, 1))),
+            frame_index=torch.from_numpy(np.full(len(ids), -1, dtype=np.int64)),
+        )
+        out = []
+        try:
+            blocked = QueryBlocks(self.adapter.attention_modules, [len(b) for b in blocks]) if len(blocks) > 1 else nullcontext()
+            with torch.inference_mode(), blocked, capture or nullcontext():
+                hidden = self._prefill(merged)
+                start = 0
+                for (prompt, _continuation), block in zip(items, blocks, strict=True):
+                    rows = hidden[:, start + len(prompt) - 1 : start + len(block)]
+                    out.append(torch.log_softmax(self.adapter.logits(rows)[0].float(), dim=-1).cpu())
+                    start += len(block)
+            return out
+        finally:
+            self.store.truncate(saved_lengths)
+
     def run_query(self, text: str, capture: AttentionCapture | None = None) -> torch.Tensor:
         """Prefill a question on the cache and take it back out; returns its last hidden state.
 

@@ -84,3 +84,21 @@ def test_show_rejects_a_malformed_policy(tmp_path):
     path.write_text(json.dumps({"schema": "hermes-policy/1"}))
     result = run("show", path)
     assert result.exit_code == 1 and "missing 'model'" in result.output
+
+
+def test_analyze_calibrate_writes_both_policies(tiny_llama_dir, tmp_path):
+    out = tmp_path / "cal"
+    result = run("analyze", "--model", tiny_llama_dir, "--synthetic", "--frames", "8", "--tokens-per-frame", 16,
+                 "--chunk", 4, "--fifo-budget", 128, "--policy-budget", 32, "--device", "cpu", "--out", out,
+                 "--no-figures", "--calibrate")
+    assert result.exit_code == 0, result.output
+    calibrated, heuristic = Policy.load(out / "policy.json"), Policy.load(out / "policy-heuristic.json")
+    assert heuristic.provenance["source"] == "probe"
+    assert calibrated.provenance["source"] == "calibrated"
+    made = calibrated.provenance["calibration"]
+    assert made["calibration_streams"] == [{"seed": 0, "frames": 8}, {"seed": 1, "frames": 8}]
+    assert made["heldout_streams"] == [{"seed": 2, "frames": 8}, {"seed": 3, "frames": 12}]
+    assert set(made["kl_blend"]["kl_by_alpha"]) == {"0", "0.5", "0.8", "1"}
+    assert sum(layer.budget for layer in calibrated.layers) <= 32 * 3
+    report = json.loads((out / "calibration.json").read_text())
+    assert {"fifo", "oracle", "hermes (calibrated)"} <= set(report["heldout"]["0.25"])
