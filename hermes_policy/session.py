@@ -615,6 +615,11 @@ class StreamingSession:
         return self._answer_graphs
 
     @property
+    def pending_frames(self) -> int:
+        """Frames received but not yet prefilled (waiting to fill a chunk)."""
+        return len(self._pending)
+
+    @property
     def tokens_kept(self) -> list[int]:
         """Stream tokens currently held per layer."""
         return self.store.stream_lengths()

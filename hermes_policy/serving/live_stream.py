@@ -226,7 +226,7 @@ class LiveStream:
             "frames_released": stats.frames_released,
             "frames_ingested": stats.frames_ingested,
             "frames_dropped": stats.frames_dropped,
-            "frames_waiting": len(self._queue) + len(session._pending),
+            "frames_waiting": len(self._queue) + session.pending_frames,
             "lag_seconds": lag,
             "media_time": stats.last_media_time,
             "tokens_kept_per_layer": kept,
