@@ -111,7 +111,8 @@ def main(argv: list[str] | None = None) -> int:
     command = shlex.join(["python", "benchmarks/serve_load.py", *sys.argv[1:]])
     manifest = run_manifest(adapter, None, fps=args.fps, chunk_frames=args.chunk, mode="live (serve)",
                             command=command.split(), policy=args.policy, budget=args.budget, streams=args.streams)
-    slug = f"{(args.model or 'embedded').replace(':', '-').replace('/', '-')}-{manifest['device'].split(' ')[0].lower()}-{date}"
+    model = (args.model or "embedded").replace(":", "-").replace("/", "-")
+    slug = f"{model}-{args.streams}streams-{manifest['device'].split(' ')[0].lower()}-{date}"
     json_path = write_json_atomic(RESULTS / f"serve-load-{slug}.json",
                                   {"manifest": manifest, "summary": summary, "answers": answers})
     lines = [f"# Serve load: {args.streams} streams at {args.fps:g} fps, {args.model or 'embedded SmolLM2'}", "",
