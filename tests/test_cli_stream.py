@@ -97,7 +97,7 @@ def test_stream_command_runs_the_question_time_rules(tiny_llama_dir, tmp_path, o
         "--frames", "12", "--chunk", "4", *options, "--ask", "last?", "--max-new-tokens", "2", "--json", str(out),
     ])
     assert result.exit_code == 0, result.output
-    (record,) = json.loads(out.read_text())["results"]
+    (record,) = json.loads(out.read_text())["answers"]
     assert set(record["tokens_kept"]) <= tokens_seen
 
 
