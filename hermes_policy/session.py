@@ -557,6 +557,16 @@ class StreamingSession:
         self.flush()
         if self.frames_seen == 0:
             raise StreamError("a question was asked before any frame was streamed")
+        axes = self.adapter.position_axes
+        if self.memory is not None and self.memory.per_question and len(items) > 1:
+            # what the memory brings back depends on the question: one pair at a time
+            return [out for item in items for out in self.batch_continuation_logprobs([item], capture)]
+        with self._question_memory(StreamPiece.text(list(items[0][0]), axes)):
+            return self._continuation_logprobs(items, capture)
+
+    def _continuation_logprobs(
+        self, items: Sequence[tuple[list[int], list[int]]], capture: AttentionCapture | None
+    ) -> list[torch.Tensor]:
         saved_lengths = self.store.lengths()
         axes = self.adapter.position_axes
         blocks = [list(p) + list(c[:-1]) for p, c in items]

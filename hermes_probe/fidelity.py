@@ -319,15 +319,23 @@ def contenders(rules: list[str], policies: dict[str, Any], model_info: Any) -> l
         AttentionRetention,
         FifoRetention,
         HermesRetention,
+        RetrievalRetention,
         SinkRecentRetention,
         UniformRetention,
+        WindowRetention,
     )
 
+    per_frame = model_info.tokens_per_frame
     makers: dict[str, Callable[[int], Any]] = {
         "fifo": lambda b: FifoRetention(budget=b),
         "sink-recent": lambda b: SinkRecentRetention(budget=b, sink=4),
         "uniform": lambda b: UniformRetention(budget=b),
         "attention-only": lambda b: AttentionRetention(budget=b),
+        # the question-time baselines at the same GPU memory: the window holds as many frames
+        # as the budget; retrieval keeps half the budget as its sliding window and brings back
+        # one chunk per layer at a question (so a question may see up to a chunk more)
+        "window": lambda b: WindowRetention(frames=max(1, b // per_frame)),
+        "retrieval": lambda b: RetrievalRetention(budget=max(per_frame, b // 2), retrieve_chunks=1),
     }
     out = []
     for name in rules:

@@ -205,3 +205,22 @@ def test_make_rule_takes_the_question_time_options(tiny_adapter):
     assert make_rule("window", frames=None).frames == 4
     with pytest.raises(RetentionError, match="no option frames"):
         make_rule("fifo", 64, frames=3)
+
+
+def test_batched_continuation_scores_go_through_the_question_time_memory(tiny_adapter):
+    """The fidelity testbed's batched scoring: a window covering the stream scores as full
+    does; retrieval scores each question with its own retrieval (batched == one by one)."""
+    stream = frames(tiny_adapter, 12, seed=11)
+    items = [([5, 6, 7], [8, 9]), ([11, 12], [13, 14, 15])]
+    full = StreamingSession(tiny_adapter, FullRetention(), chunk_frames=4)
+    window = StreamingSession(tiny_adapter, WindowRetention(frames=12), chunk_frames=4)
+    retrieval = StreamingSession(tiny_adapter, RetrievalRetention(budget=24, retrieve_chunks=1), chunk_frames=4)
+    for session in (full, window, retrieval):
+        session.add_frames(stream)
+    for ours, theirs in zip(window.batch_continuation_logprobs(items), full.batch_continuation_logprobs(items)):
+        torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
+    batched = retrieval.batch_continuation_logprobs(items)
+    alone = [retrieval.batch_continuation_logprobs([item])[0] for item in items]
+    for ours, theirs in zip(batched, alone):
+        torch.testing.assert_close(ours, theirs)
+    assert retrieval.tokens_kept == [24] * tiny_adapter.num_layers

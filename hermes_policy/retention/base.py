@@ -152,6 +152,8 @@ class QuestionTimeMemory(ABC):
     """
 
     buffers_frames: ClassVar[bool] = False
+    # what before_question assembles depends on the question (so questions cannot share it)
+    per_question: ClassVar[bool] = False
 
     def buffer_frames(self, frames: list, times: list[float | None], first_frame: int) -> None:  # noqa: B027
         """Keep frames (not prefilled) for the next question."""

@@ -33,7 +33,7 @@ ingest; in general it equals attending over every chunk as encoded (tests check 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -148,6 +148,8 @@ def _to_host(tensor: torch.Tensor) -> torch.Tensor:
 @dataclass
 class RetrievalMemory(QuestionTimeMemory):
     """The offloaded chunks of one session and their key summaries."""
+
+    per_question: ClassVar[bool] = True
 
     retrieve_chunks: int
     host_budget_bytes: int
