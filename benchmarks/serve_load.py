@@ -19,22 +19,19 @@ from __future__ import annotations
 
 import argparse
 import shlex
-import socket
 import statistics
 import sys
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from pathlib import Path
 
 import httpx
-import uvicorn
 
 from hermes_policy.atomic import write_json_atomic, write_text_atomic
 from hermes_policy.manifest import run_manifest
 from hermes_policy.models import load_adapter
-from hermes_policy.serving import ServerConfig, create_app
+from hermes_policy.serving import ServerConfig, create_app, serve_in_background
 
 RESULTS = Path(__file__).parent / "results"
 QUESTIONS = ("What is happening right now?", "What color is the largest shape?", "Which shape moved most?",
@@ -64,14 +61,11 @@ def main(argv: list[str] | None = None) -> int:
     adapter = load_adapter(args.model, device=args.device, tokens_per_frame=args.tokens_per_frame)
     app = create_app(adapter, ServerConfig(policy=args.policy, budget=args.budget, max_streams=args.streams,
                                            kv_budget_bytes=1 << 40, max_new_tokens=args.max_tokens))
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    threading.Thread(target=server.run, daemon=True).start()
-    while not server.started:
-        time.sleep(0.05)
-    base = f"http://127.0.0.1:{port}"
+    with serve_in_background(app) as base:
+        return load(args, adapter, base)
+
+
+def load(args: argparse.Namespace, adapter, base: str) -> int:
     http = httpx.Client(timeout=300)
     ids = [http.post(base + "/v1/streams", json={"source": "synthetic", "fps": args.fps, "chunk_frames": args.chunk,
                                                   "seed": i}).json()["id"] for i in range(args.streams)]
@@ -95,7 +89,6 @@ def main(argv: list[str] | None = None) -> int:
     statuses = [http.get(f"{base}/v1/streams/{i}").json() for i in ids]
     for i in ids:
         http.delete(f"{base}/v1/streams/{i}")
-    server.should_exit = True
 
     ttft = [a["ttft_ms"] for a in answers]
     latency = [a["latency_s"] * 1e3 for a in answers]

@@ -20,20 +20,17 @@ from __future__ import annotations
 
 import argparse
 import shlex
-import socket
 import sys
-import threading
 import time
 from datetime import UTC, datetime
 from pathlib import Path
 
 import httpx
-import uvicorn
 
 from hermes_policy.atomic import write_json_atomic, write_text_atomic
 from hermes_policy.manifest import run_manifest
 from hermes_policy.models import load_adapter
-from hermes_policy.serving import ServerConfig, create_app
+from hermes_policy.serving import ServerConfig, create_app, serve_in_background
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -62,14 +59,11 @@ def main(argv: list[str] | None = None) -> int:
 
     adapter = load_adapter(args.model, device=args.device, tokens_per_frame=args.tokens_per_frame)
     app = create_app(adapter, ServerConfig(policy=args.policy, budget=args.budget, max_new_tokens=16))
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    threading.Thread(target=server.run, daemon=True).start()
-    while not server.started:
-        time.sleep(0.05)
-    base = f"http://127.0.0.1:{port}"
+    with serve_in_background(app) as base:
+        return soak(args, adapter, app, base)
+
+
+def soak(args: argparse.Namespace, adapter, app, base: str) -> int:
     stream_id = httpx.post(base + "/v1/streams", timeout=120, json={"source": "synthetic", "fps": args.fps,
                                                         "chunk_frames": args.chunk}).json()["id"]
     rule = app.state.registry.streams[stream_id].session.retention
@@ -95,7 +89,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{last['t']:7.0f} s: ingested {last['frames_ingested']}, dropped {last['frames_dropped']}, "
               f"lag {last['lag_seconds']}, RSS {last['rss_bytes'] / 2**20:.0f} MiB", flush=True)
     httpx.delete(f"{base}/v1/streams/{stream_id}", timeout=60)  # stops the stream's threads
-    server.should_exit = True
 
     steady = samples[len(samples) // 4:] or samples
     chunk_seconds = args.chunk / args.fps

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from hermes_cli.rule_options import HostBudgetGb, RetrieveChunks, WindowFrames, rule_options
 
 
 def _load_benchmark(annotations: Path, video_root: Path | None) -> list[Any]:
@@ -90,15 +91,9 @@ def eval_command(
         int | None, typer.Option(min=1, help="Stream tokens per layer: for rules and paper-default (default 4000); "
                                  "with a policy.json it overrides the file's budgets.")
     ] = None,
-    window_frames: Annotated[
-        int | None, typer.Option(min=1, help="--policy window: frames re-prefilled at each question [default: 4].")
-    ] = None,
-    retrieve_chunks: Annotated[
-        int | None, typer.Option(min=0, help="--policy retrieval: chunks brought back per layer [default: 4].")
-    ] = None,
-    host_budget_gb: Annotated[
-        float | None, typer.Option(min=0.001, help="--policy retrieval: host memory for offloaded chunks [default: 32].")
-    ] = None,
+    window_frames: WindowFrames = None,
+    retrieve_chunks: RetrieveChunks = None,
+    host_budget_gb: HostBudgetGb = None,
     fps: Annotated[float, typer.Option(min=0.01, help="Frames sampled per second of video "
                                        "(at most each video's own rate).")] = 0.5,
     chunk: Annotated[int, typer.Option(min=1, help="Frames per prefill chunk.")] = 8,
@@ -134,7 +129,7 @@ def eval_command(
 
 
 def _run(**options: Any) -> None:
-    from hermes_cli.main import _load, _rule_options, console
+    from hermes_cli.main import _load, console
     from hermes_cli.outputs import check_output_folder
 
     from hermes_policy.evaluation import distributed, evaluate, make_judge
@@ -150,7 +145,7 @@ def _run(**options: Any) -> None:
         adapter = _load(o["model"], str(device), o["dtype"], None, o["trust_remote_code"])
         result = evaluate(
             adapter, o["policy"], entries, o["out"], budget=o["budget"], fps=o["fps"],
-            rule_options=_rule_options(o["window_frames"], o["retrieve_chunks"], o["host_budget_gb"]),
+            rule_options=rule_options(o["window_frames"], o["retrieve_chunks"], o["host_budget_gb"]),
             chunk_frames=o["chunk"], max_new_tokens=o["max_new_tokens"],
             mc_max_new_tokens=o["mc_max_new_tokens"], judge=judge, limit=o["limit"],
             overwrite=o["overwrite"], progress=o["progress"], console=console, ctx=ctx,

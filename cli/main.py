@@ -16,6 +16,7 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 from hermes_cli.outputs import check_output_file, check_output_folder, is_stdout, write_json_output
+from hermes_cli.rule_options import HostBudgetGb, RetrieveChunks, WindowFrames, rule_options
 from rich.console import Console
 from rich.table import Table
 
@@ -394,15 +395,9 @@ def stream(
         int | None, typer.Option(min=1, help="Stream tokens per layer: for rules and paper-default (default 4000); "
                                  "with a policy.json it overrides the file's budgets.")
     ] = None,
-    window_frames: Annotated[
-        int | None, typer.Option(min=1, help="--policy window: frames re-prefilled at each question [default: 4].")
-    ] = None,
-    retrieve_chunks: Annotated[
-        int | None, typer.Option(min=0, help="--policy retrieval: chunks brought back per layer [default: 4].")
-    ] = None,
-    host_budget_gb: Annotated[
-        float | None, typer.Option(min=0.001, help="--policy retrieval: host memory for offloaded chunks [default: 32].")
-    ] = None,
+    window_frames: WindowFrames = None,
+    retrieve_chunks: RetrieveChunks = None,
+    host_budget_gb: HostBudgetGb = None,
     ask: Annotated[list[str] | None, typer.Option(help="A question (repeatable).")] = None,
     at: Annotated[
         list[float] | None, typer.Option(help="Stream second of each --ask, in order (default: at the end).")
@@ -429,14 +424,14 @@ def stream(
     with _report_to_stderr(is_stdout(json_out)):
         _stream(model, policy, video, annotations, video_root, frames, tokens_per_frame, fps, chunk, budget,
                 ask, at, max_new_tokens, seed, device, dtype, trust_remote_code, json_out,
-                _rule_options(window_frames, retrieve_chunks, host_budget_gb))
+                rule_options(window_frames, retrieve_chunks, host_budget_gb))
 
 
 def _stream(model: str | None, policy: str, video: Path | None, annotations: Path | None,
             video_root: Path | None, frames: int, tokens_per_frame: int | None, fps: float, chunk: int,
             budget: int | None, ask: list[str] | None, at: list[float] | None, max_new_tokens: int,
             seed: int, device: str | None, dtype: str | None, trust_remote_code: bool,
-            json_out: Path | None, rule_options: dict[str, Any]) -> None:
+            json_out: Path | None, rule_settings: dict[str, Any]) -> None:
     from types import SimpleNamespace
 
     import numpy as np
@@ -458,7 +453,7 @@ def _stream(model: str | None, policy: str, video: Path | None, annotations: Pat
     adapter = _load(model, device, dtype, tokens_per_frame, trust_remote_code)
     if (video or annotations) and adapter.is_text_only:
         raise StreamError(f"{adapter.name_or_path} is a text-only model and cannot watch videos; use --synthetic")
-    rule = rule_from_spec(policy, adapter, budget, **rule_options)
+    rule = rule_from_spec(policy, adapter, budget, **rule_settings)
     rule.validate(adapter)  # before any frame is decoded
     if budget is not None and policy not in ("paper-default", "hermes") and getattr(rule, "policy", None):
         original = rule.policy.provenance.get("budget_override", {}).get("from")
@@ -499,7 +494,7 @@ def _stream(model: str | None, policy: str, video: Path | None, annotations: Pat
     records = []
     compressions = 0
     for name, open_chunks, questions in jobs:
-        session = StreamingSession(adapter, rule_from_spec(policy, adapter, budget, **rule_options), chunk_frames=chunk,
+        session = StreamingSession(adapter, rule_from_spec(policy, adapter, budget, **rule_settings), chunk_frames=chunk,
                                    fps=fps)
         console.print(f"[bold]{name}[/] | rule [bold]{rule.name}[/] | {adapter.name_or_path}")
         table = Table()
@@ -536,15 +531,6 @@ def _stream(model: str | None, policy: str, video: Path | None, annotations: Pat
         write_json_output(json_out, {"manifest": manifest, "model": adapter.name_or_path, "policy": policy,
                                      "budget": rule_budget(rule, adapter.num_layers),
                                      "compressions": compressions, "answers": records})
-
-
-def _rule_options(window_frames: int | None, retrieve_chunks: int | None, host_budget_gb: float | None) -> dict:
-    """The question-time rules' options as :func:`~hermes_policy.streaming.rule_from_spec` takes them."""
-    return {
-        "frames": window_frames,
-        "retrieve_chunks": retrieve_chunks,
-        "host_budget_bytes": None if host_budget_gb is None else int(host_budget_gb * 2**30),
-    }
 
 
 @app.command()

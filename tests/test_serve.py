@@ -7,7 +7,6 @@ answer reports how many frames it saw); the API key on every route; bounded load
 from __future__ import annotations
 
 import json
-import socket
 import statistics
 import threading
 import time
@@ -18,40 +17,22 @@ import httpx
 import numpy as np
 import openai
 import pytest
-import uvicorn
 
 from hermes_policy import StreamingSession
 from hermes_policy.retention import FifoRetention
-from hermes_policy.serving import ServerConfig, create_app
+from hermes_policy.serving import ServerConfig, create_app, serve_in_background
 from hermes_policy.serving.sources import SourceSpec, open_source, paced
 from hermes_policy.synthetic import text_stream
 
 KEY = "test-key"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @contextmanager
 def running(adapter, **config):
     """A uvicorn server on a free loopback port, in a thread; stopped on exit."""
     app = create_app(adapter, ServerConfig(**{"policy": "fifo", "budget": 64, **config}))
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not server.started:
-        assert time.monotonic() < deadline, "the server did not start"
-        time.sleep(0.02)
-    try:
-        yield f"http://127.0.0.1:{port}", app
-    finally:
-        server.should_exit = True
-        thread.join(10)
+    with serve_in_background(app) as base:
+        yield base, app
 
 
 def client(base: str, key: str | None = KEY) -> openai.OpenAI:
@@ -272,3 +253,13 @@ def test_serve_refuses_a_public_address_without_a_key():
 
     result = CliRunner().invoke(app, ["serve", "--host", "0.0.0.0"])
     assert result.exit_code == 1 and "needs --api-key" in result.output
+
+
+def test_a_question_before_the_first_full_chunk_is_answered_from_the_partial_chunk(tiny_adapter):
+    """Frames that do not yet fill a chunk are still memory: the question ingests them."""
+    with running(tiny_adapter) as (base, _):
+        stream_id = httpx.post(base + "/v1/streams", json={"source": "synthetic", "fps": 10, "chunk_frames": 64}).json()["id"]
+        wait_for(lambda: httpx.get(f"{base}/v1/streams/{stream_id}").json()["frames_released"] >= 3)
+        reply = client(base, None).chat.completions.create(
+            model="x", messages=[{"role": "user", "content": "So far?"}], max_tokens=2, extra_body={"stream_id": stream_id})
+        assert 3 <= reply.usage.model_extra["frames_seen"] < 64

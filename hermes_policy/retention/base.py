@@ -157,7 +157,7 @@ class QuestionTimeMemory(ABC):
 
     def buffer_frames(self, frames: list, times: list[float | None], first_frame: int) -> None:  # noqa: B027
         """Keep frames (not prefilled) for the next question."""
-        raise NotImplementedError(f"{type(self).__name__} does not buffer frames")
+        raise TypeError(f"{type(self).__name__} prefills its frames; it does not buffer them")
 
     def after_chunk(self, store: KVStore, new_tokens: int) -> None:  # noqa: B027 - optional hook
         """See a chunk of ``new_tokens`` tokens just appended to every layer of ``store``."""
@@ -188,6 +188,15 @@ class BudgetedRule(RetentionRule):
             raise RetentionError(
                 f"budget of {self.budget} tokens is smaller than one frame ({adapter.tokens_per_frame} tokens)"
             )
+
+
+def keep_newest(store: KVStore, budget: int) -> dict[int, LayerKeep]:
+    """Per over-budget layer, the prefix plus its newest ``budget`` stream tokens."""
+    return {
+        layer: LayerKeep(newest_indices(length, store.prefix_len, budget))
+        for layer, length in enumerate(store.lengths())
+        if length - store.prefix_len > budget
+    }
 
 
 def newest_indices(length: int, prefix_len: int, budget: int) -> torch.Tensor:

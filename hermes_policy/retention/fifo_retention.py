@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..kv_store import KVStore
-from .base import BudgetedRule, LayerKeep, ReindexMode, SelectContext, newest_indices
+from .base import BudgetedRule, LayerKeep, ReindexMode, SelectContext, keep_newest
 
 
 @dataclass
@@ -23,9 +23,5 @@ class FifoRetention(BudgetedRule):
     reindex: ReindexMode = "eager"
 
     def select(self, store: KVStore, context: SelectContext) -> dict[int, LayerKeep]:
-        decisions = {}
-        for layer, length in enumerate(store.lengths()):
-            if length - store.prefix_len > self.budget:
-                decisions[layer] = LayerKeep(newest_indices(length, store.prefix_len, self.budget))
-        return decisions
+        return keep_newest(store, self.budget)
 

@@ -47,7 +47,7 @@ from .base import (
     QuestionTimeMemory,
     ReindexMode,
     SelectContext,
-    newest_indices,
+    keep_newest,
 )
 
 GIB = 1 << 30
@@ -71,11 +71,7 @@ class RetrievalRetention(BudgetedRule):
     reindex: ReindexMode = "never"
 
     def select(self, store: KVStore, context: SelectContext) -> dict[int, LayerKeep]:
-        decisions = {}
-        for layer, length in enumerate(store.lengths()):
-            if length - store.prefix_len > self.budget:
-                decisions[layer] = LayerKeep(newest_indices(length, store.prefix_len, self.budget))
-        return decisions
+        return keep_newest(store, self.budget)  # the sliding window: a fifo on the GPU
 
     def validate(self, adapter: ModelAdapter) -> None:
         super().validate(adapter)

@@ -27,8 +27,8 @@ import json
 import secrets
 import threading
 import time
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -309,3 +309,32 @@ def create_app(adapter: Any, config: ServerConfig) -> FastAPI:
         return PAGE.read_text()
 
     return app
+
+
+@contextmanager
+def serve_in_background(app: FastAPI, host: str = "127.0.0.1", start_timeout: float = 30.0) -> Iterator[str]:
+    """Run ``app`` under uvicorn on a free port of ``host`` in a thread; yields its base URL.
+
+    For tests and benchmarks that drive a real server from the same process; the server
+    stops (and the streams' threads with it) when the block ends.
+    """
+    import socket
+
+    import uvicorn
+
+    with socket.socket() as probe:
+        probe.bind((host, 0))
+        port = probe.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + start_timeout
+    while not server.started:
+        if time.monotonic() > deadline or not thread.is_alive():
+            raise RuntimeError(f"the server did not start on {host}:{port}")
+        time.sleep(0.02)
+    try:
+        yield f"http://{host}:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(10)

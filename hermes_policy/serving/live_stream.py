@@ -205,7 +205,7 @@ class LiveStream:
         arrival = time.monotonic()
         with self._ingest_lock:
             self._ingest(self._take(until=arrival))
-            if self.session.frames_seen == 0:
+            if self.session.frames_seen == 0 and self.session.pending_frames == 0:
                 raise HermesError("the stream has no frames yet; ask again in a moment")
             with self.model_lock:
                 return self.session.ask(question, max_new_tokens=max_new_tokens, on_token=on_token)
