@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from hermes_cli.rule_options import HostBudgetGb, RetrieveChunks, WindowFrames, rule_options
+from hermes_cli.rule_options import Budget, HostBudgetGb, RetrieveChunks, WindowFrames, rule_options
 
 
 def _load_benchmark(annotations: Path, video_root: Path | None) -> list[Any]:
@@ -87,10 +87,7 @@ def eval_command(
     ] = "paper-default",
     video_root: Annotated[Path | None, typer.Option(help="Folder that relative video paths refer to.")] = None,
     limit: Annotated[int | None, typer.Option(min=1, help="Only the first N questions of the benchmark.")] = None,
-    budget: Annotated[
-        int | None, typer.Option(min=1, help="Stream tokens per layer: for rules and paper-default (default 4000); "
-                                 "with a policy.json it overrides the file's budgets.")
-    ] = None,
+    budget: Budget = None,
     window_frames: WindowFrames = None,
     retrieve_chunks: RetrieveChunks = None,
     host_budget_gb: HostBudgetGb = None,

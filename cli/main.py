@@ -16,7 +16,7 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 from hermes_cli.outputs import check_output_file, check_output_folder, is_stdout, write_json_output
-from hermes_cli.rule_options import HostBudgetGb, RetrieveChunks, WindowFrames, rule_options
+from hermes_cli.rule_options import Budget, HostBudgetGb, RetrieveChunks, WindowFrames, rule_options
 from rich.console import Console
 from rich.table import Table
 
@@ -391,10 +391,7 @@ def stream(
     fps: Annotated[float, typer.Option(min=0.01, help="Frames sampled per second of video "
                                        "(at most the video's own rate).")] = 0.5,
     chunk: Annotated[int, typer.Option(min=1, help="Frames per prefill chunk.")] = 8,
-    budget: Annotated[
-        int | None, typer.Option(min=1, help="Stream tokens per layer: for rules and paper-default (default 4000); "
-                                 "with a policy.json it overrides the file's budgets.")
-    ] = None,
+    budget: Budget = None,
     window_frames: WindowFrames = None,
     retrieve_chunks: RetrieveChunks = None,
     host_budget_gb: HostBudgetGb = None,

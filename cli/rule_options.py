@@ -1,4 +1,4 @@
-"""Command-line options of the question-time rules, shared by ``stream`` and ``eval``."""
+"""Command-line options of the retention rules, shared by ``stream`` and ``eval``."""
 
 from __future__ import annotations
 
@@ -6,6 +6,10 @@ from typing import Annotated, Any
 
 import typer
 
+Budget = Annotated[
+    int | None, typer.Option(min=1, help="Stream tokens per layer: for rules and paper-default (default 4000); "
+                             "with a policy.json it overrides the file's budgets.")
+]
 WindowFrames = Annotated[
     int | None, typer.Option(min=1, help="--policy window: frames re-prefilled at each question [default: 4].")
 ]
