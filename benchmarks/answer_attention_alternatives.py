@@ -1,5 +1,5 @@
 """The answer's attention over a slot window: alternatives measured before the split-key
-kernel (``hermes_policy/split_kv_attention.py``) was written, and not kept.
+kernel (``hermes_policy/kernels/split_kv_attention.py``) was written, and not kept.
 
 Per layer inside a CUDA graph, on the LLaVA-OV-7B heads (28 query heads, 4 KV heads, head
 size 128), a window of 4,352 slots of which 4,100 are used, for 1, 16 and 32 new tokens:
@@ -30,13 +30,17 @@ from torch.nn.attention.flex_attention import flex_attention
 sys.path.insert(0, str(Path(__file__).parent))
 from profile_efficiency import graph_ms  # noqa: E402
 
-from hermes_policy.attention import (  # noqa: E402
+from hermes_policy.attention.ragged import (  # noqa: E402
     masked_softmax_with_lse,
     merge_attention,
     slots_blocked,
     unmasked_attention_with_lse,
 )
-from hermes_policy.static_forward import biased_slot_attention, slot_attention, stacked_mask_bias  # noqa: E402
+from hermes_policy.graphs.static_forward import (  # noqa: E402
+    biased_slot_attention,
+    slot_attention,
+    stacked_mask_bias,
+)
 
 WINDOW, USED, CAPACITY = 4352, 4100, 4608
 SCALE = 128**-0.5

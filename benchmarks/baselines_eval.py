@@ -30,11 +30,11 @@ import tempfile
 from datetime import UTC, datetime
 from pathlib import Path
 
-from hermes_policy.atomic import write_json_atomic, write_text_atomic
 from hermes_policy.evaluation import evaluate
-from hermes_policy.manifest import device_name
+from hermes_policy.evaluation.manifest import device_name
+from hermes_policy.fileio.atomic import write_json_atomic, write_text_atomic
+from hermes_policy.inputs.synthetic import write_synthetic_benchmark
 from hermes_policy.models import load_adapter
-from hermes_policy.synthetic import write_synthetic_benchmark
 
 RESULTS = Path(__file__).parent / "results"
 RULES = (
@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as scratch:
         bench = write_synthetic_benchmark(Path(scratch) / "bench", num_videos=args.videos, num_frames=args.frames,
                                           fps=args.fps, height=96, width=96)
-        from hermes_policy.annotations import load_annotations
+        from hermes_policy.inputs.annotations import load_annotations
 
         entries = load_annotations(bench)
         for spec, options in RULES:

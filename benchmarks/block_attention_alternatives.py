@@ -6,13 +6,13 @@ any question (32 + 56 rows) and after one (64 + 112).
 - the block attention as the ingest forward runs it (``lead_and_blocks_attention``, lead
   unread), without a capture and with the weighted capture of the first block's
   probabilities, by score products (``HERMES_PROBABILITY_KERNEL=0``) and by the Triton
-  probability kernel (``hermes_policy/probability_kernel.py``) at several launch shapes;
+  probability kernel (``hermes_policy/kernels/probability_kernel.py``) at several launch shapes;
 - its parts: flash over the keys before the blocks, the blocks' own keys;
-- the split-key kernel of the answers (``hermes_policy/split_kv_attention.py``) in place
+- the split-key kernel of the answers (``hermes_policy/kernels/split_kv_attention.py``) in place
   of flash over the keys before the blocks (not used: slower for this many rows);
 - a whole layer's attention with the lead read (the chunk's rows and the blocks', the
   first block captured), and the last layer's (lead unread), with the block attention
-  kernel (``hermes_policy/block_attention_kernel.py``: the blocks' rows in one cuDNN call
+  kernel (``hermes_policy/kernels/block_attention_kernel.py``: the blocks' rows in one cuDNN call
   with the chunk's over the cache, then one pass over the chunk's keys and their own
   block; by default over every key, in ranges walked at once) and without it
   (``HERMES_BLOCK_KERNEL=0``), next to the chunk's attention alone; the kernel alone at
@@ -41,8 +41,7 @@ import triton
 sys.path.insert(0, str(Path(__file__).parent))
 from profile_efficiency import graph_ms  # noqa: E402
 
-from hermes_policy import block_attention_kernel, probability_kernel, split_kv_attention  # noqa: E402
-from hermes_policy.attention import (  # noqa: E402
+from hermes_policy.attention.ragged import (  # noqa: E402
     BLOCKS_WITH_CHUNK,
     attention_with_lse,
     causal_attention,
@@ -50,6 +49,11 @@ from hermes_policy.attention import (  # noqa: E402
     own_blocks_attention,
     steady_shapes,
     unmasked_attention_with_lse,
+)
+from hermes_policy.kernels import (
+    block_attention_kernel,  # noqa: E402
+    probability_kernel,  # noqa: E402
+    split_kv_attention,  # noqa: E402
 )
 
 SCALE = 128**-0.5

@@ -12,7 +12,7 @@ LLaVA-OV-7B / Qwen2.5-VL-7B layer count; the counts do not depend on widths) und
   captures, run here without capture), with the fewer-kernel forward and with the
   transformers layers.
 
-Operators inside a fused op (:mod:`hermes_policy.fusion`) run eagerly here but compile into
+Operators inside a fused op (:mod:`hermes_policy.kernels.fusion`) run eagerly here but compile into
 one kernel on CUDA; they are counted apart, so ``launches on CUDA = operators - inside fused
 + fused calls``. The decoder's operators inside the attention function are counted apart
 too: on the CPU it runs explicit or masked paths where CUDA runs one fused kernel (flash,
@@ -73,11 +73,11 @@ class OperatorCount(TorchDispatchMode):
 
 @contextmanager
 def counting_fused_calls(counter: OperatorCount) -> Iterator[None]:
-    """Mark the operators dispatched inside :class:`~hermes_policy.fusion.FusedOp` calls."""
+    """Mark the operators dispatched inside :class:`~hermes_policy.kernels.fusion.FusedOp` calls."""
     try:
-        from hermes_policy.fusion import FusedOp
+        from hermes_policy.kernels.fusion import FusedOp
     except ImportError:  # older trees: the class lived in fused_ops
-        from hermes_policy.fused_ops import FusedOp
+        from hermes_policy.kernels.fused_ops import FusedOp
     original = FusedOp.__call__
 
     def call(self, *args):
@@ -103,7 +103,8 @@ def counting_attention(counter: OperatorCount) -> Iterator[None]:
     its counts say nothing about launches on a GPU and are reported apart."""
     from transformers import AttentionInterface
 
-    from hermes_policy import attention, static_forward
+    from hermes_policy.attention.ragged import ragged as attention
+    from hermes_policy.graphs import static_forward
 
     original = attention.ragged_attention
 
@@ -169,7 +170,7 @@ def phase_counts(session, frames: torch.Tensor, chunks: int) -> dict[str, float]
 
 def decoder_counts(session, adapter, frames: torch.Tensor) -> dict[str, dict[str, float]]:
     """Operators of one compressing chunk's fixed-buffer forward, per decoder variant."""
-    from hermes_policy.chunk_graphs import ChunkGraphs
+    from hermes_policy.graphs.chunk_graphs import ChunkGraphs
 
     out = {}
     lengths = session.store.lengths()
@@ -229,7 +230,7 @@ def main() -> None:
     torch.set_num_threads(2)
     from tiny_models import tiny_llama
 
-    from hermes_policy.atomic import write_text_atomic
+    from hermes_policy.fileio.atomic import write_text_atomic
 
     tokens_per_frame = 8
     with tempfile.TemporaryDirectory() as tmp:

@@ -10,8 +10,8 @@ tokens), each part timed inside a CUDA graph (no launch gaps):
   sort of the summary layers' eviction masks (the path before) against one stable sort and
   one compiled partition (:func:`batched_partition`);
 - summary tokens: one compiled op a layer (:func:`evicted_summary`) against one Triton
-  launch for all summary layers (:mod:`hermes_policy.summary_kernel`) at several splits;
-- the eviction gather (:mod:`hermes_policy.compaction_kernel`) at several launch shapes.
+  launch for all summary layers (:mod:`hermes_policy.kernels.summary_kernel`) at several splits;
+- the eviction gather (:mod:`hermes_policy.kernels.compaction_kernel`) at several launch shapes.
 
 Usage::
 
@@ -28,7 +28,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from profile_efficiency import graph_ms  # noqa: E402
 
-from hermes_policy import compaction_kernel  # noqa: E402
+from hermes_policy.kernels import compaction_kernel  # noqa: E402
 from hermes_policy.retention.scoring import (  # noqa: E402
     batched_mixed_scores,
     batched_partition,
@@ -102,7 +102,7 @@ def selection() -> None:
 
 
 def summaries() -> None:
-    from hermes_policy import summary_kernel
+    from hermes_policy.kernels import summary_kernel
 
     g = torch.Generator(device="cuda").manual_seed(1)
     buffers = [torch.randn(2, 1, KV_HEADS, CAPACITY, HEAD_DIM, device="cuda", generator=g).bfloat16() for _ in range(SUMMARY_LAYERS)]

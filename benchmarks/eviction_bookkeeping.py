@@ -1,13 +1,13 @@
 """Host time of the eviction's bookkeeping, each step two ways side by side.
 
 After a compression step the host rewrites every layer's positions ``(axes, n)`` and frame
-indices ``(n,)`` to the kept tokens (:meth:`hermes_policy.kv_store.KVStore.keep_layers`),
+indices ``(n,)`` to the kept tokens (:meth:`hermes_policy.cache.kv_store.KVStore.keep_layers`),
 after its one wait for the GPU and before the next chunk is queued, so the GPU waits for it.
 This times that work for a LLaVA-OV-7B-like steady state (28 layers, a 4K budget plus a
 chunk of 8 frames, 3 position axes): fancy indexing against ``np.take`` (and against the layers stacked, one
 ``np.take_along_axis`` for all: slower, not used); and, before it,
 the hand-back of the downloaded indices (one staged array holding every layer's kept
-indices and the summary tokens' positions, :class:`hermes_policy.transfer.Download`) as a
+indices and the summary tokens' positions, :class:`hermes_policy.cache.transfer.Download`) as a
 torch split and view per member against numpy views of one array. Alternated in one run;
 the ratios are saved.
 
@@ -141,7 +141,7 @@ def main() -> None:
     print(f"download hand-back of {len(shapes)} arrays: torch split and views {result['download_torch_split_ms']:.3f} ms, "
           f"numpy views {result['download_numpy_views_ms']:.3f} ms ({result['download_ratio']:.1f}x)")
     if args.out:
-        from hermes_policy.atomic import write_text_atomic
+        from hermes_policy.fileio.atomic import write_text_atomic
 
         path = args.out / f"eviction-bookkeeping-{result['date']}.json"
         args.out.mkdir(parents=True, exist_ok=True)

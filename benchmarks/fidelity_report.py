@@ -17,7 +17,7 @@ import json
 import sys
 from pathlib import Path
 
-from hermes_policy.atomic import write_json_atomic, write_text_atomic
+from hermes_policy.fileio.atomic import write_json_atomic, write_text_atomic
 from hermes_probe.fidelity import SCHEMA, label, markdown_table, row_key, summarise
 
 ORDER = ["full", "fifo", "sink-recent", "uniform", "attention-only", "window", "retrieval", "hermes (paper-default)",

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch.nn.attention.bias import causal_lower_right
 from torch.profiler import ProfilerActivity, profile
 
-from hermes_policy import StreamingSession, split_kv_attention
+from hermes_policy import StreamingSession
 from hermes_policy.benchmarking.efficiency import (
     QUESTIONS,
     EfficiencyConfig,
@@ -37,8 +37,9 @@ from hermes_policy.benchmarking.efficiency import (
     make_rule,
 )
 from hermes_policy.benchmarking.floor import median_cuda_ms
-from hermes_policy.benchmarking.shapes import build_random_adapter, get_shape, random_frames
 from hermes_policy.benchmarking.trace import idle_report, load_trace, phase_timeline, sync_sites
+from hermes_policy.kernels import split_kv_attention
+from hermes_policy.models.random_shapes import build_random_adapter, get_shape, random_frames
 
 
 def table(prof, out: Path, name: str, rows: int = 18) -> None:
@@ -93,7 +94,7 @@ def gather_tail(session: StreamingSession, chunk, chunks: int = 8) -> None:
     for the host's bookkeeping (until the phase's end event)."""
     import time
 
-    from hermes_policy import kv_store
+    from hermes_policy.cache import kv_store
 
     original = kv_store.Download.wait
     marks: list[tuple[float, float, torch.cuda.Event]] = []
@@ -245,7 +246,7 @@ def ingest_comparison(adapter, shape, chunk_frames: int, warm: int, chunks: int 
     of the fewer-kernel forward (`chunk_text_forward`), side by side."""
     import time
 
-    from hermes_policy.chunk_graphs import ChunkGraphs
+    from hermes_policy.graphs.chunk_graphs import ChunkGraphs
 
     frames = random_frames(shape, warm + chunk_frames)
     chunk = frames[warm:]
@@ -409,7 +410,7 @@ def slot_attention_backends(window: int = 4352, used: int = 4100) -> None:
     """The answer's attention of q new tokens over a window of a layer's buffer (LLaVA-OV-7B
     heads), per layer inside a graph: explicit matmuls vs the split-key kernel vs flash
     varlen with seqused_k."""
-    from hermes_policy.static_forward import slot_attention
+    from hermes_policy.graphs.static_forward import slot_attention
 
     print(f"== slot attention per layer, window {window}, {used} slots used (us, in a graph)")
     buf = torch.randn(2, 1, 4, window + 256, 128, dtype=torch.bfloat16, device="cuda")
@@ -435,7 +436,7 @@ def slot_attention_backends(window: int = 4352, used: int = 4100) -> None:
             probs = torch.softmax(scores, dim=-1).to(values.dtype).view(4, 7 * q_len, window)
             return torch.bmm(probs, values[0]).view(4, 7, q_len, 128).permute(2, 0, 1, 3).reshape(q_len, 28, 128)
 
-        from hermes_policy.static_forward import biased_slot_attention
+        from hermes_policy.graphs.static_forward import biased_slot_attention
 
         product = lambda q=q, bias=bias: biased_slot_attention(q, keys, values, bias, 128**-0.5)  # noqa: E731
         for name, fn in [("scale folded", folded), ("scale+mask folded", lambda: folded(with_bias=True)),
@@ -470,7 +471,7 @@ def ttft_host(session: StreamingSession, repeats: int = 20) -> None:
     before and around the prefill graph's replay."""
     import time
 
-    from hermes_policy.answer_graphs import WINDOW_QUANTUM, bucket_length
+    from hermes_policy.graphs.answer_graphs import WINDOW_QUANTUM, bucket_length
 
     graphs, store = session.answer_graphs, session.store
     steps: dict[str, list[float]] = {}
@@ -542,7 +543,7 @@ def answer_ab(adapter, shape, warm: int, rounds: int = 2) -> None:
     """Answer graphs with the fewer-kernel forward (its attention by the split-key kernel,
     and explicit) and with the transformers forward, same session, side by side
     (``rounds`` times each, alternating)."""
-    from hermes_policy.answer_graphs import AnswerGraphs
+    from hermes_policy.graphs.answer_graphs import AnswerGraphs
 
     session = StreamingSession(adapter, make_rule("hermes", adapter, 4000), chunk_frames=8)
     session.add_frames(random_frames(shape, warm))
@@ -644,7 +645,7 @@ def diagnose(adapter, shape, chunk_frames: int, warm: int, out: Path) -> None:
     session = StreamingSession(adapter, make_rule("hermes", adapter, 4000), chunk_frames=chunk_frames, ingest_graphs=False)
     # the body the ingest graphs capture (fewer-kernel decoder), run without a graph: the
     # profiler sees each of its kernels
-    from hermes_policy.chunk_graphs import ChunkGraphs
+    from hermes_policy.graphs.chunk_graphs import ChunkGraphs
 
     session.chunk_graphs = ChunkGraphs(adapter, session.store, use_graphs=False)
     session.add_frames(frames[:warm])

@@ -27,8 +27,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from hermes_policy.atomic import write_json_atomic
-from hermes_policy.fidelity_tasks import fidelity_stream
+from hermes_policy.fileio.atomic import write_json_atomic
+from hermes_policy.inputs.fidelity_tasks import fidelity_stream
 from hermes_policy.models import load_adapter
 from hermes_policy.policy import ModelInfo, Policy, paper_default
 from hermes_probe.calibrate import RECALL_RULES, record_stream, task_weights

@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 
 from hermes_policy import StreamingSession
+from hermes_policy.inputs.synthetic import text_stream
 from hermes_policy.models import load_adapter
 from hermes_policy.policy import ModelInfo, Policy, paper_default
 from hermes_policy.retention import (
@@ -41,7 +42,6 @@ from hermes_policy.retention import (
     SinkRecentRetention,
     UniformRetention,
 )
-from hermes_policy.synthetic import text_stream
 
 RESULTS = Path(__file__).parent / "results"
 

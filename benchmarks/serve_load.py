@@ -28,8 +28,8 @@ from pathlib import Path
 
 import httpx
 
-from hermes_policy.atomic import write_json_atomic, write_text_atomic
-from hermes_policy.manifest import run_manifest
+from hermes_policy.evaluation.manifest import run_manifest
+from hermes_policy.fileio.atomic import write_json_atomic, write_text_atomic
 from hermes_policy.models import load_adapter
 from hermes_policy.serving import ServerConfig, create_app, serve_in_background
 

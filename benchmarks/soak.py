@@ -108,10 +108,10 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from hermes_policy import StreamingSession
-    from hermes_policy.atomic import write_text_atomic
+    from hermes_policy.fileio.atomic import write_text_atomic
+    from hermes_policy.inputs.synthetic import text_stream
     from hermes_policy.models import load_adapter
-    from hermes_policy.streaming import rule_from_spec
-    from hermes_policy.synthetic import text_stream
+    from hermes_policy.retention.specs import rule_from_spec
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -58,9 +58,9 @@ def read_results(path: Path) -> dict[str, Any]:
 
 def write_report(results: dict[str, Any], json_path: Path) -> tuple[Path, Path, Path]:
     """Write the results JSON, its markdown table and plot next to it (atomically)."""
-    from hermes_policy.atomic import write_json_atomic, write_text_atomic
     from hermes_policy.benchmarking.efficiency import evaluate_targets
     from hermes_policy.benchmarking.report import markdown_table, plot
+    from hermes_policy.fileio.atomic import write_json_atomic, write_text_atomic
 
     results["targets"] = evaluate_targets(results["rows"])
     write_json_atomic(json_path, results)

@@ -14,8 +14,8 @@ from hermes_cli.rule_options import Budget, HostBudgetGb, RetrieveChunks, Window
 
 
 def _load_benchmark(annotations: Path, video_root: Path | None) -> list[Any]:
-    from hermes_policy.annotations import AnnotationError, load_annotations
     from hermes_policy.evaluation.runner import check_benchmark
+    from hermes_policy.inputs.annotations import AnnotationError, load_annotations
 
     if annotations.is_file() and not annotations.read_text(encoding="utf-8", errors="replace").strip():
         raise AnnotationError(f"annotation file {annotations} is empty")

@@ -98,7 +98,7 @@ def fidelity_command(
     )
 
     from hermes_policy.errors import HermesError
-    from hermes_policy.fidelity_tasks import TASKS, fidelity_stream
+    from hermes_policy.inputs.fidelity_tasks import TASKS, fidelity_stream
     from hermes_policy.policy import ModelInfo
     from hermes_probe import fidelity as fid
 
@@ -166,7 +166,7 @@ def fidelity_command(
     table = fid.markdown_table(summary, order)
     console.print(table, highlight=False)
     if markdown is not None:
-        from hermes_policy.atomic import write_text_atomic
+        from hermes_policy.fileio.atomic import write_text_atomic
 
         write_text_atomic(markdown, table + "\n")
     console.print(f"wrote {json_out}")
@@ -182,8 +182,8 @@ def calibrate_after_analyze(adapter: Any, heuristic: Any, out: Path, *, frames: 
     (value-weighted attention recall) or ``attention``; ``kl_check``: then blend the recency
     weights towards 1 by the KL on the real runtime (calibration stream ``seed``).
     """
-    from hermes_policy.atomic import write_json_atomic
-    from hermes_policy.fidelity_tasks import fidelity_stream
+    from hermes_policy.fileio.atomic import write_json_atomic
+    from hermes_policy.inputs.fidelity_tasks import fidelity_stream
     from hermes_probe.calibrate import run_calibration
 
     def streams(s: int, f: int) -> Any:
@@ -215,8 +215,8 @@ def stability_command(
     """Bootstrap the probe's per-layer role scores and tiers over streams; flag uncertain layers."""
     from hermes_cli.main import console
 
-    from hermes_policy.atomic import write_json_atomic
     from hermes_policy.errors import HermesError
+    from hermes_policy.fileio.atomic import write_json_atomic
     from hermes_policy.policy import Policy
     from hermes_probe.profiles import AttentionProfile
     from hermes_probe.stability import bootstrap, uncertain_lines

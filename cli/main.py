@@ -111,8 +111,8 @@ def _demo(model: str | None, frames: int, tokens_per_frame: int, chunk: int, rul
     from rich.progress import Progress
 
     from hermes_policy import StreamingSession
-    from hermes_policy.streaming import rule_budget, rule_from_spec
-    from hermes_policy.synthetic import shapes_video, text_stream
+    from hermes_policy.inputs.synthetic import shapes_video, text_stream
+    from hermes_policy.retention.specs import rule_budget, rule_from_spec
 
     adapter = _load(model, device, None, tokens_per_frame, False, exact_frame_length=False)
     policy_file = rule.endswith(".json") or Path(rule).is_file()
@@ -162,7 +162,7 @@ def _demo(model: str | None, frames: int, tokens_per_frame: int, chunk: int, rul
     )
     _note_no_compression(session, retention)
     if json_out is not None:
-        from hermes_policy.manifest import run_manifest
+        from hermes_policy.evaluation.manifest import run_manifest
 
         manifest = run_manifest(adapter, retention, chunk_frames=session.chunk_frames, mode="streaming (synthetic)")
         write_json_output(json_out, {"manifest": manifest, "model": adapter.name_or_path, "rule": retention.name,
@@ -260,7 +260,7 @@ def analyze(
                                                source=str(from_profiles))
         if force:
             clear_outputs(out, keep=from_profiles)
-        from hermes_policy.manifest import run_manifest
+        from hermes_policy.evaluation.manifest import run_manifest
 
         manifest = run_manifest(mode="probe (from profiles)", profiles=str(from_profiles), model=profile.meta["model"])
         write_outputs(out, profile, metrics, fit, policy, {}, figures=figures, manifest=manifest)
@@ -435,16 +435,12 @@ def _stream(model: str | None, policy: str, video: Path | None, annotations: Pat
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     from hermes_policy import StreamingSession
-    from hermes_policy.annotations import load_annotations
     from hermes_policy.errors import StreamError
-    from hermes_policy.streaming import (
-        TimedQuestion,
-        rule_budget,
-        rule_from_spec,
-        stream_chunks_with_questions,
-    )
-    from hermes_policy.synthetic import shapes_video, text_stream
-    from hermes_policy.video import iter_video_chunks, source_rate
+    from hermes_policy.inputs.annotations import load_annotations
+    from hermes_policy.inputs.playback import TimedQuestion, stream_chunks_with_questions
+    from hermes_policy.inputs.synthetic import shapes_video, text_stream
+    from hermes_policy.inputs.video import iter_video_chunks, source_rate
+    from hermes_policy.retention.specs import rule_budget, rule_from_spec
 
     entries = load_annotations(annotations, video_root) if annotations is not None else []
     adapter = _load(model, device, dtype, tokens_per_frame, trust_remote_code)
@@ -522,7 +518,7 @@ def _stream(model: str | None, policy: str, video: Path | None, annotations: Pat
         _note_no_compression(session, session.retention)
         compressions += session.compressions
     if json_out is not None:
-        from hermes_policy.manifest import run_manifest
+        from hermes_policy.evaluation.manifest import run_manifest
 
         manifest = run_manifest(adapter, rule, fps=fps, chunk_frames=chunk, mode="streaming")
         write_json_output(json_out, {"manifest": manifest, "model": adapter.name_or_path, "policy": policy,

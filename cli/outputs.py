@@ -13,8 +13,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from hermes_policy.atomic import json_default, write_json_atomic
 from hermes_policy.errors import OutputError
+from hermes_policy.fileio.atomic import json_default, write_json_atomic
 
 STDOUT = "-"
 

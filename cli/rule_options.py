@@ -22,7 +22,7 @@ HostBudgetGb = Annotated[
 
 
 def rule_options(window_frames: int | None, retrieve_chunks: int | None, host_budget_gb: float | None) -> dict[str, Any]:
-    """The options as :func:`~hermes_policy.streaming.rule_from_spec` takes them (None: the rule's default)."""
+    """The options as :func:`~hermes_policy.inputs.playback.rule_from_spec` takes them (None: the rule's default)."""
     return {
         "frames": window_frames,
         "retrieve_chunks": retrieve_chunks,

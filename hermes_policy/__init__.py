@@ -9,21 +9,27 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-from .errors import HermesError, ModelLoadError, RetentionError, StreamError, VideoInputError
+from hermes_policy.errors import (
+    HermesError,
+    ModelLoadError,
+    RetentionError,
+    StreamError,
+    VideoInputError,
+)
 
 __version__ = "0.1.0"
 
 # name -> submodule that defines it, imported on first access (PEP 562)
 _LAZY = {
-    "KVStore": "kv_store",
+    "KVStore": "cache.kv_store",
     "Answer": "session",
     "IngestReport": "session",
     "StreamingSession": "session",
 }
 
 if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
-    from .kv_store import KVStore
-    from .session import Answer, IngestReport, StreamingSession
+    from hermes_policy.cache.kv_store import KVStore
+    from hermes_policy.session import Answer, IngestReport, StreamingSession
 
 
 def __getattr__(name: str) -> Any:

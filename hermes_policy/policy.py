@@ -15,9 +15,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from .atomic import write_json_atomic
-from .errors import PolicyError
-from .json_input import load_json_file
+from hermes_policy.errors import PolicyError
+from hermes_policy.fileio.atomic import write_json_atomic
+from hermes_policy.fileio.json_input import load_json_file
 
 SCHEMA = "hermes-policy/1"
 TIERS = ("sensory", "working", "long_term")
@@ -203,6 +203,21 @@ def paper_tiers(num_layers: int) -> dict[str, tuple[int, int]]:
     }
 
 
+def split_budget(weights: list[float], per_layer: int) -> list[int]:
+    """Layer-dependent budgets (METHOD.md section 6).
+
+    ``m_l = floor(w_l / sum(w) * per_layer * L)``; the rounding remainder goes to the last
+    layer, so the total is exactly ``per_layer * L``.
+    """
+    total = per_layer * len(weights)
+    weight_sum = float(sum(weights))
+    if weight_sum <= 0 or any(w < 0 for w in weights):
+        raise ValueError("budget weights must be non-negative with a positive sum")
+    budgets = [math.floor(w / weight_sum * total) for w in weights]
+    budgets[-1] += total - sum(budgets)
+    return budgets
+
+
 def paper_default(
     model: ModelInfo,
     budget: int = 4000,
@@ -218,8 +233,6 @@ def paper_default(
     ``budget_weights`` (one per layer) the total ``budget * layers`` is split by weight
     (METHOD.md section 6).
     """
-    from .retention.scoring import split_budget
-
     tiers = paper_tiers(model.num_layers)
     if budget_weights is not None and len(budget_weights) != model.num_layers:
         raise PolicyError(f"{len(budget_weights)} budget weights for {model.num_layers} layers")

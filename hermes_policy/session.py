@@ -26,14 +26,19 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from .answer_graphs import AnswerGraphs
-from .attention import AttentionCapture, PerLayerRotary, QueryBlocks, block_rows_needed
-from .chunk_graphs import ChunkGraphs
-from .errors import StreamError
-from .kv_store import KVStore
-from .models.base import DEFAULT_SYSTEM_PROMPT, ModelAdapter, StreamPiece
-from .retention import FullRetention, GuidanceRequest, RetentionRule, SelectContext
-from .transfer import upload
+from hermes_policy.attention.ragged import (
+    AttentionCapture,
+    PerLayerRotary,
+    QueryBlocks,
+    block_rows_needed,
+)
+from hermes_policy.cache.kv_store import KVStore
+from hermes_policy.cache.transfer import upload
+from hermes_policy.errors import StreamError
+from hermes_policy.graphs.answer_graphs import AnswerGraphs
+from hermes_policy.graphs.chunk_graphs import ChunkGraphs
+from hermes_policy.models.base import DEFAULT_SYSTEM_PROMPT, ModelAdapter, StreamPiece
+from hermes_policy.retention import FullRetention, GuidanceRequest, RetentionRule, SelectContext
 
 AnswerPath = Literal["graphs", "static", "eager"]
 ANSWER_PATHS: tuple[str, ...] = ("graphs", "static", "eager")
@@ -104,7 +109,7 @@ class GuidanceLayout:
     @property
     def layer_rows(self) -> tuple[int, ...]:
         """Per layer, the rows an ingest forward computes there: the lead plus the blocks
-        still read at that layer or later (:func:`~hermes_policy.attention.block_rows_needed`).
+        still read at that layer or later (:func:`~hermes_policy.attention.ragged.block_rows_needed`).
         Derived when read, not on every compressing chunk."""
         picked = [range(0)] * self.layers
         for layer, start, stop in self.captured:
@@ -212,7 +217,7 @@ class StreamingSession:
     history_limit : question/answer pairs kept as text (the HERMES guidance prompts use the
         last one); older ones are dropped so a session never grows
     answer_path : how :meth:`ask` runs the model: ``"graphs"`` (fixed shapes replayed as
-        CUDA graphs, see :mod:`hermes_policy.answer_graphs`; the default on CUDA),
+        CUDA graphs, see :mod:`hermes_policy.graphs.answer_graphs`; the default on CUDA),
         ``"static"`` (the same fixed-shape code without graphs; the default for a model
         split over several GPUs) or ``"eager"`` (one ordinary forward per token; the
         default elsewhere)
@@ -220,7 +225,7 @@ class StreamingSession:
         triggers compression (one pass over the weights instead of two; the result is
         the same up to rounding)
     ingest_graphs : replay recurring ingest forwards (a bounded rule's steady state) as
-        CUDA graphs (see :mod:`hermes_policy.chunk_graphs`); default: where answers use
+        CUDA graphs (see :mod:`hermes_policy.graphs.chunk_graphs`); default: where answers use
         graphs
     """
 
@@ -544,7 +549,7 @@ class StreamingSession:
     ) -> list[torch.Tensor]:
         """:meth:`continuation_logprobs` of several (prompt, continuation) pairs in one forward.
 
-        Each pair is an independent query block (:class:`~hermes_policy.attention.QueryBlocks`):
+        Each pair is an independent query block (:class:`~hermes_policy.attention.ragged.QueryBlocks`):
         it sees the cache and, causally, itself only, at the layer's next free position,
         exactly as if it had been run alone. The cache is left as it was.
 
@@ -706,10 +711,10 @@ class StreamingSession:
         """Prefill a chunk; when the rule will compress after it, run its pseudo-queries too.
 
         ``recurring``: the forward's shape will recur (a full chunk on a cache at its
-        budget), so its CUDA graph is captured now (:class:`~hermes_policy.chunk_graphs.ChunkGraphs`).
+        budget), so its CUDA graph is captured now (:class:`~hermes_policy.graphs.chunk_graphs.ChunkGraphs`).
 
         The pseudo-queries ride in the same forward as the chunk (after it, each seeing the
-        cache, the chunk and itself; :class:`~hermes_policy.attention.QueryBlocks` with a
+        cache, the chunk and itself; :class:`~hermes_policy.attention.ragged.QueryBlocks` with a
         lead), which saves a second pass over the weights per compression step. Returns
         their per-layer attention, or None when no pseudo-query ran.
         """
@@ -765,7 +770,7 @@ class StreamingSession:
         a recurring shape may be replayed from a CUDA graph; ``context`` describes the
         attention contexts active around the call and ``collected`` is the list their
         callbacks fill, and ``recurring`` whether the shape is known to recur (all three for
-        :class:`~hermes_policy.chunk_graphs.ChunkGraphs`).
+        :class:`~hermes_policy.graphs.chunk_graphs.ChunkGraphs`).
         """
         if ingest and self.retention.reindex == "lazy" and self._near_position_limit(piece.extent):
             self._reindex_all()
@@ -789,7 +794,7 @@ class StreamingSession:
         return hidden[:, -1:] if last_only else hidden
 
     def _rotary_per_layer(self, positions: list[torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        from .positions import to_model_position_ids
+        from hermes_policy.cache.positions import to_model_position_ids
 
         device, dtype = self.adapter.device, self.adapter.dtype
         probe = torch.zeros(1, dtype=dtype, device=device)
@@ -848,7 +853,7 @@ class StreamingSession:
         """Run pseudo-queries on the cache and return each layer's attention over its stream.
 
         All prompts go through one forward: each is a block that sees the cache and,
-        causally, itself only (:class:`~hermes_policy.attention.QueryBlocks`), placed at
+        causally, itself only (:class:`~hermes_policy.attention.ragged.QueryBlocks`), placed at
         the layer's next free position, exactly as if it had been asked alone. Only the
         layers and rows a rule asked for are captured; the prompts leave no trace.
 

@@ -32,8 +32,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from hermes_policy.attention import AttentionCapture
-from hermes_policy.fidelity_tasks import FidelityStream
+from hermes_policy.attention.ragged import AttentionCapture
+from hermes_policy.inputs.fidelity_tasks import FidelityStream
 from hermes_policy.models.base import ModelAdapter
 from hermes_policy.policy import Guidance, LayerPolicy, Policy
 from hermes_policy.retention import FullRetention, GuidanceRequest

@@ -1,6 +1,6 @@
 """The fidelity testbed: retention rules and policies scored on probes the full cache passes.
 
-Per seed, one stream (:func:`hermes_policy.fidelity_tasks.fidelity_stream`) is streamed
+Per seed, one stream (:func:`hermes_policy.inputs.fidelity_tasks.fidelity_stream`) is streamed
 once under the full cache and once per (rule or policy, budget); after the last frame
 every probe is scored on each cache:
 
@@ -30,8 +30,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from hermes_policy.atomic import write_json_atomic
-from hermes_policy.fidelity_tasks import FidelityStream, Probe
+from hermes_policy.fileio.atomic import write_json_atomic
+from hermes_policy.inputs.fidelity_tasks import FidelityStream, Probe
 from hermes_policy.models.base import ModelAdapter
 from hermes_policy.session import StreamingSession
 
@@ -293,8 +293,7 @@ class Contender:
 def rescaled_policy(policy: Any, budget: int) -> Any:
     """``policy`` with per-layer budgets summing to ``budget * layers``, split in the
     proportions of its own per-layer budgets (an even split when they are equal)."""
-    from hermes_policy.policy import Policy
-    from hermes_policy.retention.scoring import split_budget
+    from hermes_policy.policy import Policy, split_budget
 
     data = policy.to_dict()
     weights = [float(layer["budget"]) for layer in data["layers"]]

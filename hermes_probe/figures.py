@@ -35,7 +35,7 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 from matplotlib.ticker import FixedLocator, FuncFormatter, MaxNLocator, MultipleLocator
 
-from hermes_policy.atomic import atomic_path
+from hermes_policy.fileio.atomic import atomic_path
 from hermes_policy.policy import TIERS
 
 from .metrics import ProfileMetrics

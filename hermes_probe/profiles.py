@@ -25,9 +25,9 @@ from typing import Any
 
 import numpy as np
 
-from hermes_policy.atomic import atomic_path
 from hermes_policy.errors import HermesError
-from hermes_policy.json_input import parse_json_text
+from hermes_policy.fileio.atomic import atomic_path
+from hermes_policy.fileio.json_input import parse_json_text
 
 _ARRAYS = (
     "distance_sum",

@@ -14,7 +14,7 @@ from typing import Any
 import matplotlib as mpl
 import numpy as np
 
-from hermes_policy.atomic import atomic_path
+from hermes_policy.fileio.atomic import atomic_path
 from hermes_policy.policy import Policy
 
 from .calibrate import RECALL_RULES, StreamRecord, rule_recall

@@ -22,8 +22,8 @@ from pathlib import Path
 from typing import Any
 
 from hermes_policy import __version__
-from hermes_policy.atomic import write_json_atomic, write_text_atomic
 from hermes_policy.errors import HermesError
+from hermes_policy.fileio.atomic import write_json_atomic, write_text_atomic
 from hermes_policy.models.base import ModelAdapter
 from hermes_policy.policy import Guidance, ModelInfo, Policy
 from hermes_policy.retention import FifoRetention
@@ -273,7 +273,7 @@ def analyze(
     out.mkdir(parents=True, exist_ok=True)
     profile, failed = record_streams(adapter, streams, config, profile_path, progress=progress)
     metrics, fit, policy = analyze_profile(profile, model_info(adapter), budget=policy_budget)
-    from hermes_policy.manifest import run_manifest
+    from hermes_policy.evaluation.manifest import run_manifest
     from hermes_policy.retention import FifoRetention
 
     manifest = run_manifest(
@@ -315,7 +315,7 @@ def write_outputs(
 ) -> None:
     """Everything but the profile; the policy last, so its presence means a finished run.
 
-    ``manifest``: the run's manifest (:func:`hermes_policy.manifest.run_manifest`), written
+    ``manifest``: the run's manifest (:func:`hermes_policy.evaluation.manifest.run_manifest`), written
     at the top of ``metrics.json``."""
     from .report import render_report
 

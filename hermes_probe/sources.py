@@ -15,11 +15,11 @@ from typing import Any
 
 import numpy as np
 
-from hermes_policy.annotations import load_annotations
 from hermes_policy.errors import VideoInputError
+from hermes_policy.inputs.annotations import load_annotations
+from hermes_policy.inputs.synthetic import shapes_video, text_stream
+from hermes_policy.inputs.video import read_video
 from hermes_policy.models.base import ModelAdapter
-from hermes_policy.synthetic import shapes_video, text_stream
-from hermes_policy.video import read_video
 
 VIDEO_SUFFIXES = (".mp4", ".webm", ".mkv", ".avi", ".mov")
 

@@ -77,9 +77,9 @@ from hermes_policy.retention import (
     SinkRecentRetention,
     UniformRetention,
 )
-from hermes_policy.retention.scoring import split_budget
-from hermes_policy.synthetic import text_stream
-from hermes_policy.visualize import kept_frame_share, kept_frame_snapshots, plot_kept_frames
+from hermes_policy.policy import split_budget
+from hermes_policy.inputs.synthetic import text_stream
+from hermes_policy.evaluation.visualize import kept_frame_share, kept_frame_snapshots, plot_kept_frames
 
 (OUT / "figures").mkdir(parents=True, exist_ok=True)"""),
     ("md", """\

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import torch
 
-from hermes_policy import compaction_kernel
-from hermes_policy.stream_cache import PreallocatedLayer
+from hermes_policy.cache.stream_cache import PreallocatedLayer
+from hermes_policy.kernels import compaction_kernel
 
 
 def layer_with(tokens: torch.Tensor) -> PreallocatedLayer:

@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from hermes_policy.annotations import AnnotationError, load_annotations
+from hermes_policy.inputs.annotations import AnnotationError, load_annotations
 
 
 def write(tmp_path, data):

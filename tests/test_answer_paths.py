@@ -13,9 +13,9 @@ import torch
 from test_attention import RaggedTestRule
 
 from hermes_policy import StreamingSession
-from hermes_policy.answer_graphs import AnswerGraphs, bucket_length
-from hermes_policy.chunk_graphs import batch_axis
 from hermes_policy.errors import StreamError
+from hermes_policy.graphs.answer_graphs import AnswerGraphs, bucket_length
+from hermes_policy.graphs.chunk_graphs import batch_axis
 from hermes_policy.policy import ModelInfo, paper_default
 from hermes_policy.retention import FifoRetention, FullRetention, HermesRetention
 
@@ -140,8 +140,9 @@ def test_static_answers_follow_a_growing_cache(tiny_adapter):
 @pytest.mark.parametrize("fewer_kernels", [True, False])
 def test_static_answers_attend_over_a_window_not_the_whole_buffer(tiny_adapter, monkeypatch, fewer_kernels):
     """Spare buffer capacity is not read: attention sees the slots the answer can reach."""
-    from hermes_policy import attention, static_forward
-    from hermes_policy.answer_graphs import WINDOW_QUANTUM
+    from hermes_policy.attention.ragged import ragged as attention
+    from hermes_policy.graphs import static_forward
+    from hermes_policy.graphs.answer_graphs import WINDOW_QUANTUM
 
     stream = text_frames(tiny_adapter, 16, seed=7)
     seen: list[int] = []
@@ -174,7 +175,7 @@ def test_a_failed_answer_capture_is_tried_again(tiny_adapter, failures, monkeypa
     """A capture that fails (after its warm-up ran) answers that step without a graph, with
     the same tokens; the graph is captured again at its next use, and after
     MAX_CAPTURE_ATTEMPTS failures of one graph the answers run without graphs for good."""
-    from hermes_policy import answer_graphs
+    from hermes_policy.graphs import answer_graphs
 
     stream = text_frames(tiny_adapter, 16, seed=3)
     questions = ["Where is the ball?", "What moved?", "Where is the ball?"]

@@ -8,15 +8,19 @@ from dataclasses import dataclass
 import pytest
 import torch
 import torch.nn.functional as F
+from reference import concat_pieces
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface
 
 from hermes_policy import StreamingSession
-from hermes_policy.attention import AttentionCapture, bottom_right_causal_mask, ragged_attention
-from hermes_policy.kv_store import KVStore
+from hermes_policy.attention.ragged import (
+    AttentionCapture,
+    bottom_right_causal_mask,
+    ragged_attention,
+)
+from hermes_policy.cache.kv_store import KVStore
+from hermes_policy.cache.positions import rerotate_keys
 from hermes_policy.models import StreamPiece
-from hermes_policy.positions import rerotate_keys
-from hermes_policy.reference import concat_pieces
 from hermes_policy.retention import LayerKeep, RetentionRule, SelectContext
 
 
@@ -195,7 +199,7 @@ def test_per_layer_positions_equal_a_rigidly_shifted_cache(tiny_adapter):
 
 @pytest.mark.parametrize("lead, cached", [(3, 9), (0, 9), (3, 0), (0, 0)])
 def test_lead_and_blocks_attention_equals_one_masked_attention(lead, cached):
-    from hermes_policy.attention import block_query_mask, lead_and_blocks_attention
+    from hermes_policy.attention.ragged import block_query_mask, lead_and_blocks_attention
 
     g = torch.Generator().manual_seed(5)
     blocks = [4, 2, 5]
@@ -237,7 +241,7 @@ def test_lead_and_blocks_attention_equals_one_masked_attention(lead, cached):
 
 
 def test_unmasked_attention_and_own_blocks_give_the_log_sum_exp():
-    from hermes_policy.attention import (
+    from hermes_policy.attention.ragged import (
         block_rows_mask,
         own_blocks_attention,
         unmasked_attention_with_lse,
@@ -259,7 +263,7 @@ def test_unmasked_attention_and_own_blocks_give_the_log_sum_exp():
 def test_merged_parts_equal_attention_over_all_keys():
     """Attention over a cache and over a chunk's own keys, merged by log-sum-exp, is the
     bottom-right causal attention over both (the split the CUDA path uses)."""
-    from hermes_policy.attention import attention_with_lse, merge_attention
+    from hermes_policy.attention.ragged import attention_with_lse, merge_attention
 
     torch.manual_seed(0)
     cache, q_len = 23, 9
@@ -280,7 +284,7 @@ def test_merged_parts_equal_attention_over_all_keys():
 
 def test_merge_weighs_parts_by_their_mass():
     """A part whose scores are far lower contributes nothing; equal masses average."""
-    from hermes_policy.attention import merge_attention
+    from hermes_policy.attention.ragged import merge_attention
 
     a, b = torch.ones(1, 1, 2, 4), torch.zeros(1, 1, 2, 4)
     out = merge_attention(a, torch.tensor([[[0.0, 0.0]]]), b, torch.tensor([[[-100.0, 0.0]]]))
@@ -289,7 +293,7 @@ def test_merge_weighs_parts_by_their_mass():
 
 
 def test_shape_counter_waits_for_recurrence():
-    from hermes_policy.attention import ShapeCounter
+    from hermes_policy.attention.ragged import ShapeCounter
 
     counter = ShapeCounter(after=2, limit=3)
     assert [counter.recurring(("a",)) for _ in range(4)] == [False, False, True, True]
@@ -299,7 +303,7 @@ def test_shape_counter_waits_for_recurrence():
 
 
 def test_canonical_batch_stride_keeps_values():
-    from hermes_policy.attention import canonical_batch_stride
+    from hermes_policy.attention.ragged import canonical_batch_stride
 
     forward = torch.randn(1, 30, 4, 8).transpose(1, 2)  # (batch, heads, seq, dim), as a forward makes it
     lead = forward[:, :, :20]

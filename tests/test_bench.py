@@ -30,14 +30,14 @@ from hermes_policy.benchmarking.floor import (
     forward_weight_bytes,
 )
 from hermes_policy.benchmarking.report import markdown_table, plot
-from hermes_policy.benchmarking.shapes import (
+from hermes_policy.errors import HermesError
+from hermes_policy.models.random_shapes import (
     SHAPES,
     benchmark_tokenizer,
     build_random_adapter,
     get_shape,
     tokenizer_description,
 )
-from hermes_policy.errors import HermesError
 from hermes_policy.session import PROMPT_QUANTUM, GuidanceLayout
 
 CEILINGS = DeviceCeilings("Test GPU", bandwidth=4e12, matmul_rate=8e14)
@@ -296,7 +296,7 @@ def test_cli_report_only_and_errors(tmp_path, monkeypatch):
 
 
 def test_device_of_takes_the_longest_module_prefix():
-    from hermes_policy.benchmarking.shapes import device_of
+    from hermes_policy.models.random_shapes import device_of
 
     device_map = {"model.language_model.layers.0": 0, "model.language_model": 1, "": "cpu"}
     assert device_of("model.language_model.layers.0.mlp.up_proj.weight", device_map) == torch.device("cuda", 0)
@@ -315,7 +315,7 @@ def test_dispatched_random_model_streams(tmp_path):
     assert adapter.model.hermes_device_map == {"": "cpu"} and not adapter.spans_devices
     from hermes_policy import StreamingSession
     from hermes_policy.benchmarking.efficiency import make_rule
-    from hermes_policy.benchmarking.shapes import random_frames
+    from hermes_policy.models.random_shapes import random_frames
 
     session = StreamingSession(adapter, make_rule("hermes", adapter, 60), chunk_frames=4, answer_path="static")
     session.add_frames(random_frames(get_shape("tiny-llava-ov"), 16))

@@ -9,8 +9,10 @@ import pytest
 import torch
 from test_split_kv_attention import run_interpreted
 
-from hermes_policy import attention, block_attention_kernel, kernel_switch
-from hermes_policy.block_attention_kernel import available, block_bounds
+from hermes_policy.attention.ragged import ragged as attention
+from hermes_policy.kernels import block_attention_kernel
+from hermes_policy.kernels import switch as kernel_switch
+from hermes_policy.kernels.block_attention_kernel import available, block_bounds
 
 pytest.importorskip("triton", reason="the block attention kernel is written in Triton (shipped with torch on Linux)")
 
@@ -27,8 +29,8 @@ def test_kernel_equals_attention_under_the_block_mask():
 
         import torch
         import torch.nn.functional as F
-        from hermes_policy import block_attention_kernel
-        from hermes_policy.attention import block_query_mask, lead_and_blocks_attention
+        from hermes_policy.kernels import block_attention_kernel
+        from hermes_policy.attention.ragged import block_query_mask, lead_and_blocks_attention
 
         g = torch.Generator().manual_seed(5)
         calls = []
@@ -126,7 +128,7 @@ def test_merge_of_parts_equals_a_log_sum_exp_merge():
     out = run_interpreted(
         """
         import torch
-        from hermes_policy.block_attention_kernel import MERGE_UNROLLED, merge_parts_kernel
+        from hermes_policy.kernels.block_attention_kernel import MERGE_UNROLLED, merge_parts_kernel
 
         g = torch.Generator().manual_seed(0)
         for count in (3, MERGE_UNROLLED, MERGE_UNROLLED + 3):
@@ -151,7 +153,7 @@ def test_key_ranges(monkeypatch):
     fastest counts of the H200 sweep (block-attention-alternatives-...-sweep.txt) for the
     LLaVA-OV-7B prompts, 56 / 80 programs of rows (40 + 80 / 64 + 112 rows) and 20 / 28
     (a deep layer's 40 / 64 rows), over 5,569 keys."""
-    from hermes_policy.block_attention_kernel import key_ranges
+    from hermes_policy.kernels.block_attention_kernel import key_ranges
 
     monkeypatch.setattr(block_attention_kernel, "multiprocessors", lambda device: 132)
     cuda = torch.device("cuda")

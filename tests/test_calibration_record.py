@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from hermes_policy.fidelity_tasks import fidelity_stream
+from hermes_policy.inputs.fidelity_tasks import fidelity_stream
 from hermes_policy.retention import FullRetention
 from hermes_policy.session import StreamingSession
 from hermes_probe.calibrate import record_stream, value_output_norms

@@ -14,8 +14,8 @@ import torch
 from test_answer_paths import rules, text_frames
 
 from hermes_policy import StreamingSession
-from hermes_policy.chunk_graphs import ChunkGraphs
 from hermes_policy.errors import StreamError
+from hermes_policy.graphs.chunk_graphs import ChunkGraphs
 
 
 def run_stream(adapter, name, fixed_buffers, frames=48, chunk=4, budget=64, after=1, fewer_kernels=True):
@@ -193,7 +193,7 @@ def test_a_failed_capture_is_tried_again_when_its_shape_recurs(tiny_adapter, fai
     """A capture that fails (after its warm-up wrote the chunk) leaves that chunk to the
     eager path, with the same results; the shape is captured again when it recurs, and
     after MAX_CAPTURE_ATTEMPTS failures it runs eagerly for good."""
-    from hermes_policy import chunk_graphs
+    from hermes_policy.graphs import chunk_graphs
 
     plain, plain_answers = run_stream(tiny_adapter, "hermes", fixed_buffers=False)
     tries: list[tuple] = []

@@ -13,9 +13,10 @@ from typer.testing import CliRunner
 
 from hermes_policy import StreamingSession
 from hermes_policy.errors import PolicyError, StreamError
+from hermes_policy.inputs.playback import TimedQuestion, stream_with_questions
 from hermes_policy.policy import ModelInfo, paper_default
 from hermes_policy.retention import FifoRetention, HermesRetention
-from hermes_policy.streaming import TimedQuestion, rule_from_spec, stream_with_questions
+from hermes_policy.retention.specs import rule_from_spec
 
 runner = CliRunner()
 

@@ -1,4 +1,4 @@
-"""Every layer's eviction gather in one Triton kernel (``hermes_policy/compaction_kernel.py``):
+"""Every layer's eviction gather in one Triton kernel (``hermes_policy/kernels/compaction_kernel.py``):
 on the CPU under Triton's interpreter (in a subprocess, as the other kernels' tests), bit
 for bit against each layer gathered on its own; the checks that keep layers it cannot
 take away from it; the session's compression with and without it. On CUDA: test_gpu.py."""
@@ -10,8 +10,9 @@ import torch
 from compaction_cases import decisions, layer_with
 from test_split_kv_attention import run_interpreted
 
-from hermes_policy import compaction_kernel, kernel_switch
-from hermes_policy.stream_cache import StreamCache
+from hermes_policy.cache.stream_cache import StreamCache
+from hermes_policy.kernels import compaction_kernel
+from hermes_policy.kernels import switch as kernel_switch
 
 pytest.importorskip("triton", reason="the compaction kernel is written in Triton (shipped with torch on Linux)")
 

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import torch
+from reference import one_shot_logits
 
 from hermes_policy import StreamingSession
-from hermes_policy.reference import one_shot_logits
 from hermes_policy.retention import FifoRetention
 
 

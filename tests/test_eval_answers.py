@@ -6,10 +6,10 @@ import json
 
 import pytest
 
-from hermes_policy.annotations import AnnotationError, Question, load_annotations
 from hermes_policy.evaluation.answers import correct_choice, parse_choice
 from hermes_policy.evaluation.prompts import MC_INSTRUCTION, format_prompt, option_texts
 from hermes_policy.evaluation.runner import check_benchmark
+from hermes_policy.inputs.annotations import AnnotationError, Question, load_annotations
 
 CHOICES = ["red", "blue", "green", "dark red"]
 

@@ -15,11 +15,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from hermes_policy.annotations import load_annotations
 from hermes_policy.evaluation import evaluate
 from hermes_policy.evaluation.results import RESULTS_FILE, read_records
+from hermes_policy.inputs.annotations import load_annotations
+from hermes_policy.inputs.synthetic import write_synthetic_benchmark
 from hermes_policy.models import load_adapter
-from hermes_policy.synthetic import write_synthetic_benchmark
 
 TORCHRUN = Path(sys.executable).parent / "torchrun"
 LIMIT = 20  # 3 videos of 8 questions: rank 0 streams videos 0 and 2 (8 + 4), rank 1 video 1

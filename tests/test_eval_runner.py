@@ -17,15 +17,16 @@ from tiny_llava_ov import tiny_llava_onevision
 from typer.testing import CliRunner
 
 from hermes_policy import StreamingSession
-from hermes_policy.annotations import load_annotations
 from hermes_policy.errors import HermesError
 from hermes_policy.evaluation import evaluate
 from hermes_policy.evaluation.prompts import format_prompt
 from hermes_policy.evaluation.results import RESULTS_FILE, read_records
+from hermes_policy.inputs.annotations import load_annotations
+from hermes_policy.inputs.playback import TimedQuestion, stream_with_questions
+from hermes_policy.inputs.synthetic import write_synthetic_benchmark
+from hermes_policy.inputs.video import read_video
 from hermes_policy.models import load_adapter
-from hermes_policy.streaming import TimedQuestion, rule_from_spec, stream_with_questions
-from hermes_policy.synthetic import write_synthetic_benchmark
-from hermes_policy.video import read_video
+from hermes_policy.retention.specs import rule_from_spec
 
 runner = CliRunner()
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from hermes_policy.benchmarking.shapes import build_random_adapter
 from hermes_policy.models.fused_norm import STANDARD_RMS_NORMS, use_fused_rms_norm
+from hermes_policy.models.random_shapes import build_random_adapter
 
 
 @pytest.mark.parametrize("shape", ["tiny-llava-ov", "tiny-qwen2.5-vl"])

@@ -11,8 +11,8 @@ import torch
 from transformers.activations import ACT2FN
 from transformers.models.qwen2.modeling_qwen2 import Qwen2RMSNorm
 
-from hermes_policy import fusion
-from hermes_policy.fused_ops import (
+from hermes_policy.kernels import fusion
+from hermes_policy.kernels.fused_ops import (
     FusedOp,
     add_rms_norm,
     rms_norm,
@@ -43,7 +43,7 @@ def test_silu_and_mul():
 
 
 def test_rotary_and_pack():
-    from hermes_policy.fused_ops import rotate_half_pairs
+    from hermes_policy.kernels.fused_ops import rotate_half_pairs
 
     g = torch.Generator().manual_seed(2)
     heads, kv_heads = 6, 2
@@ -72,7 +72,7 @@ def test_fused_ops_run_eagerly_off_cuda_and_when_disabled(monkeypatch):
 
 
 def test_own_code_copy_is_the_same_function_with_its_own_code_object():
-    from hermes_policy.fusion import own_code_copy, tensor_signature
+    from hermes_policy.kernels.fusion import own_code_copy, tensor_signature
 
     def scaled(x, factor=2.0, *, shift=1.0):
         return factor * x + shift

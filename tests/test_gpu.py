@@ -9,9 +9,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from reference import one_shot_logits
 
 from hermes_policy import StreamingSession
-from hermes_policy.reference import one_shot_logits
 from hermes_policy.retention import FifoRetention
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -104,7 +104,7 @@ def test_masked_attention_of_fixed_shapes_on_cuda():
     """The explicit path (float32 scores straight from the bf16 product) against SDPA."""
     import torch.nn.functional as F
 
-    from hermes_policy.attention import grouped_masked_attention
+    from hermes_policy.attention.ragged import grouped_masked_attention
 
     g = torch.Generator(device="cuda").manual_seed(0)
     query = torch.randn(1, 28, 16, 128, device="cuda", generator=g).bfloat16()
@@ -126,7 +126,7 @@ def test_split_key_attention_kernel_on_cuda(q_len, splits):
     strided views of the cache, ragged limits, a window with spare slots."""
     import torch.nn.functional as F
 
-    from hermes_policy.split_kv_attention import split_kv_slot_attention
+    from hermes_policy.kernels.split_kv_attention import split_kv_slot_attention
 
     g = torch.Generator(device="cuda").manual_seed(q_len)
     query = torch.randn(q_len, 36, 128, device="cuda", generator=g).bfloat16()[:, :28]
@@ -150,7 +150,7 @@ def test_split_chunk_attention_on_cuda(monkeypatch):
     log-sum-exp) against float32 attention over all keys, on strided cache views."""
     import torch.nn.functional as F
 
-    from hermes_policy import attention
+    from hermes_policy.attention.ragged import ragged as attention
 
     monkeypatch.setattr(attention, "SPLIT_SHAPES", attention.ShapeCounter(after=0))
     g = torch.Generator(device="cuda").manual_seed(0)
@@ -183,7 +183,11 @@ def test_pseudo_query_blocks_on_cuda(head_mean, steady, block_kernel, monkeypatc
 
     import torch.nn.functional as F
 
-    from hermes_policy.attention import block_query_mask, lead_and_blocks_attention, steady_shapes
+    from hermes_policy.attention.ragged import (
+        block_query_mask,
+        lead_and_blocks_attention,
+        steady_shapes,
+    )
 
     g = torch.Generator(device="cuda").manual_seed(1)
     lead, blocks, cached = 200, [32, 64], 1500
@@ -289,7 +293,7 @@ def test_llava_ingest_graphs_with_the_vision_tower_equal_eager_ingest():
     """LLaVA-OV's recurring ingest forwards captured with their embedding step (vision
     tower, pooling, projector, features scattered into the ids' embeddings) and the
     fused pseudo-queries, against eager ingest (random-weight tiny shape, float32)."""
-    from hermes_policy.benchmarking.shapes import build_random_adapter, get_shape, random_frames
+    from hermes_policy.models.random_shapes import build_random_adapter, get_shape, random_frames
 
     adapter = build_random_adapter("tiny-llava-ov", device="cuda", dtype=torch.float32)
     frames = random_frames(get_shape("tiny-llava-ov"), 40, seed=3)
@@ -299,7 +303,7 @@ def test_llava_ingest_graphs_with_the_vision_tower_equal_eager_ingest():
 
 def test_upload_through_the_pinned_ring():
     """Staged copies of every dtype and size, the ring wrapped several times, against .to()."""
-    from hermes_policy.transfer import upload
+    from hermes_policy.cache.transfer import upload
 
     g = torch.Generator().manual_seed(0)
     sources = []
@@ -316,7 +320,7 @@ def test_upload_through_the_pinned_ring():
 def test_download_is_queued_in_stream_order():
     """Indices copied back without blocking: the values at the point the download was
     queued, not those of GPU work queued after it; several rounds reuse the staging."""
-    from hermes_policy.transfer import Download, StagingBuffers
+    from hermes_policy.cache.transfer import Download, StagingBuffers
 
     staging = StagingBuffers()
     for round_ in range(4):
@@ -337,7 +341,7 @@ def test_deferred_bookkeeping_of_one_store_survives_other_stores_downloads():
     compression; other stores (other sessions of the process) downloading meanwhile must
     not overwrite them. Each store stages into its own buffers (seen on an H200 when they
     were shared: the first of two sessions read the second's indices)."""
-    from hermes_policy.kv_store import KVStore
+    from hermes_policy.cache.kv_store import KVStore
 
     def filled(seed: int) -> KVStore:
         g = torch.Generator().manual_seed(seed)
@@ -364,7 +368,7 @@ def test_deferred_bookkeeping_of_one_store_survives_other_stores_downloads():
 def test_hermes_eviction_on_cuda_equals_cpu(tiny_llama_dir):
     """The eviction path that keeps indices on the GPU (kept and evicted indices, summary
     positions, one copy back after the gathers) against the same step on the CPU."""
-    from hermes_policy.kv_store import KVStore
+    from hermes_policy.cache.kv_store import KVStore
     from hermes_policy.models import load_adapter
     from hermes_policy.policy import ModelInfo, paper_default
     from hermes_policy.retention import HermesRetention, SelectContext
@@ -413,7 +417,7 @@ def test_fewer_kernel_forward_on_cuda(tiny_llama_dir, dtype, tol, q_len):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_compiled_fused_ops_equal_their_eager_code(dtype):
     """Each fused op compiled (one kernel) against its eager code, at three token counts."""
-    from hermes_policy import fused_ops
+    from hermes_policy.kernels import fused_ops
 
     g = torch.Generator(device="cuda").manual_seed(0)
     tol = 1e-5 if dtype == torch.float32 else 2e-2
@@ -440,7 +444,10 @@ def test_compiled_fused_ops_equal_their_eager_code(dtype):
 def test_compiled_scoring_ops_equal_their_eager_code():
     """The compression step's compiled ops (captured probabilities from the log-sum-exp,
     the cross-layer smoothing) against their eager code."""
-    from hermes_policy.attention import probabilities_from_lse, weighted_probabilities_from_lse
+    from hermes_policy.attention.ragged import (
+        probabilities_from_lse,
+        weighted_probabilities_from_lse,
+    )
     from hermes_policy.retention.scoring import smooth_rows
 
     g = torch.Generator(device="cuda").manual_seed(0)
@@ -523,7 +530,7 @@ def test_summary_kernel_equals_each_layer_on_its_own(dtype):
     in another order)."""
     from test_summary_kernel import assert_summaries_equal_eager
 
-    from hermes_policy import summary_kernel
+    from hermes_policy.kernels import summary_kernel
 
     g = torch.Generator(device="cuda").manual_seed(2)
     length, n = 5599, 1570
@@ -541,7 +548,7 @@ def test_summary_kernel_equals_each_layer_on_its_own(dtype):
 def test_compiled_block_attention_ops_equal_their_eager_code(dtype):
     """The pseudo-query blocks' compiled ops (their own-block softmax with log-sum-exp, the
     log-sum-exp merge with the cache part) against their eager code."""
-    from hermes_policy.attention import (
+    from hermes_policy.attention.ragged import (
         masked_softmax_with_lse,
         merge_attention,
         merge_attention_into,
@@ -574,7 +581,7 @@ def test_ingest_graphs_capture_again_after_a_failed_capture(tiny_llama_dir):
     """A capture that fails midway (here: a host sync inside it) leaves its memory pool
     marked as recording; the next capture goes to a fresh pool and succeeds. (Last in this
     file: the failed capture leaves the process's allocator a stale entry.)"""
-    from hermes_policy.chunk_graphs import ChunkGraphs
+    from hermes_policy.graphs.chunk_graphs import ChunkGraphs
     from hermes_policy.models import load_adapter
 
     adapter = load_adapter(tiny_llama_dir, device="cuda", dtype=torch.float32, tokens_per_frame=8)

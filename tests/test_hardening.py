@@ -22,8 +22,8 @@ import pytest
 from hermes_cli.main import app
 from typer.testing import CliRunner
 
+from hermes_policy.inputs.video import write_video
 from hermes_policy.policy import ModelInfo, paper_default
-from hermes_policy.video import write_video
 
 runner = CliRunner()
 ROOT = Path(__file__).parent.parent
@@ -72,7 +72,7 @@ print("HEAVY", heavy)
 # -- frame rates ------------------------------------------------------------------------------
 @pytest.mark.parametrize("fps", [1000.0, 1e9, math.inf])
 def test_runaway_frame_rates_are_capped_at_the_source_rate(clip: Path, fps: float) -> None:
-    from hermes_policy.video import iter_video_chunks, read_video, source_rate
+    from hermes_policy.inputs.video import iter_video_chunks, read_video, source_rate
 
     assert source_rate(clip) == pytest.approx(CLIP_FPS)
     video = read_video(clip, fps=fps, cap_at_source_rate=True)
@@ -84,7 +84,7 @@ def test_runaway_frame_rates_are_capped_at_the_source_rate(clip: Path, fps: floa
 
 def test_stream_caps_fps_says_so_and_decodes_lazily(llava_dir: Path, clip: Path, tmp_path: Path,
                                                      monkeypatch: pytest.MonkeyPatch) -> None:
-    import hermes_policy.video as video_module
+    import hermes_policy.inputs.video as video_module
     from hermes_policy.session import StreamingSession
 
     decoded = 0
@@ -249,14 +249,14 @@ def test_probe_reports_frames_of_a_long_stream(tiny_adapter) -> None:
 def test_stream_chunks_report_progress_and_ask_where_the_whole_stream_does(tiny_adapter) -> None:
     from types import SimpleNamespace
 
-    from hermes_policy.retention import FifoRetention
-    from hermes_policy.session import StreamingSession
-    from hermes_policy.streaming import (
+    from hermes_policy.inputs.playback import (
         TimedQuestion,
         stream_chunks_with_questions,
         stream_with_questions,
     )
-    from hermes_policy.synthetic import text_stream
+    from hermes_policy.inputs.synthetic import text_stream
+    from hermes_policy.retention import FifoRetention
+    from hermes_policy.session import StreamingSession
 
     text = text_stream(10, seed=1)
     stamps = np.arange(10, dtype=np.float64)
@@ -300,8 +300,8 @@ def test_eval_exits_1_when_every_video_failed(llava_dir: Path, tmp_path: Path) -
 
 # -- documentation and help -------------------------------------------------------------------
 def test_the_annotation_format_is_documented_in_the_project() -> None:
-    from hermes_policy.annotations import load_annotations
     from hermes_policy.evaluation.runner import check_benchmark
+    from hermes_policy.inputs.annotations import load_annotations
 
     doc = (ROOT / "docs" / "annotations.md").read_text()
     for key in ("video_id", "video_path", "conversations", "question", "choices", "answer", "end_time"):

@@ -26,7 +26,7 @@ from transformer_lens import TransformerBridgeConfig  # noqa: E402
 from transformer_lens.model_bridge.sources.native import boot as boot_native  # noqa: E402
 
 from hermes_policy import StreamingSession  # noqa: E402
-from hermes_policy.attention import AttentionCapture  # noqa: E402
+from hermes_policy.attention.ragged import AttentionCapture  # noqa: E402
 from hermes_policy.models import StreamPiece, load_adapter  # noqa: E402
 
 ROWS = 6  # query rows compared: the last ROWS tokens of the piece

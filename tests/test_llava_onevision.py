@@ -9,11 +9,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from reference import concat_pieces, one_shot_logits
 from tiny_llava_ov import tiny_llava_onevision
 
 from hermes_policy.errors import StreamError, VideoInputError
 from hermes_policy.models import load_adapter
-from hermes_policy.reference import concat_pieces, one_shot_logits
 from hermes_policy.retention import FifoRetention
 from hermes_policy.session import StreamingSession
 
@@ -268,8 +268,8 @@ def test_input_embeddings_feed_the_text_model_like_the_forward(adapter):
 @pytest.mark.parametrize("embeddings_in_graph", [True, False])
 @pytest.mark.parametrize("rule", ["fifo", "hermes"])  # hermes: pseudo-query blocks behind the chunk
 def test_fixed_buffer_ingest_of_video_chunks(adapter, embeddings_in_graph, rule):
-    from hermes_policy.benchmarking.shapes import build_random_adapter
-    from hermes_policy.chunk_graphs import ChunkGraphs
+    from hermes_policy.graphs.chunk_graphs import ChunkGraphs
+    from hermes_policy.models.random_shapes import build_random_adapter
     from hermes_policy.policy import ModelInfo, paper_default
     from hermes_policy.retention import FifoRetention, HermesRetention
 

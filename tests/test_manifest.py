@@ -7,7 +7,7 @@ import json
 from hermes_cli.main import app
 from typer.testing import CliRunner
 
-from hermes_policy.manifest import (
+from hermes_policy.evaluation.manifest import (
     model_identity,
     package_versions,
     policy_hash,

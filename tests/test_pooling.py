@@ -8,8 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from hermes_policy.benchmarking.shapes import build_random_adapter
 from hermes_policy.models.pooling import bilinear_pool, bilinear_weights
+from hermes_policy.models.random_shapes import build_random_adapter
 
 
 def interpolated(features: torch.Tensor, height: int, width: int) -> torch.Tensor:

@@ -7,7 +7,7 @@ import torch
 from transformers import LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, apply_rotary_pos_emb
 
-from hermes_policy.positions import (
+from hermes_policy.cache.positions import (
     compact_positions,
     dense_rank,
     next_free_position,

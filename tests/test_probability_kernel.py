@@ -8,8 +8,10 @@ import pytest
 import torch
 from test_split_kv_attention import run_interpreted
 
-from hermes_policy import attention, kernel_switch, probability_kernel
-from hermes_policy.probability_kernel import available
+from hermes_policy.attention.ragged import ragged as attention
+from hermes_policy.kernels import probability_kernel
+from hermes_policy.kernels import switch as kernel_switch
+from hermes_policy.kernels.probability_kernel import available
 
 pytest.importorskip("triton", reason="the probability kernel is written in Triton (shipped with torch on Linux)")
 
@@ -25,8 +27,8 @@ def test_kernel_equals_the_score_products():
         import os
 
         import torch
-        from hermes_policy import probability_kernel
-        from hermes_policy.attention import lead_and_blocks_attention
+        from hermes_policy.kernels import probability_kernel
+        from hermes_policy.attention.ragged import lead_and_blocks_attention
 
         g = torch.Generator().manual_seed(3)
         cases = [  # (heads, kv heads, cached keys, lead, blocks, captured block)

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from reference import one_shot_logits
 
 from hermes_policy import StreamingSession
 from hermes_policy.errors import RetentionError
-from hermes_policy.reference import one_shot_logits
 from hermes_policy.retention import (
     FifoRetention,
     FullRetention,

@@ -11,14 +11,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from reference import concat_pieces, one_shot_logits
 from tiny_qwen_vl import FRAME_HEIGHT, FRAME_WIDTH, tiny_qwen2_5_vl, tiny_qwen3_vl
 from transformers.video_utils import VideoMetadata
 
 from hermes_policy import StreamingSession
+from hermes_policy.cache.positions import compact_positions, rerotate_keys, to_model_position_ids
 from hermes_policy.models import load_adapter
 from hermes_policy.models.qwen_vl import Qwen2_5_VLAdapter, Qwen3VLAdapter, vision_position_ids
-from hermes_policy.positions import compact_positions, rerotate_keys, to_model_position_ids
-from hermes_policy.reference import concat_pieces, one_shot_logits
 from hermes_policy.retention import FifoRetention
 
 SYSTEM = "You watch a stream."
@@ -562,7 +562,7 @@ def test_qwen2_5_fixed_buffer_ingest_equals_ordinary_ingest(q25, rule):
     """The body an ingest CUDA graph replays (fixed buffers, per-layer 3D rotary from a
     positions buffer, pseudo-query blocks and their attention), run eagerly, against the
     ordinary session: same cache, same positions, same answer."""
-    from hermes_policy.chunk_graphs import ChunkGraphs
+    from hermes_policy.graphs.chunk_graphs import ChunkGraphs
     from hermes_policy.policy import ModelInfo, paper_default
     from hermes_policy.retention import HermesRetention
 

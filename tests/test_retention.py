@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from hermes_policy import StreamingSession
+from hermes_policy.cache.positions import compact_positions
 from hermes_policy.errors import PolicyError, RetentionError
-from hermes_policy.policy import ModelInfo, paper_default
-from hermes_policy.positions import compact_positions
+from hermes_policy.policy import ModelInfo, paper_default, split_budget
 from hermes_policy.retention import (
     AttentionRetention,
     FifoRetention,
@@ -26,7 +26,6 @@ from hermes_policy.retention.scoring import (
     mix_scores,
     recency_scores,
     smooth_across_layers,
-    split_budget,
     top_indices,
 )
 from hermes_policy.retention.uniform_retention import evenly_spaced
@@ -297,7 +296,7 @@ def test_memory_stays_constant_over_a_long_stream(tiny_llama_small_limit_dir):
 
 
 def test_ask_does_no_retention_work(tiny_adapter, monkeypatch):
-    from hermes_policy.attention import AttentionCapture
+    from hermes_policy.attention.ragged import AttentionCapture
 
     policy = paper_default(ModelInfo.of(tiny_adapter), budget=24)
     rule = HermesRetention(policy=policy)
@@ -373,7 +372,7 @@ def test_one_guidance_forward_equals_separate_prompt_forwards(tiny_adapter):
 
 def test_batched_scoring_equals_per_layer_scoring():
     """The whole-tensor path (layers of one length) keeps exactly what the per-layer path keeps."""
-    from hermes_policy.kv_store import KVStore
+    from hermes_policy.cache.kv_store import KVStore
     from hermes_policy.retention.scoring import smooth_across_layers, top_indices
 
     layers, n, prefix = 6, 300, 5
@@ -405,7 +404,7 @@ def test_batched_scoring_equals_per_layer_scoring():
 def test_evicted_summary_equals_summary_tokens_of_the_gathered_tokens(tiny_adapter):
     """A layer's summary token straight from its cache (gather, rotation and mean in one
     op) equals summary_tokens of its evicted tokens gathered first."""
-    from hermes_policy.positions import rotary_cos_sin
+    from hermes_policy.cache.positions import rotary_cos_sin
     from hermes_policy.retention.scoring import evicted_summary, summary_tokens
 
     g = torch.Generator().manual_seed(5)
@@ -424,7 +423,7 @@ def test_evicted_summary_equals_summary_tokens_of_the_gathered_tokens(tiny_adapt
 
 
 def test_summary_tokens_of_several_layers_equal_one_layer_at_a_time(tiny_adapter):
-    from hermes_policy.positions import rerotate_keys
+    from hermes_policy.cache.positions import rerotate_keys
     from hermes_policy.retention.scoring import summary_tokens
 
     g = torch.Generator().manual_seed(3)
@@ -445,7 +444,7 @@ def test_summary_tokens_on_the_per_layer_path_fold_the_kept_tokens_complement(ti
     """Layers of different lengths take the per-layer path, whose summary groups find the
     evicted tokens as the kept ones' complement: each summary layer's token is
     :func:`summary_token` of exactly the tokens it did not keep."""
-    from hermes_policy.kv_store import KVStore
+    from hermes_policy.cache.kv_store import KVStore
     from hermes_policy.retention import SelectContext
     from hermes_policy.retention.scoring import summary_token
 
@@ -478,7 +477,7 @@ def test_summary_tokens_on_the_per_layer_path_fold_the_kept_tokens_complement(ti
 
 
 def test_keep_layers_equals_keep_layer_by_layer():
-    from hermes_policy.kv_store import KVStore
+    from hermes_policy.cache.kv_store import KVStore
 
     def filled() -> KVStore:
         store = KVStore(3, 1)
@@ -507,7 +506,7 @@ def test_keep_layers_of_alike_layers_equals_keep_layer_by_layer():
     """Layers grouped for the host's bookkeeping (as many tokens held and kept, with or
     without a summary token), three position axes, a layer of another length: positions,
     frames, keys and values as layer by layer."""
-    from hermes_policy.kv_store import KVStore
+    from hermes_policy.cache.kv_store import KVStore
 
     g = torch.Generator().manual_seed(4)
     lengths = [12, 12, 12, 12, 12, 9]
@@ -564,8 +563,8 @@ def test_keep_layers_of_alike_layers_equals_keep_layer_by_layer():
 def test_keep_layers_uses_a_prefetched_copy_of_the_same_tensors_only(monkeypatch):
     """A copy back queued early (prefetch) serves keep_layers when it is of the very tensors
     keep_layers would copy; a stale one (other tensors) is dropped and a new copy made."""
-    from hermes_policy import kv_store
-    from hermes_policy.kv_store import KVStore
+    from hermes_policy.cache import kv_store
+    from hermes_policy.cache.kv_store import KVStore
 
     made = []
     real = kv_store.Download
@@ -607,8 +606,8 @@ def test_keep_layers_uses_a_prefetched_copy_of_the_same_tensors_only(monkeypatch
 def test_hermes_select_prefetches_what_keep_layers_copies_back(tiny_adapter, monkeypatch):
     """On the batched path HERMES queues the copy back of its indices and summary positions
     before the summary tokens' work, and keep_layers uses that copy (no second one)."""
-    from hermes_policy import kv_store
-    from hermes_policy.kv_store import KVStore
+    from hermes_policy.cache import kv_store
+    from hermes_policy.cache.kv_store import KVStore
     from hermes_policy.policy import ModelInfo, paper_default
     from hermes_policy.retention import HermesRetention, SelectContext
 
@@ -645,7 +644,7 @@ def test_deferred_bookkeeping_streams_exactly_like_immediate(tiny_llama_small_li
     """The same stream (compressions, lazy re-indexing past the position limit, questions in
     between) with the bookkeeping left for the first read of positions and with it done in
     keep_layers: the same positions, frames, keys and values in every layer, the same answers."""
-    from hermes_policy.kv_store import KVStore
+    from hermes_policy.cache.kv_store import KVStore
     from hermes_policy.models import load_adapter
 
     adapter = load_adapter(tiny_llama_small_limit_dir, device="cpu", tokens_per_frame=4)
@@ -673,7 +672,7 @@ def test_deferred_bookkeeping_waits_for_the_first_read_of_positions(tiny_adapter
     """After keep_layers the lengths and next free positions come from what is known
     before the bookkeeping, which runs on the first read of positions or frames (and not
     before), with the values the gathered positions give."""
-    from hermes_policy.positions import next_free_position
+    from hermes_policy.cache.positions import next_free_position
 
     session = StreamingSession(tiny_adapter, rules(tiny_adapter, 24)["hermes"], chunk_frames=4)
     session.add_frames(frames(tiny_adapter, 4))
@@ -692,7 +691,7 @@ def test_deferred_bookkeeping_refuses_positions_out_of_order():
     """The next free position known ahead relies on one axis of positions never decreasing
     along a layer's tokens; positions out of order make the bookkeeping fail loudly, and
     positions in order pass."""
-    from hermes_policy.kv_store import KVStore
+    from hermes_policy.cache.kv_store import KVStore
 
     def store_with(positions: list[int]) -> KVStore:
         store = KVStore(1, 1)
@@ -716,7 +715,7 @@ def test_deferred_bookkeeping_refuses_a_reused_staging_buffer():
     """The deferred bookkeeping reads arrays that view the store's staging buffer; were that
     buffer handed out again before the bookkeeping ran (the store's own downloads settle
     first, so only a bug could), it fails loudly instead of using overwritten indices."""
-    from hermes_policy.kv_store import KVStore
+    from hermes_policy.cache.kv_store import KVStore
 
     store = KVStore(1, 1)
     store.cache.layers[0].set_contents(torch.randn(1, 1, 6, 4), torch.randn(1, 1, 6, 4))
@@ -734,7 +733,7 @@ def test_deferred_bookkeeping_refuses_a_reused_staging_buffer():
 def test_bookkeeping_is_not_deferred_with_several_position_axes():
     """With multimodal positions (three axes) a layer's next free position needs its kept
     positions gathered: keep_layers does the bookkeeping itself."""
-    from hermes_policy.kv_store import KVStore
+    from hermes_policy.cache.kv_store import KVStore
 
     store = KVStore(2, 3)
     for i, layer in enumerate(store.cache.layers):

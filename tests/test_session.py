@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from reference import one_shot_logits
 
 from hermes_policy import StreamingSession
+from hermes_policy.cache.positions import compact_positions
 from hermes_policy.errors import StreamError
-from hermes_policy.positions import compact_positions
-from hermes_policy.reference import one_shot_logits
 from hermes_policy.retention import FifoRetention, FullRetention
 
 

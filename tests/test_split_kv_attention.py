@@ -17,8 +17,10 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from hermes_policy import attention, kernel_switch, split_kv_attention
-from hermes_policy.split_kv_attention import available, launch_shape
+from hermes_policy.attention.ragged import ragged as attention
+from hermes_policy.kernels import split_kv_attention
+from hermes_policy.kernels import switch as kernel_switch
+from hermes_policy.kernels.split_kv_attention import available, launch_shape
 
 pytest.importorskip("triton", reason="the split-key kernel is written in Triton (shipped with torch on Linux)")
 
@@ -42,8 +44,8 @@ def test_kernel_equals_masked_attention():
     out = run_interpreted(
         """
         import torch
-        from hermes_policy.split_kv_attention import split_kv_slot_attention
-        from hermes_policy.static_forward import slot_attention
+        from hermes_policy.kernels.split_kv_attention import split_kv_slot_attention
+        from hermes_policy.graphs.static_forward import slot_attention
 
         g = torch.Generator().manual_seed(0)
         cases = [  # (tokens, heads, kv heads, window, splits, keys per step)
@@ -81,8 +83,10 @@ def test_answer_forwards_with_the_kernel_equal_them_without():
         import torch
         from test_static_forward import assert_forwards_close, both_forwards
 
-        from hermes_policy import attention, split_kv_attention
-        from hermes_policy.benchmarking.shapes import build_random_adapter
+        from hermes_policy.attention.ragged import ragged as attention
+
+        from hermes_policy.kernels import split_kv_attention
+        from hermes_policy.models.random_shapes import build_random_adapter
 
         calls = []
         kernel = split_kv_attention.split_kv_slot_attention
@@ -143,7 +147,7 @@ def test_a_failing_kernel_falls_back_to_explicit_attention(monkeypatch):
     kernel off for the process, and both answer forwards give the explicit path's results."""
     from test_static_forward import assert_forwards_close, both_forwards
 
-    from hermes_policy.benchmarking.shapes import build_random_adapter
+    from hermes_policy.models.random_shapes import build_random_adapter
 
     adapter = build_random_adapter("tiny-llava-ov", device="cpu", dtype=torch.float32)
     explicit = both_forwards(adapter, 3)  # the kernel does not run on the CPU

@@ -7,18 +7,18 @@ import torch
 from torch import nn
 from transformers.models.qwen2.modeling_qwen2 import apply_rotary_pos_emb
 
-from hermes_policy.answer_graphs import AnswerGraphs
-from hermes_policy.attention import StaticMasks
-from hermes_policy.benchmarking.shapes import build_random_adapter
-from hermes_policy.chunk_graphs import batch_axis, per_layer_text_forward
-from hermes_policy.fused_ops import rotate_half_pairs
-from hermes_policy.static_forward import (
+from hermes_policy.attention.ragged import StaticMasks
+from hermes_policy.cache.stream_cache import StaticWrites, StreamCache
+from hermes_policy.graphs.answer_graphs import AnswerGraphs
+from hermes_policy.graphs.chunk_graphs import batch_axis, per_layer_text_forward
+from hermes_policy.graphs.static_forward import (
     fuse_linear_weights,
     signed_sin,
     static_text_forward,
     supports_static_forward,
 )
-from hermes_policy.stream_cache import StaticWrites, StreamCache
+from hermes_policy.kernels.fused_ops import rotate_half_pairs
+from hermes_policy.models.random_shapes import build_random_adapter
 
 
 def test_rotary_in_three_kernels_equals_the_transformers_form():
@@ -125,7 +125,7 @@ def assert_forwards_close(results: dict, tol: float) -> None:
 def test_static_forward_equals_the_transformers_forward(tiny_adapter, shape, q_len, combined, monkeypatch):
     """Hidden states and written keys and values equal those of the transformers text model
     in the same static mode (keys and values in one buffer, written together, or apart)."""
-    from hermes_policy.stream_cache import PreallocatedLayer
+    from hermes_policy.cache.stream_cache import PreallocatedLayer
 
     if not combined:
         monkeypatch.setattr(PreallocatedLayer, "kv_buffer", property(lambda self: None))
@@ -140,9 +140,9 @@ def test_chunk_forward_equals_the_transformers_forward(tiny_adapter, shape, bloc
     """The ingest graphs' fewer-kernel forward: a chunk appended at each layer's own length
     and positions (ragged), with pseudo-query blocks behind it and one layer's attention
     captured, against the transformers text model with per-layer rotary."""
-    from hermes_policy.attention import AttentionCapture, QueryBlocks
-    from hermes_policy.static_forward import chunk_text_forward
-    from hermes_policy.stream_cache import PreallocatedLayer
+    from hermes_policy.attention.ragged import AttentionCapture, QueryBlocks
+    from hermes_policy.cache.stream_cache import PreallocatedLayer
+    from hermes_policy.graphs.static_forward import chunk_text_forward
 
     if not combined:
         monkeypatch.setattr(PreallocatedLayer, "kv_buffer", property(lambda self: None))
@@ -180,7 +180,7 @@ def test_chunk_forward_equals_the_transformers_forward(tiny_adapter, shape, bloc
 
 
 def test_answer_graphs_choose_the_forward_by_model(tiny_adapter, monkeypatch):
-    from hermes_policy.kv_store import KVStore
+    from hermes_policy.cache.kv_store import KVStore
 
     store = KVStore(tiny_adapter.num_layers, 1)
     assert AnswerGraphs(tiny_adapter, store, use_graphs=False).fewer_kernels
@@ -193,7 +193,7 @@ def test_answer_graphs_choose_the_forward_by_model(tiny_adapter, monkeypatch):
 
 def test_biased_attention_equals_masked_attention():
     """The additive-bias form (used on CUDA in half precision) against the boolean mask."""
-    from hermes_policy.static_forward import (
+    from hermes_policy.graphs.static_forward import (
         biased_slot_attention,
         slot_attention,
         stacked_mask_bias,
@@ -216,7 +216,7 @@ def test_rotary_tables_per_axis_are_sectioned_like_the_model():
     then picks the sections) give the same per-layer tables as those that pick them inside."""
     from types import SimpleNamespace
 
-    from hermes_policy.static_forward import layer_rotary
+    from hermes_policy.graphs.static_forward import layer_rotary
 
     adapter = build_random_adapter("tiny-qwen2.5-vl", device="cpu", dtype=torch.float32)
     rotary = adapter.rotary_emb
@@ -236,7 +236,7 @@ def test_rotary_tables_per_axis_are_sectioned_like_the_model():
 def test_a_fused_model_saves_and_reloads_its_weights(tmp_path):
     from transformers import AutoModelForImageTextToText
 
-    from hermes_policy.static_forward import prepare_static_forward
+    from hermes_policy.graphs.static_forward import prepare_static_forward
 
     adapter = build_random_adapter("tiny-llava-ov", device="cpu", dtype=torch.float32)
     prepare_static_forward(adapter)
@@ -257,8 +257,8 @@ def test_chunk_forward_without_output_writes_the_same_cache(tiny_adapter, monkey
     the rows still read (the lead always; a pseudo-query block up to the last layer that
     captures it), captured attention is the same, and the last layer runs attention only
     where a capture reads it, and nothing after."""
-    from hermes_policy import static_forward
-    from hermes_policy.attention import AttentionCapture, QueryBlocks, block_rows_needed
+    from hermes_policy.attention.ragged import AttentionCapture, QueryBlocks, block_rows_needed
+    from hermes_policy.graphs import static_forward
 
     adapter, layers, q_len = tiny_adapter, tiny_adapter.num_layers, 9
     last = layers - 1
@@ -302,7 +302,7 @@ def test_chunk_forward_without_output_writes_the_same_cache(tiny_adapter, monkey
 
 
 def test_block_rows_needed():
-    from hermes_policy.attention import block_rows_needed
+    from hermes_policy.attention.ragged import block_rows_needed
 
     # lead 3, blocks of 2 (rows 3-4) and 4 (rows 5-8)
     assert block_rows_needed(3, [2, 4], [range(0)] * 3) == [3, 3, 3]  # nothing read: the lead only

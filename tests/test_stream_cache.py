@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from hermes_policy.stream_cache import (
+from hermes_policy.cache.stream_cache import (
     GROWTH_QUANTUM,
     PreallocatedLayer,
     StaticWrites,
@@ -107,7 +107,7 @@ def test_fresh_buffers_are_zero_not_garbage():
 
 def test_next_positions_follow_every_change_of_the_store():
     """The cached next free position is recomputed whenever a layer's positions change."""
-    from hermes_policy.kv_store import KVStore
+    from hermes_policy.cache.kv_store import KVStore
 
     store = KVStore(2, 1)
     k = torch.randn(1, 2, 5, 4)

@@ -1,4 +1,4 @@
-"""Several layers' summary tokens in one Triton kernel (``hermes_policy/summary_kernel.py``):
+"""Several layers' summary tokens in one Triton kernel (``hermes_policy/kernels/summary_kernel.py``):
 on the CPU under Triton's interpreter (in a subprocess, as the other kernels' tests),
 against each layer's :data:`~hermes_policy.retention.scoring.evicted_summary` eager code;
 the checks that leave layers it cannot take to the per-layer path; where it does not run.
@@ -10,7 +10,7 @@ import pytest
 import torch
 from test_split_kv_attention import run_interpreted
 
-from hermes_policy import summary_kernel
+from hermes_policy.kernels import summary_kernel
 
 pytest.importorskip("triton", reason="the summary kernel is written in Triton (shipped with torch on Linux)")
 
@@ -105,7 +105,7 @@ def test_kernel_equals_each_layer_on_its_own():
     out = run_interpreted(
         ROUND_LIKE_THE_GPU
         + """
-    from hermes_policy import summary_kernel
+    from hermes_policy.kernels import summary_kernel
     from test_summary_kernel import assert_summaries_equal_eager, summary_case
 
     for dtype, splits in ((torch.bfloat16, 3), (torch.bfloat16, 7), (torch.float32, 3)):

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from hermes_policy.synthetic import (
+from hermes_policy.inputs.synthetic import (
     BACKGROUND,
     PALETTE,
     SHAPES,
@@ -21,7 +21,7 @@ from hermes_policy.synthetic import (
     text_stream,
     write_synthetic_benchmark,
 )
-from hermes_policy.video import read_video, write_video
+from hermes_policy.inputs.video import read_video, write_video
 
 
 def colour_names(img: np.ndarray) -> np.ndarray:

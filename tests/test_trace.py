@@ -12,7 +12,7 @@ from hermes_policy.benchmarking.trace import (
     merge_intervals,
     phase_timeline,
 )
-from hermes_policy.transfer import upload
+from hermes_policy.cache.transfer import upload
 
 
 def _event(cat: str, name: str, ts: float, dur: float) -> dict:
@@ -35,13 +35,13 @@ def test_idle_gaps_are_charged_to_the_innermost_host_frame(tmp_path):
         _event("python_function", "hermes_policy/retention/x.py(3): select", 140, 300),
         _event("python_function", "torch/ops.py(9): sort", 145, 20),  # innermost, but not ours
         _event("user_annotation", "ingest:select", 140, 300),
-        _event("python_function", "hermes_policy/kv_store.py(5): keep_layers", 480, 500),
+        _event("python_function", "hermes_policy/cache/kv_store.py(5): keep_layers", 480, 500),
     ]
     report = idle_report(events, min_gap_us=20)
     assert report.span == 1000 and report.busy == 150 + 50 + 40 + 100
     assert [(g.start, g.duration) for g in report.gaps] == [(150, 250), (500, 400)]
     assert report.gaps[0].site.endswith("select") and report.gaps[0].ranges == ("ingest:select",)
-    assert report.by_site()[0] == ("hermes_policy/kv_store.py(5): keep_layers", 400, 1)
+    assert report.by_site()[0] == ("hermes_policy/cache/kv_store.py(5): keep_layers", 400, 1)
     assert "idle" in report.summary()
     # a window clips the span and the busy time
     windowed = idle_report(events, window=(100, 500))

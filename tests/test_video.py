@@ -9,9 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from hermes_policy import video
 from hermes_policy.errors import VideoInputError
-from hermes_policy.video import VideoFrames, iter_video_chunks, read_video, write_video
+from hermes_policy.inputs import video
+from hermes_policy.inputs.video import VideoFrames, iter_video_chunks, read_video, write_video
 
 NUM_FRAMES, SOURCE_FPS, HEIGHT, WIDTH = 20, 10.0, 48, 64
 

@@ -11,14 +11,14 @@ import torch
 from matplotlib.figure import Figure
 
 from hermes_policy import StreamingSession
-from hermes_policy.policy import ModelInfo, paper_default
-from hermes_policy.retention import FifoRetention, FullRetention, HermesRetention, UniformRetention
-from hermes_policy.visualize import (
+from hermes_policy.evaluation.visualize import (
     COLORBAR_LABEL,
     kept_frame_share,
     kept_frame_snapshots,
     plot_kept_frames,
 )
+from hermes_policy.policy import ModelInfo, paper_default
+from hermes_policy.retention import FifoRetention, FullRetention, HermesRetention, UniformRetention
 
 FRAMES = 10  # streamed
 COLUMNS = 12  # plotted: the last two are not streamed yet

@@ -38,15 +38,17 @@ from typing import Any
 
 import torch
 
-from .. import retention
-from ..attention import SPLIT_SHAPES
-from ..errors import HermesError
-from ..models.base import ModelAdapter
-from ..policy import ModelInfo, paper_default
-from ..retention import FullRetention, RetentionRule
-from ..session import GuidanceLayout, StreamingSession
-from .floor import DeviceCeilings, floor_ms, forward_flops, forward_weight_bytes
-from .shapes import (
+from hermes_policy import retention
+from hermes_policy.attention.ragged import SPLIT_SHAPES
+from hermes_policy.benchmarking.floor import (
+    DeviceCeilings,
+    floor_ms,
+    forward_flops,
+    forward_weight_bytes,
+)
+from hermes_policy.errors import HermesError
+from hermes_policy.models.base import ModelAdapter
+from hermes_policy.models.random_shapes import (
     SHAPES,
     TOKENIZER_SOURCES,
     ModelShape,
@@ -55,6 +57,9 @@ from .shapes import (
     random_frames,
     tokenizer_description,
 )
+from hermes_policy.policy import ModelInfo, paper_default
+from hermes_policy.retention import FullRetention, RetentionRule
+from hermes_policy.session import GuidanceLayout, StreamingSession
 
 SCHEMA = "hermes-efficiency/1"
 RULE_NAMES = ("full", "fifo", "hermes")  # the default grid
@@ -408,7 +413,7 @@ def run_stream(
 def warm_up(adapter: ModelAdapter, shape: ModelShape, config: EfficiencyConfig) -> None:
     """Run each chunk size into a full cache and a few chunks beyond, so one-time costs
     (kernel and plan selection, processor set-up, first graph captures, the attention
-    plans of the steady state, see :class:`~hermes_policy.attention.ShapeCounter`) stay
+    plans of the steady state, see :class:`~hermes_policy.attention.ragged.ShapeCounter`) stay
     out of the measured streams."""
     per_frame = max(1, adapter.tokens_per_frame or 1)
     steady = SPLIT_SHAPES.after // max(1, adapter.num_layers) + 2  # chunks at one shape before the plans
@@ -532,7 +537,7 @@ def run_efficiency(
                 rows.extend(run_stream(adapter, shape, rule_name, chunk, config, shapes[name], progress))
         del adapter
         _release_memory()
-    from ..manifest import run_manifest
+    from hermes_policy.evaluation.manifest import run_manifest
 
     manifest = run_manifest(
         mode="streaming (random-weight model shapes)", shapes=list(config.shapes), rules=list(config.rules),

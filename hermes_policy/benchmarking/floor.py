@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..models.base import ModelAdapter
+from hermes_policy.models.base import ModelAdapter
 
 
 def forward_weight_bytes(adapter: ModelAdapter) -> tuple[int, int]:

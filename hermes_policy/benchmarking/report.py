@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from ..atomic import atomic_path
+from hermes_policy.fileio.atomic import atomic_path
 
 
 def _gib(value: float | None) -> str:

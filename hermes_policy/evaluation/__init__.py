@@ -4,11 +4,19 @@ resumable runner, its summary, and scale-out over processes/GPUs with torch.dist
 ``hermes-probe eval`` is the command-line front end (``cli/eval_command.py``).
 """
 
-from .answers import correct_choice, parse_choice
-from .judges import ExactMatchJudge, HttpJudge, Judge, JudgeError, TokenF1Judge, Verdict, make_judge
-from .prompts import format_prompt
-from .runner import EvalError, EvalResult, evaluate
-from .summary import duration_class
+from hermes_policy.evaluation.answers import correct_choice, parse_choice
+from hermes_policy.evaluation.judges import (
+    ExactMatchJudge,
+    HttpJudge,
+    Judge,
+    JudgeError,
+    TokenF1Judge,
+    Verdict,
+    make_judge,
+)
+from hermes_policy.evaluation.prompts import format_prompt
+from hermes_policy.evaluation.runner import EvalError, EvalResult, evaluate
+from hermes_policy.evaluation.summary import duration_class
 
 __all__ = [
     "EvalError",

@@ -5,7 +5,7 @@ Reference answers (:func:`correct_choice`)
     surrounding spaces and punctuation; an option's own leading letter, as VideoMME writes
     ``"A. apples"``, may be left out) or its letter (``"B"``, ``"(B)"``, ``"b."``). Option
     text is tried first, so options that are themselves letters still work. Anything else
-    raises :class:`~hermes_policy.annotations.AnnotationError` naming the entry.
+    raises :class:`~hermes_policy.inputs.annotations.AnnotationError` naming the entry.
 
 Model outputs (:func:`parse_choice`), tried in this order; the first rule that decides wins:
 
@@ -33,8 +33,8 @@ import re
 import unicodedata
 from collections.abc import Sequence
 
-from ..annotations import AnnotationError, Question
-from .prompts import LETTERS, option_texts
+from hermes_policy.evaluation.prompts import LETTERS, option_texts
+from hermes_policy.inputs.annotations import AnnotationError, Question
 
 _SPECIAL_TOKENS = re.compile(r"<\|[^|>]*\|>|</?s>|<pad>|<unk>|<eos>|<bos>", re.I)
 _DECORATION = re.compile(r"[*_`\"\u201c\u201d\u2018\u2019]")

@@ -25,7 +25,7 @@ from typing import Any, TypeVar
 import torch
 import torch.distributed as dist
 
-from ..errors import HermesError
+from hermes_policy.errors import HermesError
 
 T = TypeVar("T")
 
@@ -89,7 +89,7 @@ def resolve_device(device: str | None) -> torch.device:
     torchrun: any CUDA request (or no request, when CUDA is available) becomes
     ``cuda:LOCAL_RANK``, one GPU per process; ``cpu`` stays ``cpu``.
     """
-    from ..models.loading import resolve_device as check_device
+    from hermes_policy.models.loading import resolve_device as check_device
 
     _, world, local_rank = env_world()
     if device is None:

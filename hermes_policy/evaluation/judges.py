@@ -30,8 +30,8 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
-from ..errors import HermesError
-from .answers import normalize_text
+from hermes_policy.errors import HermesError
+from hermes_policy.evaluation.answers import normalize_text
 
 JUDGE_NAMES = ("exact", "f1", "http")
 

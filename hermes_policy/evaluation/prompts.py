@@ -20,7 +20,7 @@ import re
 import string
 from collections.abc import Sequence
 
-from ..annotations import Question
+from hermes_policy.inputs.annotations import Question
 
 LETTERS = string.ascii_uppercase
 MC_INSTRUCTION = "Answer with the option's letter from the given choices directly."

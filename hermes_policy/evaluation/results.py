@@ -8,7 +8,7 @@ Layout of an output folder::
     summary.json         accuracies and costs (see summary.py)
 
 A record is identified by ``(video_id, question_index)``: the question's position among
-its video's questions in time order (as :func:`~hermes_policy.annotations.load_annotations`
+its video's questions in time order (as :func:`~hermes_policy.inputs.annotations.load_annotations`
 sorts them). Lines are appended and flushed (and fsynced) one at a time, so an interrupted
 run loses at most the line being written; a torn last line is cut off when the file is next
 opened for appending, and ignored when read.

@@ -1,10 +1,10 @@
 """Run a streaming (or offline) video-QA benchmark through a model under a retention rule.
 
 Per video, one continuing stream: a fresh :class:`~hermes_policy.session.StreamingSession`,
-frames decoded lazily (:func:`~hermes_policy.video.iter_video_chunks`, so memory holds one
+frames decoded lazily (:func:`~hermes_policy.inputs.video.iter_video_chunks`, so memory holds one
 chunk, not the video), and the questions asked in time order, each once every frame up to
 its ``end_time`` has been streamed (no ``end_time``: after the whole video), through
-:func:`~hermes_policy.streaming.stream_with_questions`. Offline benchmarks are the special
+:func:`~hermes_policy.inputs.playback.stream_with_questions`. Offline benchmarks are the special
 case where every question comes at the end. Decoding stops after the last question that
 still needs an answer.
 
@@ -50,18 +50,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..annotations import AnnotationError, Question, VideoEntry
-from ..errors import HermesError, StreamError, VideoInputError
-from ..manifest import run_manifest
-from ..models.base import ModelAdapter
-from ..session import Answer, StreamingSession
-from ..streaming import TimedQuestion, rule_budget, rule_from_spec, stream_with_questions
-from ..video import iter_video_chunks
-from . import distributed as dist_mod
-from .answers import correct_choice, parse_choice
-from .judges import Judge, make_judge
-from .prompts import PROMPT_VERSION, format_prompt, letter
-from .results import (
+from hermes_policy.errors import HermesError, StreamError, VideoInputError
+from hermes_policy.evaluation import distributed as dist_mod
+from hermes_policy.evaluation.answers import correct_choice, parse_choice
+from hermes_policy.evaluation.judges import Judge, make_judge
+from hermes_policy.evaluation.manifest import run_manifest
+from hermes_policy.evaluation.prompts import PROMPT_VERSION, format_prompt, letter
+from hermes_policy.evaluation.results import (
     CONFIG_FILE,
     RESULTS_FILE,
     SHARD_DIR,
@@ -73,7 +68,13 @@ from .results import (
     shard_path,
     write_json_atomic,
 )
-from .summary import question_need, summarize
+from hermes_policy.evaluation.summary import question_need, summarize
+from hermes_policy.inputs.annotations import AnnotationError, Question, VideoEntry
+from hermes_policy.inputs.playback import TimedQuestion, stream_with_questions
+from hermes_policy.inputs.video import iter_video_chunks
+from hermes_policy.models.base import ModelAdapter
+from hermes_policy.retention.specs import rule_budget, rule_from_spec
+from hermes_policy.session import Answer, StreamingSession
 
 CONFIG_SCHEMA = "hermes-eval/1"
 # Settings that change answers: a resumed run must use the same ones.
@@ -305,7 +306,7 @@ def evaluate(
     ----------
     adapter : a loaded video model (see :func:`hermes_policy.models.load_adapter`)
     rule_spec : a policy JSON, ``paper-default`` or a rule name (as ``hermes-probe stream``)
-    entries : the benchmark (:func:`hermes_policy.annotations.load_annotations`)
+    entries : the benchmark (:func:`hermes_policy.inputs.annotations.load_annotations`)
     out_dir : output folder (results, shards, config, summary; see :mod:`.results`)
     budget : stream tokens per layer for rule names and ``paper-default`` (default 4000); with
         a policy file it overrides the file's budgets (None: the file's own)
@@ -321,7 +322,7 @@ def evaluate(
     run_info : extra facts stored in ``config.json`` and the summary (not compared on resume)
     on_record : called with every record after it is written (tests use it to interrupt)
     rule_options : options of the question-time rules (``frames``, ``retrieve_chunks``,
-        ``host_budget_bytes``; see :func:`~hermes_policy.streaming.rule_from_spec`), compared
+        ``host_budget_bytes``; see :func:`~hermes_policy.inputs.playback.rule_from_spec`), compared
         on resume like the other settings
     perception_window_s : questions whose evidence lies within this many seconds before them
         count as perception, the others as memory (default: 4 frames at ``fps``; see

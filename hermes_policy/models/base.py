@@ -21,9 +21,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..positions import to_model_position_ids
-from ..transfer import upload
-from .fused_norm import use_fused_rms_norm
+from hermes_policy.cache.positions import to_model_position_ids
+from hermes_policy.cache.transfer import upload
+from hermes_policy.models.fused_norm import use_fused_rms_norm
 
 DEFAULT_SYSTEM_PROMPT = (
     "You are a helpful assistant watching a live video stream. "
@@ -344,7 +344,7 @@ class ModelAdapter(ABC):
 
         What :meth:`forward` feeds the decoder stack, computed without waiting for the GPU
         (so the stack itself can be replayed from a CUDA graph, see
-        :mod:`hermes_policy.chunk_graphs`). None where this adapter cannot split its forward
+        :mod:`hermes_policy.graphs.chunk_graphs`). None where this adapter cannot split its forward
         so: here, pieces with extra model inputs (adapters of vision models override it).
         """
         inputs = self.embedding_graph_inputs(piece)
@@ -357,7 +357,7 @@ class ModelAdapter(ABC):
 
         :meth:`embeddings_from_inputs` computes the embeddings from them (moved to the
         model's device) with no host work, so a CUDA graph can capture that step: on replay
-        static buffers hold the next piece's tensors (:mod:`hermes_policy.chunk_graphs`).
+        static buffers hold the next piece's tensors (:mod:`hermes_policy.graphs.chunk_graphs`).
         None where the step needs the host (here: pieces with extra model inputs; adapters
         of vision models override both methods where their vision tower allows it).
         """

@@ -13,8 +13,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import StreamError
-from .base import ModelAdapter, StreamPiece
+from hermes_policy.errors import StreamError
+from hermes_policy.models.base import ModelAdapter, StreamPiece
 
 DEFAULT_TOKENS_PER_FRAME = 48
 

@@ -35,11 +35,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..errors import StreamError
-from ..positions import to_model_position_ids
-from ..transfer import upload
-from .base import ModelAdapter, StreamPiece, cache_kwargs
-from .pooling import bilinear_pool
+from hermes_policy.cache.positions import to_model_position_ids
+from hermes_policy.cache.transfer import upload
+from hermes_policy.errors import StreamError
+from hermes_policy.models.base import ModelAdapter, StreamPiece, cache_kwargs
+from hermes_policy.models.pooling import bilinear_pool
 
 VIDEO_KEY = "pixel_values_videos"
 

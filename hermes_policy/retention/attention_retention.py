@@ -7,11 +7,17 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..errors import RetentionError
-from ..kv_store import KVStore
-from ..policy import Guidance
-from .base import BudgetedRule, GuidanceRequest, LayerKeep, ReindexMode, SelectContext
-from .scoring import top_indices
+from hermes_policy.cache.kv_store import KVStore
+from hermes_policy.errors import RetentionError
+from hermes_policy.policy import Guidance
+from hermes_policy.retention.base import (
+    BudgetedRule,
+    GuidanceRequest,
+    LayerKeep,
+    ReindexMode,
+    SelectContext,
+)
+from hermes_policy.retention.scoring import top_indices
 
 
 def pooled(scores: torch.Tensor, kernel: int) -> torch.Tensor:

@@ -1,6 +1,6 @@
 """The retention protocol: what each layer keeps after a chunk.
 
-A rule looks at the per-layer caches (:class:`~hermes_policy.kv_store.KVStore`) and
+A rule looks at the per-layer caches (:class:`~hermes_policy.cache.kv_store.KVStore`) and
 returns, for each layer it wants to change, a :class:`LayerKeep`: the indices to keep
 (system prefix included, in temporal order) and optionally one summary token to append.
 Rules are small dataclasses holding only their configuration; the session applies their
@@ -27,9 +27,9 @@ from typing import Any, ClassVar, Literal
 import torch
 from torch import nn
 
-from ..errors import RetentionError
-from ..kv_store import KVStore
-from ..models.base import ModelAdapter, StreamPiece
+from hermes_policy.cache.kv_store import KVStore
+from hermes_policy.errors import RetentionError
+from hermes_policy.models.base import ModelAdapter, StreamPiece
 
 # "never": positions are kept as encoded (the question-time rules, whose offloaded or
 # re-prefilled tokens must line up with the ones on the GPU); the stream must then stay

@@ -4,8 +4,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..kv_store import KVStore
-from .base import BudgetedRule, LayerKeep, ReindexMode, SelectContext, keep_newest
+from hermes_policy.cache.kv_store import KVStore
+from hermes_policy.retention.base import (
+    BudgetedRule,
+    LayerKeep,
+    ReindexMode,
+    SelectContext,
+    keep_newest,
+)
 
 
 @dataclass

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..kv_store import KVStore
-from .base import LayerKeep, ReindexMode, RetentionRule, SelectContext
+from hermes_policy.cache.kv_store import KVStore
+from hermes_policy.retention.base import LayerKeep, ReindexMode, RetentionRule, SelectContext
 
 
 @dataclass

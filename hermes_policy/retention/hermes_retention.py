@@ -26,14 +26,14 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .. import summary_kernel
-from ..errors import PolicyError, RetentionError
-from ..kv_store import KVStore
-from ..models.base import ModelAdapter
-from ..policy import Policy
-from ..positions import rotary_cos_sin
-from ..transfer import upload
-from .base import (
+from hermes_policy.cache.kv_store import KVStore
+from hermes_policy.cache.positions import rotary_cos_sin
+from hermes_policy.cache.transfer import upload
+from hermes_policy.errors import PolicyError, RetentionError
+from hermes_policy.kernels import summary_kernel
+from hermes_policy.models.base import ModelAdapter
+from hermes_policy.policy import Policy
+from hermes_policy.retention.base import (
     GuidanceRequest,
     LayerKeep,
     ReindexMode,
@@ -41,7 +41,7 @@ from .base import (
     SelectContext,
     SummaryToken,
 )
-from .scoring import (
+from hermes_policy.retention.scoring import (
     batched_partition,
     evicted_summary,
     mix_scores,
@@ -279,7 +279,7 @@ class HermesRetention(RetentionRule):
     def _summaries(self, store: KVStore, groups: list[_SummaryGroup], context: SelectContext) -> dict[int, SummaryToken]:
         """One summary token per layer of ``groups``: the rotations of each group at once,
         then every layer's evicted tokens gathered, moved and averaged by one kernel for
-        the group (:mod:`~hermes_policy.summary_kernel`), or by one fused op a layer where
+        the group (:mod:`~hermes_policy.kernels.summary_kernel`), or by one fused op a layer where
         that kernel does not run."""
         out: dict[int, SummaryToken] = {}
         for group in groups:

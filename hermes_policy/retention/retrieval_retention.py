@@ -37,11 +37,11 @@ from typing import Any, ClassVar
 
 import torch
 
-from ..attention import AttentionCapture
-from ..errors import RetentionError
-from ..kv_store import KVStore
-from ..models.base import ModelAdapter, StreamPiece
-from .base import (
+from hermes_policy.attention.ragged import AttentionCapture
+from hermes_policy.cache.kv_store import KVStore
+from hermes_policy.errors import RetentionError
+from hermes_policy.models.base import ModelAdapter, StreamPiece
+from hermes_policy.retention.base import (
     BudgetedRule,
     LayerKeep,
     QuestionTimeMemory,

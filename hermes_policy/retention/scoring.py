@@ -5,15 +5,13 @@ All scores are 1D tensors over a layer's stream tokens, oldest first (index 0) t
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..fusion import FusedOp
-from ..positions import rerotate_keys, rotate_half
-from ..transfer import upload
+from hermes_policy.cache.positions import rerotate_keys, rotate_half
+from hermes_policy.cache.transfer import upload
+from hermes_policy.kernels.fusion import FusedOp
 
 
 def recency_scores(length: int, forgetting_rate: float, device: torch.device | None = None) -> torch.Tensor:
@@ -181,21 +179,6 @@ mixed_smoothed_rows = FusedOp(_mixed_smoothed_rows)
 mix and the smoothing), where the scores alone were about fifteen small kernels."""
 
 
-def split_budget(weights: list[float], per_layer: int) -> list[int]:
-    """Layer-dependent budgets (METHOD.md section 6).
-
-    ``m_l = floor(w_l / sum(w) * per_layer * L)``; the rounding remainder goes to the last
-    layer, so the total is exactly ``per_layer * L``.
-    """
-    total = per_layer * len(weights)
-    weight_sum = float(sum(weights))
-    if weight_sum <= 0 or any(w < 0 for w in weights):
-        raise ValueError("budget weights must be non-negative with a positive sum")
-    budgets = [math.floor(w / weight_sum * total) for w in weights]
-    budgets[-1] += total - sum(budgets)
-    return budgets
-
-
 def summary_token(
     keys: torch.Tensor,
     values: torch.Tensor,
@@ -235,7 +218,7 @@ evicted_summary = FusedOp(_evicted_summary)
 """:func:`summary_token` of one layer straight from its cache: ``keys, values (batch,
 kv_heads, seq, head_dim)``, the evicted tokens' indices ``evicted (n,)`` into them, and the
 rotation that moves each to the summary's position, ``cos, sin (n, head_dim)`` (float32, from
-:func:`~hermes_policy.positions.rotary_cos_sin` of target minus position). Returns key and
+:func:`~hermes_policy.cache.positions.rotary_cos_sin` of target minus position). Returns key and
 value ``(batch, kv_heads, 1, head_dim)``. On CUDA compiled into one reduction kernel (the
 gather, rotation and mean), where gathering the evicted tokens first and
 :func:`summary_tokens` took a gather per layer, a stack and about ten elementwise kernels

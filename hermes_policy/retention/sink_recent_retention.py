@@ -6,10 +6,10 @@ from dataclasses import dataclass
 
 import torch
 
-from ..errors import RetentionError
-from ..kv_store import KVStore
-from ..models.base import ModelAdapter
-from .base import BudgetedRule, LayerKeep, ReindexMode, SelectContext
+from hermes_policy.cache.kv_store import KVStore
+from hermes_policy.errors import RetentionError
+from hermes_policy.models.base import ModelAdapter
+from hermes_policy.retention.base import BudgetedRule, LayerKeep, ReindexMode, SelectContext
 
 
 @dataclass

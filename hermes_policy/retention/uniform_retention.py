@@ -6,8 +6,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ..kv_store import KVStore
-from .base import BudgetedRule, LayerKeep, ReindexMode, SelectContext
+from hermes_policy.cache.kv_store import KVStore
+from hermes_policy.retention.base import BudgetedRule, LayerKeep, ReindexMode, SelectContext
 
 
 def evenly_spaced(length: int, keep: int) -> torch.Tensor:

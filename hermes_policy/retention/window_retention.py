@@ -18,10 +18,16 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
-from ..errors import RetentionError
-from ..kv_store import KVStore
-from ..models.base import ModelAdapter, StreamPiece
-from .base import LayerKeep, QuestionTimeMemory, ReindexMode, RetentionRule, SelectContext
+from hermes_policy.cache.kv_store import KVStore
+from hermes_policy.errors import RetentionError
+from hermes_policy.models.base import ModelAdapter, StreamPiece
+from hermes_policy.retention.base import (
+    LayerKeep,
+    QuestionTimeMemory,
+    ReindexMode,
+    RetentionRule,
+    SelectContext,
+)
 
 
 @dataclass

@@ -37,10 +37,10 @@ from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, Field
 
-from ..errors import HermesError
-from ..session import StreamingSession
-from .live_stream import LiveStream, StreamEvent, StreamRegistry
-from .sources import SourceSpec, open_source
+from hermes_policy.errors import HermesError
+from hermes_policy.serving.live_stream import LiveStream, StreamEvent, StreamRegistry
+from hermes_policy.serving.sources import SourceSpec, open_source
+from hermes_policy.session import StreamingSession
 
 PAGE = Path(__file__).with_name("page.html")
 
@@ -112,7 +112,7 @@ def kv_estimate_bytes(session: StreamingSession) -> int:
 
 def create_app(adapter: Any, config: ServerConfig) -> FastAPI:
     """The API over ``adapter`` (a loaded model, shared by every stream)."""
-    from ..streaming import rule_from_spec
+    from hermes_policy.retention.specs import rule_from_spec
 
     registry = StreamRegistry(config.max_streams, config.kv_budget_bytes)
 

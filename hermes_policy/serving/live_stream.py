@@ -24,9 +24,9 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..errors import HermesError
-from ..session import Answer, StreamingSession
-from .sources import Frame, frame_to_jpeg, paced
+from hermes_policy.errors import HermesError
+from hermes_policy.serving.sources import Frame, frame_to_jpeg, paced
+from hermes_policy.session import Answer, StreamingSession
 
 QUEUE_FRAMES = 64  # released frames waiting for ingest before the oldest are dropped
 

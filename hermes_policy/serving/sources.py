@@ -1,7 +1,7 @@
 """Live frame sources for the server, sampled by the wall clock.
 
 A source yields ``(frame, media_seconds)`` in order. Files and frame folders are decoded
-lazily (:func:`hermes_policy.video.iter_video_chunks`, already sampled at the stream's fps)
+lazily (:func:`hermes_policy.inputs.video.iter_video_chunks`, already sampled at the stream's fps)
 and *played at their own rate*: :func:`paced` holds each frame back until the wall clock
 reaches its media time. Capture devices and network streams (RTSP, HLS, HTTP) arrive in
 real time by themselves; :class:`LiveVideoSource` decodes them with PyAV and keeps one frame
@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import VideoInputError
+from hermes_policy.errors import VideoInputError
 
 Frame = Any  # uint8 (H, W, 3) array, or one text frame (LongTensor (N,) / string)
 
@@ -39,7 +39,7 @@ class SourceSpec:
 
 def synthetic_frames(adapter: Any, spec: SourceSpec, fps: float) -> Iterator[tuple[Frame, float]]:
     """The built-in synthetic stream of the model's kind, in blocks generated as needed."""
-    from ..synthetic import shapes_video, text_stream
+    from hermes_policy.inputs.synthetic import shapes_video, text_stream
 
     block = 256
     for start in range(0, spec.frames, block):
@@ -55,7 +55,7 @@ def synthetic_frames(adapter: Any, spec: SourceSpec, fps: float) -> Iterator[tup
 
 def file_frames(path: str, fps: float) -> Iterator[tuple[Frame, float]]:
     """A video file or frame folder, decoded lazily and sampled at ``fps``."""
-    from ..video import iter_video_chunks
+    from hermes_policy.inputs.video import iter_video_chunks
 
     if not Path(path).exists():
         raise VideoInputError(f"video not found: {path}")

@@ -1,8 +1,8 @@
 """Where one of our Triton kernels runs, and what happens when it cannot.
 
-Each kernel (:mod:`~hermes_policy.split_kv_attention`,
-:mod:`~hermes_policy.probability_kernel`, :mod:`~hermes_policy.block_attention_kernel`,
-:mod:`~hermes_policy.compaction_kernel`, :mod:`~hermes_policy.summary_kernel`) has a
+Each kernel (:mod:`~hermes_policy.kernels.split_kv_attention`,
+:mod:`~hermes_policy.kernels.probability_kernel`, :mod:`~hermes_policy.kernels.block_attention_kernel`,
+:mod:`~hermes_policy.kernels.compaction_kernel`, :mod:`~hermes_policy.kernels.summary_kernel`) has a
 :class:`KernelSwitch`: an environment variable that turns it off (``=0``), and a flag set
 by a first launch that fails outside a CUDA graph capture (a GPU or Triton build without
 the kernel), after which its caller's plain torch path runs for the rest of the process.
@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .fusion import capturing
+from hermes_policy.kernels.fusion import capturing
 
 try:
     import triton

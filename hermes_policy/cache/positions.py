@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .transfer import upload
+from hermes_policy.cache.transfer import upload
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:

@@ -9,7 +9,7 @@ seen (so a probe's *age*, how far back its evidence lies, is what varies):
 * ``copy``: copying a planted span. The probe repeats a filler frame's first
   ``copy_prompt`` tokens and scores its next ``copy_span`` tokens, teacher-forced.
   Accuracy: the share of span tokens that are the model's top-1.
-* ``facts``: the planted-fact questions of :func:`~hermes_policy.synthetic.text_stream`,
+* ``facts``: the planted-fact questions of :func:`~hermes_policy.inputs.synthetic.text_stream`,
   asked in the chat format, with the answer scored after a lead that ends right before
   the value (``"The secret code word is '"`` -> ``glacier``), so log p measures the value
   and not the phrasing. Multiple choice where the question has choices (the choice with
@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .synthetic import _scene, text_stream
+from hermes_policy.inputs.synthetic import _scene, text_stream
 
 TASKS: tuple[str, ...] = ("kv", "copy", "facts")
 

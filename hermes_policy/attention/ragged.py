@@ -12,10 +12,10 @@ softmax probabilities of chosen query rows from that layer's own query states an
 them to the capture, under TransformerLens-style names ``blocks.{layer}.attn.hook_pattern``.
 The probe and the HERMES pseudo-queries both use this one mechanism.
 
-Static mode (CUDA graphs, see ``hermes_policy.answer_graphs``): inside
+Static mode (CUDA graphs, see ``hermes_policy.graphs.answer_graphs``): inside
 :class:`StaticMasks`, keys and values are a layer's whole preallocated buffer and query
 ``i`` may see the slots ``<= limits[i]`` (its own slot and everything before it); on
-CUDA one split-key pass computes that mask itself (:mod:`hermes_policy.split_kv_attention`).
+CUDA one split-key pass computes that mask itself (:mod:`hermes_policy.kernels.split_kv_attention`).
 """
 
 from __future__ import annotations
@@ -35,8 +35,8 @@ from torch.nn.attention.bias import causal_lower_right
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface
 
-from . import block_attention_kernel, probability_kernel, split_kv_attention
-from .fusion import FusedOp, capturing
+from hermes_policy.kernels import block_attention_kernel, probability_kernel, split_kv_attention
+from hermes_policy.kernels.fusion import FusedOp, capturing
 
 ATTENTION_NAME = "hermes_ragged"
 # Masked attention (answers on fixed shapes) runs as plain matmuls while its float32 score
@@ -675,7 +675,7 @@ def lead_and_blocks_attention(
     The lead rows attend causally to the keys before the blocks (:func:`causal_attention`).
     The blocks' rows attend to those keys (the cache and the lead) and, causally, to their
     own block's keys. Where the block attention kernel runs
-    (:mod:`~hermes_policy.block_attention_kernel`) that is one pass over every key (with
+    (:mod:`~hermes_policy.kernels.block_attention_kernel`) that is one pass over every key (with
     ``HERMES_BLOCKS_WITH_CHUNK=1``, after one cuDNN call of all rows over the cache:
     :func:`_blocks_by_kernel`); otherwise one flash call for all blocks over the keys before them (no mask), one small
     explicit product over their own keys, and a log-sum-exp merge of the two
@@ -695,7 +695,7 @@ def lead_and_blocks_attention(
         the output are then left unset
     row_weights : float32 ``(stop - start,)``: return the weighted sum over the kept rows
         of their mean over heads, ``(batch, 1, 1, k - sum(blocks))``: on CUDA one Triton
-        pass with the scores in registers (:mod:`~hermes_policy.probability_kernel`), else
+        pass with the scores in registers (:mod:`~hermes_policy.kernels.probability_kernel`), else
         in the kernel of the exponential
 
     Returns
@@ -758,7 +758,7 @@ def _blocks_by_kernel(
     lead_read: bool,
 ) -> torch.Tensor | None:
     """:func:`lead_and_blocks_attention`'s attention through the block attention kernel
-    (:mod:`~hermes_policy.block_attention_kernel`), written into ``joined``; the blocks'
+    (:mod:`~hermes_policy.kernels.block_attention_kernel`), written into ``joined``; the blocks'
     log-sum-exp over every key they saw, or None where the kernel does not run (nothing
     written then).
 
@@ -769,7 +769,7 @@ def _blocks_by_kernel(
     the lead's and the blocks', over the cached keys (little more than the lead's alone,
     and less than the blocks' own flash call: docs/performance.md), the lead's
     rows take their own keys causally (merged by
-    :func:`~hermes_policy.block_attention_kernel.merge_into`, whose strides change with the
+    :func:`~hermes_policy.kernels.block_attention_kernel.merge_into`, whose strides change with the
     prompts), and the kernel resumes the blocks' rows from their cached part over the lead's
     keys and their own block. Faster at a steady shape, but that cuDNN call has a new shape
     for every prompt length, and cuDNN builds a plan for each: in the efficiency benchmark,
@@ -1002,6 +1002,18 @@ def register_attention() -> str:
     AttentionInterface.register(ATTENTION_NAME, ragged_attention)
     AttentionMaskInterface.register(ATTENTION_NAME, _no_mask)
     return ATTENTION_NAME
+
+
+def use_ragged_attention(model: torch.nn.Module) -> None:
+    """Switch the text model to the ``hermes_ragged`` attention; vision towers keep sdpa."""
+    name = register_attention()
+    config = model.config
+    sub_configs = getattr(config, "sub_configs", {}) or {}
+    if "text_config" in sub_configs:
+        setting = {key: ("sdpa" if key != "text_config" else name) for key in sub_configs}
+        model.set_attn_implementation(setting)
+    else:
+        model.set_attn_implementation(name)
 
 
 class PerLayerRotary:

@@ -7,10 +7,10 @@ captured once as CUDA graphs, then replayed:
 
 - the question is padded to a bucket length (16, 32, 64, ...), one graph per bucket;
 - keys and values are written straight into the stream cache's preallocated buffers at
-  slots ``length + i`` of each layer (:class:`~hermes_policy.stream_cache.StaticWrites`)
+  slots ``length + i`` of each layer (:class:`~hermes_policy.cache.stream_cache.StaticWrites`)
   and attention sees a fixed window of the buffer (the slots the answer can reach,
   rounded up to 256; one graph per window, so a stream at its budget uses one), masked
-  by slot (:class:`~hermes_policy.attention.StaticMasks`); nothing is appended, so the
+  by slot (:class:`~hermes_policy.attention.ragged.StaticMasks`); nothing is appended, so the
   cache is back to its state before the question when the answer is done;
 - each layer's rotary cos/sin is computed inside the graph from device-side positions;
 - the decode graph reads the previous token from a device buffer, writes the next one
@@ -31,12 +31,16 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .attention import StaticMasks
-from .chunk_graphs import batch_axis, per_layer_text_forward
-from .kv_store import KVStore
-from .models.base import ModelAdapter, StreamPiece
-from .static_forward import prepare_static_forward, static_text_forward, supports_static_forward
-from .stream_cache import StaticWrites
+from hermes_policy.attention.ragged import StaticMasks
+from hermes_policy.cache.kv_store import KVStore
+from hermes_policy.cache.stream_cache import StaticWrites
+from hermes_policy.graphs.chunk_graphs import batch_axis, per_layer_text_forward
+from hermes_policy.graphs.static_forward import (
+    prepare_static_forward,
+    static_text_forward,
+    supports_static_forward,
+)
+from hermes_policy.models.base import ModelAdapter, StreamPiece
 
 BUCKETS = (16, 32, 64, 128, 256, 512)
 WINDOW_QUANTUM = 256  # key windows are multiples of this many slots
@@ -74,7 +78,7 @@ class AnswerGraphs:
     store : the session's KV store (its cache must be a ``StreamCache``)
     use_graphs : capture CUDA graphs (needs a CUDA device); False runs the same code eagerly
     fewer_kernels : run Llama/Qwen2-form text models through
-        :func:`~hermes_policy.static_forward.static_text_forward` (fused projections, fewer
+        :func:`~hermes_policy.graphs.static_forward.static_text_forward` (fused projections, fewer
         kernels per layer; fuses the model's projection weights in place); other models, a
         model split over several GPUs, or False, run the transformers forward
     """

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from .models.base import ModelAdapter, StreamPiece
+from hermes_policy.models.base import ModelAdapter, StreamPiece
 
 
 def concat_pieces(adapter: ModelAdapter, pieces: list[StreamPiece]) -> tuple[StreamPiece, torch.Tensor]:

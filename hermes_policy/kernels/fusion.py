@@ -7,7 +7,7 @@ per function), with rounding to the input dtype where the eager code rounds
 runs from then on, with a warning. Set ``HERMES_FUSED_OPS=0`` to run the eager code
 everywhere.
 
-Kept apart from the ops themselves (:mod:`hermes_policy.fused_ops`, and the attention
+Kept apart from the ops themselves (:mod:`hermes_policy.kernels.fused_ops`, and the attention
 module's) so that any module can define one without importing the model code.
 """
 

@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from .errors import HermesError
+from hermes_policy.errors import HermesError
 
 MAX_JSON_BYTES = 64 * 2**20  # an annotation file of a large benchmark is a few MiB
 MAX_INTEGER_DIGITS = 30  # frame counts, budgets, layer indices: far below this

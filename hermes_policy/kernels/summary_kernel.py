@@ -36,9 +36,9 @@ try:
 except ImportError:  # pragma: no cover - torch ships Triton on Linux
     triton = None
 
-from .block_attention_kernel import multiprocessors
-from .kernel_switch import INTERPRETED, KernelSwitch
-from .transfer import upload
+from hermes_policy.cache.transfer import upload
+from hermes_policy.kernels.block_attention_kernel import multiprocessors
+from hermes_policy.kernels.switch import INTERPRETED, KernelSwitch
 
 SWITCH = KernelSwitch("HERMES_SUMMARY_KERNEL", "summary kernel", "computing each layer's summary on its own")
 ENV_SWITCH = SWITCH.env

@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from .atomic import write_text_atomic
+from hermes_policy.fileio.atomic import write_text_atomic
 
 SHAPES = ("circle", "square", "triangle")
 
@@ -731,7 +731,7 @@ def write_synthetic_benchmark(
     Path
         The annotation file.
     """
-    from .video import write_video
+    from hermes_policy.inputs.video import write_video
 
     if num_videos < 1:
         raise ValueError(f"num_videos must be at least 1, got {num_videos}")

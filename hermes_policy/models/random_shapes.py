@@ -16,10 +16,11 @@ from typing import Any
 
 import torch
 
-from ..errors import HermesError
-from ..models.base import ModelAdapter
-from ..models.loading import embedded_model_path, use_ragged_attention
-from ..models.offline_tokenizer import (
+from hermes_policy.attention.ragged import use_ragged_attention
+from hermes_policy.errors import HermesError
+from hermes_policy.models.base import ModelAdapter
+from hermes_policy.models.embedded import embedded_model_path
+from hermes_policy.models.offline_tokenizer import (
     LLAVA_OV_CHAT_TEMPLATE,
     QWEN_VL_CHAT_TEMPLATE,
     byte_tokenizer,
@@ -313,8 +314,8 @@ def build_random_adapter(
     max_memory : per-device limits for ``"balanced"`` / ``"auto"`` (accelerate's format)
     tokenizer : a source for :func:`benchmark_tokenizer` or a tokenizer object
     """
-    from ..models.llava_onevision import LlavaOnevisionAdapter
-    from ..models.qwen_vl import Qwen2_5_VLAdapter
+    from hermes_policy.models.llava_onevision import LlavaOnevisionAdapter
+    from hermes_policy.models.qwen_vl import Qwen2_5_VLAdapter
 
     shape = get_shape(shape) if isinstance(shape, str) else shape
     vocab_size = shape.text["vocab_size"]

@@ -9,7 +9,7 @@ kernel per function), with rounding to the input dtype where the eager code roun
 (``emulate_precision_casts``). If compiling fails (no Triton, no compiler), the eager
 code runs from then on, with a warning.
 
-Set ``HERMES_FUSED_OPS=0`` to run the eager code everywhere (:mod:`hermes_policy.fusion`).
+Set ``HERMES_FUSED_OPS=0`` to run the eager code everywhere (:mod:`hermes_policy.kernels.fusion`).
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .fusion import FusedOp
-from .models.fused_norm import fused_rms_norm
+from hermes_policy.kernels.fusion import FusedOp
+from hermes_policy.models.fused_norm import fused_rms_norm
 
 
 def _add_rms_norm(
@@ -60,7 +60,7 @@ rms_norm = FusedOp(fused_rms_norm)
 
 rotate_half_pairs = FusedOp(_rotate_half_pairs)
 """Rotary embedding in the rotate-half layout: ``x * cos + rotate_half(x) * sin`` with
-``sin_signed`` from :func:`hermes_policy.static_forward.signed_sin`. ``x (..., head_dim)``."""
+``sin_signed`` from :func:`hermes_policy.graphs.static_forward.signed_sin`. ``x (..., head_dim)``."""
 
 silu_and_mul = FusedOp(_silu_and_mul)
 """``silu(gate) * up`` of ``gate_up (..., 2 * intermediate)`` (gate first)."""

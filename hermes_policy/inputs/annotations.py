@@ -20,8 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import HermesError
-from .json_input import load_json_file
+from hermes_policy.errors import HermesError
+from hermes_policy.fileio.json_input import load_json_file
 
 
 class AnnotationError(HermesError):

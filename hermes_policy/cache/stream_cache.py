@@ -10,7 +10,7 @@ written after ``length`` and dropped by not counting them.
 Static mode (for CUDA graphs): inside :class:`StaticWrites`, ``update`` writes the new
 tokens at slots given by a device tensor and returns the *whole* buffer, so every shape
 and address in the forward is fixed; the attention function then masks by slot (see
-``hermes_policy.attention``). The buffers' addresses change only when a layer grows; the
+``hermes_policy.attention.ragged``). The buffers' addresses change only when a layer grows; the
 cache's :attr:`StreamCache.generation` counts that, so graphs know when to re-capture.
 """
 
@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
-from . import compaction_kernel
+from hermes_policy.kernels import compaction_kernel
 
 GROWTH_QUANTUM = 256
 
@@ -230,7 +230,7 @@ class StreamCache(Cache):
         """:meth:`PreallocatedLayer.gather` for several layers: ``{layer: (indices, extra)}``
         with indices on the layers' device (sorted, distinct: kept tokens in order).
 
-        On a GPU, all of them in one kernel (:mod:`~hermes_policy.compaction_kernel`) where
+        On a GPU, all of them in one kernel (:mod:`~hermes_policy.kernels.compaction_kernel`) where
         the layers allow it (keys and values in one buffer each, one shape); layer by layer
         otherwise.
         """

@@ -28,7 +28,7 @@ try:
 except ImportError:  # pragma: no cover - torch ships Triton on Linux
     triton = None
 
-from .kernel_switch import KernelSwitch
+from hermes_policy.kernels.switch import KernelSwitch
 
 SWITCH = KernelSwitch("HERMES_PROBABILITY_KERNEL", "attention probability kernel", "using score products")
 ENV_SWITCH = SWITCH.env

@@ -28,7 +28,7 @@ import numpy as np
 import seaborn as sns
 from matplotlib.figure import Figure
 
-from .session import StreamingSession
+from hermes_policy.session import StreamingSession
 
 CMAP = "viridis"
 NOT_STREAMED = "0.86"  # background of frames the session has not ingested yet (NaN cells)

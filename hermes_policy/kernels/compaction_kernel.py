@@ -29,8 +29,8 @@ try:
 except ImportError:  # pragma: no cover - torch ships Triton on Linux
     triton = None
 
-from .kernel_switch import INTERPRETED, KernelSwitch
-from .transfer import upload
+from hermes_policy.cache.transfer import upload
+from hermes_policy.kernels.switch import INTERPRETED, KernelSwitch
 
 SWITCH = KernelSwitch("HERMES_COMPACTION_KERNEL", "compaction kernel", "gathering layer by layer")
 ENV_SWITCH = SWITCH.env

@@ -2,7 +2,7 @@
 
 A question's prefill and each decode step attend from a few rows (16 question tokens, or
 one new token, times the query heads of each KV head) to the ~4K keys a layer keeps. The
-explicit path (:func:`~hermes_policy.static_forward.biased_slot_attention`: a score
+explicit path (:func:`~hermes_policy.graphs.static_forward.biased_slot_attention`: a score
 product writing float32 scores, a softmax, a value product) writes and reads the scores
 as often as it reads the keys, and its products run on a few thread blocks: it takes many
 times as long as reading the keys and values once (docs/performance.md). Here the keys are split into ranges, one program per
@@ -33,7 +33,7 @@ try:
 except ImportError:  # pragma: no cover - torch ships Triton on Linux
     triton = None
 
-from .kernel_switch import KernelSwitch
+from hermes_policy.kernels.switch import KernelSwitch
 
 SWITCH = KernelSwitch("HERMES_SPLIT_KV", "split-key attention kernel", "using explicit attention")
 ENV_SWITCH = SWITCH.env
@@ -177,7 +177,7 @@ def split_kv_slot_attention(
 ) -> torch.Tensor:
     """Attention of ``q`` new tokens over a window of a layer's buffer, token ``i`` seeing
     the slots ``0 .. limits[i]``; the same result as
-    :func:`~hermes_policy.static_forward.slot_attention` with
+    :func:`~hermes_policy.graphs.static_forward.slot_attention` with
     ``blocked = arange(window) > limits[:, None]``.
 
     Parameters

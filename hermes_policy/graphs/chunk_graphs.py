@@ -14,14 +14,14 @@ own forward:
   positions are copied into static buffers the graph reads;
 - rotary cos/sin are computed per layer inside the graph from those positions;
 - for Llama/Qwen2-form layers the decoder runs in about half the kernels of the
-  transformers forward (:func:`~hermes_policy.static_forward.chunk_text_forward`: fused
+  transformers forward (:func:`~hermes_policy.graphs.static_forward.chunk_text_forward`: fused
   projections, rotary with key/value packing, residual adds with the next norm); other
   layers run the transformers forward;
 - the model writes keys and values as usual, at each layer's current length: the lengths
   are part of the graph's key, and after a replay each layer's length is advanced by hand
   (the host-side counter is not part of the graph);
 - attention runs the kernels it runs eagerly on a recurring shape (the split cuDNN path,
-  :func:`~hermes_policy.attention.steady_shapes`), pseudo-query blocks and their captured
+  :func:`~hermes_policy.attention.ragged.steady_shapes`), pseudo-query blocks and their captured
   probabilities included;
 - what the forward collected (e.g. per-layer pseudo-query attention) lives in the graph's
   memory and is handed back by reference: valid until the next replay. Ingest keeps no
@@ -45,11 +45,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from .attention import PerLayerRotary, ShapeCounter, steady_shapes
-from .kv_store import KVStore
-from .models.base import ModelAdapter, StreamPiece, cache_kwargs
-from .static_forward import chunk_text_forward, prepare_static_forward, supports_static_forward
-from .transfer import upload
+from hermes_policy.attention.ragged import PerLayerRotary, ShapeCounter, steady_shapes
+from hermes_policy.cache.kv_store import KVStore
+from hermes_policy.cache.transfer import upload
+from hermes_policy.graphs.static_forward import (
+    chunk_text_forward,
+    prepare_static_forward,
+    supports_static_forward,
+)
+from hermes_policy.models.base import ModelAdapter, StreamPiece, cache_kwargs
 
 MAX_GRAPHS = 3
 # captures of one shape tried before it runs eagerly for good: a capture can fail on work
@@ -150,7 +154,7 @@ class ChunkGraphs:
         code eagerly (tests)
     after : eager runs of a shape before it is captured
     fewer_kernels : run Llama/Qwen2-form text models through
-        :func:`~hermes_policy.static_forward.chunk_text_forward` (others, and False: the
+        :func:`~hermes_policy.graphs.static_forward.chunk_text_forward` (others, and False: the
         transformers forward)
     """
 

@@ -1,6 +1,6 @@
 """Per-layer KV store: every layer has its own length, positions and frame indices.
 
-The keys and values live in a :class:`~hermes_policy.stream_cache.StreamCache` (a
+The keys and values live in a :class:`~hermes_policy.cache.stream_cache.StreamCache` (a
 transformers ``Cache`` over preallocated buffers, so the model's attention modules update
 it as usual and memory stays put once a rule reaches its budget); this class keeps,
 beside it, what the cache does not know:
@@ -17,9 +17,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .positions import compact_positions, next_free_position, rerotate_keys
-from .stream_cache import StreamCache
-from .transfer import Download, StagingBuffers, upload
+from hermes_policy.cache.positions import compact_positions, next_free_position, rerotate_keys
+from hermes_policy.cache.stream_cache import StreamCache
+from hermes_policy.cache.transfer import Download, StagingBuffers, upload
 
 
 @dataclass

@@ -13,18 +13,18 @@ same arithmetic with fewer kernels:
   buffer, so no memory is added and the transformers modules keep working);
 - rotary embedding of all query and key heads at once; rotary, each residual add with
   the next RMSNorm, and SiLU with the product by the up projection each as one kernel on
-  CUDA (:mod:`hermes_policy.fused_ops`);
+  CUDA (:mod:`hermes_policy.kernels.fused_ops`);
 - keys and values written into the stream cache's buffers at device-side slots, and
   attention over a fixed window of those buffers masked by slot, as in
-  :class:`~hermes_policy.attention.StaticMasks`: on CUDA one split-key pass with the mask
-  computed from the slots (:mod:`hermes_policy.split_kv_attention`), else in half
+  :class:`~hermes_policy.attention.ragged.StaticMasks`: on CUDA one split-key pass with the mask
+  computed from the slots (:mod:`hermes_policy.kernels.split_kv_attention`), else in half
   precision the scale and the mask folded into the score product
   (:func:`biased_slot_attention`);
 - the norms round where the model's modules round (normalised in float32, rounded to
   the input dtype, then weighted).
 
 :func:`chunk_text_forward` is the same forward for the ingest graphs
-(:mod:`hermes_policy.chunk_graphs`): a chunk's input embeddings appended at each layer's
+(:mod:`hermes_policy.graphs.chunk_graphs`): a chunk's input embeddings appended at each layer's
 length, attention by the registered ragged attention function (so pseudo-query blocks and
 attention captures active on the modules apply as in the transformers forward). Other
 layer types fall back to the transformers forward (:func:`supports_static_forward`).
@@ -38,8 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import split_kv_attention
-from .attention import (
+from hermes_policy.attention.ragged import (
     BMM_OUT_DTYPE,
     HALF_DTYPES,
     block_rows_needed,
@@ -48,14 +47,15 @@ from .attention import (
     ragged_attention,
     slots_blocked,
 )
-from .fused_ops import (
+from hermes_policy.kernels import split_kv_attention
+from hermes_policy.kernels.fused_ops import (
     add_rms_norm,
     rms_norm,
     rotary_and_pack,
     rotate_half_pairs,
     silu_and_mul,
 )
-from .models.fused_norm import STANDARD_RMS_NORMS
+from hermes_policy.models.fused_norm import STANDARD_RMS_NORMS
 
 # the additive masks of all layers, built once per forward, at most this many bytes
 # (a 16-token question on a 4K window: 55 MB for 28 layers)
@@ -233,7 +233,7 @@ def slot_attention(
 def stacked_mask_bias(blocked: torch.Tensor, groups: int) -> torch.Tensor:
     """Additive float32 masks ``(layers, groups * q, window)`` from ``blocked (layers, q, window)``:
     ``-inf`` where blocked, else 0; row ``j * q + i`` is token ``i`` (query heads stacked
-    per KV head, as :func:`~hermes_policy.attention.grouped_scores` stacks them)."""
+    per KV head, as :func:`~hermes_policy.attention.ragged.grouped_scores` stacks them)."""
     layers, q_len, window = blocked.shape
     stacked = blocked[:, None].expand(layers, groups, q_len, window).reshape(layers, groups * q_len, window)
     return torch.zeros(stacked.shape, dtype=torch.float32, device=blocked.device).masked_fill_(stacked, float("-inf"))
@@ -321,7 +321,7 @@ def static_text_forward(
     positions : LongTensor ``(layers, axes, q)``: each layer's RoPE positions of the new tokens
     slots : LongTensor ``(layers, q)``: where layer ``l`` writes token ``i``; token ``i``
         attends to the slots ``<= slots[l, i]`` of the first ``window``
-    cache : a :class:`~hermes_policy.stream_cache.StreamCache` with room for the slots
+    cache : a :class:`~hermes_policy.cache.stream_cache.StreamCache` with room for the slots
 
     Returns
     -------
@@ -394,14 +394,14 @@ def chunk_text_forward(
 
     The decoder layers' arithmetic of :func:`static_text_forward` (fused projections,
     rotary with key/value packing, residual adds with the next norm, SiLU-and-multiply);
-    attention through :func:`~hermes_policy.attention.ragged_attention` over the layer's
+    attention through :func:`~hermes_policy.attention.ragged.ragged_attention` over the layer's
     keys up to the new tokens, as the transformers forward calls it (pseudo-query blocks,
     attention captures and the split chunk attention all apply).
 
     Parameters
     ----------
     positions : LongTensor ``(layers, axes, q)``: each layer's RoPE positions of the new tokens
-    cache : a :class:`~hermes_policy.stream_cache.StreamCache` with room for ``q`` more
+    cache : a :class:`~hermes_policy.cache.stream_cache.StreamCache` with room for ``q`` more
         tokens after ``lengths``; every layer's length is set to its ``length + q`` (fewer
         without ``need_output``, see there)
     lengths : each layer's length before the chunk
@@ -410,7 +410,7 @@ def chunk_text_forward(
         only where a capture reads it, and skips its output projection, MLP and the final
         norm (about a layer's worth of a 28-layer forward); and trailing pseudo-query
         blocks stop at the last layer that captures them, after its attention (no output
-        projection or MLP there: :func:`~hermes_policy.attention.block_rows_needed`; their
+        projection or MLP there: :func:`~hermes_policy.attention.ragged.block_rows_needed`; their
         slots beyond are not written, and the caller drops the blocks' slots afterwards)
 
     Returns

@@ -39,8 +39,8 @@ from typing import Any
 
 import numpy as np
 
-from .atomic import atomic_path
-from .errors import VideoInputError
+from hermes_policy.errors import VideoInputError
+from hermes_policy.fileio.atomic import atomic_path
 
 VIDEO_EXTENSIONS = (".mp4", ".webm", ".mkv", ".avi", ".mov")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")

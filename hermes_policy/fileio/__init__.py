@@ -1,0 +1,1 @@
+"""Files in and out: JSON read with limits (policies, annotations), atomic writes."""
