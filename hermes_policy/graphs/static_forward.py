@@ -394,7 +394,7 @@ def chunk_text_forward(
 
     The decoder layers' arithmetic of :func:`static_text_forward` (fused projections,
     rotary with key/value packing, residual adds with the next norm, SiLU-and-multiply);
-    attention through :func:`~hermes_policy.attention.ragged.ragged_attention` over the layer's
+    attention through :func:`~hermes_policy.attention.ragged_attention` over the layer's
     keys up to the new tokens, as the transformers forward calls it (pseudo-query blocks,
     attention captures and the split chunk attention all apply).
 
