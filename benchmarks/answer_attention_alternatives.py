@@ -30,12 +30,12 @@ from torch.nn.attention.flex_attention import flex_attention
 sys.path.insert(0, str(Path(__file__).parent))
 from profile_efficiency import graph_ms  # noqa: E402
 
-from hermes_policy.attention.ragged import (  # noqa: E402
+from hermes_policy.attention.lse import (  # noqa: E402
     masked_softmax_with_lse,
     merge_attention,
-    slots_blocked,
     unmasked_attention_with_lse,
 )
+from hermes_policy.attention.masks import slots_blocked  # noqa: E402
 from hermes_policy.graphs.static_forward import (  # noqa: E402
     biased_slot_attention,
     slot_attention,

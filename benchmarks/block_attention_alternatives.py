@@ -41,15 +41,9 @@ import triton
 sys.path.insert(0, str(Path(__file__).parent))
 from profile_efficiency import graph_ms  # noqa: E402
 
-from hermes_policy.attention.ragged import (  # noqa: E402
-    BLOCKS_WITH_CHUNK,
-    attention_with_lse,
-    causal_attention,
-    lead_and_blocks_attention,
-    own_blocks_attention,
-    steady_shapes,
-    unmasked_attention_with_lse,
-)
+from hermes_policy.attention.blocks import lead_and_blocks_attention, own_blocks_attention  # noqa: E402
+from hermes_policy.attention.causal import causal_attention  # noqa: E402
+from hermes_policy.attention.lse import attention_with_lse, unmasked_attention_with_lse  # noqa: E402
 from hermes_policy.kernels import (
     block_attention_kernel,  # noqa: E402
     probability_kernel,  # noqa: E402

@@ -26,12 +26,10 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from hermes_policy.attention.ragged import (
-    AttentionCapture,
-    PerLayerRotary,
-    QueryBlocks,
-    block_rows_needed,
-)
+from hermes_policy.attention.capture import AttentionCapture
+from hermes_policy.attention.context import AttentionContext
+from hermes_policy.attention.masks import block_rows_needed
+from hermes_policy.attention.rotary import PerLayerRotary
 from hermes_policy.cache.kv_store import KVStore
 from hermes_policy.cache.transfer import upload
 from hermes_policy.errors import StreamError
@@ -109,7 +107,7 @@ class GuidanceLayout:
     @property
     def layer_rows(self) -> tuple[int, ...]:
         """Per layer, the rows an ingest forward computes there: the lead plus the blocks
-        still read at that layer or later (:func:`~hermes_policy.attention.ragged.block_rows_needed`).
+        still read at that layer or later (:func:`~hermes_policy.attention.masks.block_rows_needed`).
         Derived when read, not on every compressing chunk."""
         picked = [range(0)] * self.layers
         for layer, start, stop in self.captured:
@@ -376,8 +374,8 @@ class StreamingSession:
         """Prefill a question piece under ``capture`` and take it back out of the cache."""
         saved_lengths = self.store.lengths()
         try:
-            with torch.inference_mode(), capture:
-                self._prefill(question, last_only=True)
+            with torch.inference_mode():
+                self._prefill(question, last_only=True, attention=AttentionContext(capture=capture))
         finally:
             self.store.truncate(saved_lengths)
 
@@ -549,7 +547,7 @@ class StreamingSession:
     ) -> list[torch.Tensor]:
         """:meth:`continuation_logprobs` of several (prompt, continuation) pairs in one forward.
 
-        Each pair is an independent query block (:class:`~hermes_policy.attention.ragged.QueryBlocks`):
+        Each pair is an independent query block (:attr:`~hermes_policy.attention.context.AttentionContext.blocks`):
         it sees the cache and, causally, itself only, at the layer's next free position,
         exactly as if it had been run alone. The cache is left as it was.
 
@@ -584,9 +582,9 @@ class StreamingSession:
         )
         out = []
         try:
-            blocked = QueryBlocks(self.adapter.attention_modules, [len(b) for b in blocks]) if len(blocks) > 1 else nullcontext()
-            with torch.inference_mode(), blocked, capture or nullcontext():
-                hidden = self._prefill(merged)
+            layout = (0, tuple(len(b) for b in blocks)) if len(blocks) > 1 else None
+            with torch.inference_mode():
+                hidden = self._prefill(merged, attention=AttentionContext(capture=capture, blocks=layout))
                 start = 0
                 for (prompt, _continuation), block in zip(items, blocks, strict=True):
                     rows = hidden[:, start + len(prompt) - 1 : start + len(block)]
@@ -615,8 +613,8 @@ class StreamingSession:
         with self._question_memory(piece):
             saved_lengths = self.store.lengths()
             try:
-                with torch.inference_mode(), capture or nullcontext():
-                    return self._prefill(piece, last_only=True)
+                with torch.inference_mode():
+                    return self._prefill(piece, last_only=True, attention=AttentionContext(capture=capture))
             finally:
                 self.store.truncate(saved_lengths)
 
@@ -714,7 +712,7 @@ class StreamingSession:
         budget), so its CUDA graph is captured now (:class:`~hermes_policy.graphs.chunk_graphs.ChunkGraphs`).
 
         The pseudo-queries ride in the same forward as the chunk (after it, each seeing the
-        cache, the chunk and itself; :class:`~hermes_policy.attention.ragged.QueryBlocks` with a
+        cache, the chunk and itself; :attr:`~hermes_policy.attention.context.AttentionContext.blocks` with a
         lead), which saves a second pass over the weights per compression step. Returns
         their per-layer attention, or None when no pseudo-query ran.
         """
@@ -758,7 +756,7 @@ class StreamingSession:
         piece: StreamPiece,
         last_only: bool = False,
         ingest: bool = False,
-        context: tuple = (),
+        attention: AttentionContext | None = None,
         collected: list[Any] | None = None,
         recurring: bool = False,
     ) -> torch.Tensor | None:
@@ -767,10 +765,10 @@ class StreamingSession:
 
         ``ingest``: the piece is stream input or a pseudo-query (not a question or answer),
         so lazy re-indexing may run first if the piece would reach the position limit, and
-        a recurring shape may be replayed from a CUDA graph; ``context`` describes the
-        attention contexts active around the call and ``collected`` is the list their
-        callbacks fill, and ``recurring`` whether the shape is known to recur (all three for
-        :class:`~hermes_policy.graphs.chunk_graphs.ChunkGraphs`).
+        a recurring shape may be replayed from a CUDA graph; ``attention`` is the forward's
+        attention context (captures, query blocks), ``collected`` the list its capture's
+        callback fills, and ``recurring`` whether the shape is known to recur (the last two
+        for :class:`~hermes_policy.graphs.chunk_graphs.ChunkGraphs`).
         """
         if ingest and self.retention.reindex == "lazy" and self._near_position_limit(piece.extent):
             self._reindex_all()
@@ -779,17 +777,17 @@ class StreamingSession:
         if (
             ingest
             and self.chunk_graphs is not None
-            and self.chunk_graphs.prefill(piece, positions, context, collected, recurring=recurring)
+            and self.chunk_graphs.prefill(piece, positions, attention, collected, recurring=recurring)
         ):
             self.store.record_appended(positions, piece.frame_index)
             return None  # ingest keeps no hidden states
         uniform = all(np.array_equal(positions[0].numpy(), p.numpy()) for p in positions[1:])
         if uniform:
-            hidden = self.adapter.forward(piece, positions[0], self.store.cache)
+            hidden = self.adapter.forward(piece, positions[0], self.store.cache, attention)
         else:
             embeddings = self._rotary_per_layer(positions)
             with PerLayerRotary(self.adapter.decoder_layers, embeddings):
-                hidden = self.adapter.forward(piece, positions[0], self.store.cache)
+                hidden = self.adapter.forward(piece, positions[0], self.store.cache, attention)
         self.store.record_appended(positions, piece.frame_index)
         return hidden[:, -1:] if last_only else hidden
 
@@ -853,7 +851,7 @@ class StreamingSession:
         """Run pseudo-queries on the cache and return each layer's attention over its stream.
 
         All prompts go through one forward: each is a block that sees the cache and,
-        causally, itself only (:class:`~hermes_policy.attention.ragged.QueryBlocks`), placed at
+        causally, itself only (:attr:`~hermes_policy.attention.context.AttentionContext.blocks`), placed at
         the layer's next free position, exactly as if it had been asked alone. Only the
         layers and rows a rule asked for are captured; the prompts leave no trace.
 
@@ -924,13 +922,11 @@ class StreamingSession:
             row_weights={layer: weights[idx] for layer, idx in enumerate(request.layer_prompt) if idx is not None},
         )
         sizes = [len(p) for p in pieces]
-        blocks = QueryBlocks(self.adapter.attention_modules, sizes, lead=lead_len)
-        # what shapes this forward besides its length and the cache lengths (graph keys)
         captured = tuple(sorted((k, v.start, v.stop) for k, v in rows.items()))
-        context = ("guidance", lead_len, tuple(sizes), captured)
         self.guidance_layout = GuidanceLayout(lead_len, tuple(real_lengths), tuple(sizes), captured, len(result))
-        with blocks, capture, torch.inference_mode():
-            self._prefill(merged, ingest=True, context=context, collected=result, recurring=recurring)
+        attention = AttentionContext(capture=capture, blocks=(lead_len, tuple(sizes)))
+        with torch.inference_mode():
+            self._prefill(merged, ingest=True, attention=attention, collected=result, recurring=recurring)
         self.store.truncate(lengths)
         return result
 

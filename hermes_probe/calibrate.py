@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from hermes_policy.attention.ragged import AttentionCapture
+from hermes_policy.attention.capture import AttentionCapture
 from hermes_policy.inputs.fidelity_tasks import FidelityStream
 from hermes_policy.models.base import ModelAdapter
 from hermes_policy.policy import Guidance, LayerPolicy, Policy

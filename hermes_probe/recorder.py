@@ -15,7 +15,7 @@ from collections import Counter
 import numpy as np
 import torch
 
-from hermes_policy.attention.ragged import AttentionCapture
+from hermes_policy.attention.capture import AttentionCapture
 from hermes_policy.cache.kv_store import KVStore
 from hermes_policy.models.base import ModelAdapter
 from hermes_policy.session import StreamingSession

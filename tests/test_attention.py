@@ -13,11 +13,9 @@ from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface
 
 from hermes_policy import StreamingSession
-from hermes_policy.attention.ragged import (
-    AttentionCapture,
-    bottom_right_causal_mask,
-    ragged_attention,
-)
+from hermes_policy.attention.capture import AttentionCapture, bottom_right_causal_mask
+from hermes_policy.attention.context import AttentionContext
+from hermes_policy.attention.dispatch import ragged_attention
 from hermes_policy.cache.kv_store import KVStore
 from hermes_policy.cache.positions import rerotate_keys
 from hermes_policy.models import StreamPiece
@@ -60,8 +58,8 @@ def test_capture_equals_eager_attention_weights(tiny_adapter):
     ids = torch.randint(0, 200, (1, 30))
     session = StreamingSession(tiny_adapter, chunk_frames=1)
     piece = StreamPiece.text(ids[0], 1)
-    with AttentionCapture(tiny_adapter.attention_modules, query_rows=slice(-7, None)) as capture:
-        session._prefill(piece)
+    capture = AttentionCapture(tiny_adapter.attention_modules, query_rows=slice(-7, None))
+    session._prefill(piece, attention=AttentionContext(capture=capture))
     model.set_attn_implementation("eager")
     try:
         # The same tokens after the same prefix, one forward, eager attention.
@@ -81,8 +79,8 @@ def test_capture_equals_eager_attention_weights(tiny_adapter):
     lengths = session.store.lengths()
     session.store.truncate([n - 30 for n in lengths])
     row_weights = {layer: weights for layer in range(len(out.attentions))}
-    with AttentionCapture(tiny_adapter.attention_modules, query_rows=slice(-7, None), row_weights=row_weights) as capture:
-        session._prefill(piece)
+    capture = AttentionCapture(tiny_adapter.attention_modules, query_rows=slice(-7, None), row_weights=row_weights)
+    session._prefill(piece, attention=AttentionContext(capture=capture))
     for layer, eager in enumerate(out.attentions):
         got = capture.patterns[AttentionCapture.hook_name(layer)]
         expected = (eager[:, :, -7:].float().mean(dim=1, keepdim=True) * weights[:, None]).sum(dim=-2, keepdim=True)
@@ -199,7 +197,8 @@ def test_per_layer_positions_equal_a_rigidly_shifted_cache(tiny_adapter):
 
 @pytest.mark.parametrize("lead, cached", [(3, 9), (0, 9), (3, 0), (0, 0)])
 def test_lead_and_blocks_attention_equals_one_masked_attention(lead, cached):
-    from hermes_policy.attention.ragged import block_query_mask, lead_and_blocks_attention
+    from hermes_policy.attention.blocks import lead_and_blocks_attention
+    from hermes_policy.attention.masks import block_query_mask
 
     g = torch.Generator().manual_seed(5)
     blocks = [4, 2, 5]
@@ -241,11 +240,9 @@ def test_lead_and_blocks_attention_equals_one_masked_attention(lead, cached):
 
 
 def test_unmasked_attention_and_own_blocks_give_the_log_sum_exp():
-    from hermes_policy.attention.ragged import (
-        block_rows_mask,
-        own_blocks_attention,
-        unmasked_attention_with_lse,
-    )
+    from hermes_policy.attention.blocks import own_blocks_attention
+    from hermes_policy.attention.lse import unmasked_attention_with_lse
+    from hermes_policy.attention.masks import block_rows_mask
 
     g = torch.Generator().manual_seed(6)
     query = torch.randn(1, 6, 7, 8, generator=g)
@@ -263,7 +260,7 @@ def test_unmasked_attention_and_own_blocks_give_the_log_sum_exp():
 def test_merged_parts_equal_attention_over_all_keys():
     """Attention over a cache and over a chunk's own keys, merged by log-sum-exp, is the
     bottom-right causal attention over both (the split the CUDA path uses)."""
-    from hermes_policy.attention.ragged import attention_with_lse, merge_attention
+    from hermes_policy.attention.lse import attention_with_lse, merge_attention
 
     torch.manual_seed(0)
     cache, q_len = 23, 9
@@ -284,7 +281,7 @@ def test_merged_parts_equal_attention_over_all_keys():
 
 def test_merge_weighs_parts_by_their_mass():
     """A part whose scores are far lower contributes nothing; equal masses average."""
-    from hermes_policy.attention.ragged import merge_attention
+    from hermes_policy.attention.lse import merge_attention
 
     a, b = torch.ones(1, 1, 2, 4), torch.zeros(1, 1, 2, 4)
     out = merge_attention(a, torch.tensor([[[0.0, 0.0]]]), b, torch.tensor([[[-100.0, 0.0]]]))
@@ -293,7 +290,7 @@ def test_merge_weighs_parts_by_their_mass():
 
 
 def test_shape_counter_waits_for_recurrence():
-    from hermes_policy.attention.ragged import ShapeCounter
+    from hermes_policy.attention.shapes import ShapeCounter
 
     counter = ShapeCounter(after=2, limit=3)
     assert [counter.recurring(("a",)) for _ in range(4)] == [False, False, True, True]
@@ -303,7 +300,7 @@ def test_shape_counter_waits_for_recurrence():
 
 
 def test_canonical_batch_stride_keeps_values():
-    from hermes_policy.attention.ragged import canonical_batch_stride
+    from hermes_policy.attention.lse import canonical_batch_stride
 
     forward = torch.randn(1, 30, 4, 8).transpose(1, 2)  # (batch, heads, seq, dim), as a forward makes it
     lead = forward[:, :, :20]

@@ -9,7 +9,7 @@ import pytest
 import torch
 from test_split_kv_attention import run_interpreted
 
-from hermes_policy.attention import ragged as attention
+from hermes_policy.attention import blocks as attention
 from hermes_policy.kernels import block_attention_kernel
 from hermes_policy.kernels import switch as kernel_switch
 from hermes_policy.kernels.block_attention_kernel import available, block_bounds
@@ -30,7 +30,8 @@ def test_kernel_equals_attention_under_the_block_mask():
         import torch
         import torch.nn.functional as F
         from hermes_policy.kernels import block_attention_kernel
-        from hermes_policy.attention.ragged import block_query_mask, lead_and_blocks_attention
+        from hermes_policy.attention.blocks import lead_and_blocks_attention
+        from hermes_policy.attention.masks import block_query_mask
 
         g = torch.Generator().manual_seed(5)
         calls = []

@@ -104,7 +104,7 @@ def test_masked_attention_of_fixed_shapes_on_cuda():
     """The explicit path (float32 scores straight from the bf16 product) against SDPA."""
     import torch.nn.functional as F
 
-    from hermes_policy.attention.ragged import grouped_masked_attention
+    from hermes_policy.attention.static import grouped_masked_attention
 
     g = torch.Generator(device="cuda").manual_seed(0)
     query = torch.randn(1, 28, 16, 128, device="cuda", generator=g).bfloat16()
@@ -145,19 +145,18 @@ def test_split_key_attention_kernel_on_cuda(q_len, splits):
     torch.testing.assert_close(out.float(), reference, atol=2e-2, rtol=2e-2)
 
 
-def test_split_chunk_attention_on_cuda(monkeypatch):
+def test_split_chunk_attention_on_cuda():
     """The chunk attention at a recurring shape (cuDNN on cache and chunk, merged by
     log-sum-exp) against float32 attention over all keys, on strided cache views."""
     import torch.nn.functional as F
 
-    from hermes_policy.attention import ragged as attention
+    from hermes_policy.attention.causal import causal_attention
 
-    monkeypatch.setattr(attention, "SPLIT_SHAPES", attention.ShapeCounter(after=0))
     g = torch.Generator(device="cuda").manual_seed(0)
     query = torch.randn(1, 28, 392, 128, device="cuda", generator=g).bfloat16()
     buffer = torch.randn(2, 1, 4, 3000, 128, device="cuda", generator=g).bfloat16()
     key, value = buffer[0][..., :2392, :], buffer[1][..., :2392, :]
-    out = attention.causal_attention(query, key, value, 128**-0.5)
+    out = causal_attention(query, key, value, 128**-0.5, steady=True)
     mask = torch.ones(392, 2392, dtype=torch.bool, device="cuda").tril(2000)
     reference = F.scaled_dot_product_attention(
         query.float(), key.float().repeat_interleave(7, 1), value.float().repeat_interleave(7, 1), attn_mask=mask
@@ -176,18 +175,13 @@ def test_pseudo_query_blocks_on_cuda(head_mean, steady, block_kernel, monkeypatc
     probabilities from the log-sum-exp, compiled, and weighed over the rows by the
     probability kernel) against float32 attention under the whole mask, on strided cache
     views."""
-    import contextlib
-
     monkeypatch.setenv("HERMES_BLOCK_KERNEL", "0" if block_kernel == "0" else "1")
-    monkeypatch.setenv("HERMES_BLOCKS_WITH_CHUNK", "1" if block_kernel == "with the chunk" else "0")
+    with_chunk = block_kernel == "with the chunk"
 
     import torch.nn.functional as F
 
-    from hermes_policy.attention.ragged import (
-        block_query_mask,
-        lead_and_blocks_attention,
-        steady_shapes,
-    )
+    from hermes_policy.attention.blocks import lead_and_blocks_attention
+    from hermes_policy.attention.masks import block_query_mask
 
     g = torch.Generator(device="cuda").manual_seed(1)
     lead, blocks, cached = 200, [32, 64], 1500
@@ -196,8 +190,9 @@ def test_pseudo_query_blocks_on_cuda(head_mean, steady, block_kernel, monkeypatc
     buffer = torch.randn(2, 1, 4, 2500, 128, device="cuda", generator=g).bfloat16()
     key, value = buffer[0][..., : cached + q_len, :], buffer[1][..., : cached + q_len, :]
     keep = (40, 80)  # rows of the second block
-    with steady_shapes() if steady else contextlib.nullcontext():
-        out, probs = lead_and_blocks_attention(query, key, value, lead, blocks, 128**-0.5, keep, head_mean)
+    out, probs = lead_and_blocks_attention(
+        query, key, value, lead, blocks, 128**-0.5, keep, head_mean, steady=steady, blocks_with_chunk=with_chunk
+    )
     mask = block_query_mask(blocks, cached + q_len, query.device, lead)
     wide_keys = key.float().repeat_interleave(7, 1)
     reference = F.scaled_dot_product_attention(query.float(), wide_keys, value.float().repeat_interleave(7, 1), attn_mask=mask)
@@ -211,8 +206,9 @@ def test_pseudo_query_blocks_on_cuda(head_mean, steady, block_kernel, monkeypatc
     # rows weighed (the ingest's capture): the probability kernel, scores in registers
     weights = torch.rand(40, device="cuda", generator=g)
     weights[-8:] = 0  # a padded prompt
-    with steady_shapes() if steady else contextlib.nullcontext():
-        _, weighed = lead_and_blocks_attention(query, key, value, lead, blocks, 128**-0.5, keep, True, True, weights)
+    _, weighed = lead_and_blocks_attention(
+        query, key, value, lead, blocks, 128**-0.5, keep, True, True, weights, steady=steady, blocks_with_chunk=with_chunk
+    )
     expected = (expected if head_mean else expected.mean(dim=1, keepdim=True)) * weights[:, None]
     assert weighed.shape == (1, 1, 1, cached + lead)
     torch.testing.assert_close(weighed, expected.sum(dim=-2, keepdim=True), atol=1e-5, rtol=2e-2)
@@ -444,10 +440,7 @@ def test_compiled_fused_ops_equal_their_eager_code(dtype):
 def test_compiled_scoring_ops_equal_their_eager_code():
     """The compression step's compiled ops (captured probabilities from the log-sum-exp,
     the cross-layer smoothing) against their eager code."""
-    from hermes_policy.attention.ragged import (
-        probabilities_from_lse,
-        weighted_probabilities_from_lse,
-    )
+    from hermes_policy.attention.lse import probabilities_from_lse, weighted_probabilities_from_lse
     from hermes_policy.retention.scoring import smooth_rows
 
     g = torch.Generator(device="cuda").manual_seed(0)
@@ -548,12 +541,12 @@ def test_summary_kernel_equals_each_layer_on_its_own(dtype):
 def test_compiled_block_attention_ops_equal_their_eager_code(dtype):
     """The pseudo-query blocks' compiled ops (their own-block softmax with log-sum-exp, the
     log-sum-exp merge with the cache part) against their eager code."""
-    from hermes_policy.attention.ragged import (
+    from hermes_policy.attention.lse import (
         masked_softmax_with_lse,
         merge_attention,
         merge_attention_into,
-        own_blocks_blocked,
     )
+    from hermes_policy.attention.masks import own_blocks_blocked
 
     g = torch.Generator(device="cuda").manual_seed(1)
     tol = 1e-5 if dtype == torch.float32 else 2e-2

@@ -26,7 +26,8 @@ from transformer_lens import TransformerBridgeConfig  # noqa: E402
 from transformer_lens.model_bridge.sources.native import boot as boot_native  # noqa: E402
 
 from hermes_policy import StreamingSession  # noqa: E402
-from hermes_policy.attention.ragged import AttentionCapture  # noqa: E402
+from hermes_policy.attention.capture import AttentionCapture  # noqa: E402
+from hermes_policy.attention.context import AttentionContext
 from hermes_policy.models import StreamPiece, load_adapter  # noqa: E402
 
 ROWS = 6  # query rows compared: the last ROWS tokens of the piece
@@ -137,11 +138,9 @@ def test_capture_equals_lens_hook_pattern(adapter, lens_model):
     ids = torch.tensor(adapter.encode_text(text))
     session = StreamingSession(adapter, chunk_frames=1)
     prefix_ids = adapter.prefix_piece(session.system_prompt).input_ids
-    with (
-        torch.inference_mode(),
-        AttentionCapture(adapter.attention_modules, query_rows=slice(-ROWS, None)) as capture,
-    ):
-        session._prefill(StreamPiece.text(ids, adapter.position_axes))
+    capture = AttentionCapture(adapter.attention_modules, query_rows=slice(-ROWS, None))
+    with torch.inference_mode():
+        session._prefill(StreamPiece.text(ids, adapter.position_axes), attention=AttentionContext(capture=capture))
     all_ids = torch.cat([prefix_ids, ids])[None]
     assert all(
         session.store.length(layer) == all_ids.shape[1] for layer in range(adapter.num_layers)

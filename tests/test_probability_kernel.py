@@ -8,7 +8,7 @@ import pytest
 import torch
 from test_split_kv_attention import run_interpreted
 
-from hermes_policy.attention import ragged as attention
+from hermes_policy.attention import blocks as attention
 from hermes_policy.kernels import probability_kernel
 from hermes_policy.kernels import switch as kernel_switch
 from hermes_policy.kernels.probability_kernel import available
@@ -28,7 +28,7 @@ def test_kernel_equals_the_score_products():
 
         import torch
         from hermes_policy.kernels import probability_kernel
-        from hermes_policy.attention.ragged import lead_and_blocks_attention
+        from hermes_policy.attention.blocks import lead_and_blocks_attention
 
         g = torch.Generator().manual_seed(3)
         cases = [  # (heads, kv heads, cached keys, lead, blocks, captured block)

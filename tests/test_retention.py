@@ -296,7 +296,7 @@ def test_memory_stays_constant_over_a_long_stream(tiny_llama_small_limit_dir):
 
 
 def test_ask_does_no_retention_work(tiny_adapter, monkeypatch):
-    from hermes_policy.attention.ragged import AttentionCapture
+    from hermes_policy.attention.capture import AttentionCapture
 
     policy = paper_default(ModelInfo.of(tiny_adapter), budget=24)
     rule = HermesRetention(policy=policy)

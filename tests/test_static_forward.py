@@ -7,7 +7,8 @@ import torch
 from torch import nn
 from transformers.models.qwen2.modeling_qwen2 import apply_rotary_pos_emb
 
-from hermes_policy.attention.ragged import StaticMasks
+from hermes_policy.attention.context import AttentionContext
+from hermes_policy.attention.static import static_masks
 from hermes_policy.cache.stream_cache import StaticWrites, StreamCache
 from hermes_policy.graphs.answer_graphs import AnswerGraphs
 from hermes_policy.graphs.chunk_graphs import batch_axis, per_layer_text_forward
@@ -106,8 +107,11 @@ def both_forwards(adapter, q_len: int) -> dict:
                 hidden = static_text_forward(adapter, ids, positions, slots, window, cache)
             else:
                 axis = batch_axis(adapter.rotary_emb, axes, device, adapter.dtype)
-                with StaticWrites(cache, slots, window), StaticMasks(adapter.attention_modules, slots, window):
-                    hidden = per_layer_text_forward(adapter, positions, cache, axis, input_ids=ids)
+                static = AttentionContext(
+                    static_limits=slots, static_blocked=static_masks(slots, window, adapter.attention_modules[0].head_dim)
+                )
+                with StaticWrites(cache, slots, window):
+                    hidden = per_layer_text_forward(adapter, positions, cache, axis, static, input_ids=ids)
         results[name] = (hidden, [layer.buffers for layer in cache.layers])
     return results
 
@@ -140,7 +144,7 @@ def test_chunk_forward_equals_the_transformers_forward(tiny_adapter, shape, bloc
     """The ingest graphs' fewer-kernel forward: a chunk appended at each layer's own length
     and positions (ragged), with pseudo-query blocks behind it and one layer's attention
     captured, against the transformers text model with per-layer rotary."""
-    from hermes_policy.attention.ragged import AttentionCapture, QueryBlocks
+    from hermes_policy.attention.capture import AttentionCapture
     from hermes_policy.cache.stream_cache import PreallocatedLayer
     from hermes_policy.graphs.static_forward import chunk_text_forward
 
@@ -158,19 +162,13 @@ def test_chunk_forward_equals_the_transformers_forward(tiny_adapter, shape, bloc
         cache = filled_cache(adapter, lengths, 64, seed=3)
         captured: dict[int, torch.Tensor] = {}
         capture = AttentionCapture(adapter.attention_modules, query_rows={1: slice(6, 8)}, callback=captured.__setitem__)
-        contexts = [QueryBlocks(adapter.attention_modules, [2, 3], lead=4), capture] if blocks else []
+        attention = AttentionContext(capture=capture, blocks=(4, (2, 3))) if blocks else None
         with torch.inference_mode():
-            for context in contexts:
-                context.__enter__()
-            try:
-                if name == "chunk":
-                    hidden = chunk_text_forward(adapter, embeds, positions, cache, lengths)
-                else:
-                    axis = batch_axis(adapter.rotary_emb, axes, adapter.device, adapter.dtype)
-                    hidden = per_layer_text_forward(adapter, positions, cache, axis, inputs_embeds=embeds)
-            finally:
-                for context in reversed(contexts):
-                    context.__exit__(None, None, None)
+            if name == "chunk":
+                hidden = chunk_text_forward(adapter, embeds, positions, cache, lengths, attention=attention)
+            else:
+                axis = batch_axis(adapter.rotary_emb, axes, adapter.device, adapter.dtype)
+                hidden = per_layer_text_forward(adapter, positions, cache, axis, attention, inputs_embeds=embeds)
         assert [layer.length for layer in cache.layers] == [n + q_len for n in lengths]
         results[name] = (hidden, [layer.buffers for layer in cache.layers], captured.get(1))
     assert_forwards_close({"static": results["chunk"][:2], "transformers": results["transformers"][:2]}, 1e-5)
@@ -257,7 +255,8 @@ def test_chunk_forward_without_output_writes_the_same_cache(tiny_adapter, monkey
     the rows still read (the lead always; a pseudo-query block up to the last layer that
     captures it), captured attention is the same, and the last layer runs attention only
     where a capture reads it, and nothing after."""
-    from hermes_policy.attention.ragged import AttentionCapture, QueryBlocks, block_rows_needed
+    from hermes_policy.attention.capture import AttentionCapture
+    from hermes_policy.attention.masks import block_rows_needed
     from hermes_policy.graphs import static_forward
 
     adapter, layers, q_len = tiny_adapter, tiny_adapter.num_layers, 9
@@ -277,13 +276,14 @@ def test_chunk_forward_without_output_writes_the_same_cache(tiny_adapter, monkey
         cache = filled_cache(adapter, lengths, 64, seed=3)
         captured: dict[int, torch.Tensor] = {}
         calls.clear(), mlp_rows.clear()
-        blocks = QueryBlocks(adapter.attention_modules, [2, 3], lead=4)
-        with torch.inference_mode(), blocks, AttentionCapture(
-            adapter.attention_modules, query_rows=rows, callback=captured.__setitem__
-        ):
-            out = static_forward.chunk_text_forward(adapter, embeds, positions, cache, lengths, need_output=need_output)
-            # the context's block layout is back on every layer
-            assert all(m.hermes_query_blocks == (4, [2, 3]) for m in adapter.attention_modules)
+        capture = AttentionCapture(adapter.attention_modules, query_rows=rows, callback=captured.__setitem__)
+        attention = AttentionContext(capture=capture, blocks=(4, (2, 3)))
+        with torch.inference_mode():
+            out = static_forward.chunk_text_forward(
+                adapter, embeds, positions, cache, lengths, need_output=need_output, attention=attention
+            )
+        # the caller's context is unchanged (layers that differ get their own copies)
+        assert attention.blocks == (4, (2, 3)) and attention.lead_read
         written = [q_len] * layers if need_output else needed
         # output projection and MLP only for the rows the next layer reads
         assert mlp_rows == ([q_len] * layers if need_output else needed[1:])
@@ -302,7 +302,7 @@ def test_chunk_forward_without_output_writes_the_same_cache(tiny_adapter, monkey
 
 
 def test_block_rows_needed():
-    from hermes_policy.attention.ragged import block_rows_needed
+    from hermes_policy.attention.masks import block_rows_needed
 
     # lead 3, blocks of 2 (rows 3-4) and 4 (rows 5-8)
     assert block_rows_needed(3, [2, 4], [range(0)] * 3) == [3, 3, 3]  # nothing read: the lead only

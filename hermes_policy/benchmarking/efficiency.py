@@ -39,7 +39,7 @@ from typing import Any
 import torch
 
 from hermes_policy import retention
-from hermes_policy.attention.ragged import SPLIT_SHAPES
+from hermes_policy.attention.shapes import SPLIT_SHAPES
 from hermes_policy.benchmarking.floor import (
     DeviceCeilings,
     floor_ms,
@@ -413,7 +413,7 @@ def run_stream(
 def warm_up(adapter: ModelAdapter, shape: ModelShape, config: EfficiencyConfig) -> None:
     """Run each chunk size into a full cache and a few chunks beyond, so one-time costs
     (kernel and plan selection, processor set-up, first graph captures, the attention
-    plans of the steady state, see :class:`~hermes_policy.attention.ragged.ShapeCounter`) stay
+    plans of the steady state, see :class:`~hermes_policy.attention.shapes.ShapeCounter`) stay
     out of the measured streams."""
     per_frame = max(1, adapter.tokens_per_frame or 1)
     steady = SPLIT_SHAPES.after // max(1, adapter.num_layers) + 2  # chunks at one shape before the plans

@@ -10,7 +10,7 @@ captured once as CUDA graphs, then replayed:
   slots ``length + i`` of each layer (:class:`~hermes_policy.cache.stream_cache.StaticWrites`)
   and attention sees a fixed window of the buffer (the slots the answer can reach,
   rounded up to 256; one graph per window, so a stream at its budget uses one), masked
-  by slot (:class:`~hermes_policy.attention.ragged.StaticMasks`); nothing is appended, so the
+  by slot (:func:`~hermes_policy.attention.static.static_attention`); nothing is appended, so the
   cache is back to its state before the question when the answer is done;
 - each layer's rotary cos/sin is computed inside the graph from device-side positions;
 - the decode graph reads the previous token from a device buffer, writes the next one
@@ -31,7 +31,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from hermes_policy.attention.ragged import StaticMasks
+from hermes_policy.attention.context import AttentionContext
+from hermes_policy.attention.static import static_masks
 from hermes_policy.cache.kv_store import KVStore
 from hermes_policy.cache.stream_cache import StaticWrites
 from hermes_policy.graphs.chunk_graphs import batch_axis, per_layer_text_forward
@@ -215,11 +216,12 @@ class AnswerGraphs:
         """
         if self.fewer_kernels:
             return static_text_forward(self.adapter, ids, positions, slots, window, self.store.cache)
-        with (
-            StaticWrites(self.store.cache, slots, window),
-            StaticMasks(self.adapter.attention_modules, slots, window),
-        ):
-            return per_layer_text_forward(self.adapter, positions, self.store.cache, self._batch_axis, input_ids=ids)
+        head_dim = self.adapter.attention_modules[0].head_dim
+        attention = AttentionContext(static_limits=slots, static_blocked=static_masks(slots, window, head_dim))
+        with StaticWrites(self.store.cache, slots, window):
+            return per_layer_text_forward(
+                self.adapter, positions, self.store.cache, self._batch_axis, attention, input_ids=ids
+            )
 
     def _prefill_body(self, bucket: int, window: int) -> Callable[[], None]:
         ids, rel, lengths, next_pos, tail = self._views(bucket)

@@ -20,9 +20,9 @@ own forward:
 - the model writes keys and values as usual, at each layer's current length: the lengths
   are part of the graph's key, and after a replay each layer's length is advanced by hand
   (the host-side counter is not part of the graph);
-- attention runs the kernels it runs eagerly on a recurring shape (the split cuDNN path,
-  :func:`~hermes_policy.attention.ragged.steady_shapes`), pseudo-query blocks and their captured
-  probabilities included;
+- attention runs the kernels it runs eagerly on a recurring shape (the split cuDNN path:
+  the body's context is :attr:`~hermes_policy.attention.context.AttentionContext.steady`),
+  pseudo-query blocks and their captured probabilities included;
 - what the forward collected (e.g. per-layer pseudo-query attention) lives in the graph's
   memory and is handed back by reference: valid until the next replay. Ingest keeps no
   hidden states, so the fewer-kernel decoder stops after the last layer's keys and values
@@ -45,7 +45,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from hermes_policy.attention.ragged import PerLayerRotary, ShapeCounter, steady_shapes
+from hermes_policy.attention.context import AttentionContext, attention_kwargs
+from hermes_policy.attention.rotary import PerLayerRotary
+from hermes_policy.attention.shapes import ShapeCounter
 from hermes_policy.cache.kv_store import KVStore
 from hermes_policy.cache.transfer import upload
 from hermes_policy.graphs.static_forward import (
@@ -88,7 +90,12 @@ def batch_axis(rotary_emb: torch.nn.Module, axes: int, device: torch.device, dty
 
 
 def per_layer_text_forward(
-    adapter: ModelAdapter, positions: torch.Tensor, cache: Any, rotary_batch_axis: int, **inputs: torch.Tensor
+    adapter: ModelAdapter,
+    positions: torch.Tensor,
+    cache: Any,
+    rotary_batch_axis: int,
+    attention: AttentionContext | None = None,
+    **inputs: torch.Tensor,
 ) -> torch.Tensor:
     """Text-model forward with each layer's rotary cos/sin computed from its own positions.
 
@@ -96,6 +103,7 @@ def per_layer_text_forward(
     ----------
     positions : LongTensor ``(layers, axes, q)`` on the model's device
     rotary_batch_axis : see :func:`batch_axis`
+    attention : the forward's attention context
     inputs : ``input_ids (1, q)`` or ``inputs_embeds (1, q, hidden)``
 
     Returns
@@ -117,7 +125,9 @@ def per_layer_text_forward(
     ]
     text_model = adapter.text_model
     with PerLayerRotary(adapter.decoder_layers, per_layer):
-        out = text_model(position_ids=layer0, **inputs, **cache_kwargs(text_model, cache))
+        out = text_model(
+            position_ids=layer0, **inputs, **cache_kwargs(text_model, cache), **attention_kwargs(attention)
+        )
     return out.last_hidden_state
 
 
@@ -133,6 +143,7 @@ class _ChunkGraph:
     inputs: dict[str, torch.Tensor]  # static buffers the body embeds from
     positions: torch.Tensor
     collected: list[Any] | None = None  # the calling forward's list (see ChunkGraphs.prefill)
+    attention: AttentionContext | None = None  # the calling forward's context (eager bodies read it)
     outputs: Outputs | None = None
 
     def run(self) -> Outputs:
@@ -192,14 +203,14 @@ class ChunkGraphs:
         self,
         piece: StreamPiece,
         positions: list[torch.Tensor],
-        context: tuple = (),
+        attention: AttentionContext | None = None,
         collected: list[Any] | None = None,
         recurring: bool = False,
     ) -> bool:
         """Run ``piece`` through the text model from a graph; False: the caller runs it eagerly.
 
-        A shape (its length, every layer's length, ``context``: what else shapes the
-        forward, such as pseudo-query blocks) is captured on its ``after + 1``-th call, or
+        A shape (its length, every layer's length, and what else shapes the forward: the
+        attention context's block layout and captured rows) is captured on its ``after + 1``-th call, or
         on its first when the caller knows it will recur (``recurring``: a full chunk on a
         cache at its budget, which the chunk's compression brings back to the same lengths).
         The capture's warm-up run is the call's own forward (its keys, values and collected
@@ -209,7 +220,7 @@ class ChunkGraphs:
         Parameters
         ----------
         positions : per layer, LongTensor ``(axes, q)``: absolute positions
-        context : a hashable description of the attention contexts active around the call
+        attention : the forward's attention context (pseudo-query blocks, their capture)
         collected : a list the forward fills (an attention capture's callback); after a
             replay it holds what the captured forward put there (graph memory)
         recurring : capture this shape now if it is not yet
@@ -225,6 +236,7 @@ class ChunkGraphs:
         lengths = tuple(store.lengths())
         graph_inputs = self.adapter.embedding_graph_inputs(piece) if self.embeddings_in_graph else None
         signature = None if graph_inputs is None else tuple((k, tuple(v.shape), v.dtype) for k, v in graph_inputs.items())
+        context = () if attention is None else attention.graph_key(store.num_layers, len(piece))
         key = (len(piece), lengths, store.prefix_len, context, None if collected is None else len(collected), signature)
         graph = self._graphs.pop(key, None)
         if graph is None and (key in self.failed or not (self._shapes.recurring(key) or recurring)):
@@ -240,7 +252,7 @@ class ChunkGraphs:
         ran: Outputs | None = None  # the outputs of a capture's warm-up, which was this call's forward
         if graph is None:
             self._reserve(lengths, len(piece))
-            built = self._build(key, inputs, embed, positions, collected)
+            built = self._build(key, inputs, embed, positions, collected, _steady(attention))
             if built is None:
                 return False
             graph, ran = built
@@ -248,6 +260,7 @@ class ChunkGraphs:
             self._load(graph, inputs, positions)
         self._graphs[key] = graph  # (re)inserted last: the least recently used goes first
         graph.collected = collected
+        graph.attention = _steady(attention)
         _, extra = graph.run() if ran is None else ran
         self.replays += 1  # forwards run from the fixed buffers (a capture's warm-up included)
         self._advance(lengths, len(piece))
@@ -292,6 +305,7 @@ class ChunkGraphs:
         embed: Callable[[dict[str, torch.Tensor]], torch.Tensor],
         positions: list[torch.Tensor],
         collected: list[Any] | None,
+        attention: AttentionContext,
     ) -> tuple[_ChunkGraph, Outputs | None] | None:
         """The graph of ``key`` (None: its capture failed), and the outputs of the forward
         its capture already ran (None without graphs: nothing ran yet)."""
@@ -305,17 +319,18 @@ class ChunkGraphs:
             for layer, n in zip(cache.layers, lengths, strict=True):  # every run writes at the same slots
                 layer.truncate(n)
             static_embeds = embed(static_inputs)
-            with steady_shapes():
-                if self.fewer_kernels:
-                    hidden = chunk_text_forward(
-                        adapter, static_embeds, static_positions, cache, lengths, need_output=False
-                    )
-                else:
-                    hidden = per_layer_text_forward(adapter, static_positions, cache, axis, inputs_embeds=static_embeds)
+            if self.fewer_kernels:
+                hidden = chunk_text_forward(
+                    adapter, static_embeds, static_positions, cache, lengths, need_output=False, attention=graph.attention
+                )
+            else:
+                hidden = per_layer_text_forward(
+                    adapter, static_positions, cache, axis, graph.attention, inputs_embeds=static_embeds
+                )
             # what the forward's callbacks put in the calling forward's list (when run eagerly)
             return hidden, tuple(graph.collected) if graph.collected is not None else ()
 
-        graph = _ChunkGraph(None, body, static_inputs, static_positions, collected=collected)
+        graph = _ChunkGraph(None, body, static_inputs, static_positions, collected=collected, attention=attention)
         self._load(graph, inputs, positions)
         ran = None
         if self.use_graphs:
@@ -379,3 +394,8 @@ class ChunkGraphs:
             self._pool = None
             raise
         return graph, outputs, warm
+
+
+def _steady(attention: AttentionContext | None) -> AttentionContext:
+    """A graph body's context: the caller's, its shapes marked as recurring."""
+    return AttentionContext(steady=True) if attention is None else attention.with_changes(steady=True)

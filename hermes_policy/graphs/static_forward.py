@@ -16,7 +16,7 @@ same arithmetic with fewer kernels:
   CUDA (:mod:`hermes_policy.kernels.fused_ops`);
 - keys and values written into the stream cache's buffers at device-side slots, and
   attention over a fixed window of those buffers masked by slot, as in
-  :class:`~hermes_policy.attention.ragged.StaticMasks`: on CUDA one split-key pass with the mask
+  :func:`~hermes_policy.attention.static.static_attention`: on CUDA one split-key pass with the mask
   computed from the slots (:mod:`hermes_policy.kernels.split_kv_attention`), else in half
   precision the scale and the mask folded into the score product
   (:func:`biased_slot_attention`);
@@ -26,7 +26,7 @@ same arithmetic with fewer kernels:
 :func:`chunk_text_forward` is the same forward for the ingest graphs
 (:mod:`hermes_policy.graphs.chunk_graphs`): a chunk's input embeddings appended at each layer's
 length, attention by the registered ragged attention function (so pseudo-query blocks and
-attention captures active on the modules apply as in the transformers forward). Other
+attention captures of the forward's context apply as in the transformers forward). Other
 layer types fall back to the transformers forward (:func:`supports_static_forward`).
 """
 
@@ -38,15 +38,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hermes_policy.attention.ragged import (
-    BMM_OUT_DTYPE,
-    HALF_DTYPES,
-    block_rows_needed,
-    canonical_batch_stride,
-    grouped_masked_attention,
-    ragged_attention,
-    slots_blocked,
-)
+from hermes_policy.attention.capture import BMM_OUT_DTYPE, HALF_DTYPES
+from hermes_policy.attention.context import AttentionContext
+from hermes_policy.attention.dispatch import ragged_attention
+from hermes_policy.attention.lse import canonical_batch_stride
+from hermes_policy.attention.masks import block_rows_needed, slots_blocked
+from hermes_policy.attention.static import grouped_masked_attention
 from hermes_policy.kernels import split_kv_attention
 from hermes_policy.kernels.fused_ops import (
     add_rms_norm,
@@ -233,7 +230,7 @@ def slot_attention(
 def stacked_mask_bias(blocked: torch.Tensor, groups: int) -> torch.Tensor:
     """Additive float32 masks ``(layers, groups * q, window)`` from ``blocked (layers, q, window)``:
     ``-inf`` where blocked, else 0; row ``j * q + i`` is token ``i`` (query heads stacked
-    per KV head, as :func:`~hermes_policy.attention.ragged.grouped_scores` stacks them)."""
+    per KV head, as :func:`~hermes_policy.attention.capture.grouped_scores` stacks them)."""
     layers, q_len, window = blocked.shape
     stacked = blocked[:, None].expand(layers, groups, q_len, window).reshape(layers, groups * q_len, window)
     return torch.zeros(stacked.shape, dtype=torch.float32, device=blocked.device).masked_fill_(stacked, float("-inf"))
@@ -389,6 +386,7 @@ def chunk_text_forward(
     cache: object,
     lengths: tuple[int, ...],
     need_output: bool = True,
+    attention: AttentionContext | None = None,
 ) -> torch.Tensor | None:
     """The text model on ``inputs_embeds (1, q, hidden)`` appended at each layer's length.
 
@@ -410,8 +408,10 @@ def chunk_text_forward(
         only where a capture reads it, and skips its output projection, MLP and the final
         norm (about a layer's worth of a 28-layer forward); and trailing pseudo-query
         blocks stop at the last layer that captures them, after its attention (no output
-        projection or MLP there: :func:`~hermes_policy.attention.ragged.block_rows_needed`; their
+        projection or MLP there: :func:`~hermes_policy.attention.masks.block_rows_needed`; their
         slots beyond are not written, and the caller drops the blocks' slots afterwards)
+    attention : the forward's attention context (query blocks, a capture), as the
+        transformers forward would hand it to each layer
 
     Returns
     -------
@@ -422,60 +422,59 @@ def chunk_text_forward(
     text = adapter.text_model
     layers = list(text.layers)
     q_len = inputs_embeds.shape[1]
-    rows, block_layout = [q_len] * len(layers), getattr(layers[0].self_attn, "hermes_query_blocks", None)
+    attention = attention or AttentionContext()
+    capture, block_layout = attention.capture, attention.blocks
+    rows = [q_len] * len(layers)
     if not need_output and block_layout is not None:
-        captures = [getattr(layer.self_attn, "hermes_capture", None) for layer in layers]
-        picked = [range(0) if c is None else c.rows(i, q_len) for i, c in enumerate(captures)]
-        rows = block_rows_needed(*block_layout, picked)
+        picked = [range(0) if capture is None else capture.rows(i, q_len) for i in range(len(layers))]
+        rows = block_rows_needed(block_layout[0], list(block_layout[1]), picked)
     cos, sin = layer_rotary(adapter, positions)  # (layers, q, head_dim)
     cos, sin = cos[:, :, None, :], signed_sin(sin)[:, :, None, :]  # broadcast over heads
     hidden = inputs_embeds
     normed = rms_norm(hidden, *_norm_parameters(layers[0].input_layernorm))
-    try:
-        for index, layer in enumerate(layers):
-            attn = layer.self_attn
-            n = rows[index]
-            if n < hidden.shape[1]:  # trailing blocks no longer read: dropped from here on
-                # (a size-1 batch stride of the rows' own length: the fused ops compiled for
-                # one stride pattern, not one per length they were cut from)
-                hidden, normed = canonical_batch_stride(hidden[:, :n]), canonical_batch_stride(normed[:, :n])
-            if n < q_len:  # this layer's attention sees the blocks still here
-                lead, sizes = block_layout
-                kept = _blocks_within(lead, sizes, n)
-                attn.hermes_query_blocks = (lead, kept) if kept else None
-            cache_layer = cache.layers[index]
-            start, end = lengths[index], lengths[index] + n
-            key_buffer, value_buffer = cache_layer.buffers  # (1, kv_heads, capacity, head_dim)
-            combined = cache_layer.kv_buffer  # (2, 1, kv_heads, capacity, head_dim) or None
-            query, new = _rotated_projections(
-                attn, normed, cos[index, :n], sin[index, :n], packed=combined is not None
-            )
-            if combined is not None:  # keys and values written by one kernel
-                combined[:, 0, :, start:end] = new
-            else:
-                key_buffer[0, :, start:end], value_buffer[0, :, start:end] = new
-            cache_layer.length = end
-            last = index == len(layers) - 1
-            if last and not need_output:
-                capture = getattr(attn, "hermes_capture", None)
-                if capture is None or not len(capture.rows(index, n)):
-                    return None  # nothing reads this layer's attention
-                # only the captured rows are read: a lead before query blocks (a chunk's
-                # frames before its pseudo-queries) needs no attention here
-                attn.hermes_lead_unread = True
-            # (1, heads, q, head_dim) over the token-major rows, the layout transformers passes
-            out, _ = ragged_attention(
-                attn, query.transpose(0, 1)[None], key_buffer[:, :, :end], value_buffer[:, :, :end], None, attn.scaling
-            )
-            if last and not need_output:
-                return None  # the capture has what it reads
-            read_next = rows[index + 1] if not last else n
-            if read_next < n:  # blocks this layer captured last: no output projection or MLP
-                hidden, out = canonical_batch_stride(hidden[:, :read_next]), out[:, :read_next]
-            hidden, normed = _rest_of_layer(layer, hidden, out[0], _next_norm(text, index))
-    finally:
-        layers[-1].self_attn.hermes_lead_unread = False
-        if block_layout is not None:  # the context's layout back on every layer
-            for layer in layers:
-                layer.self_attn.hermes_query_blocks = block_layout
+    for index, layer in enumerate(layers):
+        attn = layer.self_attn
+        n = rows[index]
+        layer_attention = attention
+        if n < hidden.shape[1]:  # trailing blocks no longer read: dropped from here on
+            # (a size-1 batch stride of the rows' own length: the fused ops compiled for
+            # one stride pattern, not one per length they were cut from)
+            hidden, normed = canonical_batch_stride(hidden[:, :n]), canonical_batch_stride(normed[:, :n])
+        if n < q_len:  # this layer's attention sees the blocks still here
+            lead, sizes = block_layout
+            kept = _blocks_within(lead, list(sizes), n)
+            layer_attention = attention.with_changes(blocks=(lead, kept) if kept else None)
+        cache_layer = cache.layers[index]
+        start, end = lengths[index], lengths[index] + n
+        key_buffer, value_buffer = cache_layer.buffers  # (1, kv_heads, capacity, head_dim)
+        combined = cache_layer.kv_buffer  # (2, 1, kv_heads, capacity, head_dim) or None
+        query, new = _rotated_projections(attn, normed, cos[index, :n], sin[index, :n], packed=combined is not None)
+        if combined is not None:  # keys and values written by one kernel
+            combined[:, 0, :, start:end] = new
+        else:
+            key_buffer[0, :, start:end], value_buffer[0, :, start:end] = new
+        cache_layer.length = end
+        last = index == len(layers) - 1
+        if last and not need_output:
+            if capture is None or not len(capture.rows(index, n)):
+                return None  # nothing reads this layer's attention
+            # only the captured rows are read: a lead before query blocks (a chunk's
+            # frames before its pseudo-queries) needs no attention here
+            layer_attention = layer_attention.with_changes(lead_read=False)
+        # (1, heads, q, head_dim) over the token-major rows, the layout transformers passes
+        out, _ = ragged_attention(
+            attn,
+            query.transpose(0, 1)[None],
+            key_buffer[:, :, :end],
+            value_buffer[:, :, :end],
+            None,
+            attn.scaling,
+            attention_context=layer_attention,
+        )
+        if last and not need_output:
+            return None  # the capture has what it reads
+        read_next = rows[index + 1] if not last else n
+        if read_next < n:  # blocks this layer captured last: no output projection or MLP
+            hidden, out = canonical_batch_stride(hidden[:, :read_next]), out[:, :read_next]
+        hidden, normed = _rest_of_layer(layer, hidden, out[0], _next_norm(text, index))
     return normed

@@ -1,7 +1,7 @@
 """The pseudo-query blocks' attention in one Triton pass.
 
 In a compressing chunk's forward the guidance prompts ride as query blocks behind the
-chunk (:func:`~hermes_policy.attention.ragged.block_query_mask`): each block's rows see the
+chunk (:func:`~hermes_policy.attention.masks.block_query_mask`): each block's rows see the
 cache, the chunk, and causally their own block. The plain path runs that as flash over
 the cache and chunk (with the query heads stacked, a copy first), two small products and
 a softmax over the blocks' own keys, and a log-sum-exp merge: nine kernels a layer, each
@@ -12,7 +12,7 @@ wave of programs on the multiprocessors, since a few hundred rows make few
 programs, each walking thousands of keys otherwise), and the rows' own block is one more
 part, which resumes from a prior part when one is given (the blocks' rows over the cache,
 computed with the chunk's rows by cuDNN in one call: ``HERMES_BLOCKS_WITH_CHUNK=1``, see
-:func:`~hermes_policy.attention.ragged._blocks_by_kernel`). :func:`merge_parts_kernel` then
+:func:`~hermes_policy.attention.blocks._blocks_by_kernel`). :func:`merge_parts_kernel` then
 merges the parts by log-sum-exp and writes the output and the log-sum-exp over everything
 the rows saw (which the captured probabilities need).
 ``benchmarks/block_attention_alternatives.py --layer`` and ``--sweep`` time it against
@@ -287,7 +287,7 @@ def merge_into_kernel(
     dest: torch.Tensor,
     block_m: int = 64,
 ) -> torch.Tensor:
-    """:func:`~hermes_policy.attention.ragged.merge_attention_into` as one Triton kernel that
+    """:func:`~hermes_policy.attention.lse.merge_attention_into` as one Triton kernel that
     takes every stride as it comes: the chunk's part of a cuDNN call over more rows has
     log-sum-exp strides that change with the prompts' lengths, which a compiled op would
     recompile for (a second or so, inside a stream).

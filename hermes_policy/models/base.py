@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from hermes_policy.attention.context import AttentionContext, attention_kwargs
 from hermes_policy.cache.positions import to_model_position_ids
 from hermes_policy.cache.transfer import upload
 from hermes_policy.models.fused_norm import use_fused_rms_norm
@@ -315,7 +316,11 @@ class ModelAdapter(ABC):
 
     # -- running ---------------------------------------------------------------------
     def forward(
-        self, piece: StreamPiece, positions: torch.Tensor, cache: Any | None = None
+        self,
+        piece: StreamPiece,
+        positions: torch.Tensor,
+        cache: Any | None = None,
+        attention: AttentionContext | None = None,
     ) -> torch.Tensor:
         """Run the model (without LM head) on a piece at absolute ``positions``.
 
@@ -324,6 +329,8 @@ class ModelAdapter(ABC):
         piece : the tokens to prefill
         positions : LongTensor ``(axes, seq)``, absolute positions of the piece's tokens
         cache : the cache to extend (None for a stateless forward)
+        attention : what the attention of this forward needs besides its inputs (captures,
+            query blocks); handed to every layer with the forward's keyword arguments
 
         Returns
         -------
@@ -336,6 +343,7 @@ class ModelAdapter(ABC):
             position_ids=to_model_position_ids(upload(positions, device)),
             **cache_kwargs(self.base_model, cache),
             **extra,
+            **attention_kwargs(attention),
         )
         return out.last_hidden_state
 

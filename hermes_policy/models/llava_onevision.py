@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from hermes_policy.attention.context import AttentionContext, attention_kwargs
 from hermes_policy.cache.positions import to_model_position_ids
 from hermes_policy.cache.transfer import upload
 from hermes_policy.errors import StreamError
@@ -234,11 +235,15 @@ class LlavaOnevisionAdapter(ModelAdapter):
         return embeds.index_copy(1, inputs["slots"], features[None].to(embeds.dtype))
 
     def forward(
-        self, piece: StreamPiece, positions: torch.Tensor, cache: Any | None = None
+        self,
+        piece: StreamPiece,
+        positions: torch.Tensor,
+        cache: Any | None = None,
+        attention: AttentionContext | None = None,
     ) -> torch.Tensor:
         videos = piece.model_inputs.get(VIDEO_KEY)
         if not isinstance(videos, (list, tuple)):
-            return super().forward(piece, positions, cache)
+            return super().forward(piece, positions, cache, attention)
         # Videos of different lengths: encode each, scatter into the placeholders.
         device = self.device
         input_ids = upload(piece.input_ids, device)[None]
@@ -254,6 +259,7 @@ class LlavaOnevisionAdapter(ModelAdapter):
             inputs_embeds=embeds,
             position_ids=to_model_position_ids(upload(positions, device)),
             **cache_kwargs(self.base_model, cache),
+            **attention_kwargs(attention),
         )
         return out.last_hidden_state
 

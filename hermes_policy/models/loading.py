@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from hermes_policy.attention.ragged import use_ragged_attention
+from hermes_policy.attention.dispatch import use_ragged_attention
 from hermes_policy.errors import ModelLoadError
 from hermes_policy.models.base import ModelAdapter
 from hermes_policy.models.causal_lm import DEFAULT_TOKENS_PER_FRAME, CausalLMAdapter

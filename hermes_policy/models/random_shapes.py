@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from hermes_policy.attention.ragged import use_ragged_attention
+from hermes_policy.attention.dispatch import use_ragged_attention
 from hermes_policy.errors import HermesError
 from hermes_policy.models.base import ModelAdapter
 from hermes_policy.models.embedded import embedded_model_path

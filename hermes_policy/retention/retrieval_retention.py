@@ -37,7 +37,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from hermes_policy.attention.ragged import AttentionCapture
+from hermes_policy.attention.capture import AttentionCapture
 from hermes_policy.cache.kv_store import KVStore
 from hermes_policy.errors import RetentionError
 from hermes_policy.models.base import ModelAdapter, StreamPiece
