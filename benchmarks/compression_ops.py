@@ -140,21 +140,23 @@ def build_session(folder: Path, tokens_per_frame: int, budget: int, chunk: int):
 
 def phase_counts(session, frames: torch.Tensor, chunks: int) -> dict[str, float]:
     """Operators per compressing chunk in each of the session's phases (mean of ``chunks``)."""
+    from hermes_policy.session import NoObserver
+
     counters: dict[str, OperatorCount] = collections.defaultdict(OperatorCount)
-    original = session._phase
 
-    @contextmanager
-    def counted(name: str):
-        counter = counters[name]
-        with original(name), counting_fused_calls(counter), counter:
-            yield
+    class CountingObserver:  # counts the operators each phase dispatches
+        @contextmanager
+        def phase(self, name: str):
+            counter = counters[name]
+            with counting_fused_calls(counter), counter:
+                yield
 
-    session._phase = counted
+    session.observer = CountingObserver()
     try:
         for _ in range(chunks):
             session.add_frames(frames)
     finally:
-        del session._phase
+        session.observer = NoObserver()
     out = {}
     for name in ("select", "gather"):
         c = counters[name]
@@ -199,7 +201,6 @@ def decoder_counts(session, adapter, frames: torch.Tensor) -> dict[str, dict[str
             return built
 
         graphs._build = build
-        session.time_phases = False
         with torch.inference_mode():
             session.add_frames(frames)
         session.store.truncate(lengths)  # not needed for counting, but keeps runs alike

@@ -31,15 +31,18 @@ from torch.profiler import ProfilerActivity, profile
 
 from hermes_policy import StreamingSession
 from hermes_policy.benchmarking.efficiency import (
+    COMPRESSION_PHASES,
     QUESTIONS,
     EfficiencyConfig,
     fused_guidance_overhead,
     make_rule,
 )
 from hermes_policy.benchmarking.floor import median_cuda_ms
+from hermes_policy.benchmarking.phases import PhaseEvents, PhaseTimer
 from hermes_policy.benchmarking.trace import idle_report, load_trace, phase_timeline, sync_sites
 from hermes_policy.kernels import split_kv_attention
 from hermes_policy.models.random_shapes import build_random_adapter, get_shape, random_frames
+from hermes_policy.session import NoObserver
 
 
 def table(prof, out: Path, name: str, rows: int = 18) -> None:
@@ -68,14 +71,14 @@ def timeline(session: StreamingSession, chunk, chunks: int = 8) -> None:
     span, and GPU time spent waiting before the phase (CUDA events at phase boundaries)."""
     import time
 
-    session.phase_marks = []
+    events = session.observer = PhaseEvents()
     torch.cuda.synchronize()
     start = time.perf_counter()
     for _ in range(chunks):
         session.add_frames(chunk)
     torch.cuda.synchronize()
     wall = (time.perf_counter() - start) / chunks * 1e3
-    marks, session.phase_marks = session.phase_marks, None
+    marks, session.observer = events.marks, NoObserver()
     first = marks[0][3]
     rows = [(name, h0, h1, first.elapsed_time(e0), first.elapsed_time(e1)) for name, h0, h1, e0, e1 in marks]
     print(f"== phase timeline per chunk (mean of {chunks}; wall {wall:.2f} ms a chunk)")
@@ -108,14 +111,14 @@ def gather_tail(session: StreamingSession, chunk, chunks: int = 8) -> None:
         return out
 
     kv_store.Download.wait = wait
-    session.phase_marks = []
+    events = session.observer = PhaseEvents()
     try:
         for _ in range(chunks):
             session.add_frames(chunk)
         torch.cuda.synchronize()
     finally:
         kv_store.Download.wait = original
-    phases, session.phase_marks = session.phase_marks, None
+    phases, session.observer = events.marks, NoObserver()
     gathers = [m for m in phases if m[0] == "gather"]
     selects = [m for m in phases if m[0] == "select"]
     if len(gathers) != len(marks) or len(selects) != len(marks):
@@ -150,24 +153,29 @@ def host_profile(session: StreamingSession, chunk, out: Path, chunks: int = 3) -
     import cProfile
     import io
     import pstats
+    from contextlib import contextmanager
 
     profiler = cProfile.Profile()
-    apply = session._apply_retention
 
-    def profiled(attention=None):
-        profiler.enable()
-        try:
-            return apply(attention)
-        finally:
-            torch.cuda.synchronize()
-            profiler.disable()
+    class CompressionProfiler:  # the profiler runs during the compression phases only
+        @contextmanager
+        def phase(self, name: str):
+            if name not in COMPRESSION_PHASES:
+                yield
+                return
+            profiler.enable()
+            try:
+                yield
+            finally:
+                torch.cuda.synchronize()
+                profiler.disable()
 
-    session._apply_retention = profiled
+    session.observer = CompressionProfiler()
     try:
         for _ in range(chunks):
             session.add_frames(chunk)
     finally:
-        session._apply_retention = apply
+        session.observer = NoObserver()
     text = io.StringIO()
     pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(25)
     (out / "host-compression.txt").write_text(text.getvalue())
@@ -296,16 +304,14 @@ def ingest_phases(adapter, shape, chunk_frames: int, warm: int, chunks: int):
     per compressing chunk: the phases timed with synchronisation, the fused pseudo-queries'
     cost (A/B) and the phase timeline without synchronisation. Returns the session and chunk."""
     session, chunk = steady_session(adapter, shape, chunk_frames, warm)
-    session.time_phases = True
-    session.phase_seconds = {}
+    timer = session.observer = PhaseTimer(adapter.device)
     for _ in range(chunks):
         session.add_frames(chunk)
-    per_chunk = {k: round(v / chunks * 1e3, 2) for k, v in session.phase_seconds.items()}
+    session.observer = NoObserver()
+    per_chunk = {k: round(v / chunks * 1e3, 2) for k, v in timer.seconds.items()}
     overhead = fused_guidance_overhead(session, chunk)
     print(f"phases per compressing chunk of {chunk_frames} frames (ms, synchronised, mean of {chunks}): {per_chunk}")
     print(f"fused pseudo-queries add {1e3 * (overhead or 0):.2f} ms to a chunk's prefill (A/B)")
-    session.phase_seconds = {}
-    session.time_phases = False
     timeline(session, chunk)
     return session, chunk
 
@@ -323,7 +329,7 @@ def graph_kernels(adapter, shape, chunk_frames: int, warm: int, out: Path, calls
     request = session.retention.guidance(store, [(t.question, t.answer) for t in session.history])
     with torch.inference_mode():
         piece = adapter.frames_piece(chunk, session.frames_seen)
-        prompts = [session._prompt_piece(p) for p in request.prompts]
+        prompts = [session.planner.prompt_piece(p) for p in request.prompts]
     lengths = store.lengths()
     variants = {
         "plain": lambda: session._prefill(piece, ingest=True, recurring=True),
@@ -777,10 +783,11 @@ def main() -> None:
     synchronising_calls(lambda: session.ask(QUESTIONS[2], max_new_tokens=4), "answer of 4 tokens")
     idle_time(lambda: session.add_frames(chunk), args.out, "compressing-chunk")
     idle_time(lambda: session.ask(QUESTIONS[3], max_new_tokens=4), args.out, "answer")
-    session.time_phases = True
+    timer = session.observer = PhaseTimer(adapter.device)
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         session.add_frames(chunk)
-    print("phases of the compressing chunk (s):", {k: round(v, 4) for k, v in session.phase_seconds.items()})
+    session.observer = NoObserver()
+    print("phases of the compressing chunk (s):", {k: round(v, 4) for k, v in timer.seconds.items()})
     table(prof, args.out, "compressing-chunk")
 
     piece = adapter.frames_piece(chunk, session.frames_seen)

@@ -38,7 +38,7 @@ from hermes_policy.models.random_shapes import (
     get_shape,
     tokenizer_description,
 )
-from hermes_policy.session import PROMPT_QUANTUM, GuidanceLayout
+from hermes_policy.retention.guidance import PROMPT_QUANTUM, GuidanceLayout
 
 CEILINGS = DeviceCeilings("Test GPU", bandwidth=4e12, matmul_rate=8e14)
 
@@ -453,7 +453,7 @@ def test_fused_guidance_overhead_pairs_cancel_drift_and_outliers(monkeypatch):
         frames_seen=0,
         guidance_passes=3,
         adapter=SimpleNamespace(device=torch.device("cpu"), frames_piece=lambda f, n: "piece"),
-        _prompt_piece=lambda prompt: prompt,
+        planner=SimpleNamespace(prompt_piece=lambda prompt: prompt),
         _prefill=lambda piece, ingest, recurring: run(1.0),
         guidance_attention=lambda request, lead, prompt_pieces, recurring: run(1.5),
     )

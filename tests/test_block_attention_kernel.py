@@ -51,7 +51,6 @@ def test_kernel_equals_attention_under_the_block_mask():
             (4, 2, 100, 9, [70, 3], 0, True),  # a block over two key tiles of its own
         ]
         for (heads, kv_heads, cached, lead, blocks, picked, lead_read), with_chunk in itertools.product(cases, "01"):
-            os.environ["HERMES_BLOCKS_WITH_CHUNK"] = with_chunk
             q_len = lead + sum(blocks)
             k_len = cached + q_len
             query = torch.randn(1, q_len, heads + 2, 16, generator=g)[:, :, :heads].transpose(1, 2)
@@ -67,8 +66,9 @@ def test_kernel_equals_attention_under_the_block_mask():
             _, weighed_plain = lead_and_blocks_attention(*args, weights)
             assert len(calls) == before
             os.environ["HERMES_BLOCK_KERNEL"] = "1"
-            out, probs = lead_and_blocks_attention(*args)
-            _, weighed = lead_and_blocks_attention(*args, weights)
+            joined = with_chunk == "1"
+            out, probs = lead_and_blocks_attention(*args, blocks_with_chunk=joined)
+            _, weighed = lead_and_blocks_attention(*args, weights, blocks_with_chunk=joined)
             assert len(calls) == before + 2, "the kernel did not run"
             resumed = with_chunk == "1" and lead_read and lead > 0 and cached > 0
             assert (calls[-1] > 0) == resumed, calls[-1]

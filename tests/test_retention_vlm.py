@@ -132,16 +132,23 @@ class RawKeys:
         attention = adapter.attention_modules[layer]
         module = attention.k_norm if hasattr(attention, "k_norm") else attention.k_proj
         self.chunks: list[torch.Tensor] = []
+        blocks: list = [None]  # the query blocks of the forward running (from its attention context)
+
+        def context(mod, args, kwargs):
+            attention_context = kwargs.get("attention_context")
+            blocks[0] = None if attention_context is None else attention_context.blocks
 
         def record(mod, args, output):
             out = output.view(1, output.shape[1], -1, attention.head_dim).transpose(1, 2)
-            blocks = getattr(attention, "hermes_query_blocks", None)
-            if blocks is not None:  # pseudo-queries: keep only a chunk riding with them
-                out = out[..., : blocks[0], :]
+            if blocks[0] is not None:  # pseudo-queries: keep only a chunk riding with them
+                out = out[..., : blocks[0][0], :]
             if out.shape[-2]:
                 self.chunks.append(out.detach().clone())
 
-        self.handle = module.register_forward_hook(record)
+        self.handles = [
+            attention.register_forward_pre_hook(context, with_kwargs=True),
+            module.register_forward_hook(record),
+        ]
 
     def take(self) -> torch.Tensor:
         """Everything recorded since the last call, concatenated along the sequence."""
@@ -150,7 +157,8 @@ class RawKeys:
         return out
 
     def remove(self) -> None:
-        self.handle.remove()
+        for handle in self.handles:
+            handle.remove()
 
 
 class Spy:

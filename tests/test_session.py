@@ -132,7 +132,7 @@ def test_text_frames_are_exactly_n_tokens(tiny_adapter):
 def test_garbage_collection_pauses_only_until_the_first_token(tiny_adapter):
     import gc
 
-    from hermes_policy.session import paused_collection
+    from hermes_policy.session.questions import paused_collection
 
     assert gc.isenabled()
     with paused_collection() as resume:
@@ -206,10 +206,10 @@ def test_many_chunks_in_one_call_equal_one_call_per_chunk(tiny_adapter):
 def test_prompt_row_weights_are_one_buffer_per_prompt_refilled_when_its_length_changes(tiny_adapter):
     """A CUDA graph reads the weights' buffer at replay: the same tensor for a prompt and
     padded length, holding 1/n for the prompt's n tokens and 0 for its padding."""
-    session = StreamingSession(tiny_adapter, chunk_frames=2)
-    first = session._prompt_row_weights(0, 5, 16)
+    planner = StreamingSession(tiny_adapter, chunk_frames=2).planner
+    first = planner._row_weights_of(0, 5, 16)
     assert torch.equal(first, torch.tensor([0.2] * 5 + [0.0] * 11))
-    assert session._prompt_row_weights(0, 5, 16) is first
-    again = session._prompt_row_weights(0, 12, 16)
+    assert planner._row_weights_of(0, 5, 16) is first
+    again = planner._row_weights_of(0, 12, 16)
     assert again is first and torch.equal(first, torch.tensor([1 / 12] * 12 + [0.0] * 4))
-    assert session._prompt_row_weights(1, 12, 16) is not first
+    assert planner._row_weights_of(1, 12, 16) is not first

@@ -46,6 +46,7 @@ from hermes_policy.benchmarking.floor import (
     forward_flops,
     forward_weight_bytes,
 )
+from hermes_policy.benchmarking.phases import PhaseEvents, PhaseTimer
 from hermes_policy.errors import HermesError
 from hermes_policy.models.base import ModelAdapter
 from hermes_policy.models.random_shapes import (
@@ -59,7 +60,8 @@ from hermes_policy.models.random_shapes import (
 )
 from hermes_policy.policy import ModelInfo, paper_default
 from hermes_policy.retention import FullRetention, RetentionRule
-from hermes_policy.session import GuidanceLayout, StreamingSession
+from hermes_policy.retention.guidance import GuidanceLayout
+from hermes_policy.session import NoObserver, StreamingSession
 
 SCHEMA = "hermes-efficiency/1"
 RULE_NAMES = ("full", "fifo", "hermes")  # the default grid
@@ -187,7 +189,7 @@ def fused_guidance_overhead(session: StreamingSession, frames: Any, pairs: int =
     adapter, store = session.adapter, session.store
     with torch.inference_mode():
         piece = adapter.frames_piece(frames, session.frames_seen)
-        prompts = [session._prompt_piece(p) for p in request.prompts]  # as the stream tokenised them
+        prompts = [session.planner.prompt_piece(p) for p in request.prompts]  # as the stream tokenised them
     lengths = store.lengths()
     passes = session.guidance_passes
 
@@ -271,9 +273,9 @@ class _Segment:
 
 
 def compression_span_seconds(marks: list[tuple[str, float, float, Any, Any]]) -> float:
-    """Seconds of GPU timeline the compression phases spanned, from a session's
-    ``phase_marks`` (``(phase, host start, host end, start event, end event)``, events
-    complete)."""
+    """Seconds of GPU timeline the compression phases spanned, from
+    :attr:`PhaseEvents.marks <hermes_policy.benchmarking.phases.PhaseEvents.marks>`
+    (``(phase, host start, host end, start event, end event)``, events complete)."""
     return sum(begin.elapsed_time(end) for name, _, _, begin, end in marks if name in COMPRESSION_PHASES) / 1e3
 
 
@@ -314,19 +316,21 @@ def run_stream(
         torch.cuda.reset_peak_memory_stats(index)
     session = StreamingSession(adapter, rule, chunk_frames=chunk, max_new_tokens=config.answer_tokens)
     events = adapter.device.type == "cuda" and not adapter.spans_devices
+    timer = PhaseTimer(adapter.device)  # the timed chunks' phases, added up over the stream
     base = {"shape": shape.name, "rule": rule_name, "chunk": chunk, "budget": config.budget}
     for target in config.frames:
         segment = _Segment()
-        phases_before = dict(session.phase_seconds)
+        phases_before = dict(timer.seconds)
         fused_total_before = session.fused_guidance_passes
         try:
             while state.frames_done < target:
                 start = (state.frames_done // chunk) % 4 * chunk
                 last = state.frames_done + chunk >= target
                 timed = state.chunks_done % TIMED_EVERY == TIMED_EVERY - 1 or (last and not segment.timed_frames)
-                session.time_phases = timed
-                # events at the phase boundaries, no synchronisation (one GPU only)
-                session.phase_marks = [] if events and not timed else None
+                # timed chunks: synchronised phases; the others: events at the phase
+                # boundaries, no synchronisation (one GPU only)
+                marks = PhaseEvents() if events and not timed else None
+                session.observer = timer if timed else marks or NoObserver()
                 fused_before = session.fused_guidance_passes
                 report = session.add_frames(pool[start : start + chunk])
                 if timed:
@@ -338,14 +342,13 @@ def run_stream(
                     segment.seconds += report.seconds
                     segment.chunk_seconds.append(report.seconds)
                     segment.fused_untimed += session.fused_guidance_passes - fused_before
-                    if session.phase_marks is not None:  # add_frames ended synchronised: events are done
-                        spans = compression_span_seconds(session.phase_marks)
+                    if marks is not None:  # add_frames ended synchronised: events are done
+                        spans = compression_span_seconds(marks.marks)
                         segment.gpu_compression_seconds = (segment.gpu_compression_seconds or 0.0) + spans
                 state.peak = max(state.peak, report.peak_memory_bytes or 0)
                 state.frames_done += chunk
                 state.chunks_done += 1
-            session.time_phases = False
-            session.phase_marks = None
+            session.observer = NoObserver()
             if session.fused_guidance_passes > fused_total_before:
                 # at every checkpoint: the pseudo-queries grow once questions are asked
                 # (the guidance prompts quote the last question and answer)
@@ -362,7 +365,7 @@ def run_stream(
                 progress(f"{shape.name} {rule_name} chunk {chunk}: out of memory at {target} frames")
             return rows
         state.peak = max([state.peak] + [a.peak_memory_bytes or 0 for a in answers])
-        spent = {k: session.phase_seconds.get(k, 0.0) - phases_before.get(k, 0.0) for k in session.phase_seconds}
+        spent = {k: timer.seconds.get(k, 0.0) - phases_before.get(k, 0.0) for k in timer.seconds}
         fused = session.fused_guidance_passes - fused_total_before
         compression_s = spent.get("guidance", 0.0) + spent.get("select", 0.0) + spent.get("gather", 0.0)
         compression_s += segment.fused_timed * (overhead or 0.0)
