@@ -312,7 +312,7 @@ def test_dispatched_random_model_streams(tmp_path):
     adapter = build_random_adapter(
         "tiny-llava-ov", dtype=torch.float32, device_map="auto", max_memory={"cpu": "4GiB"}
     )
-    assert adapter.model.hermes_device_map == {"": "cpu"} and not adapter.spans_devices
+    assert adapter.model.hf_device_map == {"": "cpu"} and not adapter.spans_devices
     from hermes_policy import StreamingSession
     from hermes_policy.benchmarking.efficiency import make_rule
     from hermes_policy.models.random_shapes import random_frames

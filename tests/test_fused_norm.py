@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from hermes_policy.models.fused_norm import STANDARD_RMS_NORMS, use_fused_rms_norm
+from hermes_policy.models.fused_norm import FUSED, STANDARD_RMS_NORMS, use_fused_rms_norm
 from hermes_policy.models.random_shapes import build_random_adapter
 
 
@@ -13,7 +13,7 @@ from hermes_policy.models.random_shapes import build_random_adapter
 def test_every_norm_of_the_adapters_is_fused_and_equal_to_the_original(shape):
     adapter = build_random_adapter(shape, device="cpu", dtype=torch.float32)
     norms = [m for m in adapter.model.modules() if type(m).__name__ in STANDARD_RMS_NORMS]
-    assert norms and all(getattr(m, "hermes_fused", False) for m in norms)
+    assert norms and all(m in FUSED for m in norms)
     assert use_fused_rms_norm(adapter.model) == 0  # idempotent
     g = torch.Generator().manual_seed(0)
     for module in norms:

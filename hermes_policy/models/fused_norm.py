@@ -12,6 +12,7 @@ the input dtype. The result equals the original up to float32 summation order.
 
 from __future__ import annotations
 
+import weakref
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -40,6 +41,10 @@ def fused_rms_norm(hidden_states: torch.Tensor, weight: torch.Tensor, eps: float
     return weight * normed
 
 
+# the norm modules whose forward was replaced (weakly held: they go with their model)
+FUSED: weakref.WeakSet[nn.Module] = weakref.WeakSet()
+
+
 def use_fused_rms_norm(model: nn.Module) -> int:
     """Make every standard RMSNorm module of ``model`` use :func:`fused_rms_norm`.
 
@@ -47,7 +52,7 @@ def use_fused_rms_norm(model: nn.Module) -> int:
     """
     changed = 0
     for module in model.modules():
-        if type(module).__name__ not in STANDARD_RMS_NORMS or getattr(module, "hermes_fused", False):
+        if type(module).__name__ not in STANDARD_RMS_NORMS or module in FUSED:
             continue
         eps = getattr(module, "variance_epsilon", getattr(module, "eps", None))
         if eps is None:
@@ -57,6 +62,6 @@ def use_fused_rms_norm(model: nn.Module) -> int:
             return fused_rms_norm(hidden_states, module.weight, eps)
 
         module.forward = forward
-        module.hermes_fused = True
+        FUSED.add(module)
         changed += 1
     return changed

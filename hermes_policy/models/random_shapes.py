@@ -381,8 +381,7 @@ def _dispatched_random_model(
     for name, param in list(model.named_parameters()):
         target = device_of(name, device_map)
         set_module_tensor_to_device(model, name, target, value=_random_value(name, param.shape, dtype, target))
-    model.hermes_device_map = dict(device_map)
-    return dispatch_model(model, device_map=device_map)
+    return dispatch_model(model, device_map=device_map)  # which records it as model.hf_device_map
 
 
 def random_frames(shape: ModelShape, count: int, seed: int = 0):
