@@ -190,7 +190,7 @@ def phase_timeline(marks: list[tuple[str, float, float, float, float]]) -> dict[
     Parameters
     ----------
     marks : ``(phase, host start s, host end s, GPU start ms, GPU end ms)`` in time order,
-        the GPU times measured from one reference event (a session's ``phase_marks``
+        the GPU times measured from one reference event (:class:`~hermes_policy.benchmarking.phases.PhaseEvents`
         with its events turned into elapsed milliseconds)
 
     Returns
