@@ -229,6 +229,8 @@ def analyze(
     dtype: Annotated[str | None, typer.Option(help="float32, bfloat16 or float16.")] = None,
     trust_remote_code: Annotated[bool, typer.Option(help="Allow code from the model repository.")] = False,
     calibrate: Annotated[bool, typer.Option(help="Calibrate the policy by attention recall (see docs/fidelity.md).")] = False,
+    per_head: Annotated[bool, typer.Option(help="Write a hermes-policy/2 policy: a role, memory, recency weight "
+                                           "and forgetting rate per KV head (see docs/heads.md).")] = False,
 ) -> None:
     """Probe how a model's layers attend over a stream; write policy.json, profiles and figures."""
     from hermes_probe.report import findings
@@ -242,6 +244,9 @@ def analyze(
     from hermes_probe.runner import analyze as run_analysis
 
     config = ProbeConfig(fps=fps, chunk_frames=chunk, fifo_budget=fifo_budget, seed=seed, queries=tuple(query or ()))
+    if per_head and calibrate:
+        # calibration chooses per-layer parameters and would drop or contradict the heads
+        raise ProbeError("--per-head and --calibrate cannot be combined yet; run one of them")
     if from_profiles is not None:
         from hermes_policy.policy import ModelInfo
         from hermes_probe.profiles import AttentionProfile
@@ -257,7 +262,7 @@ def analyze(
         except TypeError:
             raise ProbeError(f"{from_profiles}: its model description is malformed") from None
         metrics, fit, policy = analyze_profile(profile, model_info, budget=policy_budget,
-                                               source=str(from_profiles))
+                                               source=str(from_profiles), per_head=per_head)
         if force:
             clear_outputs(out, keep=from_profiles)
         from hermes_policy.evaluation.manifest import run_manifest
@@ -275,7 +280,7 @@ def analyze(
         adapter = _load(model, device, dtype, tokens_per_frame, trust_remote_code)
         streams = _probe_streams(adapter, videos, annotations, video_root, frames, fps, seed)
         result = run_analysis(adapter, streams, config, out, policy_budget=policy_budget, force=force,
-                              figures=figures)
+                              figures=figures, per_head=per_head)
         metrics, fit, policy = result.metrics, result.fit, result.policy
         for name, reason in result.failed.items():
             typer.secho(f"skipped {name}: {reason}", err=True, fg=typer.colors.YELLOW)
@@ -363,10 +368,70 @@ def show(policy_path: Annotated[Path, typer.Argument(help="A policy.json file.")
                     f"{metrics['periodicity'][i]:.3f}", str(metrics["anchor_phase"][i])]
         table.add_row(*row)
     console.print(table)
+    if policy.per_head:
+        _show_heads(policy)
     if policy.provenance.get("stability"):
         from hermes_probe.stability import uncertain_lines
 
         console.print("\n".join(uncertain_lines(policy.provenance["stability"])), highlight=False)
+
+
+def _show_heads(policy: Any) -> None:
+    """A schema-2 policy's KV heads: counts per role and, per layer, each head's memory."""
+    from hermes_policy.policy import HEAD_ROLES, head_token_budgets
+
+    kv_heads = policy.model.num_kv_heads
+    roles = [h.role for layer in policy.layers for h in layer.heads]
+    group = policy.model.num_heads // kv_heads
+    console.print(f"per KV head ({policy.schema}; {kv_heads} KV heads per layer, each serving {group} query "
+                  "heads): " + ", ".join(f"{roles.count(r)} {r}" for r in HEAD_ROLES))
+    table = Table()
+    for column in ("layer", *[f"KV head {j}" for j in range(kv_heads)], "tokens"):
+        table.add_column(column, justify="right" if column in ("layer", "tokens") else "left")
+    for layer in policy.layers:
+        tokens = head_token_budgets(layer, kv_heads)
+        cells = []
+        for head, n in zip(layer.heads, tokens):
+            memory = f"window {head.window}" if head.role == "streaming" else f"share {head.share:.2f} = {n}"
+            confidence = "" if head.confidence is None else f" ({head.confidence:.2f})"
+            cells.append(f"{head.role}{confidence}, {memory}, w {head.recency_weight:.2f}, k {head.forgetting_rate:.1f}")
+        table.add_row(str(layer.index), *cells, f"{sum(tokens)} / {kv_heads * layer.budget}")
+    console.print(table)
+
+
+@app.command()
+@friendly_errors
+def export(
+    policy_path: Annotated[Path, typer.Option("--policy", help="A policy.json (schema 1 or 2).")],
+    duo_attention: Annotated[Path | None, typer.Option(
+        help="Write the KV heads' retrieval weights in DuoAttention's pattern format (TSV: a row per "
+             "layer, a column per KV head), which kvpress' DuoAttentionPress reads.")] = None,
+    kvpress_budgets: Annotated[Path | None, typer.Option(
+        help="Write the stream tokens of every KV head (JSON, format hermes-head-budgets/1).")] = None,
+) -> None:
+    """Export a policy's head patterns for other tools (see docs/heads.md)."""
+    from hermes_policy.fileio.atomic import write_json_atomic, write_text_atomic
+    from hermes_policy.errors import OutputError
+    from hermes_policy.policy import Policy
+    from hermes_probe.export import duo_attention_tsv, head_budgets
+
+    if duo_attention is None and kvpress_budgets is None:
+        raise OutputError("nothing to export: give --duo-attention OUT.tsv and/or --kvpress-budgets OUT.json")
+    if duo_attention is not None and kvpress_budgets is not None and duo_attention.resolve() == kvpress_budgets.resolve():
+        raise OutputError("--duo-attention and --kvpress-budgets name the same file")
+    check_output_file(duo_attention, "--duo-attention")
+    check_output_file(kvpress_budgets, "--kvpress-budgets")
+    policy = Policy.load(policy_path)
+    if not policy.per_head:
+        _note(f"note: {policy_path} is a {policy.schema} policy (per layer): every KV head of a layer gets "
+              "the layer's values")
+    if duo_attention is not None:
+        write_text_atomic(duo_attention, duo_attention_tsv(policy))
+        console.print(f"wrote {duo_attention} ({policy.model.num_layers} layers x {policy.model.num_kv_heads} "
+                      "KV heads, retrieval weights)")
+    if kvpress_budgets is not None:
+        write_json_atomic(kvpress_budgets, head_budgets(policy, str(policy_path)))
+        console.print(f"wrote {kvpress_budgets} (tokens per KV head)")
 
 
 @app.command()
@@ -448,6 +513,9 @@ def _stream(model: str | None, policy: str, video: Path | None, annotations: Pat
         raise StreamError(f"{adapter.name_or_path} is a text-only model and cannot watch videos; use --synthetic")
     rule = rule_from_spec(policy, adapter, budget, **rule_settings)
     rule.validate(adapter)  # before any frame is decoded
+    if getattr(getattr(rule, "policy", None), "per_head", False):
+        _note(f"note: {policy} has per-KV-head entries (hermes-policy/2); the runtime does not budget heads yet "
+              "and runs its per-layer entries")
     if budget is not None and policy not in ("paper-default", "hermes") and getattr(rule, "policy", None):
         original = rule.policy.provenance.get("budget_override", {}).get("from")
         _note(f"note: --budget {budget} overrides the budget of {policy} ({original} tokens per layer)")

@@ -1,8 +1,14 @@
-"""The policy JSON (schema ``hermes-policy/1``): the only interface from probe to runtime.
+"""The policy JSON (schemas ``hermes-policy/1`` and ``/2``): the only interface from probe to runtime.
 
 A policy is data, never code. It is validated field by field when loaded and before it is
 written, and checked against the model it is used with. :func:`paper_default` builds the
 paper's 10/60/30 setting for any layer count (METHOD.md sections 3-5).
+
+Schema 2 (``hermes-probe analyze --per-head``) is schema 1 plus a ``heads`` list in every
+layer entry, one item per KV head (docs/heads.md): its role, its memory (a fixed window for
+a streaming head, a share of what the layer's windows leave for the others), its recency
+weight and forgetting rate. A layer's memory stays ``num_kv_heads x budget`` token slots,
+as in schema 1; the layer's own fields remain a complete per-layer policy.
 """
 
 from __future__ import annotations
@@ -20,8 +26,14 @@ from hermes_policy.fileio.atomic import write_json_atomic
 from hermes_policy.fileio.json_input import load_json_file
 
 SCHEMA = "hermes-policy/1"
+SCHEMA_V2 = "hermes-policy/2"
+SCHEMAS = (SCHEMA, SCHEMA_V2)
 TIERS = ("sensory", "working", "long_term")
 REINDEX_MODES = ("lazy", "eager")
+# Head roles (docs/heads.md): a streaming head keeps a window of the newest tokens; retrieval
+# and anchor heads keep a share of the layer's memory, scored like a layer (w, k).
+HEAD_ROLES = ("streaming", "retrieval", "anchor")
+SHARE_TOLERANCE = 1e-3  # shares are written rounded; their sum may miss 1 by that much
 
 GUIDANCE_LOCAL = (
     "Describe the current scene in detail, focusing on specific objects, fine-grained actions, "
@@ -66,14 +78,36 @@ class ModelInfo:
 
 
 @dataclass(frozen=True)
+class HeadPolicy:
+    """Retention parameters of one KV head (schema 2).
+
+    role : one of :data:`HEAD_ROLES`
+    window : tokens of a streaming head's window of the newest stream tokens (None otherwise)
+    share : a retrieval or anchor head's share of the layer's memory left after the
+        streaming windows (None for a streaming head); the shares of a layer sum to 1
+    recency_weight, forgetting_rate : as for a layer (a streaming head: 1 and its measured k)
+    confidence : how clearly the probe saw the role, in [0, 1] (informative; None if unknown)
+    """
+
+    role: str
+    window: int | None
+    share: float | None
+    recency_weight: float
+    forgetting_rate: float
+    confidence: float | None = None
+
+
+@dataclass(frozen=True)
 class LayerPolicy:
     """Retention parameters of one layer.
 
     recency_weight : w_l, 1 = pure recency score, 0 = pure attention score
     forgetting_rate : k in ``exp(-k * dt / (T - 1))``
     smoothing : lambda_l of cross-layer smoothing (deep to shallow)
-    budget : stream tokens this layer keeps
+    budget : stream tokens this layer keeps (per KV head: the layer's memory is
+        ``num_kv_heads x budget`` token slots, however its heads share them)
     summary_token : fold evicted tokens into one summary token (long-term layers)
+    heads : schema 2 only: one :class:`HeadPolicy` per KV head
     """
 
     index: int
@@ -83,6 +117,38 @@ class LayerPolicy:
     smoothing: float
     budget: int
     summary_token: bool
+    heads: tuple[HeadPolicy, ...] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON entry; ``heads`` only when the layer has them (schema 1 is unchanged)."""
+        data = asdict(self)
+        if self.heads is None:
+            del data["heads"]
+        else:
+            data["heads"] = [{k: v for k, v in asdict(h).items() if not (k == "confidence" and v is None)}
+                             for h in self.heads]
+        return data
+
+
+def head_token_budgets(layer: LayerPolicy, num_kv_heads: int) -> list[int]:
+    """Stream tokens each KV head of ``layer`` keeps: ``(num_kv_heads,)`` ints.
+
+    Schema 1 (no heads): every head keeps the layer's budget. Schema 2: a streaming head
+    keeps its window; the others split what is left of ``num_kv_heads x budget`` by their
+    shares (rounded down, the remainder to the last of them), so the layer's total never
+    exceeds the schema-1 memory at the same budget.
+    """
+    if layer.heads is None:
+        return [layer.budget] * num_kv_heads
+    total = num_kv_heads * layer.budget
+    windows = [h.window if h.role == "streaming" else None for h in layer.heads]
+    left = total - sum(w for w in windows if w is not None)
+    shared = [i for i, w in enumerate(windows) if w is None]
+    tokens = [w if w is not None else math.floor((layer.heads[i].share or 0.0) * left)
+              for i, w in enumerate(windows)]
+    if shared:
+        tokens[shared[-1]] += left - sum(tokens[i] for i in shared)
+    return tokens
 
 
 @dataclass(frozen=True)
@@ -105,7 +171,7 @@ class Guidance:
 
 @dataclass
 class Policy:
-    """A validated ``hermes-policy/1`` document."""
+    """A validated ``hermes-policy/1`` or ``/2`` document (``/2`` when its layers have heads)."""
 
     model: ModelInfo
     budget: int
@@ -116,13 +182,22 @@ class Policy:
     provenance: dict[str, Any] = field(default_factory=dict)
 
     # -- (de)serialisation -----------------------------------------------------------
+    @property
+    def per_head(self) -> bool:
+        """Whether the layers carry per-KV-head entries (schema 2)."""
+        return any(layer.heads is not None for layer in self.layers)
+
+    @property
+    def schema(self) -> str:
+        return SCHEMA_V2 if self.per_head else SCHEMA
+
     def to_dict(self) -> dict[str, Any]:
         return {
-            "schema": SCHEMA,
+            "schema": self.schema,
             "model": asdict(self.model),
             "budget": {"video_tokens_per_layer": self.budget},
             "tiers": {name: list(self.tiers[name]) for name in TIERS},
-            "layers": [asdict(layer) for layer in self.layers],
+            "layers": [layer.to_dict() for layer in self.layers],
             "guidance": self.guidance.to_dict(),
             "reindex": self.reindex,
             "provenance": self.provenance,
@@ -153,7 +228,7 @@ class Policy:
         if budget < self.model.tokens_per_frame:
             raise PolicyError(f"budget {budget} is smaller than one frame ({self.model.tokens_per_frame} tokens)")
         scale = budget / self.budget
-        layers = [replace(layer, budget=max(self.model.tokens_per_frame, round(layer.budget * scale)))
+        layers = [_scaled_layer(layer, scale, self.model.tokens_per_frame, self.model.num_kv_heads)
                   for layer in self.layers]
         provenance = {**self.provenance, "budget_override": {"from": self.budget, "to": budget}}
         return replace(self, budget=budget, layers=layers, provenance=provenance)
@@ -175,6 +250,24 @@ class Policy:
 
     def tier_of(self, layer: int) -> str:
         return self.layers[layer].tier
+
+
+def _scaled_layer(layer: LayerPolicy, scale: float, tokens_per_frame: int, num_kv_heads: int) -> LayerPolicy:
+    """``layer`` with its budget (and streaming windows, in proportion) scaled by ``scale``.
+
+    Windows are rounded down (at least one token) and, should rounding leave them above the
+    layer's memory, trimmed from the largest, so the scaled layer stays valid."""
+    budget = max(tokens_per_frame, round(layer.budget * scale))
+    if layer.heads is None:
+        return replace(layer, budget=budget)
+    heads = [replace(h, window=max(1, math.floor(h.window * scale))) if h.window is not None else h
+             for h in layer.heads]
+    shared = sum(1 for h in heads if h.window is None)
+    room = num_kv_heads * budget - shared  # each share head keeps at least a token
+    while sum(h.window or 0 for h in heads) > room:
+        i = max(range(len(heads)), key=lambda j: heads[j].window or 0)
+        heads[i] = replace(heads[i], window=heads[i].window - 1)
+    return replace(layer, budget=budget, heads=tuple(heads))
 
 
 def tier_ranges(tier_of_layer: list[str]) -> dict[str, tuple[int, int]]:
@@ -311,8 +404,8 @@ def _parse(data: Any, source: str) -> Policy:
     if not isinstance(data, dict):
         raise PolicyError(f"{source}: a policy must be a JSON object")
     schema = data.get("schema")
-    if schema != SCHEMA:
-        raise PolicyError(f"{source}: schema is {schema!r}, expected {SCHEMA!r}")
+    if schema not in SCHEMAS:
+        raise PolicyError(f"{source}: schema is {schema!r}, expected {SCHEMA!r} or {SCHEMA_V2!r}")
     where = source
     m = _need(data, "model", dict, where)
     model = ModelInfo(
@@ -325,6 +418,10 @@ def _parse(data: Any, source: str) -> Policy:
     )
     if model.num_layers < 3 or model.num_heads < 1 or model.num_kv_heads < 1 or model.tokens_per_frame < 1:
         raise PolicyError(f"{source}: model shape values must be positive (and at least 3 layers)")
+    if schema == SCHEMA_V2 and model.num_heads % model.num_kv_heads:
+        # per-head entries are per KV head; each stands for a whole group of query heads
+        raise PolicyError(f"{source}: model.num_heads={model.num_heads} query heads do not group onto "
+                          f"model.num_kv_heads={model.num_kv_heads} KV heads")
     budget = _need(_need(data, "budget", dict, where), "video_tokens_per_layer", int, f"{where}.budget")
     if budget < model.tokens_per_frame:
         raise PolicyError(
@@ -377,6 +474,10 @@ def _parse(data: Any, source: str) -> Policy:
             raise PolicyError(
                 f"{at}.budget={layer.budget} is smaller than one frame ({model.tokens_per_frame} tokens)"
             )
+        if schema == SCHEMA_V2:
+            layer = replace(layer, heads=_parse_heads(entry, layer, model, at))
+        elif isinstance(entry, dict) and "heads" in entry:
+            raise PolicyError(f"{at} has 'heads', which needs schema {SCHEMA_V2!r} (the file says {SCHEMA!r})")
         layers.append(layer)
     g = _need(data, "guidance", dict, where)
     guidance = Guidance(
@@ -398,3 +499,63 @@ def _parse(data: Any, source: str) -> Policy:
     if not isinstance(provenance, dict):
         raise PolicyError(f"{source}: provenance must be an object")
     return Policy(model, budget, tiers, layers, guidance, reindex, provenance)
+
+
+def _parse_heads(entry: dict, layer: LayerPolicy, model: ModelInfo, at: str) -> tuple[HeadPolicy, ...]:
+    """The ``heads`` list of one schema-2 layer entry, validated (see :class:`HeadPolicy`)."""
+    if "heads" not in entry:
+        raise PolicyError(f"{at} is missing 'heads' (schema {SCHEMA_V2!r} has one entry per KV head in "
+                          "every layer)")
+    raw = _need(entry, "heads", list, at)
+    if len(raw) != model.num_kv_heads:
+        raise PolicyError(f"{at}.heads has {len(raw)} entries, the model has {model.num_kv_heads} KV heads "
+                          f"(one entry per KV head; {model.num_heads} query heads in groups of "
+                          f"{model.num_heads // model.num_kv_heads})")
+    heads = []
+    for j, item in enumerate(raw):
+        where = f"{at}.heads[{j}]"
+        role = _need(item, "role", str, where)
+        if role not in HEAD_ROLES:
+            raise PolicyError(f"{where}.role is {role!r}, expected one of {', '.join(HEAD_ROLES)}")
+        window, share = item.get("window"), item.get("share")
+        if role == "streaming":
+            if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+                raise PolicyError(f"{where}: a streaming head needs a positive integer window, got {window!r}")
+            if share is not None:
+                raise PolicyError(f"{where}: a streaming head has a window, not a share (got share={share!r})")
+        else:
+            if window is not None:
+                raise PolicyError(f"{where}: a {role} head has a share, not a window (got window={window!r})")
+            share = float(_need(item, "share", (int, float), where))
+            if not 0.0 < share <= 1.0:
+                raise PolicyError(f"{where}.share must be in (0, 1], got {share}")
+        head = HeadPolicy(
+            role=role, window=window, share=share,
+            recency_weight=float(_need(item, "recency_weight", (int, float), where)),
+            forgetting_rate=float(_need(item, "forgetting_rate", (int, float), where)),
+            confidence=None if item.get("confidence") is None
+            else float(_need(item, "confidence", (int, float), where)),
+        )
+        if not 0.0 <= head.recency_weight <= 1.0:
+            raise PolicyError(f"{where}.recency_weight must be in [0, 1], got {head.recency_weight}")
+        if head.forgetting_rate < 0:
+            raise PolicyError(f"{where}.forgetting_rate must be >= 0, got {head.forgetting_rate}")
+        if head.confidence is not None and not 0.0 <= head.confidence <= 1.0:
+            raise PolicyError(f"{where}.confidence must be in [0, 1], got {head.confidence}")
+        heads.append(head)
+    shares = [h.share for h in heads if h.share is not None]
+    if shares and abs(sum(shares) - 1.0) > SHARE_TOLERANCE:
+        raise PolicyError(f"{at}.heads: the shares of the retrieval and anchor heads sum to {sum(shares):.4g}, "
+                          "not 1")
+    windows = sum(h.window for h in heads if h.window is not None)
+    memory = model.num_kv_heads * layer.budget
+    if windows + len(shares) > memory:  # every share head must keep at least one token
+        raise PolicyError(f"{at}.heads: the streaming windows take {windows} of the layer's {memory} token slots "
+                          f"({model.num_kv_heads} KV heads x budget {layer.budget}), leaving too little for "
+                          f"{len(shares)} other head(s)")
+    tokens = head_token_budgets(replace(layer, heads=tuple(heads)), model.num_kv_heads)
+    starved = [j for j, t in enumerate(tokens) if t < 1]
+    if starved:
+        raise PolicyError(f"{at}.heads[{starved[0]}] would keep no token (its share of "
+                          f"{memory - windows} slots rounds to 0)")
+    return tuple(heads)

@@ -17,6 +17,8 @@ What to look for:
   contiguous three-tier fit, with the layers the contiguous tiers do not fit marked.
 - :func:`plot_head_periodicity`: which heads carry the per-frame rhythm.
 - :func:`plot_phase_profiles`: where within a frame the anchors sit.
+- :func:`plot_head_roles`: each KV head's role (streaming / anchor / retrieval, shaded by
+  confidence) and the share of its attention a recent window of the policy budget keeps.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ from matplotlib.ticker import FixedLocator, FuncFormatter, MaxNLocator, Multiple
 from hermes_policy.fileio.atomic import atomic_path
 from hermes_policy.policy import TIERS
 
+from .heads import EVIDENCE_ORDER, HeadMetrics, HeadRoles
 from .metrics import ProfileMetrics
 from .profiles import AttentionProfile
 from .tiers import TierFit
@@ -56,6 +59,8 @@ METRIC_STYLES = {  # name: (label, colour, marker)
 SEQUENTIAL = "viridis"
 MISSING = "0.88"  # colour of cells never measured (NaN)
 MAX_FRAME_LINES = 150  # more frame gridlines than this would be a grey wash: thin them
+ROLE_COLORS = {"streaming": "#E69F00", "anchor": "#CC79A7", "retrieval": "#0072B2"}
+HEAD_FIGURE_NAME = "head_roles"
 FIGURE_NAMES = ("distance_profiles", "distance_heatmap", "layer_metrics", "head_periodicity",
                 "phase_profiles")
 
@@ -498,6 +503,72 @@ def plot_phase_profiles(
         bar = fig.colorbar(image, cax=bar_ax)
         bar.set_label("attention / layer mean (log)")
     return _finish(fig)
+
+
+def _role_image(roles: HeadRoles) -> np.ndarray:
+    """RGB ``(layers, kv_heads, 3)``: the role's colour, faded towards white at low confidence
+    (a head the probe barely told apart should not look as certain as a clear one)."""
+    colors = np.array([to_rgb(ROLE_COLORS[name]) for name in EVIDENCE_ORDER])
+    index = np.vectorize(EVIDENCE_ORDER.index)(roles.roles)
+    strength = 0.3 + 0.7 * np.clip(roles.confidence, 0.0, 1.0)[..., None]
+    return 1.0 - strength * (1.0 - colors[index])
+
+
+def plot_head_roles(metrics: HeadMetrics, roles: HeadRoles) -> Figure:
+    """Layers x KV heads: the role of each head (colour; paler = less confident, the
+    confidence written in the cell) and its recall at the policy budget (share of its
+    attention on the newest ``budget`` tokens)."""
+    num_layers, kv_heads = metrics.shape
+    with _style():
+        fig = Figure(figsize=(min(max(6.5, 1.1 * kv_heads + 4.5), 16.0),
+                              min(max(3.6, 0.24 * num_layers + 2.0), 11.0)), layout="constrained")
+        grid = fig.add_gridspec(1, 3, width_ratios=(max(kv_heads, 2), max(kv_heads, 2), 0.35), wspace=0.08)
+        role_ax = fig.add_subplot(grid[0])
+        recall_ax = fig.add_subplot(grid[1])
+        bar_ax = fig.add_subplot(grid[2])
+        _titles(fig, role_ax, "What each KV head does",
+                f"role per KV head (mean of {metrics.group_size} query head(s)); recall of the newest "
+                f"{metrics.budget} tokens (probe window {metrics.window})")
+        if num_layers == 0 or kv_heads == 0:
+            _no_data(role_ax, "no heads")
+            recall_ax.set_visible(False)
+            bar_ax.set_visible(False)
+            return _finish(fig)
+        role_ax.imshow(_role_image(roles), aspect="auto", interpolation="nearest",
+                       extent=(0, kv_heads, num_layers, 0), gid="head-roles")
+        if roles.roles.size <= 400:
+            for (layer, head), conf in np.ndenumerate(roles.confidence):
+                role_ax.text(head + 0.5, layer + 0.5, f"{conf:.2f}", ha="center", va="center", fontsize=7,
+                             color="0.1")
+        role_ax.set_xlim(0, kv_heads)
+        role_ax.set_ylim(num_layers, 0)
+        role_ax.set_xticks(np.arange(kv_heads) + 0.5, [str(h) for h in range(kv_heads)])
+        role_ax.set_xlabel("KV head")
+        role_ax.set_ylabel("layer (0 = shallowest)")
+        _layer_ticks(role_ax, num_layers, centred=True)
+        handles = [Rectangle((0, 0), 1, 1, color=ROLE_COLORS[name], label=name) for name in ROLE_COLORS]
+        fig.legend(handles=handles, loc="outside lower left", ncol=3, fontsize=8, title="role (paler = less confident)",
+                   title_fontsize=8)
+        values = np.asarray(metrics.budget_recall, dtype=np.float64)
+        sns.heatmap(values, ax=recall_ax, cmap=_cmap(), vmin=0.0, vmax=1.0, mask=~np.isfinite(values),
+                    annot=values.size <= 400, fmt=".2f", annot_kws={"fontsize": 7},
+                    xticklabels=True, yticklabels=False, linewidths=0.4 if values.size <= 600 else 0.0,
+                    linecolor="white", cbar_ax=bar_ax, cbar_kws={"label": "recall at the budget"})
+        recall_ax.set_facecolor(MISSING)
+        recall_ax.set_xlabel("KV head")
+        recall_ax.tick_params(labelleft=False)
+    return _finish(fig)
+
+
+def save_head_figure(metrics: HeadMetrics, roles: HeadRoles, folder: str | Path, *, dpi: int = DPI) -> Path:
+    """Write :func:`plot_head_roles` as ``head_roles.png`` into ``folder`` (atomically)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    fig = plot_head_roles(metrics, roles)
+    try:
+        return _save_png(fig, folder / f"{HEAD_FIGURE_NAME}.png", dpi)
+    finally:
+        _close(fig)
 
 
 # -- writing ------------------------------------------------------------------------------

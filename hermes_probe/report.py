@@ -6,6 +6,7 @@ import numpy as np
 
 from hermes_policy.policy import TIERS, Policy
 
+from .heads import EVIDENCE_ORDER, WINDOW_RECALL, HeadMetrics, HeadRoles, mixed_layers
 from .metrics import ProfileMetrics
 from .tiers import TierFit
 
@@ -74,7 +75,52 @@ def findings(metrics: ProfileMetrics, fit: TierFit) -> list[str]:
     return lines
 
 
-def render_report(policy: Policy, metrics: ProfileMetrics, fit: TierFit, failed: dict[str, str]) -> str:
+def head_findings(metrics: HeadMetrics, roles: HeadRoles) -> list[str]:
+    """Plain-language statements of the per-KV-head classification."""
+    layers, kv_heads = metrics.shape
+    counts = {role: int((roles.roles == role).sum()) for role in EVIDENCE_ORDER}
+    mixed = mixed_layers(roles)
+    lines = [
+        f"KV heads ({kv_heads} per layer, each the mean of its {metrics.group_size} query head(s)): "
+        + ", ".join(f"{counts[r]} {r}" for r in ("streaming", "anchor", "retrieval"))
+        + f"; median confidence {float(np.median(roles.confidence)):.2f}.",
+        f"Layers whose KV heads have different roles: {_ranges(mixed)}.",
+    ]
+    if metrics.budget >= metrics.window:
+        lines.append(f"The policy budget ({metrics.budget} tokens) covers the whole probe window "
+                     f"({metrics.window} tokens): recall at the budget is 1 for every head.")
+    return lines
+
+
+def head_section(metrics: HeadMetrics, roles: HeadRoles) -> list[str]:
+    """The report's per-KV-head table (markdown lines)."""
+    lines = [
+        "## Per KV head",
+        "",
+        *[f"- {line}" for line in head_findings(metrics, roles)],
+        "",
+        f"Recall at budget: share of the head's attention on the newest {metrics.budget} tokens; "
+        f"window for {int(WINDOW_RECALL * 100)}%: newest tokens (whole frames) holding that share.",
+        "",
+        "| layer | KV head | role | confidence | recency share | decay/token | periodicity | anchor | "
+        "top-1% | recall at budget | window for 90% |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    layers, kv_heads = metrics.shape
+    for layer in range(layers):
+        for head in range(kv_heads):
+            at = (layer, head)
+            lines.append(
+                f"| {layer} | {head} | {roles.roles[at]} | {roles.confidence[at]:.2f} | "
+                f"{metrics.recency_share[at]:.3f} | {metrics.decay_rate[at]:.2e} | {metrics.periodicity[at]:.3f} | "
+                f"{metrics.anchor_phase[at]} (x{metrics.anchor_strength[at]:.1f}) | {metrics.top_mass[at]:.3f} | "
+                f"{metrics.budget_recall[at]:.3f} | {metrics.needed_window[at]} |"
+            )
+    return lines
+
+
+def render_report(policy: Policy, metrics: ProfileMetrics, fit: TierFit, failed: dict[str, str],
+                  heads: tuple[HeadMetrics, HeadRoles] | None = None) -> str:
     probe = policy.provenance.get("probe", {})
     lines = [
         f"# hermes-probe report: {policy.model.name_or_path}",
@@ -102,6 +148,8 @@ def render_report(policy: Policy, metrics: ProfileMetrics, fit: TierFit, failed:
             f"{metrics.entropy[i]:.3f} | {metrics.top_mass[i]:.3f} | {layer.recency_weight:.2f} | "
             f"{layer.forgetting_rate:.1f} | {layer.smoothing:.2f} |"
         )
+    if heads is not None:
+        lines += ["", *head_section(*heads)]
     if failed:
         lines += ["", "## Streams that could not be probed", ""]
         lines += [f"- {name}: {reason}" for name, reason in failed.items()]

@@ -29,6 +29,7 @@ from hermes_policy.policy import Guidance, ModelInfo, Policy
 from hermes_policy.retention import FifoRetention
 from hermes_policy.session import StreamingSession
 
+from .heads import analyze_heads, head_provenance, head_table, with_heads
 from .metrics import ProfileMetrics, compute_metrics
 from .profiles import AttentionProfile
 from .recorder import AttentionRecorder
@@ -204,13 +205,18 @@ def record_streams(
 
 def analyze_profile(
     profile: AttentionProfile, model: ModelInfo, budget: int = 4000, reindex: str = "lazy",
-    source: str = "the recorded profile",
+    source: str = "the recorded profile", per_head: bool = False,
 ) -> tuple[ProfileMetrics, TierFit, Policy]:
     """Metrics, tiers and policy from a recorded profile (no model needed).
 
     A degenerate profile (no probes, NaN, zeros, a window under two frames) is refused
-    with its reason rather than turned into a policy full of ``nan``."""
+    with its reason rather than turned into a policy full of ``nan``. With ``per_head`` the
+    policy is a ``hermes-policy/2`` one: every layer entry gets its KV heads' roles and
+    parameters (:mod:`hermes_probe.heads`)."""
     profile.check_usable(source)
+    if profile.num_heads != model.num_heads:
+        raise ProbeError(f"{source} was recorded with {profile.num_heads} heads per layer, "
+                         f"the model has {model.num_heads}")
     metrics = compute_metrics(profile)
     fit = best_contiguous_split(role_scores(metrics))
     layers = layer_parameters(metrics, fit, budget)
@@ -241,6 +247,10 @@ def analyze_profile(
             },
         },
     }
+    if per_head:
+        head_metrics, roles = analyze_heads(profile, model, budget)
+        layers = with_heads(layers, head_metrics, roles)
+        provenance["probe"]["heads"] = head_provenance(head_metrics, roles)
     policy = Policy(model, budget, dict(fit.tiers), layers, Guidance(), reindex, provenance)
     return metrics, fit, policy
 
@@ -255,6 +265,7 @@ def analyze(
     force: bool = False,
     progress: bool = True,
     figures: bool = True,
+    per_head: bool = False,
 ) -> ProbeResult:
     """Probe ``streams`` and write ``policy.json``, ``profiles.npz``, ``metrics.json``,
     ``report.md`` and figures into ``out_dir``.
@@ -272,7 +283,7 @@ def analyze(
         clear_outputs(out)
     out.mkdir(parents=True, exist_ok=True)
     profile, failed = record_streams(adapter, streams, config, profile_path, progress=progress)
-    metrics, fit, policy = analyze_profile(profile, model_info(adapter), budget=policy_budget)
+    metrics, fit, policy = analyze_profile(profile, model_info(adapter), budget=policy_budget, per_head=per_head)
     from hermes_policy.evaluation.manifest import run_manifest
     from hermes_policy.retention import FifoRetention
 
@@ -316,20 +327,25 @@ def write_outputs(
     """Everything but the profile; the policy last, so its presence means a finished run.
 
     ``manifest``: the run's manifest (:func:`hermes_policy.evaluation.manifest.run_manifest`), written
-    at the top of ``metrics.json``."""
+    at the top of ``metrics.json``. The per-KV-head analysis (roles, recall at the policy's
+    budget) is written with every run, into ``metrics.json``, the report and a figure; only
+    a ``--per-head`` policy carries it into the policy itself."""
     from .report import render_report
 
+    head_metrics, roles = analyze_heads(profile, policy.model, policy.budget)
     write_json_atomic(
         out / "metrics.json",
         {"manifest": manifest, "layers": metrics.layer_table(), "head_periodicity": metrics.head_periodicity,
-         "head_recency_share": metrics.head_recency_share, "tier_fit": {
+         "head_recency_share": metrics.head_recency_share, "kv_heads": head_table(head_metrics, roles),
+         "tier_fit": {
              "tiers": fit.tiers, "levels": fit.levels, "r2": fit.r2, "roles": fit.roles,
              "mismatches": fit.mismatches}, "failed_streams": failed,
          "streams": profile.meta.get("streams", [])},
     )
-    write_text_atomic(out / "report.md", render_report(policy, metrics, fit, failed))
+    write_text_atomic(out / "report.md", render_report(policy, metrics, fit, failed, heads=(head_metrics, roles)))
     if figures:
-        from .figures import save_figures
+        from .figures import save_figures, save_head_figure
 
         save_figures(profile, metrics, fit, out / "figures")
+        save_head_figure(head_metrics, roles, out / "figures")
     policy.save(out / "policy.json")

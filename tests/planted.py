@@ -44,8 +44,10 @@ alone, whose shape is set by the frequency and the angle.
 
 With the defaults (``head_dim`` 16, ``rope_theta`` 1e4, ``span`` 400) the recency pair is
 ``j = 6`` (``w = 1e-3``, 0.4 rad over the span) and the anchor pair ``j = 7``
-(``w = 3.2e-4``). All heads of a layer are identical; values are random (irrelevant:
-``o_proj`` is zero).
+(``w = 3.2e-4``). All heads of a layer are identical unless the layout gives the layer one
+kind per KV head (planted head roles): then KV head ``j``'s key bias and anchor column, and
+the query biases of its group (query heads ``j * H/K .. (j + 1) * H/K - 1``), are that
+kind's. Values are random (irrelevant: ``o_proj`` is zero).
 """
 
 from __future__ import annotations
@@ -83,9 +85,19 @@ def planted_pairs(head_dim: int, rope_theta: float, span: int) -> tuple[int, int
     return recency_pair, anchor_pair
 
 
+def _kinds_per_kv_head(kind: str | tuple[str, ...], num_kv_heads: int) -> tuple[str, ...]:
+    kinds = (kind,) * num_kv_heads if isinstance(kind, str) else tuple(kind)
+    if len(kinds) != num_kv_heads:
+        raise ValueError(f"{len(kinds)} head kinds for {num_kv_heads} KV heads")
+    unknown = set(kinds) - set(KINDS)
+    if unknown:
+        raise ValueError(f"unknown layer kinds {sorted(unknown)}; use {KINDS}")
+    return kinds
+
+
 def planted_llama(
     folder: Path,
-    layout: dict[int, str],
+    layout: dict[int, str | tuple[str, ...]],
     *,
     anchor_token_id: int | None = None,
     frame_period: int = 16,
@@ -105,7 +117,8 @@ def planted_llama(
     Parameters
     ----------
     folder : where to save
-    layout : ``{layer: kind}`` for layers ``0..L-1``, kind in :data:`KINDS`
+    layout : ``{layer: kind}`` for layers ``0..L-1``, kind in :data:`KINDS`, or a tuple of
+        one kind per KV head (heads with different planted roles inside one layer)
     anchor_token_id : the per-frame anchor token (default ``<|video_pad|>``)
     frame_period : tokens per frame of the streams it is meant for (recorded in
         ``planted.json`` with the rest of the ground truth; the weights do not depend on it)
@@ -120,9 +133,7 @@ def planted_llama(
     layers = len(layout)
     if sorted(layout) != list(range(layers)) or layers == 0:
         raise ValueError(f"layout must name every layer 0..L-1, got {sorted(layout)}")
-    unknown = set(layout.values()) - set(KINDS)
-    if unknown:
-        raise ValueError(f"unknown layer kinds {sorted(unknown)}; use {KINDS}")
+    head_kinds = {i: _kinds_per_kv_head(kind, num_kv_heads) for i, kind in layout.items()}
     tokenizer = byte_tokenizer()
     anchor_id = default_anchor_token_id() if anchor_token_id is None else int(anchor_token_id)
     head_dim = hidden_size // num_heads
@@ -144,7 +155,6 @@ def planted_llama(
     model = LlamaForCausalLM(config).float()
     freqs = rope_frequencies(head_dim, rope_theta)
     recency_pair, anchor_pair = planted_pairs(head_dim, rope_theta, span)
-    half = head_dim // 2
     centre = span / 2
     channel = hidden_size - 1  # the anchor channel
 
@@ -158,7 +168,6 @@ def planted_llama(
         anchor_normed = 1.0 / math.sqrt(1.0 / hidden_size + config.rms_norm_eps)
 
         for index, layer in enumerate(model.model.layers):
-            kind = layout[index]
             attn, mlp = layer.self_attn, layer.mlp
             for proj in (attn.q_proj, attn.k_proj, attn.o_proj):
                 proj.weight.zero_()
@@ -166,34 +175,21 @@ def planted_llama(
             mlp.down_proj.weight.zero_()
             layer.input_layernorm.weight.fill_(1.0)
 
-            decay = {"recency": recency_decay, "mixed": mixed_decay}.get(kind, 0.0)
-            logit = {"anchor": anchor_logit, "mixed": mixed_anchor_logit}.get(kind, 0.0)
-            q = torch.zeros(head_dim, dtype=torch.float64)
-            k = torch.zeros(head_dim, dtype=torch.float64)
-            if decay > 0:
-                # score = r^2 cos(w D + angle); slope -r^2 w / sqrt(hd) at the centre.
-                w = float(freqs[recency_pair])
-                r = math.sqrt(decay * math.sqrt(head_dim) / w)
-                angle = math.pi / 2 - w * centre
-                q[recency_pair], q[recency_pair + half] = r * math.cos(angle), r * math.sin(angle)
-                k[recency_pair] = r  # key at angle 0
-            anchor_column = torch.zeros(head_dim, dtype=torch.float64)
-            if logit > 0:
-                # anchor key (1, 0) in the anchor pair; score = q_r cos(w D + angle), peak at the centre.
-                w = float(freqs[anchor_pair])
-                q_r = logit * math.sqrt(head_dim)
-                angle = -w * centre
-                q[anchor_pair], q[anchor_pair + half] = q_r * math.cos(angle), q_r * math.sin(angle)
-                anchor_column[anchor_pair] = 1.0 / anchor_normed
-            attn.q_proj.bias.copy_(q.repeat(num_heads).float())
-            attn.k_proj.bias.copy_(k.repeat(num_kv_heads).float())
-            attn.k_proj.weight[:, channel] = anchor_column.repeat(num_kv_heads).float()
+            group = num_heads // num_kv_heads
+            vectors = [
+                _head_vectors(kind, head_dim, freqs, recency_pair, anchor_pair, centre, anchor_normed,
+                              recency_decay, mixed_decay, anchor_logit, mixed_anchor_logit)
+                for kind in head_kinds[index]
+            ]
+            attn.q_proj.bias.copy_(torch.cat([vectors[h // group][0] for h in range(num_heads)]).float())
+            attn.k_proj.bias.copy_(torch.cat([v[1] for v in vectors]).float())
+            attn.k_proj.weight[:, channel] = torch.cat([v[2] for v in vectors]).float()
 
     folder = Path(folder)
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     truth = {
-        "layout": {str(i): layout[i] for i in range(layers)},
+        "layout": {str(i): layout[i] if isinstance(layout[i], str) else list(layout[i]) for i in range(layers)},
         "anchor_token_id": anchor_id,
         "frame_period": frame_period,
         "span": span,
@@ -206,6 +202,35 @@ def planted_llama(
     }
     (folder / "planted.json").write_text(json.dumps(truth, indent=2))
     return folder
+
+
+def _head_vectors(
+    kind: str, head_dim: int, freqs: torch.Tensor, recency_pair: int, anchor_pair: int, centre: float,
+    anchor_normed: float, recency_decay: float, mixed_decay: float, anchor_logit: float,
+    mixed_anchor_logit: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(query bias, key bias, anchor column of ``k_proj``) of one head of ``kind``, each ``(head_dim,)``."""
+    half = head_dim // 2
+    decay = {"recency": recency_decay, "mixed": mixed_decay}.get(kind, 0.0)
+    logit = {"anchor": anchor_logit, "mixed": mixed_anchor_logit}.get(kind, 0.0)
+    q = torch.zeros(head_dim, dtype=torch.float64)
+    k = torch.zeros(head_dim, dtype=torch.float64)
+    if decay > 0:
+        # score = r^2 cos(w D + angle); slope -r^2 w / sqrt(hd) at the centre.
+        w = float(freqs[recency_pair])
+        r = math.sqrt(decay * math.sqrt(head_dim) / w)
+        angle = math.pi / 2 - w * centre
+        q[recency_pair], q[recency_pair + half] = r * math.cos(angle), r * math.sin(angle)
+        k[recency_pair] = r  # key at angle 0
+    anchor_column = torch.zeros(head_dim, dtype=torch.float64)
+    if logit > 0:
+        # anchor key (1, 0) in the anchor pair; score = q_r cos(w D + angle), peak at the centre.
+        w = float(freqs[anchor_pair])
+        q_r = logit * math.sqrt(head_dim)
+        angle = -w * centre
+        q[anchor_pair], q[anchor_pair + half] = q_r * math.cos(angle), q_r * math.sin(angle)
+        anchor_column[anchor_pair] = 1.0 / anchor_normed
+    return q, k, anchor_column
 
 
 def planted_frames(
