@@ -410,8 +410,8 @@ def export(
         help="Write the stream tokens of every KV head (JSON, format hermes-head-budgets/1).")] = None,
 ) -> None:
     """Export a policy's head patterns for other tools (see docs/heads.md)."""
-    from hermes_policy.fileio.atomic import write_json_atomic, write_text_atomic
     from hermes_policy.errors import OutputError
+    from hermes_policy.fileio.atomic import write_json_atomic, write_text_atomic
     from hermes_policy.policy import Policy
     from hermes_probe.export import duo_attention_tsv, head_budgets
 

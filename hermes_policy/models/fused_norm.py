@@ -13,6 +13,7 @@ the input dtype. The result equals the original up to float32 summation order.
 from __future__ import annotations
 
 import weakref
+
 import torch
 import torch.nn.functional as F
 from torch import nn

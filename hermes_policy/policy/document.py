@@ -1,8 +1,8 @@
 """The policy JSON (schemas ``hermes-policy/1`` and ``/2``): the only interface from probe to runtime.
 
 A policy is data, never code. It is validated field by field when loaded and before it is
-written, and checked against the model it is used with. :func:`paper_default` builds the
-paper's 10/60/30 setting for any layer count (METHOD.md sections 3-5).
+written, and checked against the model it is used with. :func:`~hermes_policy.policy.paper.paper_default` builds
+the paper's 10/60/30 setting for any layer count (METHOD.md sections 3-5).
 
 Schema 2 (``hermes-probe analyze --per-head``) is schema 1 plus a ``heads`` list in every
 layer entry, one item per KV head (docs/heads.md): its role, its memory (a fixed window for
@@ -17,7 +17,6 @@ import json
 import math
 import string
 from dataclasses import asdict, dataclass, field, replace
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -43,14 +42,6 @@ GUIDANCE_GLOBAL = (
     "Summarize the video narrative, identifying main characters, key events, timeline changes, "
     "and the overall theme."
 )
-
-# Paper constants (METHOD.md sections 3-4).
-PAPER_TIER_FRACTIONS = (0.1, 0.6, 0.3)
-PAPER_SMOOTHING = {"sensory": 0.1, "working": 0.3, "long_term": 0.4}
-PAPER_FORGETTING_SHALLOW = 20.0
-PAPER_FORGETTING_MIDDLE_END = 8.0
-PAPER_W0, PAPER_G = 0.75, 0.6
-
 
 @dataclass(frozen=True)
 class ModelInfo:
@@ -268,92 +259,6 @@ def _scaled_layer(layer: LayerPolicy, scale: float, tokens_per_frame: int, num_k
         i = max(range(len(heads)), key=lambda j: heads[j].window or 0)
         heads[i] = replace(heads[i], window=heads[i].window - 1)
     return replace(layer, budget=budget, heads=tuple(heads))
-
-
-def tier_ranges(tier_of_layer: list[str]) -> dict[str, tuple[int, int]]:
-    """Inclusive ranges of a contiguous sensory/working/long-term assignment."""
-    ranges = {}
-    for name in TIERS:
-        idx = [i for i, t in enumerate(tier_of_layer) if t == name]
-        if not idx:
-            raise PolicyError(f"tier {name!r} has no layers")
-        ranges[name] = (idx[0], idx[-1])
-    return ranges
-
-
-def paper_tiers(num_layers: int) -> dict[str, tuple[int, int]]:
-    """The paper's 10% / 60% / 30% split, each tier at least one layer."""
-    if num_layers < 3:
-        raise PolicyError(f"a model needs at least 3 layers for three tiers, got {num_layers}")
-    n_sensory = max(1, round(PAPER_TIER_FRACTIONS[0] * num_layers))
-    n_long = max(1, round(PAPER_TIER_FRACTIONS[2] * num_layers))
-    n_long = min(n_long, num_layers - n_sensory - 1)
-    first_long = num_layers - n_long
-    return {
-        "sensory": (0, n_sensory - 1),
-        "working": (n_sensory, first_long - 1),
-        "long_term": (first_long, num_layers - 1),
-    }
-
-
-def split_budget(weights: list[float], per_layer: int) -> list[int]:
-    """Layer-dependent budgets (METHOD.md section 6).
-
-    ``m_l = floor(w_l / sum(w) * per_layer * L)``; the rounding remainder goes to the last
-    layer, so the total is exactly ``per_layer * L``.
-    """
-    total = per_layer * len(weights)
-    weight_sum = float(sum(weights))
-    if weight_sum <= 0 or any(w < 0 for w in weights):
-        raise ValueError("budget weights must be non-negative with a positive sum")
-    budgets = [math.floor(w / weight_sum * total) for w in weights]
-    budgets[-1] += total - sum(budgets)
-    return budgets
-
-
-def paper_default(
-    model: ModelInfo,
-    budget: int = 4000,
-    reindex: str = "lazy",
-    budget_weights: list[float] | None = None,
-) -> Policy:
-    """The paper's setting for any layer count (METHOD.md sections 3-5).
-
-    Sensory layers: pure recency (w = 1, k = 20). Working layers: w falls linearly from
-    w0 = 0.75 to w0 - g = 0.15 across the tier (the paper's formula) and k from 20 to 8
-    (the official code's Qwen setting, whose w endpoints match the paper's). Long-term
-    layers: pure attention (w = 0) with a summary token. Smoothing 0.1 / 0.3 / 0.4. With
-    ``budget_weights`` (one per layer) the total ``budget * layers`` is split by weight
-    (METHOD.md section 6).
-    """
-    tiers = paper_tiers(model.num_layers)
-    if budget_weights is not None and len(budget_weights) != model.num_layers:
-        raise PolicyError(f"{len(budget_weights)} budget weights for {model.num_layers} layers")
-    budgets = split_budget(budget_weights, budget) if budget_weights else [budget] * model.num_layers
-    w_start, w_end = tiers["working"]
-    layers = []
-    for index in range(model.num_layers):
-        tier = next(name for name, (a, b) in tiers.items() if a <= index <= b)
-        if tier == "sensory":
-            w, k = 1.0, PAPER_FORGETTING_SHALLOW
-        elif tier == "working":
-            frac = 0.0 if w_end == w_start else (index - w_start) / (w_end - w_start)
-            w = PAPER_W0 - PAPER_G * frac
-            k = PAPER_FORGETTING_SHALLOW + (PAPER_FORGETTING_MIDDLE_END - PAPER_FORGETTING_SHALLOW) * frac
-        else:
-            w, k = 0.0, PAPER_FORGETTING_MIDDLE_END
-        layers.append(
-            LayerPolicy(
-                index=index, tier=tier, recency_weight=round(w, 6), forgetting_rate=round(k, 6),
-                smoothing=PAPER_SMOOTHING[tier], budget=budgets[index], summary_token=tier == "long_term",
-            )
-        )
-    provenance = {
-        "created_by": "hermes-probe 0.1.0",
-        "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "source": "paper-default",
-    }
-    return Policy(model, budget, tiers, layers, Guidance(), reindex, provenance)
 
 
 # -- validation ------------------------------------------------------------------------
