@@ -103,7 +103,7 @@ def counting_attention(counter: OperatorCount) -> Iterator[None]:
     its counts say nothing about launches on a GPU and are reported apart."""
     from transformers import AttentionInterface
 
-    from hermes_policy.attention.ragged import ragged as attention
+    from hermes_policy.attention import ragged as attention
     from hermes_policy.graphs import static_forward
 
     original = attention.ragged_attention

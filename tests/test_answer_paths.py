@@ -140,7 +140,7 @@ def test_static_answers_follow_a_growing_cache(tiny_adapter):
 @pytest.mark.parametrize("fewer_kernels", [True, False])
 def test_static_answers_attend_over_a_window_not_the_whole_buffer(tiny_adapter, monkeypatch, fewer_kernels):
     """Spare buffer capacity is not read: attention sees the slots the answer can reach."""
-    from hermes_policy.attention.ragged import ragged as attention
+    from hermes_policy.attention import ragged as attention
     from hermes_policy.graphs import static_forward
     from hermes_policy.graphs.answer_graphs import WINDOW_QUANTUM
 

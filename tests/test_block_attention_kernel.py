@@ -9,7 +9,7 @@ import pytest
 import torch
 from test_split_kv_attention import run_interpreted
 
-from hermes_policy.attention.ragged import ragged as attention
+from hermes_policy.attention import ragged as attention
 from hermes_policy.kernels import block_attention_kernel
 from hermes_policy.kernels import switch as kernel_switch
 from hermes_policy.kernels.block_attention_kernel import available, block_bounds

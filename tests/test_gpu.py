@@ -150,7 +150,7 @@ def test_split_chunk_attention_on_cuda(monkeypatch):
     log-sum-exp) against float32 attention over all keys, on strided cache views."""
     import torch.nn.functional as F
 
-    from hermes_policy.attention.ragged import ragged as attention
+    from hermes_policy.attention import ragged as attention
 
     monkeypatch.setattr(attention, "SPLIT_SHAPES", attention.ShapeCounter(after=0))
     g = torch.Generator(device="cuda").manual_seed(0)

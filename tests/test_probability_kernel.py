@@ -8,7 +8,7 @@ import pytest
 import torch
 from test_split_kv_attention import run_interpreted
 
-from hermes_policy.attention.ragged import ragged as attention
+from hermes_policy.attention import ragged as attention
 from hermes_policy.kernels import probability_kernel
 from hermes_policy.kernels import switch as kernel_switch
 from hermes_policy.kernels.probability_kernel import available

@@ -17,7 +17,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from hermes_policy.attention.ragged import ragged as attention
+from hermes_policy.attention import ragged as attention
 from hermes_policy.kernels import split_kv_attention
 from hermes_policy.kernels import switch as kernel_switch
 from hermes_policy.kernels.split_kv_attention import available, launch_shape
@@ -83,7 +83,7 @@ def test_answer_forwards_with_the_kernel_equal_them_without():
         import torch
         from test_static_forward import assert_forwards_close, both_forwards
 
-        from hermes_policy.attention.ragged import ragged as attention
+        from hermes_policy.attention import ragged as attention
 
         from hermes_policy.kernels import split_kv_attention
         from hermes_policy.models.random_shapes import build_random_adapter
