@@ -5,7 +5,7 @@ any question (32 + 56 rows) and after one (64 + 112).
 
 - the block attention as the ingest forward runs it (``lead_and_blocks_attention``, lead
   unread), without a capture and with the weighted capture of the first block's
-  probabilities, by score products (``HERMES_PROBABILITY_KERNEL=0``) and by the Triton
+  probabilities, by score products (``probability_kernel=False``) and by the Triton
   probability kernel (``hermes_policy/kernels/probability_kernel.py``) at several launch shapes;
 - its parts: flash over the keys before the blocks, the blocks' own keys;
 - the split-key kernel of the answers (``hermes_policy/kernels/split_kv_attention.py``) in place
@@ -15,7 +15,7 @@ any question (32 + 56 rows) and after one (64 + 112).
   kernel (``hermes_policy/kernels/block_attention_kernel.py``: the blocks' rows in one cuDNN call
   with the chunk's over the cache, then one pass over the chunk's keys and their own
   block; by default over every key, in ranges walked at once) and without it
-  (``HERMES_BLOCK_KERNEL=0``), next to the chunk's attention alone; the kernel alone at
+  (``block_attention_kernel=False``), next to the chunk's attention alone; the kernel alone at
   several launch shapes.
 
 Output of the run on an H200:
@@ -33,6 +33,7 @@ import functools
 import itertools
 import os
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -41,8 +42,8 @@ import triton
 sys.path.insert(0, str(Path(__file__).parent))
 from profile_efficiency import graph_ms  # noqa: E402
 
+from hermes_policy import options  # noqa: E402
 from hermes_policy.attention.ragged import (  # noqa: E402
-    BLOCKS_WITH_CHUNK,
     attention_with_lse,
     causal_attention,
     lead_and_blocks_attention,
@@ -64,16 +65,23 @@ def us(fn) -> str:
     return f"{1e3 * graph_ms(fn):7.1f} us"
 
 
-def with_switch(value: str, fn, switch: str = probability_kernel.ENV_SWITCH):
+def with_switch(value: str, fn, switch: str = "probability_kernel"):
     def run():
-        os.environ[switch] = value
+        options.apply(replace(options.current(), **{switch: value == "1"}))
         return fn()
 
     return run
 
 
+def set_paths(block_kernel: bool, blocks_with_chunk: bool) -> None:
+    """The block attention kernel on or off, the blocks' rows with the chunk's cuDNN call or not."""
+    options.apply(replace(options.current(), block_attention_kernel=block_kernel, blocks_with_chunk=blocks_with_chunk))
+    # attention/ragged.py reads this variable until it reads the option (issue 26, item 2)
+    os.environ["HERMES_BLOCKS_WITH_CHUNK"] = "1" if blocks_with_chunk else "0"
+
+
 def measure(blocks: list[int]) -> None:
-    os.environ[block_attention_kernel.ENV_SWITCH] = "0"  # the parts of the plain path
+    options.apply(replace(options.current(), block_attention_kernel=False))  # the parts of the plain path
     seen = CACHE + LEAD
     total = seen + sum(blocks)
     query = torch.randn(1, LEAD + sum(blocks), 28, 128, dtype=torch.bfloat16, device="cuda").transpose(1, 2)
@@ -87,10 +95,10 @@ def measure(blocks: list[int]) -> None:
     captured = functools.partial(block, (0, blocks[0]), True, False, weights)
     print(f"  ... weighted capture by score products             {us(with_switch('0', captured))}")
     print(f"  ... weighted capture by the probability kernel     {us(with_switch('1', captured))}")
-    os.environ[probability_kernel.ENV_SWITCH] = "0"
-    _, plain = captured()
-    os.environ[probability_kernel.ENV_SWITCH] = "1"
-    _, fused = captured()
+    with options.applied(probability_kernel=False):
+        _, plain = captured()
+    with options.applied(probability_kernel=True):
+        _, fused = captured()
     print(f"      largest difference {(plain - fused).abs().max().item():.2e} (probabilities up to {plain.max().item():.2e})")
     out, lse_seen = unmasked_attention_with_lse(rows, key[:, :, :seen], value[:, :, :seen], SCALE)
     _, lse_own = own_blocks_attention(rows, key[:, :, seen:], value[:, :, seen:], blocks, SCALE)
@@ -122,7 +130,6 @@ def measure_layer(blocks: list[int]) -> None:
     buf = torch.randn(2, 1, 4, total + 512, 128, dtype=torch.bfloat16, device="cuda")
     key, value = buf[0][:, :, :total], buf[1][:, :, :total]
     weights = torch.full((blocks[0],), 1 / blocks[0], device="cuda")
-    switch = block_attention_kernel.ENV_SWITCH
     print(f"== a layer's attention: blocks {blocks} after a lead of {LEAD} over a cache of {CACHE} (per layer, in a graph)")
     chunk = functools.partial(causal_attention, query[:, :, :LEAD], key[:, :, :seen], value[:, :, :seen], SCALE)
     print(f"  the chunk alone (no blocks)                           {us(chunk)}")
@@ -138,7 +145,7 @@ def measure_layer(blocks: list[int]) -> None:
             "block kernel after the chunk's cuDNN call": ("1", "1"),
         }
         for label, (kernel_on, with_chunk) in variants.items():
-            os.environ[switch], os.environ[BLOCKS_WITH_CHUNK] = kernel_on, with_chunk
+            set_paths(kernel_on == "1", with_chunk == "1")
             print(f"  {name}, first block captured, {label:44s} {us(layer)}")
             out, probs = layer()
             rows = slice(0 if lead_read else LEAD, None)
@@ -150,7 +157,7 @@ def measure_layer(blocks: list[int]) -> None:
                 f"      {label}: largest difference: output {(out0 - out1).abs().max().item():.2e} (bf16),"
                 f" probabilities {(probs0 - probs1).abs().max().item():.2e} (up to {probs0.max().item():.2e})"
             )
-    os.environ[switch], os.environ[BLOCKS_WITH_CHUNK] = "1", "0"
+    set_paths(True, False)
     cache = CACHE
     rows = query[:, :, LEAD:]
     out_cache, lse_cache = attention_with_lse(query, key[:, :, :cache], value[:, :, :cache], SCALE, causal=False)

@@ -20,8 +20,8 @@ import warnings
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass
-from typing import Any, Literal
+from dataclasses import dataclass, replace
+from typing import Any
 
 import numpy as np
 import torch
@@ -38,10 +38,8 @@ from hermes_policy.errors import StreamError
 from hermes_policy.graphs.answer_graphs import AnswerGraphs
 from hermes_policy.graphs.chunk_graphs import ChunkGraphs
 from hermes_policy.models.base import DEFAULT_SYSTEM_PROMPT, ModelAdapter, StreamPiece
+from hermes_policy.options import ANSWER_PATHS, RuntimeOptions, apply
 from hermes_policy.retention import FullRetention, GuidanceRequest, RetentionRule, SelectContext
-
-AnswerPath = Literal["graphs", "static", "eager"]
-ANSWER_PATHS: tuple[str, ...] = ("graphs", "static", "eager")
 
 
 @dataclass
@@ -216,17 +214,21 @@ class StreamingSession:
     max_new_tokens : default answer length limit
     history_limit : question/answer pairs kept as text (the HERMES guidance prompts use the
         last one); older ones are dropped so a session never grows
-    answer_path : how :meth:`ask` runs the model: ``"graphs"`` (fixed shapes replayed as
-        CUDA graphs, see :mod:`hermes_policy.graphs.answer_graphs`; the default on CUDA),
-        ``"static"`` (the same fixed-shape code without graphs; the default for a model
-        split over several GPUs) or ``"eager"`` (one ordinary forward per token; the
-        default elsewhere)
     fuse_guidance : run a rule's pseudo-queries in the same forward as the chunk that
         triggers compression (one pass over the weights instead of two; the result is
         the same up to rounding)
-    ingest_graphs : replay recurring ingest forwards (a bounded rule's steady state) as
-        CUDA graphs (see :mod:`hermes_policy.graphs.chunk_graphs`); default: where answers use
-        graphs
+    options : the speed paths (:class:`~hermes_policy.options.RuntimeOptions`; default:
+        :meth:`RuntimeOptions.from_env`, the defaults with the environment's overrides).
+        ``options.answer_path`` is how :meth:`ask` runs the model: ``"graphs"`` (fixed
+        shapes replayed as CUDA graphs, see :mod:`hermes_policy.graphs.answer_graphs`; the
+        default on CUDA), ``"static"`` (the same fixed-shape code without graphs; the
+        default for a model split over several GPUs) or ``"eager"`` (one ordinary forward
+        per token; the default elsewhere). ``options.ingest_graphs`` replays recurring
+        ingest forwards (a bounded rule's steady state) as CUDA graphs (see
+        :mod:`hermes_policy.graphs.chunk_graphs`); default: where answers use graphs. The
+        kernel switches are process-wide: the session applies them
+        (:func:`hermes_policy.options.apply`), for every session in the process.
+        :attr:`options` holds them with the automatic choices resolved.
     """
 
     def __init__(
@@ -240,12 +242,16 @@ class StreamingSession:
         reindex_margin: int = 1024,
         max_new_tokens: int = 64,
         history_limit: int = 16,
-        answer_path: AnswerPath | None = None,
         fuse_guidance: bool = True,
-        ingest_graphs: bool | None = None,
+        options: RuntimeOptions | None = None,
     ):
         if chunk_frames < 1:
             raise StreamError(f"chunk_frames must be at least 1, got {chunk_frames}")
+        if options is None:
+            options = RuntimeOptions.from_env()
+        if not isinstance(options, RuntimeOptions):
+            raise StreamError(f"options must be RuntimeOptions, got {type(options).__name__}")
+        answer_path, ingest_graphs = options.answer_path, options.ingest_graphs
         split = adapter.spans_devices
         if answer_path is None:
             if adapter.device.type == "cuda":
@@ -261,6 +267,8 @@ class StreamingSession:
             ingest_graphs = answer_path == "graphs"
         if ingest_graphs and (adapter.device.type != "cuda" or split):
             raise StreamError("ingest_graphs needs the whole model on one CUDA device")
+        self.options = replace(options, answer_path=answer_path, ingest_graphs=bool(ingest_graphs))
+        apply(self.options)
         self.fuse_guidance = fuse_guidance
         self._prompt_pieces: dict[str, StreamPiece] = {}
         self._row_weights: dict[tuple[int, int], tuple[torch.Tensor, int]] = {}  # (weights, real length)

@@ -38,6 +38,7 @@ from hermes_policy.models.random_shapes import (
     get_shape,
     tokenizer_description,
 )
+from hermes_policy.options import RuntimeOptions
 from hermes_policy.session import PROMPT_QUANTUM, GuidanceLayout
 
 CEILINGS = DeviceCeilings("Test GPU", bandwidth=4e12, matmul_rate=8e14)
@@ -317,7 +318,7 @@ def test_dispatched_random_model_streams(tmp_path):
     from hermes_policy.benchmarking.efficiency import make_rule
     from hermes_policy.models.random_shapes import random_frames
 
-    session = StreamingSession(adapter, make_rule("hermes", adapter, 60), chunk_frames=4, answer_path="static")
+    session = StreamingSession(adapter, make_rule("hermes", adapter, 60), chunk_frames=4, options=RuntimeOptions(answer_path="static"))
     session.add_frames(random_frames(get_shape("tiny-llava-ov"), 16))
     assert session.compressions > 0
     assert len(session.ask("What?", max_new_tokens=3).token_ids) >= 1

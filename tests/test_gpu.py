@@ -12,6 +12,7 @@ import torch
 from reference import one_shot_logits
 
 from hermes_policy import StreamingSession
+from hermes_policy.options import RuntimeOptions
 from hermes_policy.retention import FifoRetention
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -60,7 +61,7 @@ def test_cuda_graph_answers_equal_eager_answers(tiny_llama_dir, dtype):
     answers = {}
     for path in ("eager", "static", "graphs"):
         rule = HermesRetention(policy=paper_default(ModelInfo.of(adapter), budget=96))
-        session = StreamingSession(adapter, rule, chunk_frames=8, answer_path=path)
+        session = StreamingSession(adapter, rule, chunk_frames=8, options=RuntimeOptions(answer_path=path))
         session.add_frames(frames)
         assert session.compressions > 0 and session.fused_guidance_passes > 0
         answers[path] = [session.ask(q, max_new_tokens=8).token_ids for q in ("Where?", "What now?")]
@@ -178,7 +179,12 @@ def test_pseudo_query_blocks_on_cuda(head_mean, steady, block_kernel, monkeypatc
     views."""
     import contextlib
 
-    monkeypatch.setenv("HERMES_BLOCK_KERNEL", "0" if block_kernel == "0" else "1")
+    from hermes_policy import options
+
+    options.apply(
+        RuntimeOptions(block_attention_kernel=block_kernel != "0", blocks_with_chunk=block_kernel == "with the chunk")
+    )
+    # attention/ragged.py reads this variable until it reads the option (issue 26, item 2)
     monkeypatch.setenv("HERMES_BLOCKS_WITH_CHUNK", "1" if block_kernel == "with the chunk" else "0")
 
     import torch.nn.functional as F
@@ -231,7 +237,7 @@ def test_ingest_graphs_equal_eager_ingest(tiny_llama_dir, dtype):
     runs = {}
     for graphs in (False, True):
         rule = HermesRetention(policy=paper_default(ModelInfo.of(adapter), budget=96))
-        session = StreamingSession(adapter, rule, chunk_frames=4, ingest_graphs=graphs)
+        session = StreamingSession(adapter, rule, chunk_frames=4, options=RuntimeOptions(ingest_graphs=graphs))
         session.add_frames(frames[:48])
         first = session.ask("Where?", max_new_tokens=8).token_ids
         session.add_frames(frames[48:])
@@ -261,7 +267,7 @@ def assert_graphed_ingest_equals_eager(adapter, frames, budget: int) -> Streamin
     runs = {}
     for graphs in (False, True):
         rule = HermesRetention(policy=paper_default(ModelInfo.of(adapter), budget=budget))
-        session = StreamingSession(adapter, rule, chunk_frames=4, ingest_graphs=graphs)
+        session = StreamingSession(adapter, rule, chunk_frames=4, options=RuntimeOptions(ingest_graphs=graphs))
         session.add_frames(frames)
         runs[graphs] = (session, session.ask("What moved?", max_new_tokens=6).token_ids)
     (eager, eager_answer), (graphed, graphed_answer) = runs[False], runs[True]
@@ -626,7 +632,7 @@ def test_question_time_rules_on_cuda_with_graph_answers(tiny_llama_dir, dtype):
     frames = torch.randint(0, 250, (24, 8), generator=torch.Generator().manual_seed(5))
 
     def answer(rule, path):
-        session = StreamingSession(adapter, rule, chunk_frames=4, answer_path=path)
+        session = StreamingSession(adapter, rule, chunk_frames=4, options=RuntimeOptions(answer_path=path))
         session.add_frames(frames)
         tokens = [session.ask(q, max_new_tokens=6).token_ids for q in ("What now?", "And before?")]
         return tokens, session

@@ -57,6 +57,7 @@ from hermes_policy.models.random_shapes import (
     random_frames,
     tokenizer_description,
 )
+from hermes_policy.options import RuntimeOptions
 from hermes_policy.policy import ModelInfo, paper_default
 from hermes_policy.retention import FullRetention, RetentionRule
 from hermes_policy.session import GuidanceLayout, StreamingSession
@@ -443,7 +444,7 @@ def check_answers(shape: ModelShape, dtype: torch.dtype, config: EfficiencyConfi
     fixed = "graphs" if adapter.device.type == "cuda" and not adapter.spans_devices else "static"
 
     def tokens(rule: RetentionRule, path: str) -> list[int]:
-        session = StreamingSession(adapter, rule, chunk_frames=8, answer_path=path)
+        session = StreamingSession(adapter, rule, chunk_frames=8, options=RuntimeOptions.from_env(answer_path=path))
         session.add_frames(frames)
         return session.ask(QUESTIONS[0], max_new_tokens=16).token_ids
 
