@@ -29,10 +29,10 @@ from torch.nn.attention.bias import causal_lower_right
 from torch.profiler import ProfilerActivity, profile
 
 from hermes_policy import StreamingSession, options
+from hermes_policy.benchmarking.compression_timing import fused_guidance_overhead
 from hermes_policy.benchmarking.efficiency import (
     QUESTIONS,
     EfficiencyConfig,
-    fused_guidance_overhead,
     make_rule,
 )
 from hermes_policy.benchmarking.floor import median_cuda_ms

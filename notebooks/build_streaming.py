@@ -78,7 +78,7 @@ from hermes_policy.retention import (
     UniformRetention,
 )
 from hermes_policy.policy import split_budget
-from hermes_policy.inputs.synthetic import text_stream
+from hermes_policy.inputs.synthetic_text import text_stream
 from hermes_policy.evaluation.visualize import kept_frame_share, kept_frame_snapshots, plot_kept_frames
 
 (OUT / "figures").mkdir(parents=True, exist_ok=True)"""),
