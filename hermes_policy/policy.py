@@ -177,17 +177,6 @@ class Policy:
         return self.layers[layer].tier
 
 
-def tier_ranges(tier_of_layer: list[str]) -> dict[str, tuple[int, int]]:
-    """Inclusive ranges of a contiguous sensory/working/long-term assignment."""
-    ranges = {}
-    for name in TIERS:
-        idx = [i for i, t in enumerate(tier_of_layer) if t == name]
-        if not idx:
-            raise PolicyError(f"tier {name!r} has no layers")
-        ranges[name] = (idx[0], idx[-1])
-    return ranges
-
-
 def paper_tiers(num_layers: int) -> dict[str, tuple[int, int]]:
     """The paper's 10% / 60% / 30% split, each tier at least one layer."""
     if num_layers < 3:

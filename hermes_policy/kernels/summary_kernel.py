@@ -2,9 +2,9 @@
 
 A layer's summary token is the mean of its evicted keys, each rotated to the summary's
 position (rounded to the keys' dtype after the rotation), and the mean of their values
-(:data:`~hermes_policy.retention.scoring.evicted_summary`, which stays the reference).
-The reference is one compiled reduction per layer, latency-bound, since one layer makes
-few programs. Here one program per (layer, batch and KV head, range of
+(:data:`~hermes_policy.retention.scoring.evicted_summary`, the fallback where this kernel
+does not run, and what the tests compare it with). That fallback is one compiled
+reduction per layer, latency-bound, since one layer makes few programs. Here one program per (layer, batch and KV head, range of
 the evicted tokens) gathers its tokens' keys and values from the layer's cache in tiles,
 rotates the keys in float32 (each row's two halves loaded apart, products and sums
 rounded one by one as in the reference: no fused multiply-add), rounds them to the keys'
