@@ -45,7 +45,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal
 
@@ -126,12 +126,6 @@ class RuntimeOptions:
                 raise OptionsError(f"${variable} must be 0 (off) or 1 (on), got {value!r}")
             overrides[field] = value == "1"
         return cls(**{**settings, **overrides})  # type: ignore[arg-type]
-
-    def describe(self) -> str:
-        """The fields that differ from the defaults, as ``name=value`` (``defaults`` if none)."""
-        default = RuntimeOptions()
-        changed = [f"{f.name}={getattr(self, f.name)!r}" for f in fields(self) if getattr(self, f.name) != getattr(default, f.name)]
-        return ", ".join(changed) or "defaults"
 
 
 _active: RuntimeOptions | None = None

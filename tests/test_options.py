@@ -32,7 +32,6 @@ def test_defaults_and_an_empty_environment():
     assert default.answer_path is None and default.ingest_graphs is None
     assert all(getattr(default, field) for field in SWITCHES) and default.fused_ops
     assert not default.blocks_with_chunk
-    assert default.describe() == "defaults"
 
 
 @pytest.mark.parametrize("field,variable", sorted(ENVIRONMENT.items()))
