@@ -33,7 +33,7 @@ from pathlib import Path
 from hermes_policy.evaluation import evaluate
 from hermes_policy.evaluation.manifest import device_name
 from hermes_policy.fileio.atomic import write_json_atomic, write_text_atomic
-from hermes_policy.inputs.synthetic import write_synthetic_benchmark
+from hermes_policy.inputs.synthetic_benchmark import write_synthetic_benchmark
 from hermes_policy.models import load_adapter
 
 RESULTS = Path(__file__).parent / "results"

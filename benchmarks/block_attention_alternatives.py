@@ -5,7 +5,7 @@ any question (32 + 56 rows) and after one (64 + 112).
 
 - the block attention as the ingest forward runs it (``lead_and_blocks_attention``, lead
   unread), without a capture and with the weighted capture of the first block's
-  probabilities, by score products (``HERMES_PROBABILITY_KERNEL=0``) and by the Triton
+  probabilities, by score products (``probability_kernel=False``) and by the Triton
   probability kernel (``hermes_policy/kernels/probability_kernel.py``) at several launch shapes;
 - its parts: flash over the keys before the blocks, the blocks' own keys;
 - the split-key kernel of the answers (``hermes_policy/kernels/split_kv_attention.py``) in place
@@ -15,7 +15,7 @@ any question (32 + 56 rows) and after one (64 + 112).
   kernel (``hermes_policy/kernels/block_attention_kernel.py``: the blocks' rows in one cuDNN call
   with the chunk's over the cache, then one pass over the chunk's keys and their own
   block; by default over every key, in ranges walked at once) and without it
-  (``HERMES_BLOCK_KERNEL=0``), next to the chunk's attention alone; the kernel alone at
+  (``block_attention_kernel=False``), next to the chunk's attention alone; the kernel alone at
   several launch shapes.
 
 Output of the run on an H200:
@@ -31,8 +31,8 @@ from __future__ import annotations
 
 import functools
 import itertools
-import os
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -41,6 +41,7 @@ import triton
 sys.path.insert(0, str(Path(__file__).parent))
 from profile_efficiency import graph_ms  # noqa: E402
 
+from hermes_policy import options  # noqa: E402
 from hermes_policy.attention.blocks import lead_and_blocks_attention, own_blocks_attention  # noqa: E402
 from hermes_policy.attention.causal import causal_attention  # noqa: E402
 from hermes_policy.attention.lse import attention_with_lse, unmasked_attention_with_lse  # noqa: E402
@@ -58,16 +59,29 @@ def us(fn) -> str:
     return f"{1e3 * graph_ms(fn):7.1f} us"
 
 
-def with_switch(value: str, fn, switch: str = probability_kernel.ENV_SWITCH):
+def with_switch(value: str, fn, switch: str = "probability_kernel"):
     def run():
-        os.environ[switch] = value
+        options.apply(replace(options.current(), **{switch: value == "1"}))
         return fn()
 
     return run
 
 
+def set_paths(block_kernel: bool, blocks_with_chunk: bool) -> None:
+    """The block attention kernel on or off, the blocks' rows with the chunk's cuDNN call or not."""
+    options.apply(replace(options.current(), block_attention_kernel=block_kernel, blocks_with_chunk=blocks_with_chunk))
+
+
+def steady_blocks_attention(*args, **kwargs):
+    """:func:`lead_and_blocks_attention` as a stream's steady state runs it (recurring shapes,
+    the active options' ``blocks_with_chunk``), as the attention dispatcher calls it."""
+    return lead_and_blocks_attention(
+        *args, steady=True, blocks_with_chunk=options.current().blocks_with_chunk, **kwargs
+    )
+
+
 def measure(blocks: list[int]) -> None:
-    os.environ[block_attention_kernel.ENV_SWITCH] = "0"  # the parts of the plain path
+    options.apply(replace(options.current(), block_attention_kernel=False))  # the parts of the plain path
     seen = CACHE + LEAD
     total = seen + sum(blocks)
     query = torch.randn(1, LEAD + sum(blocks), 28, 128, dtype=torch.bfloat16, device="cuda").transpose(1, 2)
@@ -75,16 +89,16 @@ def measure(blocks: list[int]) -> None:
     key, value = buf[0][:, :, :total], buf[1][:, :, :total]
     rows = query[:, :, LEAD:]
     weights = torch.full((blocks[0],), 1 / blocks[0], device="cuda")
-    block = functools.partial(lead_and_blocks_attention, query, key, value, LEAD, blocks, SCALE)
+    block = functools.partial(steady_blocks_attention, query, key, value, LEAD, blocks, SCALE)
     print(f"== blocks {blocks} after a lead of {LEAD} over a cache of {CACHE} (per layer, in a graph)")
     print(f"  block attention, no capture                        {us(lambda: block(None, True, False))}")
     captured = functools.partial(block, (0, blocks[0]), True, False, weights)
     print(f"  ... weighted capture by score products             {us(with_switch('0', captured))}")
     print(f"  ... weighted capture by the probability kernel     {us(with_switch('1', captured))}")
-    os.environ[probability_kernel.ENV_SWITCH] = "0"
-    _, plain = captured()
-    os.environ[probability_kernel.ENV_SWITCH] = "1"
-    _, fused = captured()
+    with options.applied(probability_kernel=False):
+        _, plain = captured()
+    with options.applied(probability_kernel=True):
+        _, fused = captured()
     print(f"      largest difference {(plain - fused).abs().max().item():.2e} (probabilities up to {plain.max().item():.2e})")
     out, lse_seen = unmasked_attention_with_lse(rows, key[:, :, :seen], value[:, :, :seen], SCALE)
     _, lse_own = own_blocks_attention(rows, key[:, :, seen:], value[:, :, seen:], blocks, SCALE)
@@ -116,14 +130,15 @@ def measure_layer(blocks: list[int]) -> None:
     buf = torch.randn(2, 1, 4, total + 512, 128, dtype=torch.bfloat16, device="cuda")
     key, value = buf[0][:, :, :total], buf[1][:, :, :total]
     weights = torch.full((blocks[0],), 1 / blocks[0], device="cuda")
-    switch = block_attention_kernel.ENV_SWITCH
     print(f"== a layer's attention: blocks {blocks} after a lead of {LEAD} over a cache of {CACHE} (per layer, in a graph)")
-    chunk = functools.partial(causal_attention, query[:, :, :LEAD], key[:, :, :seen], value[:, :, :seen], SCALE)
+    chunk = functools.partial(
+        causal_attention, query[:, :, :LEAD], key[:, :, :seen], value[:, :, :seen], SCALE, steady=True
+    )
     print(f"  the chunk alone (no blocks)                           {us(chunk)}")
     results = {}
     for lead_read in (True, False):
         layer = functools.partial(
-            lead_and_blocks_attention, query, key, value, LEAD, blocks, SCALE, (0, blocks[0]), True, lead_read, weights
+            steady_blocks_attention, query, key, value, LEAD, blocks, SCALE, (0, blocks[0]), True, lead_read, weights
         )
         name = "lead read  " if lead_read else "lead unread"
         variants = {  # (block kernel, blocks with the chunk's cuDNN call)
@@ -132,7 +147,7 @@ def measure_layer(blocks: list[int]) -> None:
             "block kernel after the chunk's cuDNN call": ("1", "1"),
         }
         for label, (kernel_on, with_chunk) in variants.items():
-            os.environ[switch], os.environ[BLOCKS_WITH_CHUNK] = kernel_on, with_chunk
+            set_paths(kernel_on == "1", with_chunk == "1")
             print(f"  {name}, first block captured, {label:44s} {us(layer)}")
             out, probs = layer()
             rows = slice(0 if lead_read else LEAD, None)
@@ -144,7 +159,7 @@ def measure_layer(blocks: list[int]) -> None:
                 f"      {label}: largest difference: output {(out0 - out1).abs().max().item():.2e} (bf16),"
                 f" probabilities {(probs0 - probs1).abs().max().item():.2e} (up to {probs0.max().item():.2e})"
             )
-    os.environ[switch], os.environ[BLOCKS_WITH_CHUNK] = "1", "0"
+    set_paths(True, False)
     cache = CACHE
     rows = query[:, :, LEAD:]
     out_cache, lse_cache = attention_with_lse(query, key[:, :, :cache], value[:, :, :cache], SCALE, causal=False)
@@ -222,12 +237,12 @@ def main() -> None:
         for blocks in ([40, 80], [64, 112], [40], [64]):
             sweep(blocks, CACHE + LEAD)
         return
-    with steady_shapes():  # the kernels of a stream's steady state (cuDNN for the chunk)
-        for blocks in ([40, 80], [64, 112]):
-            measure_layer(blocks)
-        if "--layer" not in sys.argv:
-            for blocks in ([32, 56], [64, 112]):
-                measure(blocks)
+    # the kernels of a stream's steady state (cuDNN for the chunk): steady=True throughout
+    for blocks in ([40, 80], [64, 112]):
+        measure_layer(blocks)
+    if "--layer" not in sys.argv:
+        for blocks in ([32, 56], [64, 112]):
+            measure(blocks)
 
 
 if __name__ == "__main__":

@@ -130,12 +130,13 @@ def counting_attention(counter: OperatorCount) -> Iterator[None]:
 def build_session(folder: Path, tokens_per_frame: int, budget: int, chunk: int):
     from hermes_policy import StreamingSession
     from hermes_policy.models import load_adapter
+    from hermes_policy.options import RuntimeOptions
     from hermes_policy.policy import ModelInfo, paper_default
     from hermes_policy.retention import HermesRetention
 
     adapter = load_adapter(folder, device="cpu", tokens_per_frame=tokens_per_frame)
     rule = HermesRetention(policy=paper_default(ModelInfo.of(adapter), budget=budget))
-    return adapter, StreamingSession(adapter, rule, chunk_frames=chunk, answer_path="static", ingest_graphs=False)
+    return adapter, StreamingSession(adapter, rule, chunk_frames=chunk, options=RuntimeOptions.from_env(answer_path="static", ingest_graphs=False))
 
 
 def phase_counts(session, frames: torch.Tensor, chunks: int) -> dict[str, float]:

@@ -20,7 +20,6 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 from pathlib import Path
 
@@ -29,12 +28,12 @@ import torch.nn.functional as F
 from torch.nn.attention.bias import causal_lower_right
 from torch.profiler import ProfilerActivity, profile
 
-from hermes_policy import StreamingSession
+from hermes_policy import StreamingSession, options
+from hermes_policy.benchmarking.compression_timing import fused_guidance_overhead
 from hermes_policy.benchmarking.efficiency import (
     COMPRESSION_PHASES,
     QUESTIONS,
     EfficiencyConfig,
-    fused_guidance_overhead,
     make_rule,
 )
 from hermes_policy.benchmarking.floor import median_cuda_ms
@@ -42,6 +41,7 @@ from hermes_policy.benchmarking.phases import PhaseEvents, PhaseTimer
 from hermes_policy.benchmarking.trace import idle_report, load_trace, phase_timeline, sync_sites
 from hermes_policy.kernels import split_kv_attention
 from hermes_policy.models.random_shapes import build_random_adapter, get_shape, random_frames
+from hermes_policy.options import RuntimeOptions
 from hermes_policy.session import NoObserver
 
 
@@ -260,7 +260,7 @@ def ingest_comparison(adapter, shape, chunk_frames: int, warm: int, chunks: int 
     chunk = frames[warm:]
     # no graphs; graphs of the transformers layers; graphs of the fewer-kernel forward
     for graphs, fewer in ((False, False), (True, False), (True, True)):
-        session = StreamingSession(adapter, make_rule("hermes", adapter, 4000), chunk_frames=chunk_frames, ingest_graphs=graphs)
+        session = StreamingSession(adapter, make_rule("hermes", adapter, 4000), chunk_frames=chunk_frames, options=RuntimeOptions.from_env(ingest_graphs=graphs))
         if graphs:
             session.chunk_graphs = ChunkGraphs(adapter, session.store, fewer_kernels=fewer)
         session.add_frames(frames[:warm])
@@ -288,7 +288,7 @@ def steady_session(adapter, shape, chunk_frames: int, warm: int):
     guidance prompts quote it), its steady compressing shape captured; and the chunk of
     frames that recurs."""
     session = StreamingSession(
-        adapter, make_rule("hermes", adapter, 4000), chunk_frames=chunk_frames, answer_path="static", ingest_graphs=True
+        adapter, make_rule("hermes", adapter, 4000), chunk_frames=chunk_frames, options=RuntimeOptions.from_env(answer_path="static", ingest_graphs=True)
     )
     frames = random_frames(shape, warm + chunk_frames)
     chunk = frames[warm:]
@@ -558,21 +558,15 @@ def answer_ab(adapter, shape, warm: int, rounds: int = 2) -> None:
         ("fewer kernels, explicit attention", True, "0"),
         ("transformers forward", False, "1"),
     ]
-    switch = split_kv_attention.ENV_SWITCH
-    before = os.environ.get(switch)
     for name, fewer, split in variants * rounds:
-        os.environ[switch] = split  # read when the graphs are captured
-        session._answer_graphs = AnswerGraphs(adapter, session.store, fewer_kernels=fewer)
-        print(f"-- answer graphs, {name}:")
-        answer_breakdown(session)
-        ttft_host(session)
-        ttft_trace(session)
-        session._answer_graphs = None
-        torch.cuda.empty_cache()
-    if before is None:
-        os.environ.pop(switch)
-    else:
-        os.environ[switch] = before
+        with options.applied(split_kv_kernel=split == "1"):  # read when the graphs are captured
+            session._answer_graphs = AnswerGraphs(adapter, session.store, fewer_kernels=fewer)
+            print(f"-- answer graphs, {name}:")
+            answer_breakdown(session)
+            ttft_host(session)
+            ttft_trace(session)
+            session._answer_graphs = None
+            torch.cuda.empty_cache()
     # the kernels of the fewer-kernel question prefill (run eagerly: the kernels a graph replays)
     graphs = AnswerGraphs(adapter, session.store, use_graphs=False)
     session._answer_graphs = graphs
@@ -648,7 +642,7 @@ def diagnose(adapter, shape, chunk_frames: int, warm: int, out: Path) -> None:
 
     frames = random_frames(shape, warm + chunk_frames)
     chunk = frames[warm:]
-    session = StreamingSession(adapter, make_rule("hermes", adapter, 4000), chunk_frames=chunk_frames, ingest_graphs=False)
+    session = StreamingSession(adapter, make_rule("hermes", adapter, 4000), chunk_frames=chunk_frames, options=RuntimeOptions.from_env(ingest_graphs=False))
     # the body the ingest graphs capture (fewer-kernel decoder), run without a graph: the
     # profiler sees each of its kernels
     from hermes_policy.graphs.chunk_graphs import ChunkGraphs

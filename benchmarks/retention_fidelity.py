@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 from hermes_policy import StreamingSession
-from hermes_policy.inputs.synthetic import text_stream
+from hermes_policy.inputs.synthetic_text import text_stream
 from hermes_policy.models import load_adapter
 from hermes_policy.policy import ModelInfo, Policy, paper_default
 from hermes_policy.retention import (

@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from hermes_policy import StreamingSession
     from hermes_policy.fileio.atomic import write_text_atomic
-    from hermes_policy.inputs.synthetic import text_stream
+    from hermes_policy.inputs.synthetic_text import text_stream
     from hermes_policy.models import load_adapter
     from hermes_policy.retention.specs import rule_from_spec
 

@@ -111,7 +111,8 @@ def _demo(model: str | None, frames: int, tokens_per_frame: int, chunk: int, rul
     from rich.progress import Progress
 
     from hermes_policy import StreamingSession
-    from hermes_policy.inputs.synthetic import shapes_video, text_stream
+    from hermes_policy.inputs.synthetic_shapes import shapes_video
+    from hermes_policy.inputs.synthetic_text import text_stream
     from hermes_policy.retention.specs import rule_budget, rule_from_spec
 
     adapter = _load(model, device, None, tokens_per_frame, False, exact_frame_length=False)
@@ -503,7 +504,8 @@ def _stream(model: str | None, policy: str, video: Path | None, annotations: Pat
     from hermes_policy.errors import StreamError
     from hermes_policy.inputs.annotations import load_annotations
     from hermes_policy.inputs.playback import TimedQuestion, stream_chunks_with_questions
-    from hermes_policy.inputs.synthetic import shapes_video, text_stream
+    from hermes_policy.inputs.synthetic_shapes import shapes_video
+    from hermes_policy.inputs.synthetic_text import text_stream
     from hermes_policy.inputs.video import iter_video_chunks, source_rate
     from hermes_policy.retention.specs import rule_budget, rule_from_spec
 

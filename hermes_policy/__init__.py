@@ -25,10 +25,12 @@ _LAZY = {
     "Answer": "session",
     "IngestReport": "session",
     "StreamingSession": "session",
+    "RuntimeOptions": "options",
 }
 
 if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     from hermes_policy.cache.kv_store import KVStore
+    from hermes_policy.options import RuntimeOptions
     from hermes_policy.session import Answer, IngestReport, StreamingSession
 
 
@@ -48,6 +50,7 @@ __all__ = [
     "KVStore",
     "ModelLoadError",
     "RetentionError",
+    "RuntimeOptions",
     "StreamError",
     "StreamingSession",
     "VideoInputError",

@@ -17,7 +17,8 @@ import numpy as np
 
 from hermes_policy.errors import VideoInputError
 from hermes_policy.inputs.annotations import load_annotations
-from hermes_policy.inputs.synthetic import shapes_video, text_stream
+from hermes_policy.inputs.synthetic_shapes import shapes_video
+from hermes_policy.inputs.synthetic_text import text_stream
 from hermes_policy.inputs.video import read_video
 from hermes_policy.models.base import ModelAdapter
 

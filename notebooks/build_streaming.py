@@ -67,8 +67,14 @@ import torch
 
 from hermes_policy import StreamingSession
 from hermes_policy.errors import HermesError
+from hermes_policy.evaluation.visualize import (
+    kept_frame_share,
+    kept_frame_snapshots,
+    plot_kept_frames,
+)
+from hermes_policy.inputs.synthetic_text import text_stream
 from hermes_policy.models import load_adapter
-from hermes_policy.policy import ModelInfo, Policy, paper_default, paper_tiers
+from hermes_policy.policy import ModelInfo, Policy, paper_default, paper_tiers, split_budget
 from hermes_policy.retention import (
     AttentionRetention,
     FifoRetention,
@@ -77,9 +83,6 @@ from hermes_policy.retention import (
     SinkRecentRetention,
     UniformRetention,
 )
-from hermes_policy.policy import split_budget
-from hermes_policy.inputs.synthetic import text_stream
-from hermes_policy.evaluation.visualize import kept_frame_share, kept_frame_snapshots, plot_kept_frames
 
 (OUT / "figures").mkdir(parents=True, exist_ok=True)"""),
     ("md", """\

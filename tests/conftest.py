@@ -18,6 +18,17 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 
+@pytest.fixture(autouse=True)
+def restore_runtime_options():
+    """Each test leaves the process's runtime options as it found them (a session, or a test
+    comparing kernels, applies its options process-wide)."""
+    from hermes_policy import options
+
+    previous = options.current()
+    yield
+    options.apply(previous)
+
+
 @pytest.fixture(scope="session")
 def tiny_llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tiny_llama(tmp_path_factory.mktemp("tiny_llama"))

@@ -16,6 +16,7 @@ from hermes_policy import StreamingSession
 from hermes_policy.errors import StreamError
 from hermes_policy.graphs.answer_graphs import AnswerGraphs, bucket_length
 from hermes_policy.graphs.chunk_graphs import batch_axis
+from hermes_policy.options import RuntimeOptions
 from hermes_policy.policy import ModelInfo, paper_default
 from hermes_policy.retention import FifoRetention, FullRetention, HermesRetention
 
@@ -50,7 +51,7 @@ def test_static_answers_equal_eager_answers(tiny_adapter, name):
     stream = text_frames(tiny_adapter, 24, seed=3)
     answers = {}
     for path in ("eager", "static"):
-        session = StreamingSession(tiny_adapter, rules(tiny_adapter, 64)[name], chunk_frames=4, answer_path=path)
+        session = StreamingSession(tiny_adapter, rules(tiny_adapter, 64)[name], chunk_frames=4, options=RuntimeOptions(answer_path=path))
         session.add_frames(stream)
         before = [session.store.layer(layer).keys.clone() for layer in range(tiny_adapter.num_layers)]
         lengths = session.store.lengths()
@@ -84,7 +85,7 @@ def test_static_answers_equal_eager_answers_on_video_models(tmp_path, model):
     rule = HermesRetention(policy=paper_default(ModelInfo.of(adapter), budget=6 * adapter.tokens_per_frame))
     answers = {}
     for path in ("eager", "static"):
-        session = StreamingSession(adapter, rule, chunk_frames=4, answer_path=path)
+        session = StreamingSession(adapter, rule, chunk_frames=4, options=RuntimeOptions(answer_path=path))
         session.add_frames(video)
         assert session.compressions > 0
         answers[path] = session.ask("What moved?", max_new_tokens=8).token_ids
@@ -93,9 +94,9 @@ def test_static_answers_equal_eager_answers_on_video_models(tmp_path, model):
 
 def test_answer_path_is_validated(tiny_adapter):
     with pytest.raises(StreamError, match="answer_path"):
-        StreamingSession(tiny_adapter, answer_path="fast")
+        StreamingSession(tiny_adapter, options=RuntimeOptions(answer_path="fast"))
     with pytest.raises(StreamError, match="CUDA"):
-        StreamingSession(tiny_adapter, answer_path="graphs")
+        StreamingSession(tiny_adapter, options=RuntimeOptions(answer_path="graphs"))
     with pytest.raises(ValueError, match="CUDA"):
         AnswerGraphs(tiny_adapter, StreamingSession(tiny_adapter).store, use_graphs=True)
 
@@ -126,7 +127,7 @@ def test_static_answers_follow_a_growing_cache(tiny_adapter):
     stream = text_frames(tiny_adapter, 120, seed=6)
     answers = {}
     for path in ("eager", "static"):
-        session = StreamingSession(tiny_adapter, FullRetention(), chunk_frames=8, answer_path=path)
+        session = StreamingSession(tiny_adapter, FullRetention(), chunk_frames=8, options=RuntimeOptions(answer_path=path))
         session.add_frames(stream[:16])
         first = session.ask("What came first?", max_new_tokens=6).token_ids
         generation = session.store.cache.generation
@@ -156,7 +157,7 @@ def test_static_answers_attend_over_a_window_not_the_whole_buffer(tiny_adapter, 
     monkeypatch.setattr(static_forward, "grouped_masked_attention", spy)
     answers = {}
     for path in ("eager", "static"):
-        session = StreamingSession(tiny_adapter, FullRetention(), chunk_frames=8, answer_path=path)
+        session = StreamingSession(tiny_adapter, FullRetention(), chunk_frames=8, options=RuntimeOptions(answer_path=path))
         session._answer_graphs = AnswerGraphs(tiny_adapter, session.store, use_graphs=False, fewer_kernels=fewer_kernels)
         session.add_frames(stream)
         for layer in session.store.cache.layers:  # lots of spare room, as after a fused pass
@@ -179,11 +180,11 @@ def test_a_failed_answer_capture_is_tried_again(tiny_adapter, failures, monkeypa
 
     stream = text_frames(tiny_adapter, 16, seed=3)
     questions = ["Where is the ball?", "What moved?", "Where is the ball?"]
-    plain = StreamingSession(tiny_adapter, FullRetention(), chunk_frames=8, answer_path="eager")
+    plain = StreamingSession(tiny_adapter, FullRetention(), chunk_frames=8, options=RuntimeOptions(answer_path="eager"))
     plain.add_frames(stream)
     # one token an answer: only the prefill graph of one (bucket, window), the same for all three
     expected = [plain.ask(q, max_new_tokens=1).token_ids for q in questions]
-    session = StreamingSession(tiny_adapter, FullRetention(), chunk_frames=8, answer_path="static")
+    session = StreamingSession(tiny_adapter, FullRetention(), chunk_frames=8, options=RuntimeOptions(answer_path="static"))
     graphs = session._answer_graphs = AnswerGraphs(tiny_adapter, session.store, use_graphs=False)
     graphs.use_graphs = True  # through the capture branch (the graph itself is not needed on the CPU)
     tries: list[int] = []

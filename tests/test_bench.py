@@ -38,6 +38,7 @@ from hermes_policy.models.random_shapes import (
     get_shape,
     tokenizer_description,
 )
+from hermes_policy.options import RuntimeOptions
 from hermes_policy.retention.guidance import PROMPT_QUANTUM, GuidanceLayout
 
 CEILINGS = DeviceCeilings("Test GPU", bandwidth=4e12, matmul_rate=8e14)
@@ -183,8 +184,8 @@ def test_targets_met_and_missed():
 
 
 def test_pipelined_compression_share_from_phase_events():
-    from hermes_policy.benchmarking.efficiency import (
-        _Segment,
+    from hermes_policy.benchmarking.compression_timing import (
+        Segment,
         compression_span_seconds,
         pipelined_share,
     )
@@ -199,13 +200,13 @@ def test_pipelined_compression_share_from_phase_events():
     marks = [("encode", 0.0, 0.1, Event(0), Event(3)), ("prefill", 0.1, 0.2, Event(3), Event(80)),
              ("select", 0.2, 0.3, Event(80), Event(82)), ("gather", 0.3, 0.4, Event(82), Event(83.5))]
     assert compression_span_seconds(marks) == pytest.approx(3.5e-3)
-    segment = _Segment(frames=16, seconds=0.2, fused_untimed=2, gpu_compression_seconds=7e-3)
+    segment = Segment(frames=16, seconds=0.2, fused_untimed=2, gpu_compression_seconds=7e-3)
     assert pipelined_share(segment, 5e-3) == pytest.approx((7e-3 + 2 * 5e-3) / 0.2)
-    assert pipelined_share(_Segment(frames=16, seconds=0.2), 5e-3) is None  # no events recorded
+    assert pipelined_share(Segment(frames=16, seconds=0.2), 5e-3) is None  # no events recorded
     # a capture in the segment: the segment's speed counts it, its median chunk does not
-    timed = _Segment(frames=32, seconds=0.5, chunk_seconds=[0.08, 0.26, 0.08, 0.08])
+    timed = Segment(frames=32, seconds=0.5, chunk_seconds=[0.08, 0.26, 0.08, 0.08])
     assert timed.fps() == pytest.approx(64) and timed.median_chunk_fps(8) == pytest.approx(100)
-    assert _Segment().median_chunk_fps(8) is None
+    assert Segment().median_chunk_fps(8) is None
 
 
 def results_document():
@@ -317,7 +318,7 @@ def test_dispatched_random_model_streams(tmp_path):
     from hermes_policy.benchmarking.efficiency import make_rule
     from hermes_policy.models.random_shapes import random_frames
 
-    session = StreamingSession(adapter, make_rule("hermes", adapter, 60), chunk_frames=4, answer_path="static")
+    session = StreamingSession(adapter, make_rule("hermes", adapter, 60), chunk_frames=4, options=RuntimeOptions(answer_path="static"))
     session.add_frames(random_frames(get_shape("tiny-llava-ov"), 16))
     assert session.compressions > 0
     assert len(session.ask("What?", max_new_tokens=3).token_ids) >= 1
@@ -435,10 +436,10 @@ def test_fused_guidance_overhead_pairs_cancel_drift_and_outliers(monkeypatch):
     and one run hit by a 5 s stall: the pairs' median difference is the 0.5 s itself."""
     from types import SimpleNamespace
 
-    from hermes_policy.benchmarking import efficiency
+    from hermes_policy.benchmarking import compression_timing
 
     clock = {"now": 0.0, "runs": 0}
-    monkeypatch.setattr(efficiency.time, "perf_counter", lambda: clock["now"])
+    monkeypatch.setattr(compression_timing.time, "perf_counter", lambda: clock["now"])
 
     def run(seconds: float) -> None:
         clock["now"] += seconds + 0.1 * clock["runs"] + (5.0 if clock["runs"] == 6 else 0.0)
@@ -457,10 +458,10 @@ def test_fused_guidance_overhead_pairs_cancel_drift_and_outliers(monkeypatch):
         _prefill=lambda piece, ingest, recurring: run(1.0),
         guidance_attention=lambda request, lead, prompt_pieces, recurring: run(1.5),
     )
-    assert efficiency.fused_guidance_overhead(session, frames=None) == pytest.approx(0.5)
+    assert compression_timing.fused_guidance_overhead(session, frames=None) == pytest.approx(0.5)
     assert clock["runs"] == 2 + 2 * 8 and len(truncated) == clock["runs"] and session.guidance_passes == 3
     session.retention = SimpleNamespace(guidance=lambda store, history: None)
-    assert efficiency.fused_guidance_overhead(session, frames=None) is None
+    assert compression_timing.fused_guidance_overhead(session, frames=None) is None
 
 
 @pytest.mark.parametrize("rule_name", ["window", "retrieval"])

@@ -9,10 +9,12 @@ import pytest
 import torch
 from test_split_kv_attention import run_interpreted
 
+from hermes_policy import options
 from hermes_policy.attention import blocks as attention
 from hermes_policy.kernels import block_attention_kernel
 from hermes_policy.kernels import switch as kernel_switch
 from hermes_policy.kernels.block_attention_kernel import available, block_bounds
+from hermes_policy.options import RuntimeOptions
 
 pytest.importorskip("triton", reason="the block attention kernel is written in Triton (shipped with torch on Linux)")
 
@@ -21,7 +23,7 @@ def test_kernel_equals_attention_under_the_block_mask():
     """Grouped heads, one to three blocks, a lead read and unread (the kernel resumes from
     the cached part, or takes every key), no cache at all, strided queries, several tiles
     of rows and keys; outputs against float32 attention under the whole mask, captured
-    probabilities against the plain path (``HERMES_BLOCK_KERNEL=0``)."""
+    probabilities against the plain path (``block_attention_kernel=False``)."""
     out = run_interpreted(
         """
         import itertools
@@ -29,6 +31,7 @@ def test_kernel_equals_attention_under_the_block_mask():
 
         import torch
         import torch.nn.functional as F
+        from hermes_policy import options
         from hermes_policy.kernels import block_attention_kernel
         from hermes_policy.attention.blocks import lead_and_blocks_attention
         from hermes_policy.attention.masks import block_query_mask
@@ -60,12 +63,11 @@ def test_kernel_equals_attention_under_the_block_mask():
             keep = (start, start + blocks[picked])
             weights = torch.rand(blocks[picked], generator=g)
             args = (query, key, value, lead, blocks, 0.25, keep, True, lead_read)
-            os.environ["HERMES_BLOCK_KERNEL"] = "0"
             before = len(calls)
-            out_plain, probs_plain = lead_and_blocks_attention(*args)
-            _, weighed_plain = lead_and_blocks_attention(*args, weights)
+            with options.applied(block_attention_kernel=False):
+                out_plain, probs_plain = lead_and_blocks_attention(*args)
+                _, weighed_plain = lead_and_blocks_attention(*args, weights)
             assert len(calls) == before
-            os.environ["HERMES_BLOCK_KERNEL"] = "1"
             joined = with_chunk == "1"
             out, probs = lead_and_blocks_attention(*args, blocks_with_chunk=joined)
             _, weighed = lead_and_blocks_attention(*args, weights, blocks_with_chunk=joined)
@@ -177,11 +179,11 @@ def test_block_bounds():
 def test_where_the_kernel_runs(monkeypatch):
     """On CUDA (or under the interpreter) for power-of-two head sizes; never when switched off."""
     monkeypatch.setattr(kernel_switch, "INTERPRETED", False)
-    monkeypatch.delenv(block_attention_kernel.ENV_SWITCH, raising=False)
+    options.apply(RuntimeOptions())
     assert not available(torch.device("cpu"), 128)
     assert available(torch.device("cuda"), 128)
     assert not available(torch.device("cuda"), 80)
-    monkeypatch.setenv(block_attention_kernel.ENV_SWITCH, "0")
+    options.apply(RuntimeOptions(block_attention_kernel=False))
     assert not available(torch.device("cuda"), 128)
 
 
@@ -205,8 +207,7 @@ def test_a_failing_kernel_falls_back_to_the_plain_path(monkeypatch, cached):
     monkeypatch.setattr(kernel_switch, "INTERPRETED", True)  # as if it could run here
     monkeypatch.setattr(block_attention_kernel.SWITCH, "failed", False)
     monkeypatch.setattr(block_attention_kernel, "block_rows_attention_kernel", failing)
-    monkeypatch.delenv(block_attention_kernel.ENV_SWITCH, raising=False)
-    monkeypatch.setenv("HERMES_PROBABILITY_KERNEL", "0")
+    options.apply(RuntimeOptions(probability_kernel=False))
     five = (query, key, value, lead, [2, 2, 2, 2, 1], 0.3, (0, 2), True, True)
     out_five, _ = attention.lead_and_blocks_attention(*five)
     assert not launches, "five blocks never reach the kernel"

@@ -16,10 +16,11 @@ from test_answer_paths import rules, text_frames
 from hermes_policy import StreamingSession
 from hermes_policy.errors import StreamError
 from hermes_policy.graphs.chunk_graphs import ChunkGraphs
+from hermes_policy.options import RuntimeOptions
 
 
 def run_stream(adapter, name, fixed_buffers, frames=48, chunk=4, budget=64, after=1, fewer_kernels=True):
-    session = StreamingSession(adapter, rules(adapter, budget)[name], chunk_frames=chunk, answer_path="static")
+    session = StreamingSession(adapter, rules(adapter, budget)[name], chunk_frames=chunk, options=RuntimeOptions(answer_path="static"))
     if fixed_buffers:
         session.chunk_graphs = ChunkGraphs(
             adapter, session.store, use_graphs=False, after=after, fewer_kernels=fewer_kernels
@@ -68,7 +69,7 @@ def test_fused_pseudo_queries_replayed_from_fixed_buffers(tiny_adapter):
 
 
 def test_shapes_run_eagerly_until_they_recur(tiny_adapter):
-    session = StreamingSession(tiny_adapter, rules(tiny_adapter, 64)["fifo"], chunk_frames=4, answer_path="static")
+    session = StreamingSession(tiny_adapter, rules(tiny_adapter, 64)["fifo"], chunk_frames=4, options=RuntimeOptions(answer_path="static"))
     graphs = session.chunk_graphs = ChunkGraphs(tiny_adapter, session.store, use_graphs=False, after=3)
     stream = text_frames(tiny_adapter, 64, seed=6)
     for start in range(0, 64, 4):
@@ -83,7 +84,7 @@ def test_a_full_chunk_at_the_budget_is_built_at_first_sight(tiny_adapter, name):
     """Once every layer holds its budget, a full chunk's shape recurs (its compression
     brings the cache back to the same lengths): it is built on its first call, while the
     growing cache before and a short chunk wait for the shape counter."""
-    session = StreamingSession(tiny_adapter, rules(tiny_adapter, 64)[name], chunk_frames=4, answer_path="static")
+    session = StreamingSession(tiny_adapter, rules(tiny_adapter, 64)[name], chunk_frames=4, options=RuntimeOptions(answer_path="static"))
     graphs = session.chunk_graphs = ChunkGraphs(tiny_adapter, session.store, use_graphs=False, after=3)
     stream = text_frames(tiny_adapter, 64, seed=6)
     runs = []
@@ -105,7 +106,7 @@ def test_a_full_chunk_at_the_budget_is_built_at_first_sight(tiny_adapter, name):
 def test_graphs_are_dropped_when_a_buffer_moves(tiny_adapter):
     """A graph holds the cache buffers' addresses: once any layer's buffer grows (an answer
     reserving room, say), no graph built before may run again."""
-    session = StreamingSession(tiny_adapter, rules(tiny_adapter, 64)["fifo"], chunk_frames=4, answer_path="static")
+    session = StreamingSession(tiny_adapter, rules(tiny_adapter, 64)["fifo"], chunk_frames=4, options=RuntimeOptions(answer_path="static"))
     graphs = session.chunk_graphs = ChunkGraphs(tiny_adapter, session.store, use_graphs=False, after=1)
     stream = text_frames(tiny_adapter, 40, seed=6)
     for start in range(0, 32, 4):
@@ -120,7 +121,7 @@ def test_graphs_are_dropped_when_a_buffer_moves(tiny_adapter):
 
 
 def test_growing_cache_never_builds(tiny_adapter):
-    session = StreamingSession(tiny_adapter, rules(tiny_adapter, 64)["full"], chunk_frames=4, answer_path="static")
+    session = StreamingSession(tiny_adapter, rules(tiny_adapter, 64)["full"], chunk_frames=4, options=RuntimeOptions(answer_path="static"))
     graphs = session.chunk_graphs = ChunkGraphs(tiny_adapter, session.store, use_graphs=False)
     session.add_frames(text_frames(tiny_adapter, 32, seed=7))
     assert graphs.replays == 0 and not graphs._graphs
@@ -128,7 +129,7 @@ def test_growing_cache_never_builds(tiny_adapter):
 
 def test_ingest_graphs_need_cuda(tiny_adapter):
     with pytest.raises(StreamError, match="CUDA"):
-        StreamingSession(tiny_adapter, ingest_graphs=True)
+        StreamingSession(tiny_adapter, options=RuntimeOptions(ingest_graphs=True))
     with pytest.raises(ValueError, match="CUDA"):
         ChunkGraphs(tiny_adapter, StreamingSession(tiny_adapter).store, use_graphs=True)
 
@@ -149,7 +150,9 @@ def test_padded_prompts_leave_the_pseudo_query_attention_unchanged(tiny_adapter)
     same prompts unpadded, alone and fused with a chunk."""
     results = {}
     for quantum in (1, 16):
-        session = StreamingSession(tiny_adapter, rules(tiny_adapter, 64)["hermes"], chunk_frames=4, answer_path="static")
+        session = StreamingSession(
+            tiny_adapter, rules(tiny_adapter, 64)["hermes"], chunk_frames=4, options=RuntimeOptions(answer_path="static")
+        )
         session.planner.quantum = quantum
         session.add_frames(text_frames(tiny_adapter, 12, seed=8))
         request = session.retention.guidance(session.store, [("Where is it?", "On the table.")])
@@ -169,7 +172,7 @@ def test_prompts_of_one_padded_length_share_a_graph_shape(tiny_adapter):
     """The pseudo-queries' captured rows are their whole padded blocks, so two histories
     whose prompts pad to the same length run the same graph (no new capture per question);
     only the mean over each prompt's own tokens differs."""
-    session = StreamingSession(tiny_adapter, rules(tiny_adapter, 64)["hermes"], chunk_frames=4, answer_path="static")
+    session = StreamingSession(tiny_adapter, rules(tiny_adapter, 64)["hermes"], chunk_frames=4, options=RuntimeOptions(answer_path="static"))
     graphs = session.chunk_graphs = ChunkGraphs(tiny_adapter, session.store, use_graphs=False, after=0)
     session.add_frames(text_frames(tiny_adapter, 24, seed=8))
     lead = tiny_adapter.frames_piece(text_frames(tiny_adapter, 4, seed=9), session.frames_seen)

@@ -10,9 +10,11 @@ import torch
 from compaction_cases import decisions, layer_with
 from test_split_kv_attention import run_interpreted
 
+from hermes_policy import options
 from hermes_policy.cache.stream_cache import StreamCache
 from hermes_policy.kernels import compaction_kernel
 from hermes_policy.kernels import switch as kernel_switch
+from hermes_policy.options import RuntimeOptions
 
 pytest.importorskip("triton", reason="the compaction kernel is written in Triton (shipped with torch on Linux)")
 
@@ -92,7 +94,7 @@ def test_gather_layers_takes_the_kernel_or_gathers_layer_by_layer(monkeypatch):
     cache.gather_layers(wanted)
     assert launches == [len(cases)], "one launch for all layers"
     assert [layer.length for layer in cache.layers] == [layer.length for layer in reference.layers]
-    monkeypatch.setenv(compaction_kernel.ENV_SWITCH, "0")
+    options.apply(RuntimeOptions(compaction_kernel=False))
     cache = build()
     cache.gather_layers(wanted)
     assert launches == [len(cases)], "switched off: no launch"
@@ -123,7 +125,7 @@ def test_a_failing_kernel_falls_back_to_gathering_layer_by_layer(monkeypatch):
     monkeypatch.setattr(compaction_kernel, "INTERPRETED", True)
     monkeypatch.setattr(compaction_kernel.SWITCH, "failed", False)
     monkeypatch.setattr(compaction_kernel, "_launch", failing)
-    monkeypatch.delenv(compaction_kernel.ENV_SWITCH, raising=False)
+    options.apply(RuntimeOptions())
     with pytest.warns(UserWarning, match="compaction kernel failed"):
         first = build()
         first.gather_layers(wanted)

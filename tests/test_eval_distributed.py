@@ -18,7 +18,7 @@ import torch
 from hermes_policy.evaluation import evaluate
 from hermes_policy.evaluation.results import RESULTS_FILE, read_records
 from hermes_policy.inputs.annotations import load_annotations
-from hermes_policy.inputs.synthetic import write_synthetic_benchmark
+from hermes_policy.inputs.synthetic_benchmark import write_synthetic_benchmark
 from hermes_policy.models import load_adapter
 
 TORCHRUN = Path(sys.executable).parent / "torchrun"

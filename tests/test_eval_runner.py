@@ -23,7 +23,7 @@ from hermes_policy.evaluation.prompts import format_prompt
 from hermes_policy.evaluation.results import RESULTS_FILE, read_records
 from hermes_policy.inputs.annotations import load_annotations
 from hermes_policy.inputs.playback import TimedQuestion, stream_with_questions
-from hermes_policy.inputs.synthetic import write_synthetic_benchmark
+from hermes_policy.inputs.synthetic_benchmark import write_synthetic_benchmark
 from hermes_policy.inputs.video import read_video
 from hermes_policy.models import load_adapter
 from hermes_policy.retention.specs import rule_from_spec

@@ -11,6 +11,7 @@ import torch
 from transformers.activations import ACT2FN
 from transformers.models.qwen2.modeling_qwen2 import Qwen2RMSNorm
 
+from hermes_policy import options
 from hermes_policy.kernels import fusion
 from hermes_policy.kernels.fused_ops import (
     FusedOp,
@@ -67,8 +68,8 @@ def test_fused_ops_run_eagerly_off_cuda_and_when_disabled(monkeypatch):
     op = FusedOp(double)
     assert torch.equal(op(torch.ones(2)), torch.full((2,), 2.0)) and len(calls) == 1  # CPU: the eager code
     assert op.compiled_signatures == ()
-    monkeypatch.setattr(fusion, "ENABLED", False)
-    assert torch.equal(op(torch.ones(2)), torch.full((2,), 2.0)) and op.compiled_signatures == ()
+    with options.applied(fused_ops=False):
+        assert torch.equal(op(torch.ones(2)), torch.full((2,), 2.0)) and op.compiled_signatures == ()
 
 
 def test_own_code_copy_is_the_same_function_with_its_own_code_object():

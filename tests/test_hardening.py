@@ -22,7 +22,7 @@ import pytest
 from hermes_cli.main import app
 from typer.testing import CliRunner
 
-from hermes_policy.inputs.video import write_video
+from hermes_policy.inputs.video_writing import write_video
 from hermes_policy.policy import ModelInfo, paper_default
 
 runner = CliRunner()
@@ -254,7 +254,7 @@ def test_stream_chunks_report_progress_and_ask_where_the_whole_stream_does(tiny_
         stream_chunks_with_questions,
         stream_with_questions,
     )
-    from hermes_policy.inputs.synthetic import text_stream
+    from hermes_policy.inputs.synthetic_text import text_stream
     from hermes_policy.retention import FifoRetention
     from hermes_policy.session import StreamingSession
 

@@ -132,3 +132,31 @@ def test_environment_is_read_in_one_module() -> None:
         if re.search(r"os\.environ|os\.getenv", p.read_text())
     )
     assert readers == ["hermes_policy.options"], readers
+
+
+ENV_NAME = re.compile(r"^HERMES_[A-Z0-9_]+$")
+
+
+def test_hermes_variables_are_named_in_one_module() -> None:
+    """No string in code (docstrings aside) names a HERMES_ variable outside options.py:
+    a module that names one is about to read it."""
+    hits = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        if module_name(path) == "hermes_policy.options":
+            continue
+        tree = ast.parse(path.read_text())
+        docstrings = {
+            id(node.body[0].value)
+            for node in ast.walk(tree)
+            if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))
+            and node.body
+            and isinstance(node.body[0], ast.Expr)
+            and isinstance(node.body[0].value, ast.Constant)
+        }
+        hits += [
+            f"{module_name(path)}:{node.lineno} {node.value}"
+            for node in ast.walk(tree)
+            if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docstrings
+            and ENV_NAME.match(node.value)
+        ]
+    assert not hits, hits

@@ -14,6 +14,7 @@ from tiny_llava_ov import tiny_llava_onevision
 
 from hermes_policy.errors import StreamError, VideoInputError
 from hermes_policy.models import load_adapter
+from hermes_policy.options import RuntimeOptions
 from hermes_policy.retention import FifoRetention
 from hermes_policy.session import StreamingSession
 
@@ -283,7 +284,7 @@ def test_fixed_buffer_ingest_of_video_chunks(adapter, embeddings_in_graph, rule)
             retention = FifoRetention(budget=budget)
         else:
             retention = HermesRetention(policy=paper_default(ModelInfo.of(adapter), budget=budget))
-        session = StreamingSession(adapter, retention, chunk_frames=2, answer_path="static")
+        session = StreamingSession(adapter, retention, chunk_frames=2, options=RuntimeOptions(answer_path="static"))
         if fixed:
             session.chunk_graphs = ChunkGraphs(adapter, session.store, use_graphs=False, after=1)
             session.chunk_graphs.embeddings_in_graph = embeddings_in_graph

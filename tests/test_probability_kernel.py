@@ -8,10 +8,12 @@ import pytest
 import torch
 from test_split_kv_attention import run_interpreted
 
+from hermes_policy import options
 from hermes_policy.attention import blocks as attention
 from hermes_policy.kernels import probability_kernel
 from hermes_policy.kernels import switch as kernel_switch
 from hermes_policy.kernels.probability_kernel import available
+from hermes_policy.options import RuntimeOptions
 
 pytest.importorskip("triton", reason="the probability kernel is written in Triton (shipped with torch on Linux)")
 
@@ -19,14 +21,14 @@ pytest.importorskip("triton", reason="the probability kernel is written in Trito
 def test_kernel_equals_the_score_products():
     """Grouped heads, padded rows weighing 0, a key count that ends inside a range of keys,
     rows over several row blocks, strided rows and keys, a lead before the blocks; the
-    whole block attention with the kernel against it without (``HERMES_PROBABILITY_KERNEL=0``),
+    whole block attention with the kernel against it without (``probability_kernel=False``),
     its log-sum-exp in two parts (flash and the own blocks) and whole (the block kernel)."""
     out = run_interpreted(
         """
         import itertools
-        import os
 
         import torch
+        from hermes_policy import options
         from hermes_policy.kernels import probability_kernel
         from hermes_policy.attention.blocks import lead_and_blocks_attention
 
@@ -46,7 +48,7 @@ def test_kernel_equals_the_score_products():
         probability_kernel.weighted_probabilities_kernel = counted
         # the block attention kernel off (the log-sum-exp in two parts) and on (one, whole)
         for (heads, kv_heads, cached, lead, blocks, picked), block_kernel in itertools.product(cases, "01"):
-            os.environ["HERMES_BLOCK_KERNEL"] = block_kernel
+            options.apply(options.RuntimeOptions(block_attention_kernel=block_kernel == "1"))
             q_len = lead + sum(blocks)
             k_len = cached + q_len
             query = torch.randn(1, q_len, heads + 2, 16, generator=g)[:, :, :heads].transpose(1, 2)  # strided
@@ -57,9 +59,8 @@ def test_kernel_equals_the_score_products():
             weights = torch.rand(blocks[picked], generator=g)
             weights[-2:] = 0  # padding rows
             keep = (start, stop)
-            os.environ["HERMES_PROBABILITY_KERNEL"] = "0"
-            out_plain, plain = lead_and_blocks_attention(query, key, value, lead, blocks, 0.25, keep, True, True, weights)
-            os.environ["HERMES_PROBABILITY_KERNEL"] = "1"
+            with options.applied(probability_kernel=False):
+                out_plain, plain = lead_and_blocks_attention(query, key, value, lead, blocks, 0.25, keep, True, True, weights)
             before = len(calls)
             out_kernel, probs = lead_and_blocks_attention(query, key, value, lead, blocks, 0.25, keep, True, True, weights)
             assert len(calls) == before + 1, "the kernel did not run"
@@ -84,13 +85,13 @@ def test_kernel_equals_the_score_products():
 def test_where_the_kernel_runs(monkeypatch):
     """On CUDA (or under the interpreter) for power-of-two head sizes; never when switched off."""
     monkeypatch.setattr(kernel_switch, "INTERPRETED", False)
-    monkeypatch.delenv(probability_kernel.ENV_SWITCH, raising=False)
+    options.apply(RuntimeOptions())
     assert not available(torch.device("cpu"), 128)
     assert available(torch.device("cuda"), 128)
     assert not available(torch.device("cuda"), 96)
     monkeypatch.setattr(kernel_switch, "INTERPRETED", True)
     assert available(torch.device("cpu"), 16)
-    monkeypatch.setenv(probability_kernel.ENV_SWITCH, "0")
+    options.apply(RuntimeOptions(probability_kernel=False))
     assert not available(torch.device("cuda"), 128)
 
 
@@ -112,8 +113,7 @@ def test_a_failing_kernel_falls_back_to_the_score_products(monkeypatch):
     monkeypatch.setattr(kernel_switch, "INTERPRETED", True)  # as if it could run here
     monkeypatch.setattr(probability_kernel.SWITCH, "failed", False)
     monkeypatch.setattr(probability_kernel, "weighted_probabilities_kernel", failing)
-    monkeypatch.delenv(probability_kernel.ENV_SWITCH, raising=False)
-    monkeypatch.setenv("HERMES_BLOCK_KERNEL", "0")  # not this test's kernel
+    options.apply(RuntimeOptions(block_attention_kernel=False))  # not this test's kernel
     with pytest.warns(UserWarning, match="probability kernel failed"):
         _, fell_back = attention.lead_and_blocks_attention(*args)
     _, again = attention.lead_and_blocks_attention(*args)

@@ -19,6 +19,7 @@ from hermes_policy import StreamingSession
 from hermes_policy.cache.positions import compact_positions, rerotate_keys, to_model_position_ids
 from hermes_policy.models import load_adapter
 from hermes_policy.models.qwen_vl import Qwen2_5_VLAdapter, Qwen3VLAdapter, vision_position_ids
+from hermes_policy.options import RuntimeOptions
 from hermes_policy.retention import FifoRetention
 
 SYSTEM = "You watch a stream."
@@ -574,7 +575,7 @@ def test_qwen2_5_fixed_buffer_ingest_equals_ordinary_ingest(q25, rule):
             retention = FifoRetention(budget=budget)
         else:
             retention = HermesRetention(policy=paper_default(ModelInfo.of(q25), budget=budget))
-        session = StreamingSession(q25, retention, chunk_frames=4, answer_path="static", system_prompt=SYSTEM)
+        session = StreamingSession(q25, retention, chunk_frames=4, options=RuntimeOptions(answer_path="static"), system_prompt=SYSTEM)
         if fixed:
             session.chunk_graphs = ChunkGraphs(q25, session.store, use_graphs=False, after=1)
         session.add_frames(frames)

@@ -404,8 +404,10 @@ def test_batched_scoring_equals_per_layer_scoring():
 def test_evicted_summary_equals_summary_tokens_of_the_gathered_tokens(tiny_adapter):
     """A layer's summary token straight from its cache (gather, rotation and mean in one
     op) equals summary_tokens of its evicted tokens gathered first."""
+    from summary_reference import summary_tokens
+
     from hermes_policy.cache.positions import rotary_cos_sin
-    from hermes_policy.retention.scoring import evicted_summary, summary_tokens
+    from hermes_policy.retention.scoring import evicted_summary
 
     g = torch.Generator().manual_seed(5)
     keys, values = torch.randn(1, 2, 30, 16, generator=g), torch.randn(1, 2, 30, 16, generator=g)
@@ -423,8 +425,9 @@ def test_evicted_summary_equals_summary_tokens_of_the_gathered_tokens(tiny_adapt
 
 
 def test_summary_tokens_of_several_layers_equal_one_layer_at_a_time(tiny_adapter):
+    from summary_reference import summary_tokens
+
     from hermes_policy.cache.positions import rerotate_keys
-    from hermes_policy.retention.scoring import summary_tokens
 
     g = torch.Generator().manual_seed(3)
     layers, n = 3, 7
@@ -444,9 +447,10 @@ def test_summary_tokens_on_the_per_layer_path_fold_the_kept_tokens_complement(ti
     """Layers of different lengths take the per-layer path, whose summary groups find the
     evicted tokens as the kept ones' complement: each summary layer's token is
     :func:`summary_token` of exactly the tokens it did not keep."""
+    from summary_reference import summary_token
+
     from hermes_policy.cache.kv_store import KVStore
     from hermes_policy.retention import SelectContext
-    from hermes_policy.retention.scoring import summary_token
 
     layers, n, prefix = 6, 300, 5
     rule = HermesRetention(policy=paper_default(ModelInfo("x", "y", layers, 4, 2, 10), budget=120))

@@ -19,7 +19,7 @@ import openai
 import pytest
 
 from hermes_policy import StreamingSession
-from hermes_policy.inputs.synthetic import text_stream
+from hermes_policy.inputs.synthetic_text import text_stream
 from hermes_policy.retention import FifoRetention
 from hermes_policy.serving import ServerConfig, create_app, serve_in_background
 from hermes_policy.serving.sources import SourceSpec, open_source, paced
@@ -105,7 +105,7 @@ def test_sse_tokens_equal_the_plain_answer_for_the_same_frames(tiny_adapter):
 def test_video_file_played_at_its_own_rate_and_asked_while_it_runs(tmp_path):
     from tiny_llava_ov import tiny_llava_onevision
 
-    from hermes_policy.inputs.synthetic import write_synthetic_benchmark
+    from hermes_policy.inputs.synthetic_benchmark import write_synthetic_benchmark
     from hermes_policy.models import load_adapter
 
     adapter = load_adapter(tiny_llava_onevision(tmp_path / "llava", layers=2), device="cpu")

@@ -9,6 +9,7 @@ from reference import one_shot_logits
 from hermes_policy import StreamingSession
 from hermes_policy.cache.positions import compact_positions
 from hermes_policy.errors import StreamError
+from hermes_policy.options import RuntimeOptions
 from hermes_policy.retention import FifoRetention, FullRetention
 
 
@@ -142,7 +143,7 @@ def test_garbage_collection_pauses_only_until_the_first_token(tiny_adapter):
     with pytest.raises(ValueError), paused_collection():
         raise ValueError
     assert gc.isenabled()
-    session = StreamingSession(tiny_adapter, chunk_frames=4, answer_path="static")
+    session = StreamingSession(tiny_adapter, chunk_frames=4, options=RuntimeOptions(answer_path="static"))
     with pytest.raises(StreamError):
         session.ask("Too early?")
     assert gc.isenabled()

@@ -17,10 +17,12 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from hermes_policy import options
 from hermes_policy.attention import static as attention
 from hermes_policy.kernels import split_kv_attention
 from hermes_policy.kernels import switch as kernel_switch
 from hermes_policy.kernels.split_kv_attention import available, launch_shape
+from hermes_policy.options import RuntimeOptions
 
 pytest.importorskip("triton", reason="the split-key kernel is written in Triton (shipped with torch on Linux)")
 
@@ -78,11 +80,10 @@ def test_answer_forwards_with_the_kernel_equal_them_without():
     masked attention: hidden states and the keys and values written, on ragged layers."""
     out = run_interpreted(
         """
-        import os
-
         import torch
         from test_static_forward import assert_forwards_close, both_forwards
 
+        from hermes_policy import options
         from hermes_policy.kernels import split_kv_attention
         from hermes_policy.models.random_shapes import build_random_adapter
 
@@ -97,11 +98,11 @@ def test_answer_forwards_with_the_kernel_equal_them_without():
         for shape in ("tiny-llava-ov", "tiny-qwen2.5-vl"):
             adapter = build_random_adapter(shape, device="cpu", dtype=torch.float32)
             for q_len in (1, 5):
-                os.environ["HERMES_SPLIT_KV"] = "0"
-                explicit = both_forwards(adapter, q_len)
-                os.environ["HERMES_SPLIT_KV"] = "1"
+                with options.applied(split_kv_kernel=False):
+                    explicit = both_forwards(adapter, q_len)
                 before = len(calls)
-                with_kernel = both_forwards(adapter, q_len)
+                with options.applied(split_kv_kernel=True):
+                    with_kernel = both_forwards(adapter, q_len)
                 assert len(calls) - before == 2 * adapter.num_layers, "the kernel did not run for every layer"
                 for name in ("static", "transformers"):
                     assert_forwards_close({"static": with_kernel[name], "transformers": explicit[name]}, 1e-5)
@@ -115,15 +116,16 @@ def test_answer_forwards_with_the_kernel_equal_them_without():
 def test_where_the_kernel_runs(monkeypatch):
     """On CUDA (or under the interpreter) for power-of-two head sizes; never when switched off."""
     monkeypatch.setattr(kernel_switch, "INTERPRETED", False)
-    monkeypatch.delenv(split_kv_attention.ENV_SWITCH, raising=False)
+    options.apply(RuntimeOptions())
     assert not available(torch.device("cpu"), 128)
     assert available(torch.device("cuda"), 128)
     assert not available(torch.device("cuda"), 80)  # not a power of two
     assert not available(torch.device("cuda"), 8)
     monkeypatch.setattr(kernel_switch, "INTERPRETED", True)
     assert available(torch.device("cpu"), 64)
-    monkeypatch.setenv(split_kv_attention.ENV_SWITCH, "0")
+    options.apply(RuntimeOptions(split_kv_kernel=False))
     assert not available(torch.device("cuda"), 128)
+    assert not split_kv_attention.SWITCH.enabled()
 
 
 @pytest.mark.parametrize("rows,kv_heads", [(7, 4), (112, 4), (224, 4), (16, 8), (1, 1)])
@@ -158,7 +160,7 @@ def test_a_failing_kernel_falls_back_to_explicit_attention(monkeypatch):
     monkeypatch.setattr(kernel_switch, "INTERPRETED", True)  # as if it could run here
     monkeypatch.setattr(split_kv_attention.SWITCH, "failed", False)
     monkeypatch.setattr(split_kv_attention, "split_kv_slot_attention", failing)
-    monkeypatch.delenv(split_kv_attention.ENV_SWITCH, raising=False)
+    options.apply(RuntimeOptions())
     assert available(torch.device("cpu"), 16)
     with pytest.warns(UserWarning, match="split-key attention kernel failed"):
         fell_back = both_forwards(adapter, 3)

@@ -10,7 +10,9 @@ import pytest
 import torch
 from test_split_kv_attention import run_interpreted
 
+from hermes_policy import options
 from hermes_policy.kernels import summary_kernel
+from hermes_policy.options import RuntimeOptions
 
 pytest.importorskip("triton", reason="the summary kernel is written in Triton (shipped with torch on Linux)")
 
@@ -176,7 +178,7 @@ def test_evicted_summaries_does_not_run_where_it_cannot(monkeypatch):
 
     monkeypatch.setattr(summary_kernel, "launch_with_table", fake_launch)
     monkeypatch.setattr(summary_kernel.SWITCH, "failed", False)
-    monkeypatch.delenv(summary_kernel.ENV_SWITCH, raising=False)
+    options.apply(RuntimeOptions())
     monkeypatch.setattr(summary_kernel, "INTERPRETED", False)
     assert not summary_kernel.available(torch.device("cpu"))
     assert summary_kernel.evicted_summaries(*case) is None
@@ -185,7 +187,7 @@ def test_evicted_summaries_does_not_run_where_it_cannot(monkeypatch):
     assert summary_kernel.evicted_summaries(*case) == "launched"
     keys, values, evicted, cos, sin = case
     assert summary_kernel.evicted_summaries(keys, values, evicted.int(), cos, sin) is None
-    monkeypatch.setenv(summary_kernel.ENV_SWITCH, "0")
+    options.apply(RuntimeOptions(summary_kernel=False))
     assert not summary_kernel.available(torch.device("cpu"))
     assert summary_kernel.evicted_summaries(*case) is None
     assert launches == [3], "one launch, for the layers it could take while switched on"
@@ -203,7 +205,7 @@ def test_a_failing_launch_turns_the_kernel_off(monkeypatch):
     monkeypatch.setattr(summary_kernel, "INTERPRETED", True)
     monkeypatch.setattr(summary_kernel.SWITCH, "failed", False)
     monkeypatch.setattr(summary_kernel, "launch_with_table", failing)
-    monkeypatch.delenv(summary_kernel.ENV_SWITCH, raising=False)
+    options.apply(RuntimeOptions())
     with pytest.warns(UserWarning, match="summary kernel failed"):
         assert summary_kernel.evicted_summaries(*case) is None
     assert summary_kernel.evicted_summaries(*case) is None

@@ -10,18 +10,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from hermes_policy.inputs.synthetic import (
+from hermes_policy.inputs.synthetic_benchmark import write_synthetic_benchmark
+from hermes_policy.inputs.synthetic_questions import SyntheticQuestion
+from hermes_policy.inputs.synthetic_shapes import (
     BACKGROUND,
     PALETTE,
     SHAPES,
-    SyntheticQuestion,
     SyntheticVideo,
     shape_mask,
     shapes_video,
-    text_stream,
-    write_synthetic_benchmark,
 )
-from hermes_policy.inputs.video import read_video, write_video
+from hermes_policy.inputs.synthetic_text import text_stream
+from hermes_policy.inputs.video import read_video
+from hermes_policy.inputs.video_writing import write_video
 
 
 def colour_names(img: np.ndarray) -> np.ndarray:

@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 
 from hermes_policy.errors import VideoInputError
-from hermes_policy.inputs import video
-from hermes_policy.inputs.video import VideoFrames, iter_video_chunks, read_video, write_video
+from hermes_policy.inputs import video, video_decoders
+from hermes_policy.inputs.video import VideoFrames, iter_video_chunks, read_video
+from hermes_policy.inputs.video_writing import write_video
 
 NUM_FRAMES, SOURCE_FPS, HEIGHT, WIDTH = 20, 10.0, 48, 64
 
@@ -38,7 +39,7 @@ def frame_index(rgb: np.ndarray) -> int:
 def hide_pyav(monkeypatch: pytest.MonkeyPatch) -> None:
     """Make ``import av`` fail, as on the GPU machine (a None entry in sys.modules)."""
     monkeypatch.setitem(sys.modules, "av", None)
-    assert video._import_av() is None
+    assert video_decoders.import_av() is None
 
 
 @pytest.fixture(scope="module")
@@ -208,7 +209,7 @@ def test_frame_folder_natural_order(tmp_path: Path) -> None:
 
 def test_natural_key() -> None:
     names = ["f10.jpg", "f2.jpg", "F1.jpg", "f2a.jpg", "g.jpg", "f02b.jpg"]
-    assert sorted(names, key=video.natural_key) == [
+    assert sorted(names, key=video_decoders.natural_key) == [
         "F1.jpg",
         "f2.jpg",
         "f2a.jpg",

@@ -11,7 +11,8 @@ Compression time is measured, not estimated, two ways (both reported):
 
 - synchronised (``compression_share``): the session times its phases (GPU synchronised at
   each boundary) for a separate guidance pass, scoring and gathering, on one chunk in four
-  (:data:`TIMED_EVERY`, at least one per segment). The synchronisation stalls the pipeline:
+  (:data:`~hermes_policy.benchmarking.compression_timing.TIMED_EVERY`, at least one per
+  segment; the measuring helpers are in that module). The synchronisation stalls the pipeline:
   the host's time to launch the phases' kernels, which otherwise overlaps the GPU's work on
   the forward queued before them, is counted too. So the ingest speed comes from the other
   chunks, and this share is an upper bound.
@@ -28,11 +29,9 @@ counted for every fused pass of the chunks each share covers.
 
 from __future__ import annotations
 
-import gc
 import statistics
-import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +39,15 @@ import torch
 
 from hermes_policy import retention
 from hermes_policy.attention.shapes import SPLIT_SHAPES
+from hermes_policy.benchmarking.compression_timing import (
+    TIMED_EVERY,
+    Segment,
+    compression_span_seconds,
+    fused_guidance_overhead,
+    guidance_shape,
+    pipelined_share,
+    release_memory,
+)
 from hermes_policy.benchmarking.floor import (
     DeviceCeilings,
     floor_ms,
@@ -58,9 +66,9 @@ from hermes_policy.models.random_shapes import (
     random_frames,
     tokenizer_description,
 )
+from hermes_policy.options import RuntimeOptions
 from hermes_policy.policy import ModelInfo, paper_default
 from hermes_policy.retention import FullRetention, RetentionRule
-from hermes_policy.retention.guidance import GuidanceLayout
 from hermes_policy.session import NoObserver, StreamingSession
 
 SCHEMA = "hermes-efficiency/1"
@@ -162,132 +170,6 @@ def shape_summary(adapter: ModelAdapter, ceilings: DeviceCeilings) -> dict[str, 
     }
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _release_memory() -> None:
-    gc.collect()  # sessions and captured graphs hold models and buffers in reference cycles
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-
-
-def fused_guidance_overhead(session: StreamingSession, frames: Any, pairs: int = 8) -> float | None:
-    """Seconds the pseudo-queries add to one chunk's forward when fused with it.
-
-    Times the same chunk prefilled alone and with the rule's pseudo-queries, in ``pairs``
-    back-to-back pairs after one untimed pair (which captures the graphs), the order
-    alternating from pair to pair (the cache restored after every run). Two consecutive
-    pairs, one of each order, average out a steady drift of the machine's speed, which
-    two separate series would each absorb; the median over those averages sets aside a
-    stall that hits one run. None when the rule has no pseudo-queries.
-    """
-    request = session.retention.guidance(session.store, [(t.question, t.answer) for t in session.history])
-    if request is None:
-        return None
-    adapter, store = session.adapter, session.store
-    with torch.inference_mode():
-        piece = adapter.frames_piece(frames, session.frames_seen)
-        prompts = [session.planner.prompt_piece(p) for p in request.prompts]  # as the stream tokenised them
-    lengths = store.lengths()
-    passes = session.guidance_passes
-
-    def seconds(run: Callable[[], object]) -> float:
-        _sync(adapter.device)
-        start = time.perf_counter()
-        with torch.inference_mode():
-            run()
-        _sync(adapter.device)
-        store.truncate(lengths)
-        return time.perf_counter() - start
-
-    # both as a steady chunk runs in the stream: replayed from a CUDA graph where the
-    # session has them (the untimed pair captures them), so neither side pays the eager
-    # forward's host time the other does not
-    def plain() -> object:
-        return session._prefill(piece, ingest=True, recurring=True)
-
-    def fused() -> object:
-        return session.guidance_attention(request, lead=piece, prompt_pieces=prompts, recurring=True)
-
-    seconds(plain)
-    seconds(fused)
-    differences = []
-    for index in range(pairs):
-        if index % 2:
-            alone = seconds(plain)
-            differences.append(seconds(fused) - alone)
-        else:
-            with_prompts = seconds(fused)
-            differences.append(with_prompts - seconds(plain))
-    session.guidance_passes = passes
-    balanced = [(a + b) / 2 for a, b in zip(differences[::2], differences[1::2])]
-    return max(0.0, statistics.median(balanced))
-
-
-def guidance_shape(layout: GuidanceLayout | None) -> dict[str, Any]:
-    """Row fields of the last pseudo-query pass: each prompt's tokens and padded rows, and
-    the prompts' share of the rows through the decoder layers (their share of the
-    forward's linear-layer arithmetic, which its matrix products take in proportion)."""
-    if layout is None:
-        return {"guidance_prompt_tokens": None, "guidance_prompt_rows": None, "guidance_row_share": None}
-    return {
-        "guidance_prompt_tokens": list(layout.prompt_tokens),
-        "guidance_prompt_rows": list(layout.prompt_rows),
-        "guidance_row_share": layout.row_share,
-    }
-
-
-TIMED_EVERY = 4  # one chunk in this many runs with the session's synchronised phase timers
-COMPRESSION_PHASES = ("guidance", "select", "gather")
-
-
-@dataclass
-class _Segment:
-    """Ingest of the chunks between two checkpoints.
-
-    Phase timers synchronise the GPU at every phase boundary, which stalls the pipeline
-    (the host can no longer queue work ahead): chunks with timers on give the compression
-    share, the others the ingest speed.
-    """
-
-    frames: int = 0
-    seconds: float = 0.0
-    timed_frames: int = 0
-    timed_seconds: float = 0.0
-    fused_timed: int = 0
-    fused_untimed: int = 0
-    gpu_compression_seconds: float | None = None  # phase spans of the untimed chunks (CUDA events)
-    chunk_seconds: list[float] = field(default_factory=list)  # each untimed chunk's seconds
-
-    def fps(self) -> float | None:
-        if self.frames:
-            return self.frames / self.seconds
-        return self.timed_frames / self.timed_seconds if self.timed_seconds > 0 else None
-
-    def median_chunk_fps(self, chunk: int) -> float | None:
-        """Frames per second of the median untimed chunk: the speed once the segment's
-        one-off costs (a graph capture, a shape's first eager run) are set aside."""
-        return chunk / statistics.median(self.chunk_seconds) if self.chunk_seconds else None
-
-
-def compression_span_seconds(marks: list[tuple[str, float, float, Any, Any]]) -> float:
-    """Seconds of GPU timeline the compression phases spanned, from
-    :attr:`PhaseEvents.marks <hermes_policy.benchmarking.phases.PhaseEvents.marks>`
-    (``(phase, host start, host end, start event, end event)``, events complete)."""
-    return sum(begin.elapsed_time(end) for name, _, _, begin, end in marks if name in COMPRESSION_PHASES) / 1e3
-
-
-def pipelined_share(segment: _Segment, fused_overhead_s: float | None) -> float | None:
-    """Share of the untimed chunks' ingest time spent compressing: the phases' GPU spans
-    plus each fused pseudo-query pass's measured cost. None without event timings."""
-    if segment.gpu_compression_seconds is None or segment.seconds <= 0:
-        return None
-    spent = segment.gpu_compression_seconds + segment.fused_untimed * (fused_overhead_s or 0.0)
-    return spent / segment.seconds
-
-
 @dataclass
 class _StreamState:
     frames_done: int = 0
@@ -310,7 +192,7 @@ def run_stream(
     rows: list[dict[str, Any]] = []
     state = _StreamState()
     overhead: float | None = None
-    _release_memory()
+    release_memory()
     gpus = sorted({d.index or 0 for d in adapter.devices if d.type == "cuda"}) if adapter.spans_devices else []
     for index in gpus:
         torch.cuda.reset_peak_memory_stats(index)
@@ -319,7 +201,7 @@ def run_stream(
     timer = PhaseTimer(adapter.device)  # the timed chunks' phases, added up over the stream
     base = {"shape": shape.name, "rule": rule_name, "chunk": chunk, "budget": config.budget}
     for target in config.frames:
-        segment = _Segment()
+        segment = Segment()
         phases_before = dict(timer.seconds)
         fused_total_before = session.fused_guidance_passes
         try:
@@ -359,7 +241,7 @@ def run_stream(
             ]
         except torch.cuda.OutOfMemoryError:
             del session
-            _release_memory()
+            release_memory()
             rows.append({**base, "frames": target, "status": "out of memory"})
             if progress:
                 progress(f"{shape.name} {rule_name} chunk {chunk}: out of memory at {target} frames")
@@ -409,7 +291,7 @@ def run_stream(
                 f"peak {state.peak / 2**30:.2f} GiB, ingest {rows[-1]['ingest_fps'] or 0:.0f} fps"
             )
     del session
-    _release_memory()
+    release_memory()
     return rows
 
 
@@ -431,7 +313,7 @@ def warm_up(adapter: ModelAdapter, shape: ModelShape, config: EfficiencyConfig) 
                 session.add_frames(pool)
             session.ask(QUESTIONS[0], max_new_tokens=2)
             del session
-    _release_memory()
+    release_memory()
 
 
 def check_answers(shape: ModelShape, dtype: torch.dtype, config: EfficiencyConfig, device: str = "cuda") -> dict[str, Any]:
@@ -446,7 +328,7 @@ def check_answers(shape: ModelShape, dtype: torch.dtype, config: EfficiencyConfi
     fixed = "graphs" if adapter.device.type == "cuda" and not adapter.spans_devices else "static"
 
     def tokens(rule: RetentionRule, path: str) -> list[int]:
-        session = StreamingSession(adapter, rule, chunk_frames=8, answer_path=path)
+        session = StreamingSession(adapter, rule, chunk_frames=8, options=RuntimeOptions.from_env(answer_path=path))
         session.add_frames(frames)
         return session.ask(QUESTIONS[0], max_new_tokens=16).token_ids
 
@@ -516,7 +398,7 @@ def run_efficiency(
             # split models are the ones too large for fp32 to fit: bf16 only
             for dtype in (torch.bfloat16,) if config.device_map else (torch.bfloat16, torch.float32):
                 result = check_answers(shape, dtype, config, device)
-                _release_memory()
+                release_memory()
                 correctness.append(result)
                 if progress:
                     progress(
@@ -539,7 +421,7 @@ def run_efficiency(
             for rule_name in config.rules:
                 rows.extend(run_stream(adapter, shape, rule_name, chunk, config, shapes[name], progress))
         del adapter
-        _release_memory()
+        release_memory()
     from hermes_policy.evaluation.manifest import run_manifest
 
     manifest = run_manifest(

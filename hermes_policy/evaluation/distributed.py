@@ -16,7 +16,6 @@ runs in the one process.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import timedelta
@@ -25,13 +24,14 @@ from typing import Any, TypeVar
 import torch
 import torch.distributed as dist
 
+from hermes_policy import options
 from hermes_policy.errors import HermesError
 
 T = TypeVar("T")
 
 # Ranks that finish early wait in a collective for the slowest one; with NCCL's default
-# 10-minute timeout a long benchmark would be killed there. Override with this variable.
-TIMEOUT_ENV = "HERMES_EVAL_DIST_TIMEOUT_S"
+# 10-minute timeout a long benchmark would be killed there. $HERMES_EVAL_DIST_TIMEOUT_S
+# overrides it (hermes_policy.options.distributed_timeout_s).
 DEFAULT_TIMEOUT_S = 24 * 3600
 
 
@@ -63,7 +63,7 @@ class DistContext:
 
 
 def _env_int(name: str, default: int) -> int:
-    value = os.environ.get(name)
+    value = options.variable(name)
     if value is None or value == "":
         return default
     try:
@@ -121,7 +121,7 @@ def init_distributed(device: torch.device, timeout_s: float | None = None) -> Di
     if dist.is_initialized():
         return current()
     if timeout_s is None:
-        timeout_s = float(os.environ.get(TIMEOUT_ENV, DEFAULT_TIMEOUT_S))
+        timeout_s = options.distributed_timeout_s(DEFAULT_TIMEOUT_S)
     backend = "nccl" if device.type == "cuda" else "gloo"
     kwargs: dict[str, Any] = {"backend": backend, "timeout": timedelta(seconds=timeout_s)}
     if device.type == "cuda":

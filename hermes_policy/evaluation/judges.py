@@ -21,7 +21,6 @@ Built in, all local, none needs a network:
 from __future__ import annotations
 
 import json
-import os
 import re
 import time
 import urllib.error
@@ -30,6 +29,7 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
+from hermes_policy import options
 from hermes_policy.errors import HermesError
 from hermes_policy.evaluation.answers import normalize_text
 
@@ -178,7 +178,7 @@ class HttpJudge:
 
     def _request(self, body: bytes) -> dict:
         headers = {"Content-Type": "application/json"}
-        key = os.environ.get(self.api_key_env)
+        key = options.variable(self.api_key_env)
         if key:
             headers["Authorization"] = f"Bearer {key}"
         request = urllib.request.Request(self.endpoint, data=body, headers=headers, method="POST")
@@ -227,10 +227,9 @@ def make_judge(
     if name == "f1":
         return TokenF1Judge(threshold=f1_threshold)
     if name == "http":
-        url = url or os.environ.get("HERMES_JUDGE_URL")
-        model = model or os.environ.get("HERMES_JUDGE_MODEL")
+        default_url, default_model = options.judge_endpoint()
+        url, model = url or default_url, model or default_model
         if not url or not model:
-            raise JudgeError("the http judge needs --judge-url and --judge-model "
-                             "(or HERMES_JUDGE_URL and HERMES_JUDGE_MODEL)")
+            raise JudgeError(f"the http judge needs --judge-url and --judge-model (or {options.JUDGE_ENDPOINT_VARIABLES})")
         return HttpJudge(url=url, model=model, api_key_env=api_key_env)
     raise JudgeError(f"unknown judge {name!r}; choose one of {', '.join(JUDGE_NAMES)}")

@@ -9,7 +9,7 @@ seen (so a probe's *age*, how far back its evidence lies, is what varies):
 * ``copy``: copying a planted span. The probe repeats a filler frame's first
   ``copy_prompt`` tokens and scores its next ``copy_span`` tokens, teacher-forced.
   Accuracy: the share of span tokens that are the model's top-1.
-* ``facts``: the planted-fact questions of :func:`~hermes_policy.inputs.synthetic.text_stream`,
+* ``facts``: the planted-fact questions of :func:`~hermes_policy.inputs.synthetic_text.text_stream`,
   asked in the chat format, with the answer scored after a lead that ends right before
   the value (``"The secret code word is '"`` -> ``glacier``), so log p measures the value
   and not the phrasing. Multiple choice where the question has choices (the choice with
@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from hermes_policy.inputs.synthetic import _scene, text_stream
+from hermes_policy.inputs.synthetic_text import scene_sentence, text_stream
 
 TASKS: tuple[str, ...] = ("kv", "copy", "facts")
 
@@ -151,7 +151,7 @@ def fidelity_stream(
         values = rng.permutation(len(KV_VALUES))
         for n, frame in enumerate(kv_frames):
             key, value = int(keys[n]), KV_VALUES[int(values[n % len(KV_VALUES)])]
-            frames[frame] = f"Second {frame}: The code for locker {key} is {value}. Meanwhile, {_scene(rng, capital=False)}"
+            frames[frame] = f"Second {frame}: The code for locker {key} is {value}. Meanwhile, {scene_sentence(rng, capital=False)}"
             taken[frame] = "kv"
             probes.append(Probe(
                 task="kv", prompt=f"\nThe code for locker {key} is", answer=f" {value}", mode="raw",

@@ -1,7 +1,8 @@
-"""Video input: decode a video file or a folder of frame images into RGB frames.
+"""Video input: a video file or a folder of frame images, sampled at a rate, as RGB frames.
 
-Decoding uses PyAV (``av``) and falls back to OpenCV (``cv2``) when PyAV cannot be
-imported (the GPU machine has no PyAV). Both return the same frames for the same file.
+The decoders (PyAV, else OpenCV; frame folders) are in
+:mod:`hermes_policy.inputs.video_decoders`; writing a video is
+:func:`hermes_policy.inputs.video_writing.write_video`.
 
 Timestamps
     Every source is put on one clock: seconds since the first decoded frame. Video files use
@@ -29,28 +30,18 @@ from __future__ import annotations
 
 import math
 import os
-import re
-from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
-from fractions import Fraction
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from hermes_policy.errors import VideoInputError
-from hermes_policy.fileio.atomic import atomic_path
-
-VIDEO_EXTENSIONS = (".mp4", ".webm", ".mkv", ".avi", ".mov")
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
-WRITE_EXTENSIONS = (".mp4", ".mkv", ".mov", ".avi")
+from hermes_policy.inputs.video_decoders import Loader, open_source
 
 # Float timestamps from pts * time_base and targets k / fps differ by rounding only; this
 # slack makes "at or after" and tie decisions identical across decoders.
 _EPS = 1e-6
-
-Loader = Callable[[], np.ndarray]
 
 
 @dataclass
@@ -82,256 +73,6 @@ class VideoFrames:
     def num_frames(self) -> int:
         """Number of frames ``T``."""
         return len(self)
-
-
-# ---------------------------------------------------------------------------------------
-# Sources: each yields (timestamp, loader) pairs; the loader produces the (H, W, 3) uint8
-# RGB array only when called, so frames the sampler skips are never converted or read.
-# ---------------------------------------------------------------------------------------
-
-
-class _Source(ABC):
-    """An opened source of frames; use as a context manager so it is always closed."""
-
-    source_fps: float = 0.0
-
-    def __enter__(self) -> _Source:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def close(self) -> None:  # noqa: B027 - optional: sources without a decoder keep it
-        """Release the decoder."""
-
-    @abstractmethod
-    def frames(self) -> Iterator[tuple[float, Loader]]:
-        """Yield ``(timestamp_seconds, loader)`` for every frame, in display order."""
-
-
-def _import_av() -> Any | None:
-    """PyAV if it can be imported, else None (tests hide it through ``sys.modules``)."""
-    try:
-        import av
-    except ImportError:
-        return None
-    return av
-
-
-def _import_cv2() -> Any | None:
-    """OpenCV if it can be imported, else None."""
-    try:
-        import cv2
-    except ImportError:
-        return None
-    return cv2
-
-
-def _monotonic(
-    pairs: Iterator[tuple[float | None, Any]], fps: float
-) -> Iterator[tuple[float, Any]]:
-    """Shift raw presentation times to start at 0 and make them strictly increase.
-
-    A missing time, or one that does not advance (broken or duplicated pts), becomes the
-    previous time plus one frame period, so the sampler's ordering assumption always holds.
-    """
-    period = 1.0 / fps if fps > 0 else 1.0
-    first: float | None = None
-    prev: float | None = None
-    for raw, payload in pairs:
-        if first is None and raw is not None and math.isfinite(raw):
-            first = raw
-        if raw is None or not math.isfinite(raw) or first is None:
-            t = 0.0 if prev is None else prev + period
-        else:
-            t = raw - first
-            if prev is not None and t <= prev:
-                t = prev + period
-        prev = t
-        yield t, payload
-
-
-class _PyAVSource(_Source):
-    def __init__(self, av: Any, path: Path):
-        self.path = path
-        try:
-            # av raises several unrelated types here (InvalidDataError, EOFError, OSError),
-            # so the boundary catches them all and reports one message.
-            self._container = av.open(str(path))
-        except Exception as exc:
-            raise VideoInputError(f"cannot read video {path}: not a video file or corrupt") from exc
-        if not self._container.streams.video:
-            self._container.close()
-            raise VideoInputError(f"cannot read video {path}: it has no video stream")
-        self._stream = self._container.streams.video[0]
-        self._stream.thread_type = "AUTO"
-        rate = self._stream.average_rate or self._stream.guessed_rate or self._stream.base_rate
-        self.source_fps = float(rate) if rate else 0.0
-
-    def close(self) -> None:
-        self._container.close()
-
-    def frames(self) -> Iterator[tuple[float, Loader]]:
-        for t, frame in _monotonic(self._decoded(), self.source_fps):
-            yield t, lambda frame=frame: self._to_rgb(frame)
-
-    def _decoded(self) -> Iterator[tuple[float | None, Any]]:
-        count = 0
-        try:
-            for frame in self._container.decode(self._stream):
-                count += 1
-                yield frame.time, frame
-        except Exception as exc:
-            raise VideoInputError(
-                f"cannot decode video {self.path}: corrupt data after {count} frames"
-            ) from exc
-
-    def _to_rgb(self, frame: Any) -> np.ndarray:
-        try:
-            return frame.to_ndarray(format="rgb24")
-        except Exception as exc:
-            raise VideoInputError(f"cannot convert a frame of {self.path} to RGB") from exc
-
-
-class _OpenCVSource(_Source):
-    def __init__(self, cv2: Any, path: Path):
-        self.path = path
-        self._cv2 = cv2
-        try:
-            self._cap = cv2.VideoCapture(str(path))
-            opened = self._cap.isOpened()
-        except Exception as exc:
-            raise VideoInputError(f"cannot read video {path}: not a video file or corrupt") from exc
-        if not opened:
-            self._cap.release()
-            raise VideoInputError(f"cannot read video {path}: not a video file or corrupt")
-        # PyAV does not apply rotation metadata; match it so both decoders agree.
-        if hasattr(cv2, "CAP_PROP_ORIENTATION_AUTO"):
-            self._cap.set(cv2.CAP_PROP_ORIENTATION_AUTO, 0)
-        fps = float(self._cap.get(cv2.CAP_PROP_FPS) or 0.0)
-        self.source_fps = fps if math.isfinite(fps) and fps > 0 else 0.0
-
-    def close(self) -> None:
-        self._cap.release()
-
-    def frames(self) -> Iterator[tuple[float, Loader]]:
-        for t, bgr in _monotonic(self._decoded(), self.source_fps):
-            yield t, lambda bgr=bgr: np.ascontiguousarray(bgr[..., ::-1])
-
-    def _decoded(self) -> Iterator[tuple[float | None, np.ndarray]]:
-        index = 0
-        while True:
-            try:
-                ok, bgr = self._cap.read()
-            except Exception as exc:
-                raise VideoInputError(
-                    f"cannot decode video {self.path}: corrupt data after {index} frames"
-                ) from exc
-            if not ok or bgr is None:
-                return
-            msec = self._cap.get(self._cv2.CAP_PROP_POS_MSEC)
-            # POS_MSEC is the pts of the frame just read; some builds report 0 or -1 for
-            # every frame, then counting frames at the nominal rate is the best guess.
-            if index > 0 and not (msec > 0) and self.source_fps > 0:
-                yield index / self.source_fps, bgr
-            else:
-                yield (msec / 1000.0 if msec >= 0 else None), bgr
-            index += 1
-
-
-def natural_key(name: str) -> tuple[Any, ...]:
-    """Sort key giving natural order: ``frame2.jpg`` before ``frame10.jpg``.
-
-    ``re.split`` with a capture group alternates text and digit runs (text first), so
-    position parity fixes each part's type and tuples always compare like with like.
-    """
-    parts = re.split(r"(\d+)", name)
-    return (*(int(p) if i % 2 else p.lower() for i, p in enumerate(parts)), name)
-
-
-class _FolderSource(_Source):
-    def __init__(self, path: Path, folder_fps: float):
-        self.path = path
-        self.source_fps = float(folder_fps)
-        files = [
-            f
-            for f in path.iterdir()
-            if f.is_file() and not f.name.startswith(".") and f.suffix.lower() in IMAGE_EXTENSIONS
-        ]
-        if not files:
-            raise VideoInputError(
-                f"frame folder {path} holds no images ({', '.join(IMAGE_EXTENSIONS)})"
-            )
-        self.files = sorted(files, key=lambda f: natural_key(f.name))
-        self.size = self._check_sizes()
-
-    def _check_sizes(self) -> tuple[int, int]:
-        """Read every image header (cheap, no pixel decode); all frames must share a size."""
-        from PIL import Image
-
-        size: tuple[int, int] | None = None
-        for f in self.files:
-            try:
-                with Image.open(f) as img:
-                    this = img.size
-            except Exception as exc:
-                raise VideoInputError(
-                    f"cannot read frame image {f}: not an image or corrupt"
-                ) from exc
-            if size is None:
-                size = this
-            elif this != size:
-                raise VideoInputError(
-                    f"frame {f} is {this[0]}x{this[1]} but earlier frames of {self.path} "
-                    f"are {size[0]}x{size[1]}; all frames of a folder must have one size"
-                )
-        assert size is not None
-        return size
-
-    def frames(self) -> Iterator[tuple[float, Loader]]:
-        for i, f in enumerate(self.files):
-            yield i / self.source_fps, lambda f=f: self._load(f)
-
-    @staticmethod
-    def _load(f: Path) -> np.ndarray:
-        from PIL import Image
-
-        try:
-            with Image.open(f) as img:
-                return np.asarray(img.convert("RGB"), dtype=np.uint8)
-        except Exception as exc:
-            raise VideoInputError(f"cannot read frame image {f}: not an image or corrupt") from exc
-
-
-def _open_source(path: str | os.PathLike[str], folder_fps: float) -> _Source:
-    """Open a file or folder, choosing the decoder; all user errors become VideoInputError."""
-    p = Path(path)
-    if not p.exists():
-        raise VideoInputError(f"video not found: {p}")
-    if p.is_dir():
-        if not (folder_fps > 0 and math.isfinite(folder_fps)):
-            raise VideoInputError(f"folder_fps must be > 0 for frame folder {p}, got {folder_fps}")
-        return _FolderSource(p, folder_fps)
-    if p.suffix.lower() not in VIDEO_EXTENSIONS:
-        raise VideoInputError(
-            f"unsupported video file {p}: extension {p.suffix or '(none)'!r} is not one of "
-            f"{', '.join(VIDEO_EXTENSIONS)} (or pass a folder of frame images)"
-        )
-    av = _import_av()
-    if av is not None:
-        return _PyAVSource(av, p)
-    cv2 = _import_cv2()
-    if cv2 is not None:
-        return _OpenCVSource(cv2, p)
-    raise VideoInputError(
-        f"cannot decode {p}: neither PyAV (pip install av) nor OpenCV "
-        "(pip install opencv-python-headless) is installed"
-    )
-
-
-# ---------------------------------------------------------------------------------------
-# Sampling
-# ---------------------------------------------------------------------------------------
 
 
 def select_frames(
@@ -409,7 +150,7 @@ def capped_rate(fps: float, source_fps: float, path: Any) -> float:
 def source_rate(path: str | os.PathLike[str], folder_fps: float = 1.0) -> float:
     """The nominal frame rate of a video file (``folder_fps`` for a frame folder; 0 if unknown),
     read from the container without decoding frames."""
-    with _open_source(path, folder_fps) as source:
+    with open_source(path, folder_fps) as source:
         return float(source.source_fps)
 
 
@@ -447,7 +188,7 @@ def _sampled_frames(
     single decodable frame from a window that misses all of them.
     """
     end_f = _check_args(path, fps, max_frames, start, end, allow_infinite=cap_at_source_rate)
-    with _open_source(path, folder_fps) as source:
+    with open_source(path, folder_fps) as source:
         if cap_at_source_rate and fps is not None:
             fps = capped_rate(fps, source.source_fps, path)
         seen = 0
@@ -587,119 +328,3 @@ def iter_video_chunks(
             buffer = []
     if buffer:
         yield _to_video_frames(buffer, str(path), buffer[0][2])
-
-
-# ---------------------------------------------------------------------------------------
-# Writing
-# ---------------------------------------------------------------------------------------
-
-
-def _check_frames(frames: np.ndarray) -> np.ndarray:
-    arr = np.asarray(frames)
-    if arr.ndim != 4 or arr.shape[-1] != 3 or arr.shape[0] < 1:
-        raise ValueError(f"frames must have shape (T>=1, H, W, 3), got {arr.shape}")
-    if arr.dtype != np.uint8:
-        raise ValueError(f"frames must be uint8, got {arr.dtype}")
-    if arr.shape[1] % 2 or arr.shape[2] % 2:
-        # yuv420p (what h264 / mpeg4 players expect) subsamples chroma by 2 in each axis.
-        raise ValueError(f"frame height and width must be even for yuv420p, got {arr.shape[1:3]}")
-    return np.ascontiguousarray(arr)
-
-
-def _pick_encoder(av: Any) -> str:
-    for name in ("libx264", "h264", "mpeg4"):
-        try:
-            av.codec.Codec(name, "w")
-        except Exception:
-            continue
-        return name
-    raise RuntimeError("PyAV has neither an h264 nor an mpeg4 encoder")
-
-
-def _write_pyav(av: Any, tmp: Path, frames: np.ndarray, fps: float, fmt: str) -> None:
-    codec = _pick_encoder(av)
-    with av.open(str(tmp), "w", format=fmt) as out:
-        stream = out.add_stream(codec, rate=Fraction(fps).limit_denominator(100_000))
-        stream.height, stream.width = frames.shape[1:3]
-        stream.pix_fmt = "yuv420p"
-        if codec == "mpeg4":
-            # mpeg4 has no crf; a generous bitrate keeps colours close to the input.
-            stream.bit_rate = int(max(2e6, frames.shape[1] * frames.shape[2] * 30))
-        else:
-            # Near-lossless: tests compare decoded colours with the drawn ones.
-            stream.options = {"crf": "12"}
-        for rgb in frames:
-            out.mux(stream.encode(av.VideoFrame.from_ndarray(rgb, format="rgb24")))
-        out.mux(stream.encode())
-
-
-def _write_cv2(cv2: Any, tmp: Path, frames: np.ndarray, fps: float) -> None:
-    height, width = frames.shape[1:3]
-    level = cv2.utils.logging.getLogLevel()
-    # opencv-python wheels usually lack an h264 encoder; silence the failed attempt's log.
-    cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_SILENT)
-    try:
-        writer = None
-        for fourcc in ("avc1", "mp4v"):
-            writer = cv2.VideoWriter(
-                str(tmp), cv2.VideoWriter_fourcc(*fourcc), float(fps), (width, height)
-            )
-            if writer.isOpened():
-                break
-            writer.release()
-            writer = None
-    finally:
-        cv2.utils.logging.setLogLevel(level)
-    if writer is None:
-        raise RuntimeError(f"OpenCV cannot open a video writer for {tmp.suffix} files")
-    try:
-        for rgb in frames:
-            writer.write(np.ascontiguousarray(rgb[..., ::-1]))
-    finally:
-        writer.release()
-
-
-def write_video(path: str | os.PathLike[str], frames: np.ndarray, fps: float) -> Path:
-    """Encode frames to a video file, atomically.
-
-    Uses PyAV (h264 if an encoder exists, else mpeg4, yuv420p) and falls back to OpenCV
-    (``avc1`` if available, else ``mp4v``). The file is written to a temporary name in the
-    same folder and moved into place with :func:`os.replace`, so readers never see a
-    half-written video.
-
-    Parameters
-    ----------
-    path
-        Destination; the extension picks the container (.mp4, .mkv, .mov, .avi).
-    frames
-        ``(T, H, W, 3)`` uint8 RGB, ``T >= 1``, ``H`` and ``W`` even.
-    fps
-        Frame rate, may be fractional (e.g. 0.5).
-
-    Returns
-    -------
-    Path
-        ``path``.
-    """
-    dest = Path(path)
-    arr = _check_frames(frames)
-    if not (fps > 0 and math.isfinite(fps)):
-        raise ValueError(f"fps must be > 0, got {fps}")
-    suffix = dest.suffix.lower()
-    if suffix not in WRITE_EXTENSIONS:
-        raise ValueError(
-            f"cannot write {dest}: extension must be one of {', '.join(WRITE_EXTENSIONS)}"
-        )
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fmt = {".mp4": "mp4", ".mkv": "matroska", ".mov": "mov", ".avi": "avi"}[suffix]
-    # the real suffix is kept on the temporary file: OpenCV picks the container from it
-    with atomic_path(dest, suffix=suffix) as tmp:
-        av = _import_av()
-        if av is not None:
-            _write_pyav(av, tmp, arr, fps, fmt)
-        else:
-            cv2 = _import_cv2()
-            if cv2 is None:
-                raise RuntimeError("writing video needs PyAV (av) or opencv-python-headless")
-            _write_cv2(cv2, tmp, arr, fps)
-    return dest

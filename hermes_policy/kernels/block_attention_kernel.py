@@ -11,7 +11,7 @@ does): the shared keys split into ranges (:func:`key_ranges`: as many as keep ab
 wave of programs on the multiprocessors, since a few hundred rows make few
 programs, each walking thousands of keys otherwise), and the rows' own block is one more
 part, which resumes from a prior part when one is given (the blocks' rows over the cache,
-computed with the chunk's rows by cuDNN in one call: ``HERMES_BLOCKS_WITH_CHUNK=1``, see
+computed with the chunk's rows by cuDNN in one call: ``RuntimeOptions.blocks_with_chunk``, see
 :func:`~hermes_policy.attention.blocks._blocks_by_kernel`). :func:`merge_parts_kernel` then
 merges the parts by log-sum-exp and writes the output and the log-sum-exp over everything
 the rows saw (which the captured probabilities need).
@@ -19,7 +19,8 @@ the rows saw (which the captured probabilities need).
 the plain path and over the number of ranges (results: docs/performance.md).
 
 Triton (installed with torch on Linux); :func:`available` says whether it runs on a
-device for a head size. ``HERMES_BLOCK_KERNEL=0`` turns it off, and so does a first
+device for a head size. ``RuntimeOptions.block_attention_kernel=False`` (or ``HERMES_BLOCK_KERNEL=0``)
+turns it off, and so does a first
 launch that fails (:func:`block_rows_attention` warns once and returns None: the caller's
 plain path runs from then on). On the CPU it runs only under Triton's interpreter
 (``TRITON_INTERPRET=1``, set before import).
@@ -40,8 +41,7 @@ except ImportError:  # pragma: no cover - torch ships Triton on Linux
 
 from hermes_policy.kernels.switch import KernelSwitch
 
-SWITCH = KernelSwitch("HERMES_BLOCK_KERNEL", "block attention kernel", "using flash and explicit products")
-ENV_SWITCH = SWITCH.env
+SWITCH = KernelSwitch("block_attention_kernel", "block attention kernel", "using flash and explicit products")
 MAX_BLOCKS = 4  # block boundaries travel as scalar arguments (no tensor to build per layout)
 LOG2E = 1.4426950408889634
 # the shared keys split into as many ranges as keep the programs over them within this many

@@ -12,7 +12,7 @@ from the writes. Each layer's buffer, indices and summary token are found throug
 of addresses (the layers' buffers are separate allocations), rows are moved as 8-byte
 words.
 
-Triton (installed with torch on Linux); ``HERMES_COMPACTION_KERNEL=0`` turns it off, and
+Triton (installed with torch on Linux); ``RuntimeOptions.compaction_kernel=False`` (or ``HERMES_COMPACTION_KERNEL=0``) turns it off, and
 so does a first launch that fails (:func:`compact_layers` warns once and returns False:
 the caller gathers layer by layer). On the CPU it runs only under Triton's interpreter
 (``TRITON_INTERPRET=1``, set before import).
@@ -32,8 +32,7 @@ except ImportError:  # pragma: no cover - torch ships Triton on Linux
 from hermes_policy.cache.transfer import upload
 from hermes_policy.kernels.switch import INTERPRETED, KernelSwitch
 
-SWITCH = KernelSwitch("HERMES_COMPACTION_KERNEL", "compaction kernel", "gathering layer by layer")
-ENV_SWITCH = SWITCH.env
+SWITCH = KernelSwitch("compaction_kernel", "compaction kernel", "gathering layer by layer")
 TABLE_COLUMNS = 6  # buffer address, capacity, indices address, kept count, summary key and value addresses
 # the launch: 128 rows a tile, 32 words of each row a program (a bf16 row of 128 whole), 8
 # warps, the launch that benchmarks/compression_step_alternatives.py found fastest (its

@@ -9,7 +9,8 @@ kernel per function), with rounding to the input dtype where the eager code roun
 (``emulate_precision_casts``). If compiling fails (no Triton, no compiler), the eager
 code runs from then on, with a warning.
 
-Set ``HERMES_FUSED_OPS=0`` to run the eager code everywhere (:mod:`hermes_policy.kernels.fusion`).
+``RuntimeOptions.fused_ops=False`` (or ``HERMES_FUSED_OPS=0``) runs the eager code everywhere
+(:mod:`hermes_policy.kernels.fusion`, :mod:`hermes_policy.options`).
 """
 
 from __future__ import annotations

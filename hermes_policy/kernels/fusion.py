@@ -4,8 +4,8 @@
 the CPU). On CUDA it is compiled by ``torch.compile`` (Inductor generates one Triton kernel
 per function), with rounding to the input dtype where the eager code rounds
 (``emulate_precision_casts``). If compiling fails (no Triton, no compiler), the eager code
-runs from then on, with a warning. Set ``HERMES_FUSED_OPS=0`` to run the eager code
-everywhere.
+runs from then on, with a warning. ``RuntimeOptions.fused_ops=False``
+(or ``HERMES_FUSED_OPS=0``, see :mod:`hermes_policy.options`) runs the eager code everywhere.
 
 Kept apart from the ops themselves (:mod:`hermes_policy.kernels.fused_ops`, and the attention
 module's) so that any module can define one without importing the model code.
@@ -14,7 +14,6 @@ module's) so that any module can define one without importing the model code.
 from __future__ import annotations
 
 import functools
-import os
 import types
 import warnings
 from collections.abc import Callable
@@ -22,7 +21,8 @@ from collections.abc import Callable
 import torch
 from torch._dynamo.exc import FailOnRecompileLimitHit
 
-ENABLED = os.environ.get("HERMES_FUSED_OPS", "1") != "0"
+from hermes_policy import options
+
 MAX_COPIES = 4  # compiled copies one signature may start, each up to torch.compile's recompile limit
 
 
@@ -82,7 +82,7 @@ class FusedOp:
 
     def compiles(self, first: object) -> bool:
         """Whether a call whose first argument is ``first`` runs compiled code."""
-        return ENABLED and not self.failed and isinstance(first, torch.Tensor) and first.device.type == "cuda"
+        return options.current().fused_ops and not self.failed and isinstance(first, torch.Tensor) and first.device.type == "cuda"
 
     def _start_copy(self, signature: tuple) -> Callable[..., object]:
         self._copies[signature] = self._copies.get(signature, 0) + 1

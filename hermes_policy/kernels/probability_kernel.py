@@ -12,8 +12,8 @@ paths; results in docs/performance.md).
 
 The log-sum-exp comes in two parts (the keys before the prompt, the prompt's own keys)
 and is combined in the kernel. Triton (installed with torch on Linux); :func:`available`
-says whether it runs on a device for a head size. ``HERMES_PROBABILITY_KERNEL=0`` turns
-it off, and so does a first launch that fails (:func:`weighted_probabilities` warns once
+says whether it runs on a device for a head size. ``RuntimeOptions.probability_kernel=False``
+(or ``HERMES_PROBABILITY_KERNEL=0``) turns it off, and so does a first launch that fails (:func:`weighted_probabilities` warns once
 and returns None: the caller's plain path runs from then on). On the CPU it runs only
 under Triton's interpreter (``TRITON_INTERPRET=1``, set before import).
 """
@@ -30,8 +30,7 @@ except ImportError:  # pragma: no cover - torch ships Triton on Linux
 
 from hermes_policy.kernels.switch import KernelSwitch
 
-SWITCH = KernelSwitch("HERMES_PROBABILITY_KERNEL", "attention probability kernel", "using score products")
-ENV_SWITCH = SWITCH.env
+SWITCH = KernelSwitch("probability_kernel", "attention probability kernel", "using score products")
 
 
 def available(device: torch.device, head_dim: int) -> bool:

@@ -14,7 +14,8 @@ tokens causally): the mask is computed from ``limits`` inside the kernel, and ra
 the largest limit are not read, so the window's spare slots cost nothing.
 
 The kernels are Triton (installed with torch on Linux); :func:`available` says whether
-they can run on a device for a head size. ``HERMES_SPLIT_KV=0`` turns them off, and so
+they can run on a device for a head size. ``RuntimeOptions.split_kv_kernel=False`` (or ``HERMES_SPLIT_KV=0``)
+turns them off, and so
 does a first launch that fails (a GPU or Triton build without them: :func:`attend`
 warns once and the callers' explicit path runs from then on). On the CPU they run only
 under Triton's interpreter (``TRITON_INTERPRET=1``, set before import; the tests do that
@@ -35,8 +36,7 @@ except ImportError:  # pragma: no cover - torch ships Triton on Linux
 
 from hermes_policy.kernels.switch import KernelSwitch
 
-SWITCH = KernelSwitch("HERMES_SPLIT_KV", "split-key attention kernel", "using explicit attention")
-ENV_SWITCH = SWITCH.env
+SWITCH = KernelSwitch("split_kv_kernel", "split-key attention kernel", "using explicit attention")
 
 
 def available(device: torch.device, head_dim: int) -> bool:

@@ -2,9 +2,9 @@
 
 A layer's summary token is the mean of its evicted keys, each rotated to the summary's
 position (rounded to the keys' dtype after the rotation), and the mean of their values
-(:data:`~hermes_policy.retention.scoring.evicted_summary`, which stays the reference).
-The reference is one compiled reduction per layer, latency-bound, since one layer makes
-few programs. Here one program per (layer, batch and KV head, range of
+(:data:`~hermes_policy.retention.scoring.evicted_summary`, the fallback where this kernel
+does not run, and what the tests compare it with). That fallback is one compiled
+reduction per layer, latency-bound, since one layer makes few programs. Here one program per (layer, batch and KV head, range of
 the evicted tokens) gathers its tokens' keys and values from the layer's cache in tiles,
 rotates the keys in float32 (each row's two halves loaded apart, products and sums
 rounded one by one as in the reference: no fused multiply-add), rounds them to the keys'
@@ -18,7 +18,7 @@ change length from call to call); the evicted indices and rotations of all the l
 come as one tensor each. Nothing that changes from call to call (the layers, the evicted
 count, the cache lengths and addresses) is compiled into the kernels.
 
-Triton (installed with torch on Linux); ``HERMES_SUMMARY_KERNEL=0`` turns it off, and so
+Triton (installed with torch on Linux); ``RuntimeOptions.summary_kernel=False`` (or ``HERMES_SUMMARY_KERNEL=0``) turns it off, and so
 does a first launch that fails (:func:`evicted_summaries` warns once and returns None:
 the caller computes each layer's summary on its own). On the CPU it runs only under
 Triton's interpreter (``TRITON_INTERPRET=1``, set before import), whose float32 to
@@ -40,8 +40,7 @@ from hermes_policy.cache.transfer import upload
 from hermes_policy.kernels.block_attention_kernel import multiprocessors
 from hermes_policy.kernels.switch import INTERPRETED, KernelSwitch
 
-SWITCH = KernelSwitch("HERMES_SUMMARY_KERNEL", "summary kernel", "computing each layer's summary on its own")
-ENV_SWITCH = SWITCH.env
+SWITCH = KernelSwitch("summary_kernel", "summary kernel", "computing each layer's summary on its own")
 TABLE_COLUMNS = 6  # keys' address, batch and head strides; values' address, batch and head strides
 # the gather's programs: about eight on each multiprocessor, of one warp each, 32 evicted
 # tokens a tile, the launch that benchmarks/compression_step_alternatives.py found fastest

@@ -3,22 +3,24 @@
 Each kernel (:mod:`~hermes_policy.kernels.split_kv_attention`,
 :mod:`~hermes_policy.kernels.probability_kernel`, :mod:`~hermes_policy.kernels.block_attention_kernel`,
 :mod:`~hermes_policy.kernels.compaction_kernel`, :mod:`~hermes_policy.kernels.summary_kernel`) has a
-:class:`KernelSwitch`: an environment variable that turns it off (``=0``), and a flag set
-by a first launch that fails outside a CUDA graph capture (a GPU or Triton build without
-the kernel), after which its caller's plain torch path runs for the rest of the process.
+:class:`KernelSwitch`: a field of the process's active
+:class:`~hermes_policy.options.RuntimeOptions` that turns it off (the environment overrides
+it, see :mod:`hermes_policy.options`), and a flag set by a first launch that fails outside
+a CUDA graph capture (a GPU or Triton build without the kernel), after which its caller's
+plain torch path runs for the rest of the process.
 On the CPU the kernels run only under Triton's interpreter (``TRITON_INTERPRET=1``, set
 before Triton is imported; the tests do that in a subprocess).
 """
 
 from __future__ import annotations
 
-import os
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
+from hermes_policy import options
 from hermes_policy.kernels.fusion import capturing
 
 try:
@@ -26,7 +28,7 @@ try:
 except ImportError:  # pragma: no cover - torch ships Triton on Linux
     triton = None
 
-INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
+INTERPRETED = options.triton_interpreted()
 
 
 @dataclass
@@ -35,19 +37,23 @@ class KernelSwitch:
 
     Parameters
     ----------
-    env : the environment variable that turns it off with ``0``
+    option : the :class:`~hermes_policy.options.RuntimeOptions` field that turns it on or off
     name : the kernel, as a warning names it
     fallback : what runs instead, as a warning says it
     """
 
-    env: str
+    option: str
     name: str
     fallback: str
     failed: bool = False  # set, with a warning, when a launch fails outside a graph capture
 
+    def __post_init__(self) -> None:
+        if not hasattr(options.RuntimeOptions, self.option):
+            raise ValueError(f"RuntimeOptions has no field {self.option!r}")
+
     def enabled(self) -> bool:
-        """Triton importable, no launch failed, and not turned off by the environment."""
-        return triton is not None and not self.failed and os.environ.get(self.env, "1") != "0"
+        """Triton importable, no launch failed, and on in the process's active options."""
+        return triton is not None and not self.failed and getattr(options.current(), self.option)
 
     def available(self, device: torch.device, head_dim: int) -> bool:
         """Enabled, on CUDA (or the CPU under Triton's interpreter), for a head size that is

@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from hermes_policy import options
 from hermes_policy.attention.dispatch import use_ragged_attention
 from hermes_policy.errors import ModelLoadError
 from hermes_policy.models.base import ModelAdapter
@@ -68,14 +69,9 @@ def adapter_classes() -> dict[str, type[ModelAdapter]]:
     return classes
 
 
-def cache_root() -> Path:
-    """Where derived files live: ``$HERMES_PROBE_CACHE`` or ``~/.cache/hermes-probe``."""
-    return Path(os.environ.get("HERMES_PROBE_CACHE", Path.home() / ".cache" / "hermes-probe"))
-
-
 def dequantized_copy_path(gguf: Path) -> Path:
     """Folder of the float copy of a GGUF file (keyed by file name and size)."""
-    return cache_root() / f"{gguf.stem}-{gguf.stat().st_size}"
+    return options.cache_root() / f"{gguf.stem}-{gguf.stat().st_size}"
 
 
 def save_dequantized_copy(model: torch.nn.Module, tokenizer: Any, target: Path) -> None:
@@ -150,7 +146,7 @@ def load_adapter(
         gguf = embedded_model_path()
         source, gguf_file = str(gguf.parent), gguf.name
         display = f"embedded:{gguf.stem}"
-        if os.environ.get("HERMES_PROBE_NO_CACHE") != "1":
+        if options.derived_cache_enabled():
             cache_copy = dequantized_copy_path(gguf)
             if (cache_copy / "config.json").is_file():
                 source, gguf_file, cache_copy = str(cache_copy), None, None

@@ -121,7 +121,9 @@ class HermesRetention(RetentionRule):
         return GuidanceRequest(prompts=self.prompts(history), layer_prompt=wanted)
 
     def layer_scores(self, store: KVStore, attention: list[torch.Tensor | None] | None) -> list[torch.Tensor]:
-        """Per-layer mixed scores ``S_l`` before smoothing."""
+        """Per-layer mixed scores ``S_l`` before smoothing: the scoring path where layers
+        differ in length (smoothing then resamples each deeper layer's scores), the
+        fallback of :meth:`batched_kept`; tests check both give the same decisions."""
         scores = []
         lengths = store.stream_lengths()
         # scored where the attention is, all layers on one device (smoothing mixes them)

@@ -7,9 +7,8 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
-from hermes_policy.cache.positions import rerotate_keys, rotate_half
+from hermes_policy.cache.positions import rotate_half
 from hermes_policy.cache.transfer import upload
 from hermes_policy.kernels.fusion import FusedOp
 
@@ -69,15 +68,11 @@ def smooth_across_layers(scores: list[torch.Tensor], smoothing: list[float]) -> 
     return out
 
 
-def _smooth_rows(scores: torch.Tensor, smoothing: tuple[float, ...]) -> torch.Tensor:
+def smooth_rows(scores: torch.Tensor, smoothing: tuple[float, ...]) -> torch.Tensor:
+    """:func:`smooth_across_layers` of layers of one length, ``scores (layers, n)`` ->
+    ``(layers, n)`` float32, with ``smoothing`` a tuple of the layers' lambdas: the same
+    arithmetic, compiled as part of :data:`mixed_smoothed_rows` on CUDA."""
     return torch.stack(smooth_across_layers(list(scores.unbind(0)), list(smoothing)))
-
-
-smooth_rows = FusedOp(_smooth_rows)
-""":func:`smooth_across_layers` of layers of one length, ``scores (layers, n)`` -> ``(layers, n)``
-float32, with ``smoothing`` a tuple of the layers' lambdas. The same arithmetic; on CUDA
-compiled into one kernel (the recurrence runs down the layers within each column), where
-it was three small kernels a layer."""
 
 
 def top_indices(scores: torch.Tensor, keep: int) -> torch.Tensor:
@@ -169,7 +164,7 @@ def batched_partition(scores: torch.Tensor, keep: list[int], lead: int = 0) -> t
 def _mixed_smoothed_rows(
     attention: torch.Tensor, forgetting_rates: torch.Tensor, recency_weights: torch.Tensor, smoothing: tuple[float, ...]
 ) -> torch.Tensor:
-    return _smooth_rows(batched_mixed_scores(attention, forgetting_rates, recency_weights), smoothing)
+    return smooth_rows(batched_mixed_scores(attention, forgetting_rates, recency_weights), smoothing)
 
 
 mixed_smoothed_rows = FusedOp(_mixed_smoothed_rows)
@@ -177,30 +172,6 @@ mixed_smoothed_rows = FusedOp(_mixed_smoothed_rows)
 ``forgetting_rates, recency_weights (layers,)`` and the layers' lambdas -> float32
 ``(layers, n)``. On CUDA compiled as one op (the recency rows, both min-max scalings, the
 mix and the smoothing), where the scores alone were about fifteen small kernels."""
-
-
-def summary_token(
-    keys: torch.Tensor,
-    values: torch.Tensor,
-    positions: torch.Tensor,
-    target: torch.Tensor,
-    rotary_emb: nn.Module,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Fold evicted tokens into one (METHOD.md section 5).
-
-    Parameters
-    ----------
-    keys, values : ``(batch, kv_heads, n, head_dim)`` of the evicted tokens (keys rotated)
-    positions : ``(axes, n)`` their positions
-    target : ``(axes, 1)`` the summary token's position
-
-    Returns
-    -------
-    key, value : ``(batch, kv_heads, 1, head_dim)``: the mean of the keys after each was
-        re-rotated to ``target`` (so RoPE phases do not cancel), and the mean value.
-    """
-    key, value = summary_tokens(keys[None], values[None], positions[None], target[None], rotary_emb)
-    return key[0], value[0]
 
 
 def _evicted_summary(
@@ -215,42 +186,16 @@ def _evicted_summary(
 
 
 evicted_summary = FusedOp(_evicted_summary)
-""":func:`summary_token` of one layer straight from its cache: ``keys, values (batch,
-kv_heads, seq, head_dim)``, the evicted tokens' indices ``evicted (n,)`` into them, and the
-rotation that moves each to the summary's position, ``cos, sin (n, head_dim)`` (float32, from
-:func:`~hermes_policy.cache.positions.rotary_cos_sin` of target minus position). Returns key and
-value ``(batch, kv_heads, 1, head_dim)``. On CUDA compiled into one reduction kernel (the
-gather, rotation and mean), where gathering the evicted tokens first and
-:func:`summary_tokens` took a gather per layer, a stack and about ten elementwise kernels
-for a group of layers (measurements: docs/performance.md)."""
+"""One layer's summary token (METHOD.md section 5) straight from its cache: the mean of
+its evicted keys, each re-rotated to the summary's position (so RoPE phases do not
+cancel) and rounded to the keys' dtype, and the mean of their values. ``keys, values
+(batch, kv_heads, seq, head_dim)``, the evicted tokens' indices ``evicted (n,)`` into them,
+and the rotation that moves each to the summary's position, ``cos, sin (n, head_dim)``
+(float32, from :func:`~hermes_policy.cache.positions.rotary_cos_sin` of target minus
+position). Returns key and value ``(batch, kv_heads, 1, head_dim)``. On CUDA compiled into
+one reduction kernel (the gather, rotation and mean).
 
-
-def summary_tokens(
-    keys: torch.Tensor,
-    values: torch.Tensor,
-    positions: torch.Tensor,
-    targets: torch.Tensor,
-    rotary_emb: nn.Module,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`summary_token` of several layers at once (one rotation, one mean), from their
-    evicted tokens gathered: the reference :func:`evicted_summary` is tested against.
-
-    Parameters
-    ----------
-    keys, values : ``(layers, batch, kv_heads, n, head_dim)``: each layer's ``n`` evicted tokens
-    positions : ``(layers, axes, n)`` their positions
-    targets : ``(layers, axes, 1)`` each layer's summary position
-
-    Returns
-    -------
-    key, value : ``(layers, batch, kv_heads, 1, head_dim)``
-    """
-    layers, batch, kv_heads, n, dim = keys.shape
-    # the layers side by side along the sequence axis: one rotary call for all of them
-    flat = keys.permute(1, 2, 0, 3, 4).reshape(batch, kv_heads, layers * n, dim)
-    old = positions.permute(1, 0, 2).reshape(positions.shape[1], layers * n)
-    new = targets.expand(-1, -1, n).permute(1, 0, 2).reshape(old.shape)
-    moved = rerotate_keys(flat, old, new, rotary_emb).view(batch, kv_heads, layers, n, dim)
-    key = moved.float().mean(dim=-2, keepdim=True).permute(2, 0, 1, 3, 4).to(keys.dtype)
-    value = values.float().mean(dim=-2, keepdim=True).to(values.dtype)
-    return key, value
+The fallback of :mod:`~hermes_policy.kernels.summary_kernel` (all of a group's layers in
+one launch), which runs where that kernel cannot (the CPU, layers it does not take, a
+failed launch). The formula as METHOD.md writes it (gather, ``rerotate_keys``, mean) is
+the tests' reference (``tests/summary_reference.py``)."""

@@ -39,7 +39,8 @@ class SourceSpec:
 
 def synthetic_frames(adapter: Any, spec: SourceSpec, fps: float) -> Iterator[tuple[Frame, float]]:
     """The built-in synthetic stream of the model's kind, in blocks generated as needed."""
-    from hermes_policy.inputs.synthetic import shapes_video, text_stream
+    from hermes_policy.inputs.synthetic_shapes import shapes_video
+    from hermes_policy.inputs.synthetic_text import text_stream
 
     block = 256
     for start in range(0, spec.frames, block):

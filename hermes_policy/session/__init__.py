@@ -17,12 +17,10 @@ and an observer watches (:mod:`hermes_policy.session.observer`).
 
 from hermes_policy.session.observer import NoObserver, SessionObserver
 from hermes_policy.session.results import Answer, IngestReport, Turn
-from hermes_policy.session.streaming_session import ANSWER_PATHS, AnswerPath, StreamingSession
+from hermes_policy.session.streaming_session import StreamingSession
 
 __all__ = [
-    "ANSWER_PATHS",
     "Answer",
-    "AnswerPath",
     "IngestReport",
     "NoObserver",
     "SessionObserver",

@@ -9,7 +9,8 @@ import warnings
 from collections import deque
 from collections.abc import Sequence
 from contextlib import nullcontext
-from typing import Any, Literal
+from dataclasses import replace
+from typing import Any
 
 import numpy as np
 import torch
@@ -22,16 +23,13 @@ from hermes_policy.errors import StreamError
 from hermes_policy.graphs.answer_graphs import AnswerGraphs
 from hermes_policy.graphs.chunk_graphs import ChunkGraphs
 from hermes_policy.models.base import DEFAULT_SYSTEM_PROMPT, ModelAdapter, StreamPiece
+from hermes_policy.options import ANSWER_PATHS, RuntimeOptions, apply
 from hermes_policy.retention import FullRetention, GuidanceRequest, RetentionRule, SelectContext
 from hermes_policy.retention.guidance import GuidanceLayout, GuidancePlanner
 from hermes_policy.session.frames import split_frames, stack_frames
 from hermes_policy.session.observer import NoObserver, SessionObserver, observed_phase
 from hermes_policy.session.questions import SessionQuestions
 from hermes_policy.session.results import IngestReport, Turn
-
-AnswerPath = Literal["graphs", "static", "eager"]
-ANSWER_PATHS: tuple[str, ...] = ("graphs", "static", "eager")
-
 
 
 class StreamingSession(SessionQuestions):
@@ -50,17 +48,21 @@ class StreamingSession(SessionQuestions):
     max_new_tokens : default answer length limit
     history_limit : question/answer pairs kept as text (the HERMES guidance prompts use the
         last one); older ones are dropped so a session never grows
-    answer_path : how :meth:`ask` runs the model: ``"graphs"`` (fixed shapes replayed as
-        CUDA graphs, see :mod:`hermes_policy.graphs.answer_graphs`; the default on CUDA),
-        ``"static"`` (the same fixed-shape code without graphs; the default for a model
-        split over several GPUs) or ``"eager"`` (one ordinary forward per token; the
-        default elsewhere)
     fuse_guidance : run a rule's pseudo-queries in the same forward as the chunk that
         triggers compression (one pass over the weights instead of two; the result is
         the same up to rounding)
-    ingest_graphs : replay recurring ingest forwards (a bounded rule's steady state) as
-        CUDA graphs (see :mod:`hermes_policy.graphs.chunk_graphs`); default: where answers use
-        graphs
+    options : the speed paths (:class:`~hermes_policy.options.RuntimeOptions`; default:
+        :meth:`RuntimeOptions.from_env`, the defaults with the environment's overrides).
+        ``options.answer_path`` is how :meth:`ask` runs the model: ``"graphs"`` (fixed
+        shapes replayed as CUDA graphs, see :mod:`hermes_policy.graphs.answer_graphs`; the
+        default on CUDA), ``"static"`` (the same fixed-shape code without graphs; the
+        default for a model split over several GPUs) or ``"eager"`` (one ordinary forward
+        per token; the default elsewhere). ``options.ingest_graphs`` replays recurring
+        ingest forwards (a bounded rule's steady state) as CUDA graphs (see
+        :mod:`hermes_policy.graphs.chunk_graphs`); default: where answers use graphs. The
+        kernel switches are process-wide: the session applies them
+        (:func:`hermes_policy.options.apply`), for every session in the process.
+        :attr:`options` holds them with the automatic choices resolved.
     observer : watches the ingest phases (:mod:`hermes_policy.session.observer`; default:
         nothing is watched); may be replaced between calls (:attr:`observer`)
     """
@@ -76,13 +78,17 @@ class StreamingSession(SessionQuestions):
         reindex_margin: int = 1024,
         max_new_tokens: int = 64,
         history_limit: int = 16,
-        answer_path: AnswerPath | None = None,
         fuse_guidance: bool = True,
-        ingest_graphs: bool | None = None,
+        options: RuntimeOptions | None = None,
         observer: SessionObserver | None = None,
     ):
         if chunk_frames < 1:
             raise StreamError(f"chunk_frames must be at least 1, got {chunk_frames}")
+        if options is None:
+            options = RuntimeOptions.from_env()
+        if not isinstance(options, RuntimeOptions):
+            raise StreamError(f"options must be RuntimeOptions, got {type(options).__name__}")
+        answer_path, ingest_graphs = options.answer_path, options.ingest_graphs
         split = adapter.spans_devices
         if answer_path is None:
             if adapter.device.type == "cuda":
@@ -98,6 +104,8 @@ class StreamingSession(SessionQuestions):
             ingest_graphs = answer_path == "graphs"
         if ingest_graphs and (adapter.device.type != "cuda" or split):
             raise StreamError("ingest_graphs needs the whole model on one CUDA device")
+        self.options = replace(options, answer_path=answer_path, ingest_graphs=bool(ingest_graphs))
+        apply(self.options)
         self.fuse_guidance = fuse_guidance
         self.observer: SessionObserver = observer or NoObserver()
         self.planner = GuidancePlanner(adapter)  # the rule's pseudo-query passes
