@@ -99,7 +99,6 @@ class StreamingSession(SessionQuestions):
             raise StreamError(f"answer_path must be one of {ANSWER_PATHS}, got {answer_path!r}")
         if answer_path == "graphs" and (adapter.device.type != "cuda" or split):
             raise StreamError("answer_path='graphs' needs the whole model on one CUDA device")
-        self.answer_path = answer_path
         if ingest_graphs is None:
             ingest_graphs = answer_path == "graphs"
         if ingest_graphs and (adapter.device.type != "cuda" or split):
@@ -134,6 +133,11 @@ class StreamingSession(SessionQuestions):
         with torch.inference_mode():
             self._prefill(adapter.prefix_piece(system_prompt))
         self.store.mark_prefix()
+
+    @property
+    def answer_path(self) -> str:
+        """How :meth:`ask` runs the model (``options.answer_path``, resolved)."""
+        return self.options.answer_path
 
     # -- public API ------------------------------------------------------------------
     def add_frames(self, frames: Any, timestamps: Sequence[float] | None = None) -> IngestReport:
