@@ -48,6 +48,7 @@ import numpy as np
 from hermes_policy.models import load_adapter
 from hermes_policy.policy import Policy
 from hermes_probe import figures
+from hermes_probe.heads import analyze_heads
 from hermes_probe.metrics import compute_metrics
 from hermes_probe.profiles import AttentionProfile
 from hermes_probe.report import findings
@@ -147,13 +148,23 @@ offset in every frame, so one offset stands out across many deep rows of the hea
 text frames, look at the first and last offsets (the frame boundaries)."""),
     ("code", "figures.plot_phase_profiles(profile, fit=fit)"),
     ("md", """\
-## 9. The policy the probe wrote
+## 9. Each KV head's role
+
+The same measurements per KV head (the query heads of each grouped-query group averaged):
+each head labelled streaming (recency), anchor (per-frame offsets) or retrieval (neither),
+shaded by the label's confidence, beside the share of its attention the newest budget's
+tokens would keep ([docs/heads.md](../docs/heads.md))."""),
+    ("code", """\
+policy = Policy.load(OUT / "policy.json")
+head_metrics, roles = analyze_heads(profile, policy.model, policy.budget)
+figures.plot_head_roles(head_metrics, roles)"""),
+    ("md", """\
+## 10. The policy the probe wrote
 
 `policy.json` is what the streaming runtime loads: the contiguous tiers plus per-layer
 retention parameters derived from each layer's own measurements (recency weight
 `w = 1 - u`, forgetting rate from the measured decay, smoothing `0.1 + 0.3 u`)."""),
     ("code", """\
-policy = Policy.load(OUT / "policy.json")
 print(f"{policy.model.name_or_path}: budget {policy.budget} stream tokens per layer")
 print("tiers:", {name: tuple(span) for name, span in policy.tiers.items()})
 print("layer  tier       w     k      lambda  summary")

@@ -55,7 +55,7 @@ def test_walkthrough_runs_headless(tmp_path, monkeypatch):
     outputs = _outputs(notebook)
     assert not [o for o in outputs if o.get("output_type") == "error"]
     images = [o for o in outputs if "image/png" in o.get("data", {})]
-    assert len(images) == len(FIGURE_NAMES)
+    assert len(images) == len(FIGURE_NAMES) + 1  # and the KV heads' roles
     text = "\n".join(_text(o) for o in outputs)
     assert "24 frames of 48 tokens" in text  # the override reached the parameter cell
     assert "Best contiguous tiers:" in text and "Recency-biased layers" in text  # the findings
