@@ -260,3 +260,13 @@ def test_rule_registry_specs_and_refusals(tiny_adapter, tmp_path):
     assert rule.layer_prompt() == (1, 1, 0)  # every layer's retrieval head scores by attention
     streaming_only = heads_policy(tiny_adapter, 24, [HeadPolicy("streaming", 16, None, 1.0, 1.0)] * 2)
     assert PerHeadRetention(policy=streaming_only).guidance(None, []) is None
+
+
+def test_fidelity_runs_a_schema_2_policy_per_head(tiny_adapter):
+    from hermes_probe.fidelity import contenders, label
+
+    policy = streaming_and_retrieval(tiny_adapter, budget=24, window=16)
+    (heads,) = contenders([], {"h": policy}, ModelInfo.of(tiny_adapter))
+    assert heads.rule == "hermes-heads" and label({"rule": heads.rule, "policy": "h"}) == "hermes-heads (h)"
+    rule = heads.make(48)  # the budget doubled: windows scale with it, tokens per head sum to 2 x 48
+    assert isinstance(rule, PerHeadRetention) and rule.head_tokens(0) == [32, 64]
