@@ -162,7 +162,7 @@ def fidelity_command(
         rows = fid.run_fidelity(adapter, streams, seed_list, budget_list, entrants, task_list, json_out, manifest,
                                 chunk_frames=chunk, progress=progress)
     summary = fid.summarise(rows)
-    order = ["full", *rule_list, *[f"hermes ({n})" for n in policies]]
+    order = ["full", *rule_list, *[f"{e.rule} ({e.policy})" for e in entrants if e.policy is not None]]
     table = fid.markdown_table(summary, order)
     console.print(table, highlight=False)
     if markdown is not None:

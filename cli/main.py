@@ -516,8 +516,8 @@ def _stream(model: str | None, policy: str, video: Path | None, annotations: Pat
     rule = rule_from_spec(policy, adapter, budget, **rule_settings)
     rule.validate(adapter)  # before any frame is decoded
     if getattr(getattr(rule, "policy", None), "per_head", False):
-        _note(f"note: {policy} has per-KV-head entries (hermes-policy/2); the runtime does not budget heads yet "
-              "and runs its per-layer entries")
+        _note(f"note: {policy} has per-KV-head entries (hermes-policy/2): rule hermes-heads keeps tokens per KV "
+              "head (docs/heads.md)")
     if budget is not None and policy not in ("paper-default", "hermes") and getattr(rule, "policy", None):
         original = rule.policy.provenance.get("budget_override", {}).get("from")
         _note(f"note: --budget {budget} overrides the budget of {policy} ({original} tokens per layer)")

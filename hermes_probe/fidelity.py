@@ -222,8 +222,8 @@ def interval(values_by_seed: list[list[float]], resamples: int = 2000, seed: int
 
 
 def label(row: dict[str, Any]) -> str:
-    """Display name: the rule, or ``hermes (NAME)`` for a policy."""
-    return row["rule"] if row["policy"] is None else f"hermes ({row['policy']})"
+    """Display name: the rule, or ``RULE (NAME)`` for a policy (``hermes``, ``hermes-heads``)."""
+    return row["rule"] if row["policy"] is None else f"{row['rule']} ({row['policy']})"
 
 
 def summarise(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -312,7 +312,10 @@ def rescaled_policy(policy: Any, budget: int) -> Any:
 
 
 def contenders(rules: list[str], policies: dict[str, Any], model_info: Any) -> list[Contender]:
-    """Baseline rules by name and HERMES policies by NAME (a Policy, or ``"paper-default"``)."""
+    """Baseline rules by name and HERMES policies by NAME (a Policy, or ``"paper-default"``); a
+    ``hermes-policy/2`` policy runs as ``hermes-heads`` at ``Policy.with_budget`` (its heads'
+    windows scaled with the budget, equal effective memory: ``num_kv_heads x budget`` per
+    layer), the others as ``hermes`` with their per-layer budgets rescaled."""
     from hermes_policy.policy import paper_default
     from hermes_policy.retention import (
         AttentionRetention,
@@ -344,7 +347,11 @@ def contenders(rules: list[str], policies: dict[str, Any], model_info: Any) -> l
             raise ValueError(f"unknown rule {name!r}; choose from full, {', '.join(makers)}")
         out.append(Contender(name, None, makers[name]))
     for name, policy in policies.items():
-        if policy == "paper-default":
+        if policy != "paper-default" and policy.per_head:  # schema 2: tokens per KV head
+            from hermes_policy.retention import PerHeadRetention
+
+            out.append(Contender("hermes-heads", name, lambda b, p=policy: PerHeadRetention(policy=p.with_budget(b))))
+        elif policy == "paper-default":
             out.append(Contender("hermes", name, lambda b: HermesRetention(policy=paper_default(model_info, budget=b))))
         else:
             out.append(Contender("hermes", name, lambda b, p=policy: HermesRetention(policy=rescaled_policy(p, b))))

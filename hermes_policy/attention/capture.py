@@ -75,7 +75,8 @@ def attention_probabilities(
     key : Tensor ``(batch, kv_heads, k, head_dim)`` (RoPE applied; heads are grouped)
     scaling : softmax scale
     mask : BoolTensor ``(q, k)``, True where attention is allowed (default: the
-        bottom-right causal mask, i.e. the queries are the newest keys)
+        bottom-right causal mask, i.e. the queries are the newest keys); or ``(kv_heads,
+        q, k)``, one per KV head, shared by its query heads
 
     Returns
     -------
@@ -89,6 +90,9 @@ def attention_probabilities(
         # they are touched (these matrices are large: rows x a whole cache)
         tail = scores[..., k_len - rows :]
         tail.masked_fill_(~torch.ones(rows, rows, dtype=torch.bool, device=query.device).tril(), float("-inf"))
+    elif mask.dim() == 3:  # per KV head (query heads grouped as grouped_scores stacks them)
+        kv_heads = key.shape[1]
+        scores.view(batch, kv_heads, heads // kv_heads, rows, k_len).masked_fill_(~mask[:, None], float("-inf"))
     else:
         scores.masked_fill_(~mask, float("-inf"))
     return torch.softmax(scores, dim=-1)
@@ -164,8 +168,8 @@ class AttentionCapture:
         """Compute and hand over the probabilities of the selected query rows of one layer.
 
         ``mask`` is the boolean mask the forward used for rows ``mask_offset`` onwards,
-        shape ``(q - mask_offset, k)`` (None: bottom-right causal); the captured rows must
-        lie in it.
+        shape ``(q - mask_offset, k)`` or per KV head ``(kv_heads, q - mask_offset, k)``
+        (None: bottom-right causal); the captured rows must lie in it.
         """
         q_len, k_len = query.shape[-2], key.shape[-2]
         picked = self.rows(layer, q_len)
@@ -178,7 +182,7 @@ class AttentionCapture:
         # slices, not index tensors: no host-to-device copy inside the forward
         in_mask = slice(picked.start - mask_offset, picked.stop - mask_offset, picked.step)
         probs = attention_probabilities(
-            query[:, :, picked.start : picked.stop : picked.step], key, scaling, mask[in_mask]
+            query[:, :, picked.start : picked.stop : picked.step], key, scaling, mask[..., in_mask, :]
         )
         weights = self.weights_of(layer, probs.device)
         if weights is not None:

@@ -43,6 +43,11 @@ class AttentionContext:
     steady : the forward's shapes recur (a CUDA graph's body): chunk attention takes the
         kernels of a stream's steady state from the first run
         (:data:`~hermes_policy.attention.shapes.SPLIT_SHAPES`)
+    head_masks : per layer, BoolTensor ``(kv_heads, width)``: which of the layer's first
+        ``width`` cached tokens each KV head may attend (per-head retention; later tokens
+        are visible to every head), or None where every head sees every token; None for
+        none at all. A masked layer runs :mod:`~hermes_policy.attention.head_masks`'
+        explicit path
     """
 
     capture: AttentionCapture | None = None
@@ -51,11 +56,16 @@ class AttentionContext:
     static_limits: torch.Tensor | None = None
     static_blocked: torch.Tensor | None = None
     steady: bool = False
+    head_masks: tuple[torch.Tensor | None, ...] | None = None
 
     def __post_init__(self) -> None:
         if self.blocks is not None:
             lead, sizes = self.blocks
             object.__setattr__(self, "blocks", (int(lead), tuple(int(s) for s in sizes)))
+
+    def head_mask(self, layer: int) -> torch.Tensor | None:
+        """The head mask of ``layer`` (None: every head sees every token)."""
+        return None if self.head_masks is None else self.head_masks[layer]
 
     def with_changes(self, **changes: Any) -> AttentionContext:
         """A copy with some fields replaced (a layer of a hand-written forward that differs)."""

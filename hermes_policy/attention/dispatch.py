@@ -11,7 +11,9 @@ with the forward's keyword arguments:
 
 - none, or no blocks: :mod:`~hermes_policy.attention.causal` (one token: plain SDPA);
 - ``blocks``: :mod:`~hermes_policy.attention.blocks` (a lead, then independent queries);
-- ``static_limits``: :mod:`~hermes_policy.attention.static` (fixed-shape answers).
+- ``static_limits``: :mod:`~hermes_policy.attention.static` (fixed-shape answers);
+- a ``head_masks`` entry for the layer (per-head retention): whatever the rest of the
+  context asks, the explicit masked products of :mod:`~hermes_policy.attention.head_masks`.
 
 A ``capture`` receives the probabilities of its rows, from the path's own log-sum-exp
 where the path has it, else recomputed under the path's mask.
@@ -30,6 +32,7 @@ from hermes_policy.attention.blocks import lead_and_blocks_attention
 from hermes_policy.attention.capture import AttentionCapture
 from hermes_policy.attention.causal import causal_attention
 from hermes_policy.attention.context import AttentionContext
+from hermes_policy.attention.head_masks import head_masked_attention
 from hermes_policy.attention.masks import block_query_mask, captured_block
 from hermes_policy.attention.static import static_attention
 
@@ -68,6 +71,13 @@ def ragged_attention(
     layer = module.layer_idx
     if scaling is None:
         scaling = query.shape[-1] ** -0.5
+    head_mask = context.head_mask(layer)
+    if head_mask is not None:  # per-head retention: no fast path takes a per-head mask
+        limits = None if context.static_limits is None else context.static_limits[layer]
+        out = head_masked_attention(
+            query, key, value, head_mask, scaling, context.blocks, limits, context.capture, layer
+        )
+        return out, None
     if context.static_limits is not None:
         blocked = None if context.static_blocked is None else context.static_blocked[layer]
         return static_attention(query, key, value, context.static_limits[layer], blocked, scaling), None

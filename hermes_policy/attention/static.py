@@ -89,7 +89,9 @@ def grouped_masked_attention(
     ----------
     query : ``(batch, heads, q, head_dim)``
     key, value : ``(batch, kv_heads, k, head_dim)``
-    blocked : BoolTensor ``(q, k)``, True where attention is NOT allowed
+    blocked : BoolTensor ``(q, k)``, True where attention is NOT allowed; or ``(kv_heads,
+        q, k)``, one mask per KV head, shared by its query heads (per-head retention:
+        :mod:`~hermes_policy.attention.head_masks`)
 
     Returns
     -------
@@ -103,15 +105,19 @@ def grouped_masked_attention(
         # to itself SDPA picks cuDNN for masked attention, which builds a new plan for every
         # key length). Query heads stacked as in grouped_scores.
         stacked = query.reshape(batch, kv_heads, groups * q_len, dim)
+        if blocked.dim() == 3:  # (kv_heads, groups * q, k): each KV head's rows stacked as the queries
+            allowed = ~blocked[:, None].expand(kv_heads, groups, q_len, k_len).reshape(kv_heads, groups * q_len, k_len)
+        else:
+            allowed = ~blocked.repeat(groups, 1)
         with sdpa_kernel(SDPBackend.EFFICIENT_ATTENTION):
-            out = F.scaled_dot_product_attention(
-                stacked, key, value, attn_mask=~blocked.repeat(groups, 1), scale=scaling
-            )
+            out = F.scaled_dot_product_attention(stacked, key, value, attn_mask=allowed, scale=scaling)
         return out.reshape(batch, heads, q_len, dim)
     # Matmul-softmax-matmul, where cuBLAS splits the key axis across the GPU; the fused
     # kernels run few rows on a handful of blocks, slower for a question's rows over a cache
     # of thousands of keys (docs/performance.md).
     scores = grouped_scores(query, key, scaling)
+    if blocked.dim() == 3:  # per KV head: broadcast over the group's query heads
+        blocked = blocked[:, None]
     scores = scores.view(batch, kv_heads, groups, q_len, k_len).masked_fill_(blocked, float("-inf"))
     probs = torch.softmax(scores, dim=-1)
     out = torch.matmul(probs.to(value.dtype).view(batch, kv_heads, groups * q_len, k_len), value)

@@ -6,6 +6,13 @@ it as usual and memory stays put once a rule reaches its budget); this class kee
 beside it, what the cache does not know:
 each cached token's position (``(axes, seq)`` per layer) and the frame it came from. The
 first ``prefix_len`` tokens of every layer are the fixed system prefix, never evicted.
+
+Per-head retention adds, per layer, an optional head mask ``(kv_heads, width)`` on the
+cache's device: which of the layer's first ``width`` tokens each KV head may attend (tokens
+after them: every head). The buffers hold the union of what the heads keep, so the memory
+(:meth:`KVStore.nbytes`) is the union's; :meth:`KVStore.effective_tokens` counts what the
+heads see. Eviction and truncation carry the masks along
+(:mod:`~hermes_policy.attention.head_masks`).
 """
 
 from __future__ import annotations
@@ -17,6 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from hermes_policy.attention.head_masks import visible_counts
 from hermes_policy.cache.positions import compact_positions, next_free_position, rerotate_keys
 from hermes_policy.cache.stream_cache import StreamCache
 from hermes_policy.cache.transfer import Download, StagingBuffers, upload
@@ -79,6 +87,9 @@ class KVStore:
         self._pending: Callable[[], None] | None = None
         self._pending_lengths: dict[int, int] = {}
         self._pending_next: dict[int, int] = {}
+        # per layer, which of its first tokens each KV head sees (None: all see all)
+        self._head_masks: list[torch.Tensor | None] = [None] * num_layers
+        self._mask_counts: dict[int, tuple[torch.Tensor, list[int]]] = {}  # see visible_stream_tokens
 
     # -- positions and frames (the bookkeeping a compression leaves is done on first read)
     @property
@@ -166,6 +177,46 @@ class KVStore:
                 total += cache_layer.keys.numel() * cache_layer.keys.element_size() * 2
         return total
 
+    # -- per-head visibility ------------------------------------------------------------
+    def head_masks(self) -> tuple[torch.Tensor | None, ...] | None:
+        """Per layer, BoolTensor ``(kv_heads, width)``: which of its first ``width`` tokens
+        each KV head may attend (later tokens: every head), or None where every head sees
+        every token; None when no layer has a mask (what the forward's context carries)."""
+        if all(mask is None for mask in self._head_masks):
+            return None
+        return tuple(self._head_masks)
+
+    def set_head_masks(self, masks: dict[int, torch.Tensor | None]) -> None:
+        """Set (or, with None, clear) layers' head masks ``(kv_heads, width <= length)``."""
+        for layer, mask in masks.items():
+            if mask is not None:
+                length = self.cache.layers[layer].keys.shape[-2]
+                if mask.dim() != 2 or mask.dtype != torch.bool or mask.shape[1] > length:
+                    raise ValueError(
+                        f"layer {layer}: a head mask is a bool (kv_heads, width <= {length}) tensor, "
+                        f"got {tuple(mask.shape)} {mask.dtype}"
+                    )
+                # every head sees every token: no mask (the layer keeps its fast paths)
+                mask = None if bool(mask.all()) else mask.to(self.cache.layers[layer].keys.device)
+            self._head_masks[layer] = mask
+
+    def visible_stream_tokens(self, layer: int) -> list[int]:
+        """Stream tokens of ``layer`` each KV head sees (``(kv_heads,)`` ints; host sync)."""
+        mask = self._head_masks[layer]
+        length = self.length(layer)
+        if mask is None:
+            return visible_counts(None, self.cache.layers[layer].keys.shape[1], length, self.prefix_len)
+        counted = self._mask_counts.get(layer)
+        if counted is None or counted[0] is not mask:  # once per mask: the count waits for the GPU
+            counted = self._mask_counts[layer] = (mask, visible_counts(mask, mask.shape[0], mask.shape[1], self.prefix_len))
+        return [n + max(0, length - max(mask.shape[1], self.prefix_len)) for n in counted[1]]
+
+    def effective_tokens(self) -> int:
+        """Stream tokens summed over layers and KV heads, each counted where a head sees it:
+        what per-head methods compare at (``num_kv_heads x`` the stream tokens held when no
+        layer has a mask)."""
+        return sum(sum(self.visible_stream_tokens(layer)) for layer in range(self.num_layers))
+
     def allocated_bytes(self) -> int:
         """Bytes of the key/value buffers, spare capacity included."""
         return self.cache.allocated_bytes()
@@ -201,6 +252,9 @@ class KVStore:
             self.cache.layers[layer].truncate(n)
             self.positions[layer] = self.positions[layer][:, :n]
             self.frame_index[layer] = self.frame_index[layer][:n]
+            mask = self._head_masks[layer]
+            if mask is not None and mask.shape[1] > n:
+                self._head_masks[layer] = mask[:, :n]
 
     def append_layers(
         self, contents: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]
@@ -295,6 +349,15 @@ class KVStore:
             download = prefetched[1]  # queued earlier (prefetch)
         else:
             download = Download(wanted, self._staging)
+        # head masks follow their layers' kept tokens (columns past a mask: visible, as the
+        # summary token after the kept ones), before the gathers change the lengths
+        for layer in decisions:
+            mask = self._head_masks[layer]
+            if mask is not None:
+                length = self.cache.layers[layer].keys.shape[-2]
+                if mask.shape[1] < length:
+                    mask = torch.cat([mask, mask.new_ones(mask.shape[0], length - mask.shape[1])], dim=1)
+                self._head_masks[layer] = mask.index_select(1, on_device[layer].to(mask.device))
         self.cache.gather_layers(
             {layer: (on_device[layer], None if extra is None else (extra[0], extra[1])) for layer, (_, extra) in decisions.items()}
         )

@@ -99,6 +99,7 @@ class AnswerGraphs:
         self._attempts: dict[tuple[int | str, int], int] = {}  # failed captures per key
         self._generation: tuple[int, ...] | None = None
         self._inputs: dict[int, torch.Tensor] = {}
+        self._head_masks: tuple[torch.Tensor | None, ...] | None = None  # of the answer under way
         self._host_inputs: dict[int, tuple[torch.Tensor, torch.cuda.Event | None]] = {}
         # decode state shared by all buckets
         self._token = torch.zeros(1, dtype=torch.long, device=self._device)
@@ -124,6 +125,9 @@ class AnswerGraphs:
         The store is left as it was: the question and answer tokens are written after
         each layer's length and never counted. ``on_token`` sees each token as it is read.
         """
+        # per-head retention: the masks change with every compression, so a masked store
+        # answers with this code run eagerly (nothing captured) and its masks in each layer
+        self._head_masks = self.store.head_masks()
         q_real = len(piece)
         bucket = bucket_length(q_real)
         lengths = self.store.lengths()
@@ -215,9 +219,11 @@ class AnswerGraphs:
         returns hidden states ``(1, q, hidden)``.
         """
         if self.fewer_kernels:
-            return static_text_forward(self.adapter, ids, positions, slots, window, self.store.cache)
+            return static_text_forward(self.adapter, ids, positions, slots, window, self.store.cache, self._head_masks)
         head_dim = self.adapter.attention_modules[0].head_dim
-        attention = AttentionContext(static_limits=slots, static_blocked=static_masks(slots, window, head_dim))
+        attention = AttentionContext(
+            static_limits=slots, static_blocked=static_masks(slots, window, head_dim), head_masks=self._head_masks
+        )
         with StaticWrites(self.store.cache, slots, window):
             return per_layer_text_forward(
                 self.adapter, positions, self.store.cache, self._batch_axis, attention, input_ids=ids
@@ -253,6 +259,9 @@ class AnswerGraphs:
     # -- capture -------------------------------------------------------------------------------
     def _graph(self, key: tuple[int | str, int]) -> _Graph:
         """The graph of ``(bucket, window)`` or ``("decode", window)``, captured on first use."""
+        if self._head_masks is not None:  # masked: never captured (see answer)
+            kind, window = key
+            return _Graph(None, self._decode_body(window) if kind == "decode" else self._prefill_body(int(kind), window))
         graph = self._graphs.get(key)
         if graph is None:
             if len(self._graphs) >= MAX_GRAPHS:

@@ -41,6 +41,7 @@ from torch import nn
 from hermes_policy.attention.capture import BMM_OUT_DTYPE, HALF_DTYPES
 from hermes_policy.attention.context import AttentionContext
 from hermes_policy.attention.dispatch import ragged_attention
+from hermes_policy.attention.head_masks import heads_blocked
 from hermes_policy.attention.lse import canonical_batch_stride
 from hermes_policy.attention.masks import block_rows_needed, slots_blocked
 from hermes_policy.attention.static import grouped_masked_attention
@@ -309,7 +310,13 @@ def _next_norm(text: nn.Module, index: int) -> nn.Module:
 
 
 def static_text_forward(
-    adapter: object, input_ids: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, window: int, cache: object
+    adapter: object,
+    input_ids: torch.Tensor,
+    positions: torch.Tensor,
+    slots: torch.Tensor,
+    window: int,
+    cache: object,
+    head_masks: tuple[torch.Tensor | None, ...] | None = None,
 ) -> torch.Tensor:
     """The text model on ``input_ids (1, q)`` with keys/values written at fixed slots.
 
@@ -319,6 +326,9 @@ def static_text_forward(
     slots : LongTensor ``(layers, q)``: where layer ``l`` writes token ``i``; token ``i``
         attends to the slots ``<= slots[l, i]`` of the first ``window``
     cache : a :class:`~hermes_policy.cache.stream_cache.StreamCache` with room for the slots
+    head_masks : per layer, which cached tokens each KV head sees (per-head retention,
+        :mod:`~hermes_policy.attention.head_masks`), or None: a masked layer runs the
+        explicit masked products (no split-key kernel, no bias)
 
     Returns
     -------
@@ -359,7 +369,11 @@ def static_text_forward(
             value_buffer[0].index_copy_(1, slots[index], new[1])
         window_keys, window_values = key_buffer[:, :, :window], value_buffer[:, :, :window]
         out = None
-        if split_kv:
+        head_mask = None if head_masks is None else head_masks[index]
+        if head_mask is not None:  # per-head retention: slots and heads masked explicitly
+            masked = slots_blocked(slots[index], window)[None] | heads_blocked(head_mask, window)
+            out = slot_attention(query, window_keys, window_values, masked, attn.scaling)
+        elif split_kv:
             out = split_kv_attention.attend(query, window_keys, window_values, slots[index], attn.scaling)
             if out is None:  # the kernel cannot run here: the explicit path from this layer on
                 split_kv = False

@@ -16,6 +16,7 @@ from hermes_policy.retention.base import (
 from hermes_policy.retention.fifo_retention import FifoRetention
 from hermes_policy.retention.full_retention import FullRetention
 from hermes_policy.retention.hermes_retention import HermesRetention
+from hermes_policy.retention.per_head_retention import PerHeadRetention
 from hermes_policy.retention.retrieval_retention import RetrievalRetention
 from hermes_policy.retention.sink_recent_retention import SinkRecentRetention
 from hermes_policy.retention.uniform_retention import UniformRetention
@@ -30,6 +31,7 @@ RULES: dict[str, type[RetentionRule]] = {
         UniformRetention,
         AttentionRetention,
         HermesRetention,
+        PerHeadRetention,
         WindowRetention,
         RetrievalRetention,
     )
@@ -40,7 +42,7 @@ def make_rule(name: str, budget: int | None = None, policy=None, **options) -> R
     """Build a rule by registry name.
 
     ``budget`` goes to rules that take one; ``hermes`` needs ``policy`` (a
-    :class:`~hermes_policy.policy.Policy`); ``options`` are other fields of the rule's
+    :class:`~hermes_policy.policy.Policy`), ``hermes-heads`` a schema-2 one; ``options`` are other fields of the rule's
     dataclass (``frames`` of ``window``, ``retrieve_chunks`` of ``retrieval``); an option
     the rule does not have is an error, an option given as None is left at its default.
     """
@@ -51,8 +53,8 @@ def make_rule(name: str, budget: int | None = None, policy=None, **options) -> R
     unknown = sorted(set(options) - set(cls.__dataclass_fields__))
     if unknown:
         raise RetentionError(f"the {name} rule has no option {', '.join(unknown)}")
-    if cls is HermesRetention:
-        return HermesRetention(policy=policy, **options)
+    if cls in (HermesRetention, PerHeadRetention):
+        return cls(policy=policy, **options)
     if budget is not None and "budget" in cls.__dataclass_fields__:
         options["budget"] = budget
     return cls(**options)
@@ -66,6 +68,7 @@ __all__ = [
     "GuidanceRequest",
     "HermesRetention",
     "LayerKeep",
+    "PerHeadRetention",
     "QuestionTimeMemory",
     "RetentionRule",
     "RetrievalRetention",

@@ -58,10 +58,16 @@ class SummaryToken:
 
 @dataclass(frozen=True)
 class LayerKeep:
-    """What one layer keeps: sorted indices into its current tokens (prefix included)."""
+    """What one layer keeps: sorted indices into its current tokens (prefix included).
+
+    ``head_mask``: per-head retention: BoolTensor ``(kv_heads, len(indices))``, which kept
+    token each KV head may attend (the summary token, if any, is seen by every head);
+    None: the layer's mask, if it has one, follows its kept tokens.
+    """
 
     indices: torch.Tensor
     summary: SummaryToken | None = None
+    head_mask: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)

@@ -7,14 +7,20 @@ from typing import Any
 
 from hermes_policy.models.base import ModelAdapter
 from hermes_policy.policy import ModelInfo, Policy, paper_default
-from hermes_policy.retention import RULES, HermesRetention, RetentionRule, make_rule
+from hermes_policy.retention import (
+    RULES,
+    HermesRetention,
+    PerHeadRetention,
+    RetentionRule,
+    make_rule,
+)
 
 DEFAULT_BUDGET = 4000
 
 
 def rule_from_spec(spec: str, adapter: ModelAdapter, budget: int | None = None, **options: Any) -> RetentionRule:
-    """A rule from a command-line spec: a policy file, ``paper-default`` (also ``hermes``),
-    or a rule name.
+    """A rule from a command-line spec: a policy file (``hermes``, or ``hermes-heads`` for a
+    ``hermes-policy/2`` file), ``paper-default`` (also ``hermes``), or a rule name.
 
     ``budget`` is stream tokens per layer; None means the policy file's own budget, or
     :data:`DEFAULT_BUDGET` for rules and the paper default. Given with a policy file it
@@ -27,7 +33,9 @@ def rule_from_spec(spec: str, adapter: ModelAdapter, budget: int | None = None, 
         return HermesRetention(policy=paper_default(ModelInfo.of(adapter), budget=budget or DEFAULT_BUDGET))
     if spec.endswith(".json") or Path(spec).is_file():
         policy = Policy.load(spec)
-        return HermesRetention(policy=policy if budget is None else policy.with_budget(budget))
+        policy = policy if budget is None else policy.with_budget(budget)
+        # a schema-2 policy keeps tokens per KV head (hermes-heads); schema 1 per layer
+        return PerHeadRetention(policy=policy) if policy.per_head else HermesRetention(policy=policy)
     fields = RULES[spec].__dataclass_fields__ if spec in RULES else {}
     return make_rule(spec, budget or DEFAULT_BUDGET, **{k: v for k, v in options.items() if k in fields})
 

@@ -329,8 +329,12 @@ class StreamingSession(SessionQuestions):
             self._reindex_all()
         positions = self.layer_positions(piece)
         self._check_position_limit(positions)
+        head_masks = self.store.head_masks()  # per-head retention: which tokens each KV head sees
+        if head_masks is not None:
+            attention = (attention or AttentionContext()).with_changes(head_masks=head_masks)
         if (
             ingest
+            and head_masks is None  # (a captured graph would keep the masks of its capture)
             and self.chunk_graphs is not None
             and self.chunk_graphs.prefill(piece, positions, attention, collected, recurring=recurring)
         ):
@@ -383,6 +387,9 @@ class StreamingSession(SessionQuestions):
                     for layer, keep in decisions.items()
                 }
             )
+            masks = {layer: keep.head_mask for layer, keep in decisions.items() if keep.head_mask is not None}
+            if masks:
+                self.store.set_head_masks(masks)
             if rule.reindex == "eager":
                 for layer in decisions:
                     self.store.reindex(layer, rotary)
