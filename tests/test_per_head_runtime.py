@@ -15,6 +15,7 @@ from hermes_policy.attention.context import AttentionContext
 from hermes_policy.attention.dispatch import ragged_attention
 from hermes_policy.cache.kv_store import KVStore
 from hermes_policy.errors import PolicyError
+from hermes_policy.options import RuntimeOptions
 from hermes_policy.policy import HeadPolicy, ModelInfo, paper_default
 from hermes_policy.retention import FullRetention, PerHeadRetention, make_rule
 from hermes_policy.retention.specs import rule_from_spec
@@ -180,7 +181,7 @@ def test_union_stays_bounded_and_memory_flat_over_a_long_stream(tiny_llama_small
 
 def test_masks_survive_questions_and_follow_eviction(tiny_adapter):
     rule = PerHeadRetention(policy=streaming_and_retrieval(tiny_adapter, budget=24, window=16))
-    session = StreamingSession(tiny_adapter, rule, chunk_frames=2, answer_path="eager")
+    session = StreamingSession(tiny_adapter, rule, chunk_frames=2, options=RuntimeOptions(answer_path="eager"))
     session.add_frames(frames(tiny_adapter, 8, seed=8))
     before = [m.clone() for m in session.store.head_masks()]
     session.ask("Where is the ball?", max_new_tokens=5)
@@ -229,7 +230,7 @@ def test_static_and_eager_answers_agree_under_masks(tiny_adapter, fewer_kernels,
     answers, first = {}, {}
     for path in ("eager", "static", "static-unmasked"):
         rule = PerHeadRetention(policy=streaming_and_retrieval(tiny_adapter, budget=24, window=8))
-        session = StreamingSession(tiny_adapter, rule, chunk_frames=2, answer_path=path.split("-")[0])
+        session = StreamingSession(tiny_adapter, rule, chunk_frames=2, options=RuntimeOptions(answer_path=path.split("-")[0]))
         session.add_frames(stream)
         assert session.store.head_masks() is not None
         if path == "static-unmasked":
