@@ -74,7 +74,7 @@ def bench_command(
     frames: Annotated[str, typer.Option(help="Checkpoints of each stream (frames), increasing.")] = "16,64,256,1024",
     chunks: Annotated[str, typer.Option(help="Chunk sizes (frames per prefill).")] = "8,16",
     rules: Annotated[
-        str, typer.Option(help="Rules: full, fifo, hermes (paper-default policy), window (4 frames), retrieval (top-4 chunks).")
+        str, typer.Option(help="Rules: full, fifo, hermes (paper-default policy), hermes-heads (the same split per KV head, DuoAttention-style), window (4 frames), retrieval (top-4 chunks).")
     ] = "full,fifo,hermes",
     budget: Annotated[int, typer.Option(help="Stream tokens kept per layer (fifo, hermes).")] = 4000,
     questions: Annotated[int, typer.Option(help="Timed questions per checkpoint (median).")] = 5,

@@ -486,3 +486,32 @@ def test_run_stream_measures_the_question_time_baselines(tiny_llava, rule_name):
     else:
         assert late["host_memory_bytes"] > early["host_memory_bytes"] > 0
         assert late["tokens_kept"] > config.budget  # the window plus retrieved chunks, at the question
+
+
+def test_per_head_bench_rule_keeps_each_heads_memory(tiny_llava):
+    """``hermes-heads``: the paper default split per KV head (half streaming with a quarter
+    of the budget, half scored sharing the rest) loads as a valid schema-2 policy, streams
+    on a real video architecture, and keeps the layer's effective memory at
+    ``num_kv_heads x budget`` tokens once it compresses."""
+    from hermes_policy.benchmarking.efficiency import per_head_paper_default
+    from hermes_policy.policy import Policy, head_token_budgets
+
+    shape = get_shape("tiny-llava-ov")
+    budget = 6 * tiny_llava.tokens_per_frame
+    rule = make_rule("hermes-heads", tiny_llava, budget)
+    kv_heads = tiny_llava.num_kv_heads
+    for layer in rule.policy.layers:
+        assert sum(head_token_budgets(layer, kv_heads)) == kv_heads * budget
+        assert [h.role for h in layer.heads].count("streaming") == max(1, kv_heads // 2)
+    # valid as a file: the validator accepts what the bench builds
+    schema2 = per_head_paper_default(rule.policy, kv_heads)
+    assert Policy.from_dict(schema2.to_dict()).per_head
+    config = EfficiencyConfig(
+        shapes=("tiny-llava-ov",), frames=(8, 32), chunks=(4,), rules=("hermes-heads",), budget=budget,
+        questions=2, answer_tokens=3,
+    )
+    config.validate()
+    early, late = run_stream(tiny_llava, shape, "hermes-heads", 4, config, shape_summary(tiny_llava, CEILINGS))
+    assert early["status"] == late["status"] == "ok"
+    # the union of the heads' tokens stays within the layer's memory although the stream outgrew it
+    assert late["tokens_kept"] <= kv_heads * budget < 32 * tiny_llava.tokens_per_frame

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import statistics
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -67,7 +67,7 @@ from hermes_policy.models.random_shapes import (
     tokenizer_description,
 )
 from hermes_policy.options import RuntimeOptions
-from hermes_policy.policy import ModelInfo, paper_default
+from hermes_policy.policy import HeadPolicy, ModelInfo, Policy, paper_default
 from hermes_policy.retention import FullRetention, RetentionRule
 from hermes_policy.session import NoObserver, StreamingSession
 
@@ -75,7 +75,7 @@ SCHEMA = "hermes-efficiency/1"
 RULE_NAMES = ("full", "fifo", "hermes")  # the default grid
 # every rule the benchmark can run: the question-time baselines measure what a live stream
 # pays (window: its frames re-prefilled at every question; retrieval: top-4 chunks back)
-BENCH_RULES = (*RULE_NAMES, "window", "retrieval")
+BENCH_RULES = (*RULE_NAMES, "hermes-heads", "window", "retrieval")
 QUESTIONS = (
     "What is happening in the video right now?",
     "What color is the largest object on screen?",
@@ -138,13 +138,36 @@ class EfficiencyConfig:
 
 
 def make_rule(name: str, adapter: ModelAdapter, budget: int) -> RetentionRule:
-    """A benchmark rule: ``hermes`` with the paper-default policy for this model; ``window``
-    of 4 frames re-prefilled at every question; ``retrieval`` with a GPU window of
-    ``budget`` tokens and 4 chunks retrieved per layer."""
+    """A benchmark rule: ``hermes`` with the paper-default policy for this model;
+    ``hermes-heads`` with the same policy split per KV head (:func:`per_head_paper_default`);
+    ``window`` of 4 frames re-prefilled at every question; ``retrieval`` with a GPU window
+    of ``budget`` tokens and 4 chunks retrieved per layer."""
     if name == "window":
         return retention.WindowRetention(frames=4, reuse=False)
+    if name == "hermes-heads":
+        policy = per_head_paper_default(paper_default(ModelInfo.of(adapter), budget=budget), adapter.num_kv_heads)
+        return retention.make_rule(name, budget=budget, policy=policy)
     policy = paper_default(ModelInfo.of(adapter), budget=budget) if name == "hermes" else None
     return retention.make_rule(name, budget=budget, policy=policy)
+
+
+def per_head_paper_default(policy: Policy, num_kv_heads: int, window_share: float = 0.25) -> Policy:
+    """``policy`` (schema 1) as schema 2, DuoAttention-style, for the cost of per-head
+    retention: in every layer the first half of the KV heads stream (sink and a window of
+    ``window_share`` of the budget), the others keep the layer's HERMES scoring and share
+    what the windows leave equally. Every layer's effective memory stays
+    ``num_kv_heads x budget`` tokens (a cost figure, not a probed policy)."""
+    streaming = max(1, num_kv_heads // 2) if num_kv_heads > 1 else 0
+    layers = []
+    for layer in policy.layers:
+        window = max(1, int(layer.budget * window_share))
+        others = num_kv_heads - streaming
+        shares = [round(1.0 / others, 6)] * others
+        shares[-1] = round(1.0 - sum(shares[:-1]), 6)
+        heads = [HeadPolicy("streaming", window, None, 1.0, layer.forgetting_rate)] * streaming
+        heads += [HeadPolicy("retrieval", None, s, layer.recency_weight, layer.forgetting_rate) for s in shares]
+        layers.append(replace(layer, heads=tuple(heads)))
+    return replace(policy, layers=layers, provenance={**policy.provenance, "source": "bench: per-head paper default"})
 
 
 def question_tokens(adapter: ModelAdapter) -> int:
