@@ -248,6 +248,10 @@ def analyze(
     if per_head and calibrate:
         # calibration chooses per-layer parameters and would drop or contradict the heads
         raise ProbeError("--per-head and --calibrate cannot be combined yet; run one of them")
+    if from_profiles is not None and calibrate:
+        # calibration streams its calibration streams through the model; a profile has none
+        raise ProbeError("--calibrate needs the model (it streams calibration streams); "
+                         "it cannot run from --from-profiles: give --model instead")
     if from_profiles is not None:
         from hermes_policy.policy import ModelInfo
         from hermes_probe.profiles import AttentionProfile

@@ -154,6 +154,9 @@ CASES: dict[str, Case] = {
     "profile: zero probes": Case(from_profiles(lambda p: setattr(p, "probes", 0)), "no probe"),
     "profile: impossible entropy": Case(from_profiles(lambda p: p.entropy_sum.fill(40.0)), "cannot exceed 1"),
     "profile: 2-token window": Case(from_profiles(lambda p: None, window=2), "less than two frames"),
+    "profile: with --calibrate": Case(
+        lambda t, m: ["analyze", "--from-profiles", profile_file(t, lambda p: None), "--calibrate",
+                      "--out", str(t / "o")], "cannot run from --from-profiles"),
     "profile: missing": Case(lambda t, m: ["analyze", "--from-profiles", str(t / "no.npz"), "--out", str(t / "o")],
                              "not found"),
     "profile: --out is a file": Case(
