@@ -342,3 +342,24 @@ def head_provenance(metrics: HeadMetrics, roles: HeadRoles) -> dict[str, object]
         "needed_window": [[int(v) for v in row] for row in metrics.needed_window],
         "mixed_layers": mixed_layers(roles),
     }
+
+
+def role_agreement(runs: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """How stable each KV head's role is across runs (seeds, streams).
+
+    Parameters
+    ----------
+    runs : one ``(layers, kv_heads)`` array of role labels per run
+
+    Returns
+    -------
+    the modal role ``(layers, kv_heads)`` (ties: the first in :data:`EVIDENCE_ORDER`) and the
+    share of runs that gave it, ``(layers, kv_heads)`` in ``[1 / len(EVIDENCE_ORDER), 1]``
+    """
+    if not runs:
+        raise ValueError("no runs to compare")
+    stacked = np.stack([np.asarray(r, dtype=object) for r in runs])  # (runs, layers, kv_heads)
+    counts = np.stack([(stacked == role).sum(axis=0) for role in EVIDENCE_ORDER], axis=-1)
+    best = counts.argmax(axis=-1)
+    modal = np.asarray(EVIDENCE_ORDER, dtype=object)[best]
+    return modal, counts.max(axis=-1) / len(runs)
