@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 from datetime import datetime, timezone
 from pathlib import Path
@@ -58,19 +59,24 @@ def summarize(runs: list[Path]) -> dict:
     }
 
 
-def markdown(summary: dict, command: str) -> str:
+def _fmt(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
+def markdown(summary: dict, command: str, produced_by: str | None = None) -> str:
     lines = [
         f"# KV-head role stability across probe runs ({datetime.now(timezone.utc).date()})",
         "",
         f"Command: `{command}`  ",
+        *([f"Runs made by: `{produced_by}`  "] if produced_by else []),
         f"Runs: {', '.join(summary['runs'])}",
         "",
         f"- {summary['heads']} KV heads; the same role in every run: {summary['unanimous_share']:.0%} "
         f"(mean agreement {summary['mean_agreement']:.2f})",
         "- modal roles: " + ", ".join(f"{k} {v}" for k, v in summary["modal_counts"].items()),
         "- unanimous, by role: " + ", ".join(f"{k} {v}" for k, v in summary["unanimous_by_role"].items()),
-        f"- mean confidence of unanimous heads {summary['mean_confidence_unanimous']}, "
-        f"of the others {summary['mean_confidence_unstable']}",
+        f"- mean confidence of unanimous heads {_fmt(summary['mean_confidence_unanimous'])}, "
+        f"of the others {_fmt(summary['mean_confidence_unstable'])}",
         "",
         "| layer | agreement (mean over KV heads) | modal roles |",
         "|---|---|---|",
@@ -84,16 +90,17 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("runs", nargs="+", type=Path, help="probe run folders (each with metrics.json)")
     parser.add_argument("--out", type=Path, required=True, help="results path without suffix")
+    parser.add_argument("--produced-by", help="the command that made the runs (recorded)")
     args = parser.parse_args(argv)
     missing = [str(r) for r in args.runs if not (r / "metrics.json").is_file()]
     if missing:
         print(f"error: no metrics.json in {', '.join(missing)}", file=sys.stderr)
         return 1
     summary = summarize(args.runs)
-    command = "python benchmarks/head_role_stability.py " + " ".join(sys.argv[1:] if argv is None else argv)
-    text = markdown(summary, command)
+    command = "python benchmarks/head_role_stability.py " + shlex.join(sys.argv[1:] if argv is None else argv)
+    text = markdown(summary, command, args.produced_by)
     write_text_atomic(args.out.with_suffix(".md"), text)
-    write_json_atomic(args.out.with_suffix(".json"), {"command": command, **summary})
+    write_json_atomic(args.out.with_suffix(".json"), {"command": command, "produced_by": args.produced_by, **summary})
     print(text)
     return 0
 
