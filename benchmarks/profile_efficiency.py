@@ -560,16 +560,16 @@ def answer_ab(adapter, shape, warm: int, rounds: int = 2) -> None:
     ]
     for name, fewer, split in variants * rounds:
         with options.applied(split_kv_kernel=split == "1"):  # read when the graphs are captured
-            session._answer_graphs = AnswerGraphs(adapter, session.store, fewer_kernels=fewer)
+            session.answer_graphs = AnswerGraphs(adapter, session.store, fewer_kernels=fewer)
             print(f"-- answer graphs, {name}:")
             answer_breakdown(session)
             ttft_host(session)
             ttft_trace(session)
-            session._answer_graphs = None
+            session.answer_graphs = None
             torch.cuda.empty_cache()
     # the kernels of the fewer-kernel question prefill (run eagerly: the kernels a graph replays)
     graphs = AnswerGraphs(adapter, session.store, use_graphs=False)
-    session._answer_graphs = graphs
+    session.answer_graphs = graphs
     session.ask(QUESTIONS[1], max_new_tokens=2)
     with torch.inference_mode():
         graphs._load_inputs(adapter.question_piece(QUESTIONS[1]), 16, session.store.lengths())

@@ -158,7 +158,7 @@ def test_static_answers_attend_over_a_window_not_the_whole_buffer(tiny_adapter, 
     answers = {}
     for path in ("eager", "static"):
         session = StreamingSession(tiny_adapter, FullRetention(), chunk_frames=8, options=RuntimeOptions(answer_path=path))
-        session._answer_graphs = AnswerGraphs(tiny_adapter, session.store, use_graphs=False, fewer_kernels=fewer_kernels)
+        session.answer_graphs = AnswerGraphs(tiny_adapter, session.store, use_graphs=False, fewer_kernels=fewer_kernels)
         session.add_frames(stream)
         for layer in session.store.cache.layers:  # lots of spare room, as after a fused pass
             layer.reserve(4 * WINDOW_QUANTUM + layer.capacity, *layer.buffers)
@@ -185,7 +185,7 @@ def test_a_failed_answer_capture_is_tried_again(tiny_adapter, failures, monkeypa
     # one token an answer: only the prefill graph of one (bucket, window), the same for all three
     expected = [plain.ask(q, max_new_tokens=1).token_ids for q in questions]
     session = StreamingSession(tiny_adapter, FullRetention(), chunk_frames=8, options=RuntimeOptions(answer_path="static"))
-    graphs = session._answer_graphs = AnswerGraphs(tiny_adapter, session.store, use_graphs=False)
+    graphs = session.answer_graphs = AnswerGraphs(tiny_adapter, session.store, use_graphs=False)
     graphs.use_graphs = True  # through the capture branch (the graph itself is not needed on the CPU)
     tries: list[int] = []
 

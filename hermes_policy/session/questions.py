@@ -307,3 +307,9 @@ class SessionQuestions:
                 self.adapter, self.store, use_graphs=self.answer_path == "graphs"
             )
         return self._answer_graphs
+
+    @answer_graphs.setter
+    def answer_graphs(self, graphs: AnswerGraphs | None) -> None:
+        """Answer with ``graphs`` from now on (a benchmark comparing forwards; a test's own
+        settings); None: built again on the next answer."""
+        self._answer_graphs = graphs
