@@ -52,6 +52,22 @@ def test_bottom_right_mask():
     assert mask.tolist() == [[True, True, True, False], [True, True, True, True]]
 
 
+def test_capture_of_chosen_layers_records_only_those(tiny_adapter):
+    """``layers=`` limits the capture to those layers (the others record nothing), with the
+    same probabilities an all-layer capture records there."""
+    session = StreamingSession(tiny_adapter, chunk_frames=1)
+    piece = StreamPiece.text(torch.randint(0, 200, (12,)), 1)
+    lengths = session.store.lengths()
+    everything = AttentionCapture(tiny_adapter.attention_modules, query_rows=slice(-3, None))
+    session._prefill(piece, attention=AttentionContext(capture=everything))
+    session.store.truncate(lengths)
+    chosen = AttentionCapture(tiny_adapter.attention_modules, layers=[1], query_rows=slice(-3, None))
+    session._prefill(piece, attention=AttentionContext(capture=chosen))
+    assert list(chosen.patterns) == [AttentionCapture.hook_name(1)] and chosen.calls == 1
+    name = AttentionCapture.hook_name(1)
+    torch.testing.assert_close(chosen.patterns[name], everything.patterns[name])
+
+
 def test_capture_equals_eager_attention_weights(tiny_adapter):
     """Captured per-head probabilities equal transformers' own eager attention weights."""
     model = tiny_adapter.model

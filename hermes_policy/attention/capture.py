@@ -139,13 +139,8 @@ class AttentionCapture:
     calls: int = 0  # layer patterns handed over
 
     def __post_init__(self) -> None:
-        if self.layers is not None:
-            wanted = self.layers
-        elif isinstance(self.query_rows, dict):
-            wanted = self.query_rows.keys()
-        else:
-            wanted = range(len(self.attention_modules))
-        self._layers = sorted(set(wanted))
+        # None: every layer (a query_rows mapping still leaves out the layers it lacks)
+        self._layers = None if self.layers is None else frozenset(self.layers)
 
     @staticmethod
     def hook_name(layer: int) -> str:
@@ -153,6 +148,8 @@ class AttentionCapture:
 
     def rows(self, layer: int, q_len: int) -> range:
         """The query rows of a forward of ``q_len`` new tokens captured at ``layer``."""
+        if self._layers is not None and layer not in self._layers:
+            return range(0)
         selection = self.query_rows.get(layer) if isinstance(self.query_rows, dict) else self.query_rows
         return range(0) if selection is None else range(q_len)[selection]
 
