@@ -6,7 +6,9 @@ answer reports how many frames it saw); the API key on every route; bounded load
 
 from __future__ import annotations
 
+import io
 import json
+import os
 import statistics
 import threading
 import time
@@ -263,3 +265,82 @@ def test_a_question_before_the_first_full_chunk_is_answered_from_the_partial_chu
         reply = client(base, None).chat.completions.create(
             model="x", messages=[{"role": "user", "content": "So far?"}], max_tokens=2, extra_body={"stream_id": stream_id})
         assert 3 <= reply.usage.model_extra["frames_seen"] < 64
+
+
+@contextmanager
+def http_folder(folder):
+    """A plain HTTP server over ``folder`` on a free loopback port (a real URL source)."""
+    import functools
+    from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+
+    class Ranged(SimpleHTTPRequestHandler):
+        """Answers ``Range: bytes=a-b`` (an mp4 with its index at the end needs a seek, as
+        from any real web server)."""
+
+        def send_head(self):
+            spec = self.headers.get("Range", "")
+            path = self.translate_path(self.path)
+            if not spec.startswith("bytes=") or not os.path.isfile(path):
+                return super().send_head()
+            size = os.path.getsize(path)
+            first, _, last = spec[len("bytes="):].partition("-")
+            start, end = int(first or 0), min(int(last) if last else size - 1, size - 1)
+            if start >= size:
+                self.send_error(416)
+                return None
+            with open(path, "rb") as handle:
+                handle.seek(start)
+                body = handle.read(end - start + 1)
+            self.send_response(206)
+            self.send_header("Content-Type", self.guess_type(path))
+            self.send_header("Accept-Ranges", "bytes")
+            self.send_header("Content-Range", f"bytes {start}-{end}/{size}")
+            self.send_header("Content-Length", str(end - start + 1))
+            self.end_headers()
+            return io.BytesIO(body)
+
+        def log_message(self, *args) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Ranged, directory=str(folder)))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_a_url_source_streams_the_same_frames_as_the_file_and_is_served(tmp_path):
+    """An mp4 over HTTP through PyAV (the url source) gives the file source's frames, and a
+    server session on it answers like a session fed those frames."""
+    from tiny_llava_ov import tiny_llava_onevision
+
+    from hermes_policy.inputs.video_writing import write_video
+    from hermes_policy.models import load_adapter
+
+    rng = np.random.default_rng(0)
+    video = write_video(tmp_path / "www" / "clip.mp4", rng.integers(0, 255, (20, 64, 64, 3), dtype=np.uint8), 10.0)
+    adapter = load_adapter(tiny_llava_onevision(tmp_path / "llava", layers=2), device="cpu")
+    with http_folder(video.parent) as root:
+        url = f"{root}/clip.mp4"
+        from_url = list(open_source(adapter, SourceSpec("url", url), 5))
+        from_file = list(open_source(adapter, SourceSpec("file", str(video)), 5))
+        assert len(from_url) == len(from_file) == 10
+        for (a, ta), (b, tb) in zip(from_url, from_file, strict=True):
+            assert abs(ta - tb) < 1e-6 and np.array_equal(a, b)
+        with pytest.raises(Exception, match="cannot open"):
+            open_source(adapter, SourceSpec("url", f"{root}/missing.mp4"), 5)
+
+        with running(adapter, budget=40) as (base, _):
+            stream_id = httpx.post(base + "/v1/streams", json={
+                "source": "url", "location": url, "fps": 5, "chunk_frames": 2}).json()["id"]
+            wait_for(lambda: httpx.get(f"{base}/v1/streams/{stream_id}").json()["finished"])
+            reply = client(base, None).chat.completions.create(
+                model="x", messages=[{"role": "user", "content": "What moves?"}], max_tokens=3,
+                extra_body={"stream_id": stream_id})
+    assert reply.usage.model_extra["frames_seen"] == 10
+    reference = StreamingSession(adapter, FifoRetention(budget=40), chunk_frames=2, fps=5)
+    reference.add_frames(np.stack([f for f, _ in from_file]), timestamps=[t for _, t in from_file])
+    assert reply.choices[0].message.content == reference.ask("What moves?", max_new_tokens=3).text
