@@ -179,12 +179,14 @@ def calibrate_after_analyze(adapter: Any, heuristic: Any, out: Path, *, frames: 
 
     Calibration streams: seeds ``seed`` and ``seed + 1`` at ``frames``; held-out: ``seed + 2``
     at ``frames`` and ``seed + 3`` at one and a half times ``frames``. ``objective``: ``value``
-    (value-weighted attention recall) or ``attention``; ``kl_check``: then blend the recency
-    weights towards 1 by the KL on the real runtime (calibration stream ``seed``).
+    (value-weighted attention recall) or ``attention``; ``kl_check``: then search on the real
+    runtime by KL(full || policy) on calibration stream ``seed``, from pure recency, with the
+    recall choices as moves (:mod:`hermes_probe.runtime_search`), and report the held-out KL.
     """
     from hermes_policy.fileio.atomic import write_json_atomic
     from hermes_policy.inputs.fidelity_tasks import fidelity_stream
-    from hermes_probe.calibrate import run_calibration
+    from hermes_probe.calibrate import calibrated_policy, run_calibration
+    from hermes_probe.runtime_search import SearchPoint
 
     def streams(s: int, f: int) -> Any:
         return fidelity_stream(f, s, adapter.frame_ids, adapter.encode_text)
@@ -198,11 +200,21 @@ def calibrate_after_analyze(adapter: Any, heuristic: Any, out: Path, *, frames: 
             kl_stream=streams(seed, frames) if kl_check else None)
     write_json_atomic(out / "calibration.json", report)
     policy.save(out / "policy.json")
+    written = [out / "policy-heuristic.json", out / "calibration.json"]
+    if report.get("runtime_search"):  # the recall calibration alone, for comparison
+        recall_only = calibrated_policy(heuristic, SearchPoint.from_dict(report["recall_choices"]),
+                                        {"objective": report["objective"].split("; then")[0],
+                                         "calibration_streams": report["calibration_streams"]})
+        recall_only.save(out / "policy-recall.json")
+        written.insert(1, out / "policy-recall.json")
+        kl = report["heldout_kl"]["kl"]
+        line = ", ".join(f"{name} {value:.3f}" for name, value in kl.items())
+        console.print(f"  held-out KL to the full cache (seed {report['heldout_kl']['stream']['seed']}): {line}",
+                      highlight=False)
     for share, entry in report["heldout"].items():
         line = ", ".join(f"{name} {value['mean']:.3f}" for name, value in entry.items())
         console.print(f"  held-out attention recall at {share} of the stream: {line}", highlight=False)
-    console.print(f"wrote {out / 'policy.json'} (calibrated), {out / 'policy-heuristic.json'}, "
-                  f"{out / 'calibration.json'}")
+    console.print(f"wrote {out / 'policy.json'} (calibrated), {', '.join(str(p) for p in written)}")
     return policy
 
 

@@ -229,7 +229,7 @@ def analyze(
     device: Annotated[str | None, typer.Option(help="cpu, cuda, cuda:1 ... (default: cuda if available).")] = None,
     dtype: Annotated[str | None, typer.Option(help="float32, bfloat16 or float16.")] = None,
     trust_remote_code: Annotated[bool, typer.Option(help="Allow code from the model repository.")] = False,
-    calibrate: Annotated[bool, typer.Option(help="Calibrate the policy by attention recall (see docs/fidelity.md).")] = False,
+    calibrate: Annotated[bool, typer.Option(help="Calibrate the policy: attention recall, then a search on the runtime by KL to the full cache (see docs/fidelity.md).")] = False,
     per_head: Annotated[bool, typer.Option(help="Write a hermes-policy/2 policy: a role, memory, recency weight "
                                            "and forgetting rate per KV head (see docs/heads.md).")] = False,
 ) -> None:

@@ -19,7 +19,13 @@ probes' own attention at their answer positions is recorded per layer and head
    (:func:`~hermes_probe.recall.simulate_policy`).
 
 Summary tokens are not valued by attention recall (the summary is a new token no question
-attended to); they are left off and the provenance says so.
+attended to); recall leaves them off.
+
+5. with a KL stream (the default of ``analyze --calibrate``), the recall choices become the
+   moves of a search on the real runtime (:mod:`hermes_probe.runtime_search`): from pure
+   recency with an even split, a depth group takes the recall-chosen split, a lower
+   recency weight, another forgetting rate or a summary token only where KL(full || policy)
+   on a calibration stream falls; the held-out KL of the baselines and policies is reported.
 """
 
 from __future__ import annotations
@@ -35,12 +41,13 @@ import torch
 from hermes_policy.attention.capture import AttentionCapture
 from hermes_policy.inputs.fidelity_tasks import FidelityStream
 from hermes_policy.models.base import ModelAdapter
-from hermes_policy.policy import Guidance, LayerPolicy, Policy
+from hermes_policy.policy import Guidance, Policy
 from hermes_policy.retention import FullRetention, GuidanceRequest
 from hermes_policy.session import StreamingSession
 
 from .fidelity import prompt_ids
 from .recall import oracle_recall, recall, simulate_keep, simulate_policy
+from .runtime_search import SearchPoint, SearchSpace
 
 W_GRID: tuple[float, ...] = tuple(round(x, 2) for x in np.linspace(0.0, 1.0, 11))
 K_GRID: tuple[float, ...] = (0.5, 1.0, 2.0, 4.0, 8.0, 12.0, 16.0, 20.0, 30.0)
@@ -327,29 +334,25 @@ def rule_recall(record: StreamRecord, rule: str, budget: int, policy: Policy | N
     return np.array([layer_recall(record, i, kept[i], objective=objective) for i in range(layers)])
 
 
-def calibrated_policy(base: Policy, result: Calibration, provenance: dict[str, Any]) -> Policy:
+def calibrated_policy(base: Policy, result: Calibration | SearchPoint, provenance: dict[str, Any]) -> Policy:
     """``base`` (for the model, tiers ranges, guidance) with the calibrated per-layer entries
-    (one smoothing ``lambda`` for every layer: the chosen scale).
+    (a :class:`Calibration` has one smoothing ``lambda`` for every layer and no summary tokens).
 
     A layer's tier label follows its choices (the runtime picks the pseudo-query by it):
     ``w = 1`` -> sensory, global prompt -> long_term, otherwise working.
     """
-    total = float(sum(result.budget_multiple))
-    layers_n = len(base.layers)
-    shares = [m * layers_n / total for m in result.budget_multiple]
-    budgets = [max(base.model.tokens_per_frame, int(base.budget * s)) for s in shares]
-    layers = []
-    for i in range(layers_n):
-        w = result.recency_weight[i]
-        tier = "sensory" if w >= 1.0 else ("long_term" if result.prompt[i] == "global" else "working")
-        lam = result.smoothing_scale
-        layers.append(LayerPolicy(index=i, tier=tier, recency_weight=float(w),
-                                  forgetting_rate=float(result.forgetting_rate[i]), smoothing=round(lam, 4),
-                                  budget=budgets[i], summary_token=False))
-    prov = dict(base.provenance)
-    prov.update({"source": "calibrated", "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                 "calibration": provenance})
-    return Policy(base.model, base.budget, dict(base.tiers), layers, base.guidance, base.reindex, prov)
+    point = result if isinstance(result, SearchPoint) else search_point(result)
+    return point.policy(base, {"source": "calibrated",
+                               "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                               "calibration": provenance})
+
+
+def search_point(result: Calibration) -> SearchPoint:
+    """The recall calibration as a point of the runtime search."""
+    n = len(result.prompt)
+    return SearchPoint(tuple(result.prompt), tuple(float(w) for w in result.recency_weight),
+                       tuple(float(k) for k in result.forgetting_rate), tuple(float(m) for m in result.budget_multiple),
+                       (False,) * n, float(result.smoothing_scale))
 
 
 RECALL_RULES: tuple[str, ...] = ("fifo", "sink-recent", "attention-only")
@@ -388,8 +391,10 @@ def run_calibration(
     progress: Any = None,
     objective: str = "value",
     kl_stream: Any = None,
+    search_space: SearchSpace | None = None,
 ) -> tuple[Policy, dict[str, Any], list[StreamRecord]]:
-    """Record calibration streams, calibrate, and measure recall on held-out streams.
+    """Record calibration streams, calibrate by recall, optionally search on the runtime,
+    and measure the result on held-out streams.
 
     Parameters
     ----------
@@ -397,12 +402,19 @@ def run_calibration(
     streams : ``streams(seed, frames) -> FidelityStream``
     seeds : ``(seed, frames)`` of the calibration streams
     heldout : ``(seed, frames)`` of held-out streams (other seeds, other lengths)
+    kl_stream : a calibration stream for the runtime search
+        (:func:`~hermes_probe.runtime_search.coordinate_search` on KL(full || policy), starting
+        from pure recency and using the recall calibration's pseudo-queries, forgetting
+        rates, budget split and smoothing as its moves); then the held-out KL of the
+        baselines and policies is measured on the first held-out stream too
 
     Returns
     -------
     (calibrated policy, report, held-out records)
     """
     from hermes_policy.policy import ModelInfo, paper_default
+
+    from .runtime_search import RuntimeKL, coordinate_search, recency_start
 
     def note(text: str) -> None:
         if progress:
@@ -412,94 +424,90 @@ def run_calibration(
     for seed, frames in seeds:
         note(f"recording calibration stream seed {seed} ({frames} frames)")
         records.append(record_stream(adapter, streams(seed, frames), chunk_frames))
-    note("calibrating")
+    note("calibrating by recall")
     result = calibrate(records, budget_shares, objective=objective)
-    kl_table = None
+    recall_policy = calibrated_policy(base, result, {})
+    search = None
+    space = search_space or SearchSpace()
     if kl_stream is not None:
-        base_for_kl = base
-        alpha, kl_table = kl_select(adapter, base_for_kl, result, kl_stream, budget_shares, chunk_frames=chunk_frames,
-                                    progress=note)
-        result = blended(result, alpha)
+        runtime_kl = RuntimeKL(adapter, base, kl_stream, budget_shares, chunk_frames)
+        search = coordinate_search(runtime_kl, recency_start(result.prompt, result.forgetting_rate), space,
+                                   recall_split=result.budget_multiple, recall_smoothing=result.smoothing_scale,
+                                   progress=note)
+    chosen: Calibration | SearchPoint = result if search is None else search.point
     held = []
     for seed, frames in heldout:
         note(f"recording held-out stream seed {seed} ({frames} frames)")
         held.append(record_stream(adapter, streams(seed, frames), chunk_frames))
-    provisional = calibrated_policy(base, result, {})
+    provisional = calibrated_policy(base, chosen, {})
     paper = paper_default(ModelInfo.of(adapter), budget=base.budget)
     entrants = {"paper-default": paper, "heuristic": base, "calibrated": provisional}
+    if search is not None:
+        entrants["recall-calibrated"] = recall_policy
     measure = {"attention": "attention recall (head mean of the probes' attention at their answer positions)",
                "value": "value-weighted attention recall (the probes' attention at their answer positions times "
                         "each token's value-output norm ||W_O,h v||, summed over heads)"}[objective]
+    description = (f"{measure}; copy probes and memory probes (kv, facts) weighted one half each, averaged "
+                   "over layers and budgets; keep sets replayed through the rule's compression steps on "
+                   "pseudo-query attention recorded on the full cache")
+    if search is not None:
+        description += ("; then a coordinate search on KL(full || policy) run on the real runtime, from pure "
+                        "recency with an even split (see runtime_search)")
     report = {
-        "objective": f"{measure}; copy probes and memory probes (kv, facts) weighted one half each, averaged "
-                     "over layers and budgets; keep sets replayed through the rule's compression steps on "
-                     "pseudo-query attention recorded on the full cache",
-        "objective_name": objective,
+        "objective": description,
+        "objective_name": objective if search is None else f"{objective}+runtime-kl",
         "budget_shares": [float(s) for s in budget_shares],
         "calibration_streams": [{"seed": s, "frames": f} for s, f in seeds],
         "heldout_streams": [{"seed": s, "frames": f} for s, f in heldout],
         "grid": {"recency_weight": list(W_GRID), "forgetting_rate": list(K_GRID), "prompt": list(PROMPTS),
                  "budget_levels": list(BUDGET_LEVELS), "smoothing": list(SMOOTHING_SCALES)},
-        "summary_tokens": "off: attention recall cannot value a summary token",
-        "kl_blend": None if kl_table is None else {
-            "rule": "w -> w + alpha (1 - w), alpha chosen by KL(full || policy) on the real runtime",
-            "stream": {"seed": kl_stream.seed, "frames": len(kl_stream.frames)}, "kl_by_alpha": kl_table},
+        "summary_tokens": ("tried per depth group by the runtime search" if search is not None and space.summary
+                           else "off: attention recall cannot value a summary token"),
+        "runtime_search": None if search is None else {
+            "stream": {"seed": kl_stream.seed, "frames": len(kl_stream.frames)}, "space": space.to_dict(),
+            "start_kl": search.start_value, "kl": search.value, "moves": search.history},
         "calibration_recall": result.objective,
         "calibration": recall_table(records, budget_shares, entrants, objective),
         "heldout": recall_table(held, budget_shares, entrants, objective),
         "heldout_other_objective": recall_table(held, budget_shares, entrants,
                                                 "attention" if objective == "value" else "value"),
-        "choices": {"prompt": result.prompt, "recency_weight": result.recency_weight,
-                    "forgetting_rate": result.forgetting_rate, "budget_multiple": result.budget_multiple,
-                    "smoothing": result.smoothing_scale},
+        "recall_choices": search_point(result).describe(),
+        "choices": (search_point(result) if search is None else search.point).describe(),
     }
+    if search is not None and heldout:
+        seed, frames = heldout[0]
+        note(f"held-out KL on stream seed {seed}")
+        report["heldout_kl"] = heldout_kl(adapter, base, streams(seed, frames), budget_shares, entrants,
+                                          chunk_frames, note)
+        report["heldout_kl"]["stream"] = {"seed": seed, "frames": frames}
     heldout_summary = {share: {name: v["mean"] for name, v in entry.items()} for share, entry in report["heldout"].items()}
     provenance = {key: report[key] for key in ("objective", "objective_name", "budget_shares", "calibration_streams",
-                                                "heldout_streams", "summary_tokens", "kl_blend")}
+                                                "heldout_streams", "summary_tokens")}
+    if search is not None:
+        provenance["runtime_search"] = {k: v for k, v in report["runtime_search"].items() if k != "moves"}
+        provenance["heldout_kl"] = report.get("heldout_kl")
     provenance["heldout_recall"] = heldout_summary
     provenance["uncalibrated_source"] = base.provenance.get("source", "probe")
-    return calibrated_policy(base, result, provenance), report, held
+    return calibrated_policy(base, chosen, provenance), report, held
 
 
-BLEND_ALPHAS: tuple[float, ...] = (0.0, 0.5, 0.8, 1.0)
+def heldout_kl(adapter: ModelAdapter, base: Policy, stream: FidelityStream, budget_shares: Sequence[float],
+               policies: dict[str, Policy], chunk_frames: int, progress: Any = None) -> dict[str, Any]:
+    """Runtime KL(full || rule) on ``stream`` (task-weighted, averaged over budget shares) for
+    fifo, sink+recent and each of ``policies``."""
+    from hermes_policy.retention import FifoRetention, SinkRecentRetention
 
+    from .runtime_search import RuntimeKL
 
-def blended(result: Calibration, alpha: float) -> Calibration:
-    """``result`` with every recency weight moved towards 1: ``w + alpha (1 - w)``
-    (``alpha = 0``: as calibrated; 1: pure recency with the calibrated budget split)."""
-    ws = [round(w + alpha * (1.0 - w), 4) for w in result.recency_weight]
-    return Calibration(result.prompt, ws, result.forgetting_rate, result.budget_multiple, result.smoothing_scale,
-                       dict(result.objective))
-
-
-def kl_select(adapter: ModelAdapter, base: Policy, result: Calibration, stream: FidelityStream,
-              budget_shares: Sequence[float], alphas: Sequence[float] = BLEND_ALPHAS, chunk_frames: int = 8,
-              progress: Any = None) -> tuple[float, dict[str, Any]]:
-    """Choose the blend :func:`blended` minimising KL(full || policy) on a calibration stream,
-    run on the real runtime; copy and memory probes weigh one half each, budgets equally.
-
-    Returns
-    -------
-    (best alpha, {alpha: weighted KL})
-    """
-    from hermes_policy.retention import HermesRetention
-
-    from .fidelity import kl_rows, rescaled_policy, score_probes, stream_session
-
-    weights = task_weights([p.task for p in stream.probes])
-    reference = score_probes(stream_session(adapter, FullRetention(), stream, chunk_frames), stream.probes)
-    length = len(stream.frames) * adapter.tokens_per_frame
-    table: dict[str, Any] = {}
-    for alpha in alphas:
-        policy = calibrated_policy(base, blended(result, alpha), {})
-        values = []
-        for share in budget_shares:
-            if progress:
-                progress(f"KL check: blend {alpha:g} at {share:g} of the stream")
-            rule = HermesRetention(policy=rescaled_policy(policy, int(round(share * length))))
-            scores = score_probes(stream_session(adapter, rule, stream, chunk_frames), stream.probes)
-            kl = np.array([kl_rows(r.logprobs, s.logprobs) for r, s in zip(reference, scores, strict=True)])
-            values.append(float((kl * weights).sum()))
-        table[f"{alpha:g}"] = float(np.mean(values))
-    best = min(alphas, key=lambda a: table[f"{a:g}"])
-    return best, table
+    measure = RuntimeKL(adapter, base, stream, budget_shares, chunk_frames)
+    out: dict[str, Any] = {}
+    for name, make in (("fifo", lambda b: FifoRetention(budget=b)),
+                       ("sink-recent", lambda b: SinkRecentRetention(budget=b, sink=4))):
+        if progress:
+            progress(f"held-out KL: {name}")
+        out[name] = measure.of_rule(make)
+    for name, policy in policies.items():
+        if progress:
+            progress(f"held-out KL: {name}")
+        out[f"hermes ({name})"] = measure.of_policy(policy)
+    return {"kl": out}

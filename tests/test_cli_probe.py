@@ -94,11 +94,13 @@ def test_analyze_calibrate_writes_both_policies(tiny_llama_dir, tmp_path):
     assert result.exit_code == 0, result.output
     calibrated, heuristic = Policy.load(out / "policy.json"), Policy.load(out / "policy-heuristic.json")
     assert heuristic.provenance["source"] == "probe"
+    assert Policy.load(out / "policy-recall.json").provenance["source"] == "calibrated"
     assert calibrated.provenance["source"] == "calibrated"
     made = calibrated.provenance["calibration"]
     assert made["calibration_streams"] == [{"seed": 0, "frames": 8}, {"seed": 1, "frames": 8}]
     assert made["heldout_streams"] == [{"seed": 2, "frames": 8}, {"seed": 3, "frames": 12}]
-    assert set(made["kl_blend"]["kl_by_alpha"]) == {"0", "0.5", "0.8", "1"}
+    assert made["runtime_search"]["kl"] <= made["runtime_search"]["start_kl"]
+    assert {"fifo", "hermes (calibrated)", "hermes (recall-calibrated)"} <= set(made["heldout_kl"]["kl"])
     assert sum(layer.budget for layer in calibrated.layers) <= 32 * 3
     report = json.loads((out / "calibration.json").read_text())
     assert {"fifo", "oracle", "hermes (calibrated)"} <= set(report["heldout"]["0.25"])
