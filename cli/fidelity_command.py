@@ -223,24 +223,32 @@ def stability_command(
     out: Annotated[Path, typer.Option(help="Stability JSON to write.")] = Path("stability.json"),
     policy: Annotated[Path | None, typer.Option(help="Record the result in this policy's provenance.")] = None,
     resamples: Annotated[int, typer.Option(min=10, help="Bootstrap resamples.")] = 200,
+    report: Annotated[Path | None, typer.Option(help="Add (or replace) a stability section in this report.md.")] = None,
 ) -> None:
     """Bootstrap the probe's per-layer role scores and tiers over streams; flag uncertain layers."""
     from hermes_cli.main import console
 
     from hermes_policy.errors import HermesError
-    from hermes_policy.fileio.atomic import write_json_atomic
+    from hermes_policy.fileio.atomic import write_json_atomic, write_text_atomic
     from hermes_policy.policy import Policy
     from hermes_probe.profiles import AttentionProfile
     from hermes_probe.stability import bootstrap, uncertain_lines
 
     if len(profiles) < 2:
         raise HermesError("stability needs the profiles of at least two streams")
+    if report is not None and not report.is_file():
+        raise HermesError(f"report not found: {report}")
     loaded = [AttentionProfile.load(p) for p in profiles]
     result = bootstrap(loaded, resamples=resamples).to_dict()
     result["profiles"] = [str(p) for p in profiles]
     write_json_atomic(out, result)
     for line in uncertain_lines(result):
         console.print(line, highlight=False)
+    if report is not None:
+        from hermes_probe.report import with_stability
+
+        write_text_atomic(report, with_stability(report.read_text(), result))
+        console.print(f"updated {report}")
     if policy is not None:
         target = Policy.load(policy)
         target.provenance["stability"] = result

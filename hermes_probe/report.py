@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
 from hermes_policy.policy import TIERS, Policy
@@ -154,3 +156,30 @@ def render_report(policy: Policy, metrics: ProfileMetrics, fit: TierFit, failed:
         lines += ["", "## Streams that could not be probed", ""]
         lines += [f"- {name}: {reason}" for name, reason in failed.items()]
     return "\n".join(lines) + "\n"
+
+
+STABILITY_HEADING = "## Stability of the roles"
+
+
+def with_stability(report: str, stability: dict[str, Any]) -> str:
+    """``report`` (a ``report.md``) with its stability section set to ``stability``
+    (:meth:`~hermes_probe.stability.Stability.to_dict`): added at the end, or replaced
+    where an earlier run wrote one."""
+    from .stability import uncertain_lines
+
+    lines = uncertain_lines(stability)
+    section = [STABILITY_HEADING, "", lines[0][0].upper() + lines[0][1:] + ".", ""]
+    if len(lines) > 1:
+        section += ["| layer | tier (agreement) | role (agreement) | role score [95% interval] |", "|---|---|---|---|"]
+        uncertain = set(stability.get("uncertain_layers", []))
+        for entry in stability.get("layers", []):
+            if entry["index"] in uncertain:
+                low, high = entry["interval"]
+                section.append(f"| {entry['index']} | {entry['tier']} ({entry['tier_agreement']:.0%}) | "
+                               f"{entry['role']} ({entry['role_agreement']:.0%}) | "
+                               f"{entry['role_score']:.2f} [{low:.2f}, {high:.2f}] |")
+        section.append("")
+    section.append("Uncertain layers' parameters rest on measurements that other streams would change; "
+                   "probe more streams (`hermes-probe stability`) before trusting them.")
+    body = report.split("\n" + STABILITY_HEADING)[0].rstrip("\n")
+    return body + "\n\n" + "\n".join(section) + "\n"

@@ -59,3 +59,32 @@ def test_a_layer_that_changes_role_between_streams_is_flagged():
     assert result.high[2] - result.low[2] > 0.02 > result.high[0] - result.low[0]
     lines = uncertain_lines(result.to_dict())
     assert any(line.strip().startswith("layer 2:") for line in lines)
+
+
+def test_the_report_gets_one_stability_section_naming_the_uncertain_layers(tmp_path):
+    from typer.testing import CliRunner
+
+    from hermes_cli.main import app
+    from hermes_probe.report import STABILITY_HEADING
+
+    flipped = list(PLANTED)
+    flipped[2] = "anchor"
+    paths = []
+    for i, kinds in enumerate([PLANTED, PLANTED, flipped, flipped]):
+        paths.append(tmp_path / f"s{i}.npz")
+        stream_profile(kinds).save(paths[-1])
+    report = tmp_path / "report.md"
+    report.write_text("# hermes-probe report: m\n\n## Findings\n\n- something\n")
+    runner = CliRunner()
+    args = ["stability", *map(str, paths), "--out", str(tmp_path / "st.json"), "--resamples", "40",
+            "--report", str(report)]
+    for _ in range(2):  # a second run replaces the section instead of adding another
+        result = runner.invoke(app, args)
+        assert result.exit_code == 0, result.output
+    text = report.read_text()
+    assert text.startswith("# hermes-probe report: m\n\n## Findings\n\n- something\n\n")
+    assert text.count(STABILITY_HEADING) == 1
+    section = text.split(STABILITY_HEADING)[1]
+    assert "uncertain layers" in section and "\n| 2 |" in section and "\n| 0 |" not in section
+    missing = runner.invoke(app, [*args[:-1], str(tmp_path / "none.md")])
+    assert missing.exit_code == 1 and "report not found" in missing.output
