@@ -68,7 +68,8 @@ def parse_budgets(text: str, stream_tokens: int) -> list[int]:
 def fidelity_command(
     json_out: Annotated[Path, typer.Option("--json", help="Results JSON (resumed when it exists).")],
     model: Annotated[str | None, typer.Option(help="Hub id, folder or .gguf; default: the embedded SmolLM2.")] = None,
-    tasks: Annotated[str, typer.Option(help="Comma-separated: kv, copy, facts.")] = "kv,copy,facts",
+    tasks: Annotated[str | None, typer.Option(
+        help="Comma-separated: kv, copy, facts (text models; the default) or scene (video models; the default).")] = None,
     rules: Annotated[str, typer.Option(help="Comma-separated baseline rules.")] = DEFAULT_RULES,
     policy: Annotated[
         list[str] | None, typer.Option(help="NAME=FILE or NAME=paper-default (repeatable): HERMES policies.")
@@ -98,22 +99,29 @@ def fidelity_command(
     )
 
     from hermes_policy.errors import HermesError
-    from hermes_policy.inputs.fidelity_tasks import TASKS, fidelity_stream
+    from hermes_policy.inputs.fidelity_tasks import (
+        TASKS,
+        VIDEO_TASKS,
+        fidelity_stream,
+        video_fidelity_stream,
+    )
     from hermes_policy.policy import ModelInfo
     from hermes_probe import fidelity as fid
 
     if threads:
         torch.set_num_threads(threads)
-    task_list = _split(tasks)
-    unknown = [t for t in task_list if t not in TASKS]
-    if unknown or not task_list:
-        raise HermesError(f"unknown tasks {unknown}; choose from {', '.join(TASKS)}")
     rule_list = _split(rules)
     seed_list = _ints(seeds, "--seeds")
     policies = parse_policies(policy or [])
+    known = TASKS + VIDEO_TASKS
+    if tasks is not None and ([t for t in _split(tasks) if t not in known] or not _split(tasks)):
+        raise HermesError(f"unknown tasks {[t for t in _split(tasks) if t not in known]}; choose from {', '.join(known)}")
     adapter = _load(model, device, dtype, tokens_per_frame, False)
-    if not adapter.is_text_only:
-        raise HermesError("the fidelity tasks are text streams; this model is a video model (not supported yet)")
+    allowed = TASKS if adapter.is_text_only else VIDEO_TASKS
+    task_list = list(allowed) if tasks is None else _split(tasks)
+    if [t for t in task_list if t not in allowed]:
+        kind = "a text-only model" if adapter.is_text_only else "a video model"
+        raise HermesError(f"{adapter.name_or_path} is {kind}: its fidelity tasks are {', '.join(allowed)}")
     stream_tokens = frames * adapter.tokens_per_frame
     budget_list = parse_budgets(budgets, stream_tokens)
     info = ModelInfo.of(adapter)
@@ -148,6 +156,8 @@ def fidelity_command(
     }
 
     def streams(seed: int) -> Any:
+        if not adapter.is_text_only:
+            return video_fidelity_stream(frames, seed, adapter.encode_text)
         return fidelity_stream(frames, seed, adapter.frame_ids, adapter.encode_text, kv_facts=kv_facts,
                                copy_probes=copy_probes, tasks=tuple(task_list))
 

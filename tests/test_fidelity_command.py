@@ -59,3 +59,32 @@ def test_fidelity_rejects_unknown_tasks(tiny_llama_dir, tmp_path):
     result = runner.invoke(app, ["fidelity", "--model", str(tiny_llama_dir), "--json", str(tmp_path / "x.json"),
                                  "--tasks", "nope"])
     assert result.exit_code == 1 and "unknown tasks" in result.output
+
+
+def test_fidelity_on_a_video_model_scores_the_scene_probes(tmp_path):
+    """A video model streams the shapes video and is scored on its scene questions; the text
+    tasks are refused for it with one line."""
+    from tiny_llava_ov import tiny_llava_onevision
+
+    from hermes_policy.inputs.fidelity_tasks import video_fidelity_stream
+
+    folder = tiny_llava_onevision(tmp_path / "llava", layers=3)
+    out = tmp_path / "video.json"
+    result = runner.invoke(app, ["fidelity", "--model", str(folder), "--json", str(out), "--frames", "12",
+                                 "--chunk", "4", "--budgets", "1/3", "--seeds", "5", "--rules", "full,fifo",
+                                 "--policy", "paper=paper-default", "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(out.read_text())
+    assert data["manifest"]["tasks"] == ["scene"]
+    rows = data["rows"]
+    assert {(r["rule"], r["task"]) for r in rows} == {("full", "scene"), ("fifo", "scene"), ("hermes", "scene")}
+    expected = video_fidelity_stream(12, 5, lambda text: [0])
+    for row in rows:
+        assert row["n"] == len(expected.probes) == 6
+        assert row["positions"] == [p.position for p in expected.probes]
+        assert all(a in (0.0, 1.0) for a in row["values"]["accuracy"])  # multiple choice
+    assert "middle" in rows[0]["positions"] and "recent" in rows[0]["positions"]
+
+    refused = runner.invoke(app, ["fidelity", "--model", str(folder), "--json", str(tmp_path / "x.json"),
+                                  "--tasks", "kv", "--device", "cpu"])
+    assert refused.exit_code == 1 and "its fidelity tasks are scene" in refused.output

@@ -62,9 +62,9 @@ def test_a_layer_that_changes_role_between_streams_is_flagged():
 
 
 def test_the_report_gets_one_stability_section_naming_the_uncertain_layers(tmp_path):
+    from hermes_cli.main import app
     from typer.testing import CliRunner
 
-    from hermes_cli.main import app
     from hermes_probe.report import STABILITY_HEADING
 
     flipped = list(PLANTED)

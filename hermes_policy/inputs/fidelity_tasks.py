@@ -18,6 +18,17 @@ seen (so a probe's *age*, how far back its evidence lies, is what varies):
 Each probe is labelled ``early`` / ``middle`` / ``recent`` by the third of the stream its
 evidence lies in; evidence frames are spread evenly, so every stream tests both memory and
 recency.
+
+Video models get one task through the synthetic shapes video
+(:func:`~hermes_policy.inputs.synthetic_shapes.shapes_video`):
+
+* ``scene``: the video's questions whose answer still holds after the last frame (the
+  steady shape's colour and lane, the shape that appeared late, the colour the changing
+  shape had before it changed and has now, how many shapes are on screen), asked in the
+  chat format after the lead ``"The answer is"`` and scored as multiple choice. A probe's
+  position is that of the latest frame showing its evidence: the end for what is still on
+  screen (the steady shape, the count, the colour now), a third in for the late shape's
+  appearance, two thirds in for the colour before the change.
 """
 
 from __future__ import annotations
@@ -27,9 +38,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from hermes_policy.inputs.synthetic_shapes import shapes_video
 from hermes_policy.inputs.synthetic_text import scene_sentence, text_stream
 
 TASKS: tuple[str, ...] = ("kv", "copy", "facts")
+VIDEO_TASKS: tuple[str, ...] = ("scene",)
 
 # values of the key-value task: common single words, distinct from the stream's fillers
 KV_VALUES: tuple[str, ...] = (
@@ -86,7 +99,7 @@ class Probe:
 class FidelityStream:
     """Frames plus the probes asked after the last frame."""
 
-    frames: list[str]
+    frames: list[str] | np.ndarray  # text frames, or uint8 (T, H, W, 3) video frames
     probes: list[Probe]
     seed: int
     facts: dict[int, str] = field(default_factory=dict)  # frame -> kind of evidence it holds
@@ -195,3 +208,37 @@ def fidelity_stream(
 
 __all__ = ["FACT_LEADS", "KV_VALUES", "TASKS", "FidelityStream", "Probe", "fidelity_stream", "position_of",
            "spread_frames"]
+
+
+def video_fidelity_stream(
+    num_frames: int,
+    seed: int,
+    encode: Callable[[str], list[int]],
+    *,
+    height: int = 224,
+    width: int = 224,
+) -> FidelityStream:
+    """One seed's shapes video (``frames``: uint8 ``(T, H, W, 3)``) and its ``scene`` probes.
+
+    Only the video's questions still true after the last frame are kept (see the module
+    docstring); each is multiple choice over its options, answered after ``"The answer is"``.
+    """
+    video = shapes_video(num_frames, height=height, width=width, seed=seed)
+    last = num_frames - 1
+    lead = "The answer is"
+    probes = []
+    for q in video.questions:
+        # answers about an earlier "now" may have changed by the end; the rest still hold
+        holds = q.frame == last or q.kind in ("position", "appear") or (q.kind == "color" and q.frame == 0)
+        if not holds or q.choices is None:
+            continue
+        # the latest frame that shows the evidence: steady shapes and "now" are in the last
+        # frame; the colour before the change ends at change_frame - 1; the appearance is
+        # seen around appear_frame
+        evidence = {"color_change": video.change_frame - 1, "appear": video.appear_frame}.get(q.kind, last)
+        probes.append(Probe(
+            task="scene", prompt=q.question, answer=q.answer, mode="chat", lead=lead,
+            answer_ids=encode(" " + q.answer), frame=evidence, position=position_of(evidence, num_frames),
+            choices=[encode(" " + c) for c in q.choices], correct_choice=q.choices.index(q.answer),
+        ))
+    return FidelityStream(frames=video.frames, probes=probes, seed=seed, facts={p.frame: "scene" for p in probes})
