@@ -21,7 +21,8 @@ from hermes_policy.fileio.atomic import write_json_atomic, write_text_atomic
 from hermes_probe.fidelity import SCHEMA, label, markdown_table, row_key, summarise
 
 ORDER = ["full", "fifo", "sink-recent", "uniform", "attention-only", "window", "retrieval", "hermes (paper-default)",
-         "hermes (heuristic)", "hermes (calibrated)", "hermes (calibrated-kl)"]
+         "hermes (heuristic)", "hermes (calibrated)", "hermes (calibrated-kl)", "hermes (calibrated-recall)",
+         "hermes (calibrated-runtime)"]
 
 
 def main(argv: list[str] | None = None) -> int:
