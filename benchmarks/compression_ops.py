@@ -172,40 +172,36 @@ def phase_counts(session, frames: torch.Tensor, chunks: int) -> dict[str, float]
 
 
 def decoder_counts(session, adapter, frames: torch.Tensor) -> dict[str, dict[str, float]]:
-    """Operators of one compressing chunk's fixed-buffer forward, per decoder variant."""
+    """Operators of one compressing chunk's fixed-buffer forward, per decoder variant: the
+    session's ``prefill`` phase counted by an observer (the forward and the few position
+    operators around it; no method of the session or the graphs is patched)."""
     from hermes_policy.graphs.chunk_graphs import ChunkGraphs
+    from hermes_policy.session import NoObserver
 
     out = {}
     lengths = session.store.lengths()
     for fewer in (True, False):
-        try:
-            graphs = ChunkGraphs(adapter, session.store, use_graphs=False, after=0, fewer_kernels=fewer)
-        except TypeError:  # a tree without the fewer-kernel chunk forward
-            if fewer:
-                continue
-            graphs = ChunkGraphs(adapter, session.store, use_graphs=False, after=0)
+        graphs = ChunkGraphs(adapter, session.store, use_graphs=False, after=0, fewer_kernels=fewer)
         session.chunk_graphs = graphs
         counter = OperatorCount()
-        original = graphs._build
 
-        def build(*args, counter=counter, original=original):
-            built = original(*args)
-            # (graph, outputs of a run already done) since 4fed92e, the graph before
-            graph = built[0] if isinstance(built, tuple) else built
-            body = graph.body
-
-            def counted_body():
+        class PrefillCounter:  # counts what the chunk forward dispatches, nothing else
+            @contextmanager
+            def phase(self, name: str, counter=counter):
+                if name != "prefill":
+                    yield
+                    return
                 with counting_fused_calls(counter), counting_attention(counter), counter:
-                    return body()
+                    yield
 
-            graph.body = counted_body
-            return built
-
-        graphs._build = build
-        with torch.inference_mode():
-            session.add_frames(frames)
+        session.observer = PrefillCounter()
+        try:
+            with torch.inference_mode():
+                session.add_frames(frames)
+        finally:
+            session.observer = NoObserver()
         session.store.truncate(lengths)  # not needed for counting, but keeps runs alike
-        name = "fewer kernels" if getattr(graphs, "fewer_kernels", False) else "transformers layers"
+        name = "fewer kernels" if fewer else "transformers layers"
         outside = counter.total - counter.inside_attention
         out[name] = {
             "operators": counter.total,
