@@ -18,7 +18,14 @@ import sys
 from pathlib import Path
 
 from hermes_policy.fileio.atomic import write_json_atomic, write_text_atomic
-from hermes_probe.fidelity import SCHEMA, label, markdown_table, row_key, summarise
+from hermes_probe.fidelity import (
+    SCHEMA,
+    label,
+    markdown_table,
+    paired_difference,
+    row_key,
+    summarise,
+)
 
 ORDER = ["full", "fifo", "sink-recent", "uniform", "attention-only", "window", "retrieval", "hermes (paper-default)",
          "hermes (heuristic)", "hermes (calibrated)", "hermes (calibrated-kl)", "hermes (calibrated-recall)",
@@ -30,6 +37,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("out", type=Path)
     parser.add_argument("parts", type=Path, nargs="+")
     parser.add_argument("--title", default="Retention fidelity on held-out streams")
+    parser.add_argument("--paired", default=None,
+                        help="a label (e.g. 'hermes (calibrated-runtime)'): add its paired KL differences to the others")
     parser.add_argument("--complete-seeds-only", action="store_true",
                         help="drop seeds on which some (rule/policy, budget, task) cell is missing")
     args = parser.parse_args(argv)
@@ -91,6 +100,26 @@ def main(argv: list[str] | None = None) -> int:
             kl_inf = sum(informative) / len(informative) if informative else float("nan")
             acc = {t: (f"{cells[t]['accuracy']['mean']:.3f}" if t in cells else "-") for t in ("copy", "facts")}
             lines.append(f"| {budget} | {name} | {kl_all:.3f} | {kl_inf:.3f} | {acc['copy']} | {acc['facts']} |")
+    paired = []
+    if args.paired:
+        informative = sorted({e["task"] for e in summary if e["informative"]})
+        every = sorted({e["task"] for e in summary})
+        lines += ["", f"## Paired KL differences: {args.paired} minus each other rule", "",
+                  "Per seed, the mean over tasks of the per-probe KL difference on the same probes; mean over "
+                  "seeds with a 95% bootstrap interval over seeds, and on how many seeds it is lower. Negative: "
+                  f"{args.paired} is closer to the full cache.", "",
+                  "| budget | tasks | minus | KL difference [95% CI] | lower on seeds |", "|---|---|---|---|---|"]
+        for budget in budgets:
+            for tasks, name in ((informative, "informative"), (every, "all")):
+                for other in labels:
+                    if other in ("full", args.paired):
+                        continue
+                    d = paired_difference(rows, args.paired, other, budget, tasks)
+                    paired.append(d)
+                    lines.append(f"| {budget} | {name} | {other} | {d['mean']:+.4f} [{d['low']:+.4f}, {d['high']:+.4f}] "
+                                 f"| {d['a_lower_on']}/{d['seeds']} |")
+        write_json_atomic(args.out.with_suffix(".json"), {"schema": SCHEMA, "manifest": manifest, "rows": rows,
+                                                          "summary": summary, "paired": paired})
     lines += ["", "## Per task", "", markdown_table(summary, ORDER)]
     write_text_atomic(args.out.with_suffix(".md"), "\n".join(lines) + "\n")
     print("\n".join(lines))

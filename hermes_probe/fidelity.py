@@ -256,6 +256,35 @@ def summarise(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
+def paired_difference(rows: list[dict[str, Any]], a: str, b: str, budget: int, tasks: list[str],
+                      metric: str = "kl", resamples: int = 4000, seed: int = 0) -> dict[str, Any]:
+    """``a - b`` on the same probes: per seed, the mean over ``tasks`` of each task's mean
+    per-probe difference; then the mean over seeds with a 95% bootstrap interval over seeds,
+    and on how many seeds ``a`` is lower. Only seeds where both have every task count.
+
+    ``a``, ``b``: display labels (:func:`label`). Pairing removes the variation between
+    streams and questions that both share, so small differences become visible.
+    """
+    by_key = {(label(r), r["task"], r["budget"], r["seed"]): r for r in rows}
+    seeds = sorted({r["seed"] for r in rows})
+    per_seed = []
+    for s in seeds:
+        cells = [(by_key.get((a, t, budget, s)), by_key.get((b, t, budget, s))) for t in tasks]
+        if any(x is None or y is None for x, y in cells):
+            continue
+        per_seed.append(np.mean([np.mean(np.asarray(x["values"][metric]) - np.asarray(y["values"][metric]))
+                                 for x, y in cells]))
+    if not per_seed:
+        return {"a": a, "b": b, "budget": budget, "tasks": tasks, "seeds": 0, "mean": math.nan,
+                "low": math.nan, "high": math.nan, "a_lower_on": 0}
+    values = np.asarray(per_seed)
+    rng = np.random.default_rng(seed)
+    boots = values[rng.integers(len(values), size=(resamples, len(values)))].mean(axis=1)
+    low, high = np.percentile(boots, [2.5, 97.5])
+    return {"a": a, "b": b, "budget": budget, "tasks": tasks, "seeds": len(values), "mean": float(values.mean()),
+            "low": float(low), "high": float(high), "a_lower_on": int((values < 0).sum())}
+
+
 ProgressFn = Callable[[str], None]
 
 
