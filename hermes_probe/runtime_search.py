@@ -73,10 +73,6 @@ class SearchPoint:
     summary_token: tuple[bool, ...]
     smoothing: float = 0.0
 
-    def key(self) -> tuple:
-        return (self.prompt, self.recency_weight, self.forgetting_rate, self.budget_multiple, self.summary_token,
-                self.smoothing)
-
     def with_layers(self, layers: Sequence[int], **values: Any) -> SearchPoint:
         """This point with ``values`` (``recency_weight=0.5``, ...) set on ``layers``."""
         changed = {}
@@ -160,17 +156,16 @@ def coordinate_search(
     ``objective`` is evaluated once per distinct point (memoised). A move is kept when it
     lowers the current value by more than ``space.margin`` times that value.
     """
-    cache: dict[tuple, dict[str, Any]] = {}
+    cache: dict[SearchPoint, dict[str, Any]] = {}  # frozen, so a point is its own key
     history: list[dict[str, Any]] = []
 
     def evaluate(point: SearchPoint, move: str) -> dict[str, Any]:
-        key = point.key()
-        if key not in cache:
+        if point not in cache:
             if progress:
                 progress(f"runtime search: {move}")
-            cache[key] = {"move": move, "kl": float(objective(point)), "kept": False}
-            history.append(cache[key])
-        return cache[key]
+            cache[point] = {"move": move, "kl": float(objective(point)), "kept": False}
+            history.append(cache[point])
+        return cache[point]
 
     best = start
     first = evaluate(start, "start (pure recency, even split)")

@@ -67,7 +67,7 @@ def test_each_point_is_evaluated_once():
     calls = []
 
     def counting(point) -> float:
-        calls.append(point.key())
+        calls.append(point)
         return 1.0
 
     coordinate_search(counting, recency_start(["mixed"] * 4, [8.0] * 4), SearchSpace(groups=2),
