@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     manifest["parts"] = [p["manifest"] for p in parts]
     summary = summarise(rows)
     write_json_atomic(args.out.with_suffix(".json"), {"schema": SCHEMA, "manifest": manifest, "rows": rows,
-                                                      "summary": summary})
+                                                      "summary": summary}, indent=None)
     labels = sorted({label(r) for r in rows}, key=lambda n: ORDER.index(n) if n in ORDER else 99)
     lines = [f"# {args.title}", ""]
     for part in parts:
@@ -119,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
                     lines.append(f"| {budget} | {name} | {other} | {d['mean']:+.4f} [{d['low']:+.4f}, {d['high']:+.4f}] "
                                  f"| {d['a_lower_on']}/{d['seeds']} |")
         write_json_atomic(args.out.with_suffix(".json"), {"schema": SCHEMA, "manifest": manifest, "rows": rows,
-                                                          "summary": summary, "paired": paired})
+                                                          "summary": summary, "paired": paired}, indent=None)
     lines += ["", "## Per task", "", markdown_table(summary, ORDER)]
     write_text_atomic(args.out.with_suffix(".md"), "\n".join(lines) + "\n")
     print("\n".join(lines))

@@ -113,12 +113,14 @@ def fidelity_command(
     rule_list = _split(rules)
     seed_list = _ints(seeds, "--seeds")
     policies = parse_policies(policy or [])
-    known = TASKS + VIDEO_TASKS
-    if tasks is not None and ([t for t in _split(tasks) if t not in known] or not _split(tasks)):
-        raise HermesError(f"unknown tasks {[t for t in _split(tasks) if t not in known]}; choose from {', '.join(known)}")
+    asked = None if tasks is None else _split(tasks)
+    if asked is not None:
+        unknown = [t for t in asked if t not in TASKS + VIDEO_TASKS]
+        if unknown or not asked:
+            raise HermesError(f"unknown tasks {unknown}; choose from {', '.join(TASKS + VIDEO_TASKS)}")
     adapter = _load(model, device, dtype, tokens_per_frame, False)
     allowed = TASKS if adapter.is_text_only else VIDEO_TASKS
-    task_list = list(allowed) if tasks is None else _split(tasks)
+    task_list = list(allowed) if asked is None else asked
     if [t for t in task_list if t not in allowed]:
         kind = "a text-only model" if adapter.is_text_only else "a video model"
         raise HermesError(f"{adapter.name_or_path} is {kind}: its fidelity tasks are {', '.join(allowed)}")
@@ -195,15 +197,14 @@ def calibrate_after_analyze(adapter: Any, heuristic: Any, out: Path, *, frames: 
     """
     from hermes_policy.fileio.atomic import write_json_atomic
     from hermes_policy.inputs.fidelity_tasks import fidelity_stream
-    from hermes_probe.calibrate import calibrated_policy, run_calibration
-    from hermes_probe.runtime_search import SearchPoint
+    from hermes_probe.calibrate import run_calibration
 
     def streams(s: int, f: int) -> Any:
         return fidelity_stream(f, s, adapter.frame_ids, adapter.encode_text)
 
     heuristic.save(out / "policy-heuristic.json")
     with console.status("calibrating...") as status:
-        policy, report, _ = run_calibration(
+        policy, report, recall_only = run_calibration(
             adapter, heuristic, streams, [(seed, frames), (seed + 1, frames)],
             [(seed + 2, frames), (seed + 3, frames * 3 // 2)], chunk_frames=chunk,
             progress=lambda text: status.update(text), objective=objective,
@@ -211,10 +212,7 @@ def calibrate_after_analyze(adapter: Any, heuristic: Any, out: Path, *, frames: 
     write_json_atomic(out / "calibration.json", report)
     policy.save(out / "policy.json")
     written = [out / "policy-heuristic.json", out / "calibration.json"]
-    if report.get("runtime_search"):  # the recall calibration alone, for comparison
-        recall_only = calibrated_policy(heuristic, SearchPoint.from_dict(report["recall_choices"]),
-                                        {"objective": report["objective"].split("; then")[0],
-                                         "calibration_streams": report["calibration_streams"]})
+    if recall_only is not None:  # the recall calibration alone, for comparison
         recall_only.save(out / "policy-recall.json")
         written.insert(1, out / "policy-recall.json")
         kl = report["heldout_kl"]["kl"]

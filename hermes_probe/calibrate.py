@@ -392,7 +392,7 @@ def run_calibration(
     objective: str = "value",
     kl_stream: Any = None,
     search_space: SearchSpace | None = None,
-) -> tuple[Policy, dict[str, Any], list[StreamRecord]]:
+) -> tuple[Policy, dict[str, Any], Policy | None]:
     """Record calibration streams, calibrate by recall, optionally search on the runtime,
     and measure the result on held-out streams.
 
@@ -410,7 +410,8 @@ def run_calibration(
 
     Returns
     -------
-    (calibrated policy, report, held-out records)
+    (calibrated policy, report, the recall calibration alone as a policy when the runtime search
+    ran, else None)
     """
     from hermes_policy.policy import ModelInfo, paper_default
 
@@ -488,7 +489,12 @@ def run_calibration(
         provenance["heldout_kl"] = report.get("heldout_kl")
     provenance["heldout_recall"] = heldout_summary
     provenance["uncalibrated_source"] = base.provenance.get("source", "probe")
-    return calibrated_policy(base, chosen, provenance), report, held
+    if search is None:
+        return calibrated_policy(base, chosen, provenance), report, None
+    recall_policy.provenance["calibration"] = {key: provenance[key] for key in (
+        "calibration_streams", "heldout_streams", "heldout_recall", "uncalibrated_source")} | {
+        "objective": measure, "objective_name": objective}
+    return calibrated_policy(base, chosen, provenance), report, recall_policy
 
 
 def heldout_kl(adapter: ModelAdapter, base: Policy, stream: FidelityStream, budget_shares: Sequence[float],

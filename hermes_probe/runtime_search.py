@@ -105,13 +105,6 @@ class SearchPoint:
             prov.update(provenance)
         return Policy(base.model, base.budget, dict(base.tiers), layers, base.guidance, base.reindex, prov)
 
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> SearchPoint:
-        """The inverse of :meth:`describe`."""
-        return cls(tuple(data["prompt"]), tuple(float(w) for w in data["recency_weight"]),
-                   tuple(float(k) for k in data["forgetting_rate"]), tuple(float(m) for m in data["budget_multiple"]),
-                   tuple(bool(t) for t in data["summary_token"]), float(data["smoothing"]))
-
     def describe(self) -> dict[str, Any]:
         return {"prompt": list(self.prompt), "recency_weight": list(self.recency_weight),
                 "forgetting_rate": list(self.forgetting_rate), "budget_multiple": list(self.budget_multiple),

@@ -94,7 +94,9 @@ def test_analyze_calibrate_writes_both_policies(tiny_llama_dir, tmp_path):
     assert result.exit_code == 0, result.output
     calibrated, heuristic = Policy.load(out / "policy.json"), Policy.load(out / "policy-heuristic.json")
     assert heuristic.provenance["source"] == "probe"
-    assert Policy.load(out / "policy-recall.json").provenance["source"] == "calibrated"
+    recall_only = Policy.load(out / "policy-recall.json")
+    assert recall_only.provenance["source"] == "calibrated"
+    assert recall_only.provenance["calibration"]["objective_name"] == "value"
     assert calibrated.provenance["source"] == "calibrated"
     made = calibrated.provenance["calibration"]
     assert made["calibration_streams"] == [{"seed": 0, "frames": 8}, {"seed": 1, "frames": 8}]

@@ -46,6 +46,8 @@ def json_default(value: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(value).__name__}")
 
 
-def write_json_atomic(path: str | os.PathLike[str], data: Any) -> Path:
-    """Write ``data`` as indented JSON (numpy values allowed) atomically."""
-    return write_text_atomic(path, json.dumps(data, indent=2, default=json_default) + "\n")
+def write_json_atomic(path: str | os.PathLike[str], data: Any, indent: int | None = 2) -> Path:
+    """Write ``data`` as JSON (numpy values allowed) atomically; ``indent=None``: compact
+    (for large result files, where one value per line would triple the size)."""
+    separators = None if indent is not None else (",", ":")
+    return write_text_atomic(path, json.dumps(data, indent=indent, separators=separators, default=json_default) + "\n")
