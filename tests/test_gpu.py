@@ -72,6 +72,31 @@ def test_cuda_graph_answers_equal_eager_answers(tiny_llama_dir, dtype):
         assert answers["graphs"] == answers["eager"]
 
 
+def test_warmed_answer_graphs_capture_nothing_more_and_answer_the_same(tiny_llama_dir):
+    """warm_answers captures the graphs a question would capture, leaving the cache and the
+    answers as they were: the next question replays, captures nothing."""
+    from hermes_policy.models import load_adapter
+    from hermes_policy.policy import ModelInfo, paper_default
+    from hermes_policy.retention import HermesRetention
+
+    adapter = load_adapter(tiny_llama_dir, device="cuda", dtype=torch.bfloat16, tokens_per_frame=8)
+    frames = torch.randint(0, 250, (40, 8), generator=torch.Generator().manual_seed(3))
+    answers = []
+    for warm in (False, True):
+        rule = HermesRetention(policy=paper_default(ModelInfo.of(adapter), budget=96))
+        session = StreamingSession(adapter, rule, chunk_frames=8, max_new_tokens=8)
+        session.add_frames(frames)
+        if warm:
+            lengths = session.store.lengths()
+            assert session.warm_answers((len(adapter.question_piece("Where?")),)) == 2
+            assert session.store.lengths() == lengths and not session.history
+            assert session.warm_answers((len(adapter.question_piece("Where?")),)) == 0  # already there
+        before = session.answer_graphs.captures
+        answers.append(session.ask("Where?").token_ids)
+        assert (session.answer_graphs.captures == before) == warm
+    assert answers[0] == answers[1]
+
+
 def test_measured_ceilings_are_plausible():
     from hermes_policy.benchmarking.floor import measure_ceilings
 

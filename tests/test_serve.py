@@ -199,7 +199,7 @@ def test_standing_question_events_arrive_as_server_sent_events(tiny_adapter, mon
 
     calls = {"n": 0}
 
-    def flip(self, media_time):
+    def flip(self, media_time, held=False):
         calls["n"] += 1
         for item in self.standing:
             if calls["n"] >= 2 and not item.answer_yes:
@@ -213,21 +213,24 @@ def test_standing_question_events_arrive_as_server_sent_events(tiny_adapter, mon
     with running(tiny_adapter) as (base, _):
         stream_id = httpx.post(base + "/v1/streams", json={
             "source": "synthetic", "fps": 20, "chunk_frames": 2, "standing_questions": ["Did a person enter?"]}).json()["id"]
+        deadline, event = time.monotonic() + 60, None
         with httpx.stream("GET", f"{base}/v1/streams/{stream_id}/events", timeout=30) as response:
-            for line in response.iter_lines():
+            for line in response.iter_lines():  # keep-alive comments come every second
                 if line.startswith("data: "):
                     event = json.loads(line[6:])
                     break
+                assert time.monotonic() < deadline, httpx.get(f"{base}/v1/streams/{stream_id}").json()["error"]
         assert event["question"] == "Did a person enter?" and event["frames_seen"] >= 4
 
 
 def test_real_yes_no_check_runs_on_the_model(tiny_adapter):
     """The standing-question check itself: one next-token comparison per question per chunk."""
     from hermes_policy.serving.live_stream import LiveStream
+    from hermes_policy.serving.model_lock import ModelLock
 
     session = StreamingSession(tiny_adapter, FifoRetention(budget=64), chunk_frames=2)
     session.add_frames(text_stream(4, seed=1).frames)
-    stream = LiveStream(session, iter(()), threading.Lock(), standing=["Is it day?"])
+    stream = LiveStream(session, iter(()), ModelLock(), standing=["Is it day?"])
     stream._check_standing(3.0)
     logits = session.next_token_logits("Is it day? Answer yes or no.")
     yes, no = (tiny_adapter.encode_text(w)[0] for w in ("Yes", "No"))
@@ -264,7 +267,34 @@ def test_a_question_before_the_first_full_chunk_is_answered_from_the_partial_chu
         wait_for(lambda: httpx.get(f"{base}/v1/streams/{stream_id}").json()["frames_released"] >= 3)
         reply = client(base, None).chat.completions.create(
             model="x", messages=[{"role": "user", "content": "So far?"}], max_tokens=2, extra_body={"stream_id": stream_id})
-        assert 3 <= reply.usage.model_extra["frames_seen"] < 64
+        usage = reply.usage.model_extra
+        assert 3 <= usage["frames_seen"] < 64
+        # the served time to first token: waiting, then ingesting the frames released before
+        # the question (all still pending here), then the answer's own
+        assert usage["catch_up_frames"] == usage["frames_seen"] and usage["catch_up_ms"] > 0
+        assert usage["ttft_ms"] == pytest.approx(usage["wait_ms"] + usage["catch_up_ms"] + usage["answer_ttft_ms"])
+
+
+def test_the_ingester_feeds_the_session_one_chunk_per_hold_of_the_model(tiny_adapter):
+    """A backlog is ingested chunk by chunk, each under its own hold of the model, so another
+    stream's question waits for at most one chunk; the frames and their order are kept."""
+    from hermes_policy.serving.live_stream import LiveStream
+    from hermes_policy.serving.model_lock import ModelLock
+
+    session = StreamingSession(tiny_adapter, FifoRetention(budget=64), chunk_frames=3)
+    frames = text_stream(10, seed=4).frames
+    fed, holds = [], []
+    add_frames = session.add_frames
+    session.add_frames = lambda items, timestamps: (fed.append(list(timestamps)), add_frames(items, timestamps))[1]
+    lock = ModelLock()
+    hold = lock.hold
+    lock.hold = lambda priority: (holds.append(priority), hold(priority))[1]
+    stream = LiveStream(session, ((f, i / 10) for i, f in enumerate(frames)), lock, realtime=False).start()
+    wait_for(lambda: stream.status()["finished"])
+    stream.stop()
+    assert [len(batch) for batch in fed] == [3, 3, 3, 1]
+    assert [t for batch in fed for t in batch] == [i / 10 for i in range(10)]
+    assert holds == ["ingest"] * 4 and session.frames_seen == 9 and session.pending_frames == 1
 
 
 @contextmanager

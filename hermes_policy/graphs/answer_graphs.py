@@ -131,10 +131,7 @@ class AnswerGraphs:
         q_real = len(piece)
         bucket = bucket_length(q_real)
         lengths = self.store.lengths()
-        needed = max(lengths) + bucket + max_new_tokens
-        self._reserve(needed)
-        capacity = min(layer.capacity for layer in self.store.cache.layers)
-        window = min(-(-needed // WINDOW_QUANTUM) * WINDOW_QUANTUM, capacity)
+        window = self._window(max(lengths) + bucket + max_new_tokens)
         self._load_inputs(piece, bucket, lengths)
         prefill = self._graph((bucket, window))
         prefill.run()
@@ -157,7 +154,37 @@ class AnswerGraphs:
                 break
         return tokens
 
+    def warm(self, question_lengths: tuple[int, ...], max_new_tokens: int) -> int:
+        """Capture now the graphs that questions of these token lengths, answered with at
+        most ``max_new_tokens`` tokens, would capture on the store as it is; returns how many
+        were captured (0 when they exist already, without graphs, or on a per-head store).
+
+        The store is left as it was (like :meth:`answer`); a live server calls this once a
+        stream's cache has reached its steady size, so its first question does not pay the
+        captures. The graphs stay valid while the cache's buffers do not move.
+        """
+        if not self.use_graphs or self.store.head_masks() is not None:
+            return 0
+        self._head_masks = None
+        before = self.captures
+        lengths = self.store.lengths()
+        for bucket in sorted({bucket_length(n) for n in question_lengths}):
+            window = self._window(max(lengths) + bucket + max_new_tokens)
+            keys = ((bucket, window), ("decode", window))
+            if all(key in self._graphs for key in keys):
+                continue
+            self._load_inputs(StreamPiece.text([0] * bucket, self._axes), bucket, lengths)
+            for key in keys:
+                self._graph(key)
+        return self.captures - before
+
     # -- inputs ----------------------------------------------------------------------------
+    def _window(self, needed: int) -> int:
+        """Reserve ``needed`` slots in every layer; the key window the graphs attend over."""
+        self._reserve(needed)
+        capacity = min(layer.capacity for layer in self.store.cache.layers)
+        return min(-(-needed // WINDOW_QUANTUM) * WINDOW_QUANTUM, capacity)
+
     def _reserve(self, needed: int) -> None:
         for layer in self.store.cache.layers:
             layer.reserve(needed, *layer.buffers)

@@ -38,7 +38,8 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingRes
 from pydantic import BaseModel, Field
 
 from hermes_policy.errors import HermesError
-from hermes_policy.serving.live_stream import LiveStream, StreamEvent, StreamRegistry
+from hermes_policy.serving.live_stream import LiveStream, ServedAnswer, StreamEvent, StreamRegistry
+from hermes_policy.serving.model_lock import INGEST, QUESTION, ModelLock
 from hermes_policy.serving.sources import SourceSpec, open_source
 from hermes_policy.session import StreamingSession
 
@@ -123,7 +124,7 @@ def create_app(adapter: Any, config: ServerConfig) -> FastAPI:
             stream.stop(timeout=1.0)
 
     app = FastAPI(title="hermes-probe live streams", version="1", lifespan=lifespan)
-    model_lock = threading.Lock()
+    model_lock = ModelLock()
     app.state.registry = registry
 
     def authorized(request: Request) -> None:
@@ -156,7 +157,7 @@ def create_app(adapter: Any, config: ServerConfig) -> FastAPI:
         spec = SourceSpec(body.source, body.location, body.frames, body.seed, body.realtime)
         policy = body.policy or config.policy
         rule = rule_from_spec(policy, adapter, body.budget or config.budget)
-        with model_lock:
+        with model_lock.hold(INGEST):
             session = StreamingSession(adapter, rule, chunk_frames=body.chunk_frames, fps=body.fps,
                                        max_new_tokens=config.max_new_tokens)
         estimate = kv_estimate_bytes(session)
@@ -200,7 +201,7 @@ def create_app(adapter: Any, config: ServerConfig) -> FastAPI:
     @app.get("/v1/streams/{stream_id}/memory", dependencies=guard)
     def memory(stream_id: str) -> dict[str, Any]:
         stream = stream_of(stream_id)
-        with model_lock:
+        with model_lock.hold(QUESTION):
             frames = [sorted({int(f) for f in layer.tolist() if f >= 0}) for layer in stream.session.store.frame_index]
         return {"frames_seen": stream.session.frames_seen, "kept_frames_per_layer": frames}
 
@@ -235,6 +236,7 @@ def create_app(adapter: Any, config: ServerConfig) -> FastAPI:
 
     @app.post("/v1/chat/completions", dependencies=guard)
     async def chat(body: ChatRequest) -> Any:
+        arrival = time.monotonic()
         stream = stream_of(body.stream_id)
         question = question_of(body.messages)
         limit = body.max_completion_tokens or body.max_tokens or config.max_new_tokens
@@ -243,20 +245,24 @@ def create_app(adapter: Any, config: ServerConfig) -> FastAPI:
         model_name = body.model or adapter.name_or_path or "embedded"
         stops = adapter.stop_token_ids
 
-        def usage(answer: Any) -> dict[str, Any]:
+        def usage(served: ServedAnswer) -> dict[str, Any]:
+            answer = served.answer
             prompt_tokens = len(adapter.question_piece(question))
             return {"prompt_tokens": prompt_tokens, "completion_tokens": len(answer.token_ids),
-                    "total_tokens": prompt_tokens + len(answer.token_ids), "ttft_ms": answer.ttft_ms,
+                    "total_tokens": prompt_tokens + len(answer.token_ids), "ttft_ms": served.ttft_ms,
+                    "wait_ms": served.wait_s * 1e3, "catch_up_ms": served.catch_up_s * 1e3,
+                    "catch_up_frames": served.catch_up_frames, "answer_ttft_ms": answer.ttft_ms,
                     "tpot_ms": answer.tpot_ms, "frames_seen": answer.frames_seen,
                     "tokens_kept_per_layer": answer.tokens_kept}
 
         if not body.stream:
-            answer = await asyncio.to_thread(stream.ask, question, limit)
+            served = await asyncio.to_thread(stream.ask, question, limit, None, arrival)
+            answer = served.answer
             return {"id": completion_id, "object": "chat.completion", "created": created, "model": model_name,
                     "stream_id": stream.id,
                     "choices": [{"index": 0, "finish_reason": "stop" if len(answer.token_ids) < limit else "length",
                                  "message": {"role": "assistant", "content": answer.text}}],
-                    "usage": usage(answer)}
+                    "usage": usage(served)}
 
         loop = asyncio.get_running_loop()
         tokens: asyncio.Queue[int | None] = asyncio.Queue()
@@ -272,7 +278,7 @@ def create_app(adapter: Any, config: ServerConfig) -> FastAPI:
 
         async def run() -> Any:
             try:
-                return await asyncio.to_thread(stream.ask, question, limit, on_token)
+                return await asyncio.to_thread(stream.ask, question, limit, on_token, arrival)
             finally:
                 tokens.put_nowait(None)
 
@@ -292,14 +298,15 @@ def create_app(adapter: Any, config: ServerConfig) -> FastAPI:
                     yield chunk({"content": text[len(sent):]})
                     sent = text
             try:
-                answer = await task
+                served = await task
             except HermesError as exc:
                 yield f"data: {json.dumps({'error': {'message': str(exc)}})}\n\n"
                 return
+            answer = served.answer
             if answer.text[len(sent):]:
                 yield chunk({"content": answer.text[len(sent):]})
             finish = "stop" if len(answer.token_ids) < limit else "length"
-            yield chunk({}, finish, {"usage": usage(answer)})
+            yield chunk({}, finish, {"usage": usage(served)})
             yield "data: [DONE]\n\n"
 
         return StreamingResponse(feed(), media_type="text/event-stream")

@@ -2,16 +2,20 @@
 
 Threads per stream: a *reader* releases sampled frames by the wall clock into a bounded
 queue (frames that find it full are dropped and counted: a live source does not wait for a
-slow model), and an *ingester* moves queued frames into the session. Every use of the model
-(ingest, answers, standing questions) holds the server's one model lock, so streams share
-the model one forward at a time; ingest takes the lock per chunk, so a question on one
-stream waits at most one chunk of another stream's ingest.
+slow model), and an *ingester* moves queued frames into the session one chunk at a time.
+Every use of the model (ingest, answers, standing questions) holds the server's one
+:class:`~hermes_policy.serving.model_lock.ModelLock`, so streams share the model one forward
+at a time; ingest takes it per chunk and questions go before waiting ingest, so a question
+waits at most for the one forward already running.
 
 A question first ingests every frame released before it arrived (as
-:meth:`StreamingSession.ask` flushes a partial chunk), then answers. Standing questions are
-re-checked after every ingested chunk by comparing the model's next-token scores of "Yes"
-and "No" after the question (one question prefill per standing question per chunk); an
-event is emitted when the answer turns from no to yes.
+:meth:`StreamingSession.ask` flushes a partial chunk), then answers; its
+:class:`ServedAnswer` says how long each part took. Once a stream's cache reaches its
+budget, the answer path's CUDA graphs are captured between chunks
+(:meth:`StreamingSession.warm_answers`), so the first question does not pay for them.
+Standing questions are re-checked after every ingested chunk by comparing the model's
+next-token scores of "Yes" and "No" after the question (one question prefill per standing
+question per chunk); an event is emitted when the answer turns from no to yes.
 """
 
 from __future__ import annotations
@@ -21,14 +25,17 @@ import time
 import uuid
 from collections import deque
 from collections.abc import Callable, Iterator
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
 from hermes_policy.errors import HermesError
+from hermes_policy.serving.model_lock import INGEST, QUESTION, ModelLock
 from hermes_policy.serving.sources import Frame, frame_to_jpeg, paced
 from hermes_policy.session import Answer, StreamingSession
 
 QUEUE_FRAMES = 64  # released frames waiting for ingest before the oldest are dropped
+WARM_QUESTION_TOKENS = (16, 32, 64)  # question lengths whose answer graphs are captured ahead
 
 
 @dataclass
@@ -47,6 +54,26 @@ class StreamEvent:
     frame_time: float
     frames_seen: int
     wall_time: float
+
+
+@dataclass
+class ServedAnswer:
+    """An answer and where its time to first token went, from the question's arrival.
+
+    ``wait_s``: waiting for the model (another stream's forward); ``catch_up_s``: ingesting
+    the ``catch_up_frames`` frames released before the question arrived; then the answer's
+    own time to first token (``answer.ttft_ms``: the question's prefill and first token).
+    """
+
+    answer: Answer
+    wait_s: float
+    catch_up_s: float
+    catch_up_frames: int
+
+    @property
+    def ttft_ms(self) -> float:
+        """From the question's arrival to its first token."""
+        return (self.wait_s + self.catch_up_s) * 1e3 + self.answer.ttft_ms
 
 
 @dataclass
@@ -76,7 +103,7 @@ class LiveStream:
         self,
         session: StreamingSession,
         frames: Iterator[tuple[Frame, float]],
-        model_lock: threading.Lock,
+        model_lock: ModelLock,
         *,
         standing: list[str] | None = None,
         realtime: bool = True,
@@ -94,7 +121,6 @@ class LiveStream:
         self._queue_lock = threading.Lock()
         self._have_frames = threading.Condition(self._queue_lock)
         self._stop = threading.Event()
-        self._ingest_lock = threading.Lock()  # one ingester at a time: the thread or a question
         self._event_listeners: list[Callable[[StreamEvent], None]] = []
         self.latest_frame: Frame | None = None
         self._frames = frames
@@ -143,52 +169,61 @@ class LiveStream:
             with self._have_frames:
                 self._have_frames.notify_all()
 
-    def _take(self, until: float | None = None) -> list[tuple[Frame, float, float]]:
-        """Queued frames released up to ``until`` (all when None), oldest first."""
+    def _take(self, until: float | None = None, limit: int | None = None) -> list[tuple[Frame, float, float]]:
+        """Queued frames released up to ``until`` (all when None), oldest first, at most ``limit``."""
         with self._queue_lock:
             taken = []
-            while self._queue and (until is None or self._queue[0][2] <= until):
+            while self._queue and (until is None or self._queue[0][2] <= until) and (
+                limit is None or len(taken) < limit
+            ):
                 taken.append(self._queue.popleft())
             if taken:
                 self._have_frames.notify_all()
             return taken
 
-    def _ingest(self, frames: list[tuple[Frame, float, float]]) -> None:
-        if not frames:
-            return
-        chunks_before = self.session.frames_seen // self.session.chunk_frames
-        with self.model_lock:
-            self.session.add_frames([f for f, _, _ in frames], timestamps=[m for _, m, _ in frames])
+    def _ingest(self, frames: list[tuple[Frame, float, float]]) -> bool:
+        """Add frames to the session (the caller holds the model); True when a chunk was
+        completed (prefilled, the rule applied). Frames are taken from the queue and added
+        under one hold of the model, so they enter the session in order whoever adds them."""
+        session = self.session
+        chunks_before = session.frames_seen // session.chunk_frames
+        session.add_frames([f for f, _, _ in frames], timestamps=[m for _, m, _ in frames])
         self.stats.frames_ingested += len(frames)
         self.stats.last_media_time = frames[-1][1]
         self.stats.last_ingest_wall = frames[-1][2]
-        if self.standing and self.session.frames_seen // self.session.chunk_frames > chunks_before:
-            self._check_standing(frames[-1][1])
+        return session.frames_seen // session.chunk_frames > chunks_before
 
     def _ingest_loop(self) -> None:
-        chunk = self.session.chunk_frames
+        session, chunk = self.session, self.session.chunk_frames
         while not self._stop.is_set():
             with self._have_frames:
                 while len(self._queue) < chunk and not self.stats.finished and not self._stop.is_set():
                     self._have_frames.wait(0.1)
             if self._stop.is_set():
                 return
-            with self._ingest_lock:
-                batch = self._take()
-                try:
-                    # a partial chunk stays pending in the session until more frames or a question
-                    self._ingest(batch)
-                except Exception as exc:  # noqa: BLE001 - reported in the stream's stats
-                    self.stats.error = f"ingest: {exc}"
-                    return
+            try:
+                # one chunk per hold of the model: another stream's question waits for at most one
+                with self.model_lock.hold(INGEST):
+                    batch = self._take(limit=chunk - session.pending_frames)  # a question may have taken some
+                    completed = bool(batch) and self._ingest(batch)
+                    if completed and session.compressions > 0:
+                        # at the budget the cache's size is steady: capture the answer graphs now
+                        session.warm_answers(WARM_QUESTION_TOKENS)
+                if completed and self.standing:
+                    self._check_standing(batch[-1][1])
+            except Exception as exc:  # noqa: BLE001 - reported in the stream's stats
+                self.stats.error = f"ingest: {exc}"
+                return
             if self.stats.finished and not self._queue:
                 return
 
-    def _check_standing(self, media_time: float) -> None:
+    def _check_standing(self, media_time: float, held: bool = False) -> None:
+        """Re-check the standing questions (each under its own hold of the model at ingest
+        priority, unless ``held``) and emit an event for each that turned yes."""
         adapter = self.session.adapter
         yes, no = (adapter.encode_text(word)[0] for word in ("Yes", "No"))
         for item in self.standing:
-            with self.model_lock:
+            with nullcontext() if held else self.model_lock.hold(INGEST):
                 logits = self.session.next_token_logits(f"{item.question} Answer yes or no.")
             now_yes = bool(logits[yes] > logits[no])
             if now_yes and not item.answer_yes:
@@ -199,16 +234,34 @@ class LiveStream:
             item.answer_yes = now_yes
 
     # -- questions -----------------------------------------------------------------------
-    def ask(self, question: str, max_new_tokens: int, on_token: Callable[[int], None] | None = None) -> Answer:
-        """Answer from the memory as it is when the question arrives (frames released
-        before it are ingested first)."""
-        arrival = time.monotonic()
-        with self._ingest_lock:
-            self._ingest(self._take(until=arrival))
-            if self.session.frames_seen == 0 and self.session.pending_frames == 0:
+    def ask(
+        self,
+        question: str,
+        max_new_tokens: int,
+        on_token: Callable[[int], None] | None = None,
+        arrival: float | None = None,
+    ) -> ServedAnswer:
+        """Answer from the memory as it is when the question arrives: frames released
+        before ``arrival`` (``time.monotonic()``; default: now) are ingested first.
+
+        The model is held at question priority from the catch-up to the last token.
+        """
+        arrival = time.monotonic() if arrival is None else arrival
+        session = self.session
+        with self.model_lock.hold(QUESTION):
+            waited = time.monotonic() - arrival
+            started = time.monotonic()
+            caught_up = session.pending_frames
+            while batch := self._take(until=arrival, limit=session.chunk_frames - session.pending_frames):
+                caught_up += len(batch)
+                if self._ingest(batch) and self.standing:
+                    self._check_standing(batch[-1][1], held=True)
+            session.flush()
+            catch_up_s = time.monotonic() - started
+            if session.frames_seen == 0:
                 raise HermesError("the stream has no frames yet; ask again in a moment")
-            with self.model_lock:
-                return self.session.ask(question, max_new_tokens=max_new_tokens, on_token=on_token)
+            answer = session.ask(question, max_new_tokens=max_new_tokens, on_token=on_token)
+        return ServedAnswer(answer, waited, catch_up_s, caught_up)
 
     def add_listener(self, listener: Callable[[StreamEvent], None]) -> Callable[[], None]:
         self._event_listeners.append(listener)

@@ -299,6 +299,19 @@ class SessionQuestions:
             finally:
                 self.store.truncate(saved_lengths)
 
+    def warm_answers(self, question_lengths: Sequence[int] = (16, 32, 64), max_new_tokens: int | None = None) -> int:
+        """Capture now the CUDA graphs that answers to questions of these token lengths would
+        capture on the cache as it is (:meth:`AnswerGraphs.warm`); returns how many were
+        captured. Nothing happens off the graph path, before the first frame, or with a
+        question-time rule (it rebuilds the cache per question). The cache, the history and
+        every later answer are unchanged: only the time of the next question's first token.
+        """
+        if self.answer_path != "graphs" or self.memory is not None or self.frames_seen == 0:
+            return 0
+        limit = self.max_new_tokens if max_new_tokens is None else max_new_tokens
+        with torch.inference_mode():
+            return self.answer_graphs.warm(tuple(question_lengths), limit)
+
     @property
     def answer_graphs(self) -> AnswerGraphs:
         """The fixed-shape answering machinery (built on first use)."""
