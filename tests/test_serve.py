@@ -374,3 +374,44 @@ def test_a_url_source_streams_the_same_frames_as_the_file_and_is_served(tmp_path
     reference = StreamingSession(adapter, FifoRetention(budget=40), chunk_frames=2, fps=5)
     reference.add_frames(np.stack([f for f, _ in from_file]), timestamps=[t for _, t in from_file])
     assert reply.choices[0].message.content == reference.ask("What moves?", max_new_tokens=3).text
+
+
+def test_a_capture_device_through_libavdevice_is_served(tmp_path):
+    """A real libavdevice input (FFmpeg's lavfi test-pattern device, the same path as
+    v4l2 or avfoundation) streamed live: the answer equals a session fed the same frames."""
+    from tiny_llava_ov import tiny_llava_onevision
+
+    from hermes_policy.models import load_adapter
+    from hermes_policy.serving.sources import LiveVideoSource
+
+    adapter = load_adapter(tiny_llava_onevision(tmp_path / "llava", layers=2), device="cpu")
+    device = "lavfi:testsrc=size=64x64:rate=10"
+    with running(adapter, budget=40) as (base, _):
+        stream_id = httpx.post(base + "/v1/streams", json={
+            "source": "device", "location": device, "fps": 5, "chunk_frames": 2}).json()["id"]
+        wait_for(lambda: httpx.get(f"{base}/v1/streams/{stream_id}").json()["frames_ingested"] >= 4)
+        reply = client(base, None).chat.completions.create(
+            model="x", messages=[{"role": "user", "content": "What is shown?"}], max_tokens=3,
+            extra_body={"stream_id": stream_id})
+        seen = reply.usage.model_extra["frames_seen"]
+        assert httpx.get(f"{base}/v1/streams/{stream_id}").json()["error"] is None
+
+    source = iter(LiveVideoSource(device, 5, device=True))
+    frames = [next(source) for _ in range(seen)]
+    assert [round(t, 6) for _, t in frames[:3]] == [0.0, 0.2, 0.4]
+    reference = StreamingSession(adapter, FifoRetention(budget=40), chunk_frames=2, fps=5)
+    reference.add_frames(np.stack([f for f, _ in frames]), timestamps=[t for _, t in frames])
+    assert reply.choices[0].message.content == reference.ask("What is shown?", max_new_tokens=3).text
+
+
+@pytest.mark.parametrize("location", ["/dev/nothing-here", "lavfi:", "mystery:cam0", "webcam"])
+def test_a_bad_device_is_a_clear_400(tmp_path, location):
+    from tiny_llava_ov import tiny_llava_onevision
+
+    from hermes_policy.models import load_adapter
+
+    adapter = load_adapter(tiny_llava_onevision(tmp_path / "llava", layers=2), device="cpu")
+    with running(adapter, budget=40) as (base, _):
+        reply = httpx.post(base + "/v1/streams", json={"source": "device", "location": location, "fps": 5})
+        assert reply.status_code == 400 and location.split(":")[0] in reply.json()["error"]["message"]
+        assert httpx.get(base + "/v1/streams").json()["streams"] == []

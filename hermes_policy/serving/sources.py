@@ -64,15 +64,39 @@ def file_frames(path: str, fps: float) -> Iterator[tuple[Frame, float]]:
         yield chunk.frames[0], float(chunk.timestamps[0])
 
 
+# libavdevice input formats a ``device`` location may name (``lavfi``: FFmpeg's virtual
+# test-pattern devices, e.g. ``lavfi:testsrc=size=640x360:rate=30``)
+DEVICE_FORMATS = ("v4l2", "avfoundation", "dshow", "gdigrab", "x11grab", "kmsgrab", "decklink", "android_camera", "lavfi")
+
+
+def device_input(location: str) -> tuple[str, str]:
+    """``(input, format)`` for PyAV of a capture device location: ``/dev/videoN`` (V4L2) or
+    ``FORMAT:INPUT`` with FORMAT one of :data:`DEVICE_FORMATS` (``avfoundation:0``,
+    ``dshow:video=USB Camera``, ``x11grab::0.0``)."""
+    if location.startswith("/dev/"):
+        return location, "v4l2"
+    kind, sep, spec = location.partition(":")
+    if not sep or kind not in DEVICE_FORMATS or not spec:
+        raise VideoInputError(
+            f"a device is /dev/videoN or FORMAT:INPUT with FORMAT one of {', '.join(DEVICE_FORMATS)}; got {location!r}"
+        )
+    return spec, kind
+
+
 class LiveVideoSource:
-    """A capture device or network stream through PyAV, one frame per ``1 / fps`` of media time."""
+    """A capture device or network stream through PyAV, one frame per ``1 / fps`` of media time.
+
+    ``device``: ``location`` names a capture device (:func:`device_input`), else a URL.
+    """
 
     def __init__(self, location: str, fps: float, device: bool = False):
         try:
             import av
         except ImportError as exc:  # pragma: no cover - PyAV is a dependency
             raise VideoInputError("live sources need PyAV (pip install av)") from exc
-        options = {"format": "v4l2"} if device and location.startswith("/dev/") else {}
+        options = {}
+        if device:
+            location, options["format"] = device_input(location)
         try:
             self._container = av.open(location, timeout=10.0, **options)
         except Exception as exc:  # noqa: BLE001 - PyAV raises many error types for a bad source
