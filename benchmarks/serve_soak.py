@@ -105,7 +105,7 @@ def soak(args: argparse.Namespace, adapter, app, base: str) -> int:
                             chunk_frames=args.chunk, mode="live (serve)", command=command.split())
     document = {"manifest": manifest, "minutes": args.minutes, "checks": checks, "worst_lag_s": worst_lag,
                 "rss_growth": growth, "samples": samples, "answers": answers}
-    slug = f"{args.device.split(':')[0]}-{date}"
+    slug = f"{args.device.split(':')[0]}-chunk{args.chunk}-{date}"
     json_path = write_json_atomic(RESULTS / f"serve-soak-{slug}.json", document)
     def median(key: str) -> float:
         return statistics.median(a[key] for a in answers) if answers else float("nan")
