@@ -213,3 +213,41 @@ def test_a_failed_answer_capture_is_tried_again(tiny_adapter, failures, monkeypa
     else:  # the same graph failed twice: no graphs from then on
         assert "answering without graphs" in messages[1] and not graphs.use_graphs
         assert graphs.captures == 0 and len(tries) == 2
+
+
+def test_warm_captures_the_graphs_the_next_answers_use(tiny_adapter, monkeypatch):
+    """AnswerGraphs.warm captures exactly the (bucket, window) graphs later answers of those
+    question lengths replay: those answers capture nothing more and equal eager answers; the
+    store is left as it was. (Captures recorded without CUDA, as in the test above.)"""
+    from hermes_policy.graphs import answer_graphs
+
+    stream = text_frames(tiny_adapter, 24, seed=5)
+    questions = ["Where is the ball?", "What moved just before the last frame, and where did it go?"]
+    rule = lambda: HermesRetention(policy=paper_default(ModelInfo.of(tiny_adapter), budget=48))  # noqa: E731
+    plain = StreamingSession(tiny_adapter, rule(), chunk_frames=8, options=RuntimeOptions(answer_path="eager"))
+    plain.add_frames(stream)
+    expected = [plain.ask(q, max_new_tokens=6).token_ids for q in questions]
+
+    session = StreamingSession(tiny_adapter, rule(), chunk_frames=8, options=RuntimeOptions(answer_path="static"))
+    session.add_frames(stream)
+    graphs = session.answer_graphs = AnswerGraphs(tiny_adapter, session.store, use_graphs=False)
+    graphs.use_graphs = True
+
+    def capture(body):
+        saved = (graphs._token.clone(), graphs._offset.clone())
+        body()
+        graphs._token.copy_(saved[0])
+        graphs._offset.copy_(saved[1])
+        graphs.captures += 1
+        return answer_graphs._Graph(None, body)
+
+    monkeypatch.setattr(graphs, "_capture", capture)
+    lengths = session.store.lengths()
+    lengths_of = [len(tiny_adapter.question_piece(q)) for q in questions]
+    assert len({bucket_length(n) for n in lengths_of}) == 2  # two buckets
+    assert graphs.warm(tuple(lengths_of), 6) == 4  # a prefill and a decode graph per bucket
+    assert session.store.lengths() == lengths
+    assert graphs.warm(tuple(lengths_of), 6) == 0
+    answers = [session.ask(q, max_new_tokens=6).token_ids for q in questions]
+    assert graphs.captures == 4  # the answers replayed what warm captured
+    assert answers == expected
