@@ -48,6 +48,16 @@ def wait_for(predicate, timeout=30.0):
         time.sleep(0.05)
 
 
+def ask_a_new_stream(base: str, stream: dict, question: str, ready=lambda status: status["frames_ingested"] >= 4):
+    """Create a stream, wait until its status is ``ready``, ask ``question`` (3 tokens);
+    returns the stream id and the reply."""
+    stream_id = httpx.post(base + "/v1/streams", json={"chunk_frames": 2, **stream}).json()["id"]
+    wait_for(lambda: ready(httpx.get(f"{base}/v1/streams/{stream_id}").json()))
+    reply = client(base, None).chat.completions.create(
+        model="x", messages=[{"role": "user", "content": question}], max_tokens=3, extra_body={"stream_id": stream_id})
+    return stream_id, reply
+
+
 def test_text_stream_answers_equal_a_session_fed_the_same_frames(tiny_adapter):
     with running(tiny_adapter, api_key=KEY) as (base, app):
         headers = {"Authorization": f"Bearer {KEY}"}
@@ -114,12 +124,7 @@ def test_video_file_played_at_its_own_rate_and_asked_while_it_runs(tmp_path):
     bench = write_synthetic_benchmark(tmp_path / "bench", num_videos=1, num_frames=40, fps=10.0, height=64, width=64)
     video = str(bench.parent / "videos" / "synthetic_000.mp4")
     with running(adapter, budget=40) as (base, _):
-        stream_id = httpx.post(base + "/v1/streams", json={
-            "source": "file", "location": video, "fps": 10, "chunk_frames": 2}).json()["id"]
-        wait_for(lambda: httpx.get(f"{base}/v1/streams/{stream_id}").json()["frames_ingested"] >= 4)
-        reply = client(base, None).chat.completions.create(
-            model="x", messages=[{"role": "user", "content": "What moves?"}], max_tokens=3,
-            extra_body={"stream_id": stream_id})
+        stream_id, reply = ask_a_new_stream(base, {"source": "file", "location": video, "fps": 10}, "What moves?")
         seen = reply.usage.model_extra["frames_seen"]
         status = httpx.get(f"{base}/v1/streams/{stream_id}").json()
         assert 4 <= seen < 40 and not status["finished"]  # answered while the file still plays
@@ -364,12 +369,8 @@ def test_a_url_source_streams_the_same_frames_as_the_file_and_is_served(tmp_path
             open_source(adapter, SourceSpec("url", f"{root}/missing.mp4"), 5)
 
         with running(adapter, budget=40) as (base, _):
-            stream_id = httpx.post(base + "/v1/streams", json={
-                "source": "url", "location": url, "fps": 5, "chunk_frames": 2}).json()["id"]
-            wait_for(lambda: httpx.get(f"{base}/v1/streams/{stream_id}").json()["finished"])
-            reply = client(base, None).chat.completions.create(
-                model="x", messages=[{"role": "user", "content": "What moves?"}], max_tokens=3,
-                extra_body={"stream_id": stream_id})
+            _, reply = ask_a_new_stream(base, {"source": "url", "location": url, "fps": 5}, "What moves?",
+                                        ready=lambda status: status["finished"])
     assert reply.usage.model_extra["frames_seen"] == 10
     reference = StreamingSession(adapter, FifoRetention(budget=40), chunk_frames=2, fps=5)
     reference.add_frames(np.stack([f for f, _ in from_file]), timestamps=[t for _, t in from_file])
@@ -387,12 +388,7 @@ def test_a_capture_device_through_libavdevice_is_served(tmp_path):
     adapter = load_adapter(tiny_llava_onevision(tmp_path / "llava", layers=2), device="cpu")
     device = "lavfi:testsrc=size=64x64:rate=10"
     with running(adapter, budget=40) as (base, _):
-        stream_id = httpx.post(base + "/v1/streams", json={
-            "source": "device", "location": device, "fps": 5, "chunk_frames": 2}).json()["id"]
-        wait_for(lambda: httpx.get(f"{base}/v1/streams/{stream_id}").json()["frames_ingested"] >= 4)
-        reply = client(base, None).chat.completions.create(
-            model="x", messages=[{"role": "user", "content": "What is shown?"}], max_tokens=3,
-            extra_body={"stream_id": stream_id})
+        stream_id, reply = ask_a_new_stream(base, {"source": "device", "location": device, "fps": 5}, "What is shown?")
         seen = reply.usage.model_extra["frames_seen"]
         assert httpx.get(f"{base}/v1/streams/{stream_id}").json()["error"] is None
 
