@@ -76,7 +76,7 @@ def soak(args: argparse.Namespace, adapter, app, base: str) -> int:
         time.sleep(args.sample_every)
         status = httpx.get(f"{base}/v1/streams/{stream_id}", timeout=60).json()
         samples.append({"t": time.monotonic() - start, "rss_bytes": rss_bytes(),
-                        **{k: status[k] for k in ("frames_released", "frames_ingested", "frames_dropped",
+                        **{k: status[k] for k in ("frames_seen", "frames_ingested", "frames_dropped",
                                                   "frames_waiting", "lag_seconds", "kv_cache_bytes")},
                         "tokens_kept_max": max(status["tokens_kept_per_layer"])})
         if time.monotonic() >= next_ask:
@@ -113,7 +113,7 @@ def soak(args: argparse.Namespace, adapter, app, base: str) -> int:
     lines = [f"# Serve soak: {args.minutes:g} min at {args.fps:g} fps, {manifest['model']['id']}", "",
              f"Command: `{command}`; device: {manifest['device']}; date: {date}; rule {args.policy}, budget "
              f"{args.budget}, chunks of {args.chunk}.", "",
-             f"Frames ingested {samples[-1]['frames_ingested']} of {samples[-1]['frames_released']} released, "
+             f"Frames ingested {samples[-1]['frames_ingested']} of {samples[-1]['frames_seen']} seen, "
              f"{dropped} dropped; worst lag after warm-up {worst_lag:.2f} s; resident memory "
              f"{steady[0]['rss_bytes'] / 2**20:.0f} -> {steady[-1]['rss_bytes'] / 2**20:.0f} MiB ({growth:+.1%}); "
              f"{len(answers)} answers, median served TTFT {median('ttft_ms'):.0f} ms (waiting for the model "

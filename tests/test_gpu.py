@@ -97,6 +97,60 @@ def test_warmed_answer_graphs_capture_nothing_more_and_answer_the_same(tiny_llam
     assert answers[0] == answers[1]
 
 
+def live_streams_share_the_model(tiny_llama_dir, device: str):
+    """Two live streams of the hermes rule share one model (on ``device``): their ingesters
+    compress and warm answer graphs while this thread polls both statuses, then one is
+    stopped and dropped. Returns the other stream and the answer a plain session fed the
+    same frames gives; the caller compares."""
+    import gc
+
+    from hermes_policy.models import load_adapter
+    from hermes_policy.policy import ModelInfo, paper_default
+    from hermes_policy.retention import HermesRetention
+    from hermes_policy.serving.live_stream import LiveStream
+    from hermes_policy.serving.model_lock import ModelLock
+
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    adapter = load_adapter(tiny_llama_dir, device=device, dtype=dtype, tokens_per_frame=8)
+    frames = torch.randint(0, 250, (64, 8), generator=torch.Generator().manual_seed(5))
+    timestamps = [i / 10 for i in range(64)]
+    lock = ModelLock()
+
+    def session():
+        rule = HermesRetention(policy=paper_default(ModelInfo.of(adapter), budget=96))
+        return StreamingSession(adapter, rule, chunk_frames=8, max_new_tokens=8)
+
+    def live():
+        return LiveStream(session(), zip(frames, timestamps), lock, realtime=False).start()
+
+    kept, dropped = live(), live()
+    while not kept.status()["finished"]:
+        dropped.status()
+    dropped.stop()
+    del dropped
+    gc.collect()
+    reference = session()
+    reference.add_frames(list(frames), timestamps=timestamps)
+    return kept, reference.ask("Where?").token_ids
+
+
+def test_live_streams_warm_graphs_while_polled_and_dropped_on_cuda(tiny_llama_dir):
+    """On CUDA the ingester threads capture answer graphs while another thread reads the
+    streams' status and a stream is dropped: no capture fails, the kept stream answers as a
+    plain session fed the same frames (with the graphs warmed ahead), and its status reports
+    the device's peak memory (at least the weights)."""
+    kept, reference = live_streams_share_the_model(tiny_llama_dir, "cuda")
+    assert kept.stats.error is None and kept.session.compressions > 0
+    captures = kept.session.answer_graphs.captures
+    assert captures >= 2  # warmed in the ingester thread
+    served = kept.ask("Where?", max_new_tokens=8)
+    assert served.answer.token_ids == reference
+    assert kept.session.answer_graphs.captures == captures  # the question replayed what was warmed
+    status = kept.status()
+    weights = sum(p.numel() * p.element_size() for p in kept.session.adapter.model.parameters())
+    assert status["peak_memory_scope"].startswith("device") and status["peak_memory_bytes"] >= weights
+
+
 def test_measured_ceilings_are_plausible():
     from hermes_policy.benchmarking.floor import measure_ceilings
 

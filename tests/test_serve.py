@@ -269,7 +269,7 @@ def test_a_question_before_the_first_full_chunk_is_answered_from_the_partial_chu
     """Frames that do not yet fill a chunk are still memory: the question ingests them."""
     with running(tiny_adapter) as (base, _):
         stream_id = httpx.post(base + "/v1/streams", json={"source": "synthetic", "fps": 10, "chunk_frames": 64}).json()["id"]
-        wait_for(lambda: httpx.get(f"{base}/v1/streams/{stream_id}").json()["frames_released"] >= 3)
+        wait_for(lambda: httpx.get(f"{base}/v1/streams/{stream_id}").json()["frames_seen"] >= 3)
         reply = client(base, None).chat.completions.create(
             model="x", messages=[{"role": "user", "content": "So far?"}], max_tokens=2, extra_body={"stream_id": stream_id})
         usage = reply.usage.model_extra
@@ -300,6 +300,33 @@ def test_the_ingester_feeds_the_session_one_chunk_per_hold_of_the_model(tiny_ada
     assert [len(batch) for batch in fed] == [3, 3, 3, 1]
     assert [t for batch in fed for t in batch] == [i / 10 for i in range(10)]
     assert holds == ["ingest"] * 4 and session.frames_seen == 9 and session.pending_frames == 1
+
+
+def test_the_status_reports_frames_seen_and_memory(tiny_adapter):
+    """Frames seen, the KV cache held and allocated (what the session's store holds), and
+    the peak memory: on CUDA the highest of the stream's forwards' peaks, else the process's."""
+    import dataclasses
+
+    from hermes_policy.serving.live_stream import LiveStream, peak_memory
+    from hermes_policy.serving.model_lock import ModelLock
+
+    session = StreamingSession(tiny_adapter, FifoRetention(budget=64), chunk_frames=3)
+    device_peaks = iter([5, 9, 7, None])
+    add_frames = session.add_frames
+    session.add_frames = lambda items, timestamps: dataclasses.replace(
+        add_frames(items, timestamps), peak_memory_bytes=next(device_peaks))
+    frames = text_stream(10, seed=4).frames
+    stream = LiveStream(session, ((f, i / 10) for i, f in enumerate(frames)), ModelLock(), realtime=False).start()
+    wait_for(lambda: stream.status()["finished"])
+    stream.stop()
+    status = stream.status()
+    assert status["frames_seen"] == status["frames_ingested"] == 10 and status["frames_dropped"] == 0
+    assert status["kv_cache_bytes"] == session.store.nbytes() > 0
+    assert status["kv_allocated_bytes"] == session.store.cache.allocated_bytes() >= status["kv_cache_bytes"]
+    assert status["peak_memory_scope"] == "process resident" and status["peak_memory_bytes"] > 2**20
+    assert stream.stats.peak_device_memory_bytes == 9  # the highest forward's, not the last
+    assert peak_memory(True, 9) == {"peak_memory_bytes": 9, "peak_memory_scope": "device, during this stream's forwards"}
+    assert peak_memory(True, None)["peak_memory_bytes"] is None
 
 
 @contextmanager

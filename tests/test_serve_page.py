@@ -39,6 +39,9 @@ def test_page_shows_the_stream_and_answers_a_question(tiny_adapter, tmp_path):
             wait = WebDriverWait(driver, 30)
             wait.until(lambda d: stream_id in d.find_element(By.ID, "streams").text)
             wait.until(lambda d: "ingested" in d.find_element(By.ID, "status").text)
+            status = driver.find_element(By.ID, "status").text
+            assert "seen" in status and "allocated" in status and "peak memory" in status, status
+            assert "NaN" not in status and "undefined" not in status, status
             bars = driver.find_elements(By.CSS_SELECTOR, "#layers div")
             assert len(bars) == tiny_adapter.num_layers
             driver.find_element(By.ID, "question").send_keys("What was said?")

@@ -20,6 +20,7 @@ question per chunk); an event is emitted when the answer turns from no to yes.
 
 from __future__ import annotations
 
+import sys
 import threading
 import time
 import uuid
@@ -78,9 +79,10 @@ class ServedAnswer:
 
 @dataclass
 class StreamStats:
-    frames_released: int = 0
+    frames_seen: int = 0  # sampled from the source and released by the clock
     frames_ingested: int = 0
     frames_dropped: int = 0
+    peak_device_memory_bytes: int | None = None  # CUDA: highest allocated during this stream's forwards
     last_media_time: float | None = None
     last_ingest_wall: float | None = None
     error: str | None = None
@@ -157,7 +159,7 @@ class LiveStream:
                         self._queue.popleft()
                         self.stats.frames_dropped += 1
                     self._queue.append((frame, media, arrival))
-                    self.stats.frames_released += 1
+                    self.stats.frames_seen += 1
                     self.latest_frame = frame
                     self._have_frames.notify_all()
                 if self._stop.is_set():
@@ -187,7 +189,8 @@ class LiveStream:
         under one hold of the model, so they enter the session in order whoever adds them."""
         session = self.session
         chunks_before = session.frames_seen // session.chunk_frames
-        session.add_frames([f for f, _, _ in frames], timestamps=[m for _, m, _ in frames])
+        report = session.add_frames([f for f, _, _ in frames], timestamps=[m for _, m, _ in frames])
+        self._record_memory(report.peak_memory_bytes)
         self.stats.frames_ingested += len(frames)
         self.stats.last_media_time = frames[-1][1]
         self.stats.last_ingest_wall = frames[-1][2]
@@ -261,7 +264,13 @@ class LiveStream:
             if session.frames_seen == 0:
                 raise HermesError("the stream has no frames yet; ask again in a moment")
             answer = session.ask(question, max_new_tokens=max_new_tokens, on_token=on_token)
+            self._record_memory(answer.peak_memory_bytes)
         return ServedAnswer(answer, waited, catch_up_s, caught_up)
+
+    def _record_memory(self, peak_device_bytes: int | None) -> None:
+        """Raise the device-memory high-water mark by a forward's peak (None off CUDA)."""
+        if peak_device_bytes is not None:
+            self.stats.peak_device_memory_bytes = max(self.stats.peak_device_memory_bytes or 0, peak_device_bytes)
 
     def add_listener(self, listener: Callable[[StreamEvent], None]) -> Callable[[], None]:
         self._event_listeners.append(listener)
@@ -276,7 +285,7 @@ class LiveStream:
         return {
             "id": self.id,
             **self.description,
-            "frames_released": stats.frames_released,
+            "frames_seen": stats.frames_seen,
             "frames_ingested": stats.frames_ingested,
             "frames_dropped": stats.frames_dropped,
             "frames_waiting": len(self._queue) + session.pending_frames,
@@ -284,6 +293,9 @@ class LiveStream:
             "media_time": stats.last_media_time,
             "tokens_kept_per_layer": kept,
             "kv_cache_bytes": session.store.nbytes(),
+            # buffers grow to the most the stream has needed and never shrink: its peak KV
+            "kv_allocated_bytes": session.store.cache.allocated_bytes(),
+            **peak_memory(session.adapter.device.type == "cuda", stats.peak_device_memory_bytes),
             "host_memory_bytes": 0 if session.memory is None else session.memory.nbytes(),
             "compressions": session.compressions,
             "standing_questions": [{"question": s.question, "answer_yes": s.answer_yes} for s in self.standing],
@@ -303,6 +315,25 @@ class LiveStream:
     def latest_jpeg(self) -> bytes | None:
         frame = self.latest_frame
         return None if frame is None else frame_to_jpeg(frame)
+
+
+def peak_memory(on_cuda: bool, device_peak_bytes: int | None) -> dict[str, Any]:
+    """The status's peak memory.
+
+    On CUDA: the most memory allocated on the device during any of the stream's forwards
+    (the weights and every stream's cache included, as the device holds them; None before
+    its first forward). Elsewhere: the server process's peak resident memory, as no
+    per-device figure exists (None where the platform has no ``resource`` module).
+    """
+    if on_cuda:
+        return {"peak_memory_bytes": device_peak_bytes, "peak_memory_scope": "device, during this stream's forwards"}
+    try:
+        import resource  # POSIX only
+    except ImportError:
+        return {"peak_memory_bytes": None, "peak_memory_scope": "process resident"}
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return {"peak_memory_bytes": rss if sys.platform == "darwin" else rss * 1024,
+            "peak_memory_scope": "process resident"}
 
 
 @dataclass
