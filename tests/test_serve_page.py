@@ -54,3 +54,32 @@ def test_page_shows_the_stream_and_answers_a_question(tiny_adapter, tmp_path):
             driver.save_screenshot(str(tmp_path / "page.png"))
         finally:
             driver.quit()
+
+
+def test_page_behind_an_api_key_shows_the_live_frame_once_the_key_is_typed(tmp_path):
+    """Every data route checks the key, the live frame too: the page fetches it with the key
+    (an <img src> could not send one) and lists the streams as soon as the key is typed."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+    from tiny_llava_ov import tiny_llava_onevision
+
+    from hermes_policy.models import load_adapter
+
+    adapter = load_adapter(tiny_llava_onevision(tmp_path / "llava", layers=2), device="cpu")
+    with running(adapter, budget=40, api_key="page-key") as (base, _):
+        stream_id = httpx.post(base + "/v1/streams", headers={"Authorization": "Bearer page-key"},
+                               json={"source": "synthetic", "fps": 10, "chunk_frames": 2}).json()["id"]
+        assert httpx.get(f"{base}/v1/streams/{stream_id}/frame.jpg").status_code == 401
+        driver = browser()
+        try:
+            driver.get(base + "/")
+            wait = WebDriverWait(driver, 30)
+            wait.until(lambda d: "API key" in d.find_element(By.ID, "message").text)  # refused without it
+            key = driver.find_element(By.ID, "key")
+            key.send_keys("page-key")
+            driver.execute_script("arguments[0].dispatchEvent(new Event('change'))", key)
+            wait.until(lambda d: stream_id in d.find_element(By.ID, "streams").text)
+            wait.until(lambda d: d.execute_script("return document.getElementById('video').naturalWidth") > 0)
+            assert driver.find_element(By.ID, "message").text == ""
+        finally:
+            driver.quit()
