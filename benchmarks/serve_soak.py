@@ -3,7 +3,7 @@
 Starts the server in this process on a free loopback port, creates one stream of the
 built-in synthetic stream played by the clock at ``--fps``, asks a question every
 ``--ask-every`` seconds through the HTTP API, and samples every ``--sample-every`` seconds:
-frames released / ingested / dropped, the stream's lag behind live, tokens kept, KV bytes
+frames seen / ingested / dropped, the stream's lag behind live, tokens kept, KV bytes
 and the process's resident memory. Passes (exit 0) when, after the first quarter, no frame
 was dropped, the lag stayed under one chunk's duration, and resident memory grew by less
 than ``--rss-growth`` (default 5%); otherwise exits 1.

@@ -214,7 +214,7 @@ def test_standing_question_events_arrive_as_server_sent_events(tiny_adapter, mon
                     listener(event)
                 item.answer_yes = True
 
-    monkeypatch.setattr(live_stream.LiveStream, "_check_standing", flip)
+    monkeypatch.setattr(live_stream.LiveStream, "check_standing", flip)
     with running(tiny_adapter) as (base, _):
         stream_id = httpx.post(base + "/v1/streams", json={
             "source": "synthetic", "fps": 20, "chunk_frames": 2, "standing_questions": ["Did a person enter?"]}).json()["id"]
@@ -236,7 +236,7 @@ def test_real_yes_no_check_runs_on_the_model(tiny_adapter):
     session = StreamingSession(tiny_adapter, FifoRetention(budget=64), chunk_frames=2)
     session.add_frames(text_stream(4, seed=1).frames)
     stream = LiveStream(session, iter(()), ModelLock(), standing=["Is it day?"])
-    stream._check_standing(3.0)
+    stream.check_standing(3.0)
     logits = session.next_token_logits("Is it day? Answer yes or no.")
     yes, no = (tiny_adapter.encode_text(w)[0] for w in ("Yes", "No"))
     assert stream.standing[0].answer_yes == bool(logits[yes] > logits[no])

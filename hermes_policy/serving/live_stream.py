@@ -213,14 +213,14 @@ class LiveStream:
                         # at the budget the cache's size is steady: capture the answer graphs now
                         session.warm_answers(WARM_QUESTION_TOKENS)
                 if completed and self.standing:
-                    self._check_standing(batch[-1][1])
+                    self.check_standing(batch[-1][1])
             except Exception as exc:  # noqa: BLE001 - reported in the stream's stats
                 self.stats.error = f"ingest: {exc}"
                 return
             if self.stats.finished and not self._queue:
                 return
 
-    def _check_standing(self, media_time: float, held: bool = False) -> None:
+    def check_standing(self, media_time: float, held: bool = False) -> None:
         """Re-check the standing questions (each under its own hold of the model at ingest
         priority, unless ``held``) and emit an event for each that turned yes."""
         adapter = self.session.adapter
@@ -258,7 +258,7 @@ class LiveStream:
             while batch := self._take(until=arrival, limit=session.chunk_frames - session.pending_frames):
                 caught_up += len(batch)
                 if self._ingest(batch) and self.standing:
-                    self._check_standing(batch[-1][1], held=True)
+                    self.check_standing(batch[-1][1], held=True)
             session.flush()
             catch_up_s = time.monotonic() - started
             if session.frames_seen == 0:
