@@ -95,8 +95,8 @@ def test_text_stream_answers_equal_a_session_fed_the_same_frames(tiny_adapter):
 
 
 def test_sse_tokens_equal_the_plain_answer_for_the_same_frames(tiny_adapter):
-    """A stream played as fast as ingest takes it, finished: streaming and non-streaming
-    answers on the same memory are the same text."""
+    """A stream played as fast as ingest takes it, finished: the streamed tokens, the
+    non-streaming answer and a plain session's ``ask`` on the same frames are the same text."""
     with running(tiny_adapter) as (base, _):
         stream_id = httpx.post(base + "/v1/streams", json={
             "source": "synthetic", "frames": 12, "fps": 1, "chunk_frames": 4, "realtime": False}).json()["id"]
@@ -112,6 +112,10 @@ def test_sse_tokens_equal_the_plain_answer_for_the_same_frames(tiny_adapter):
         )
         assert streamed == plain.choices[0].message.content
         assert plain.usage.model_extra["frames_seen"] == 12
+    reference = StreamingSession(tiny_adapter, FifoRetention(budget=64), chunk_frames=4, fps=1)
+    frames = list(open_source(tiny_adapter, SourceSpec("synthetic", frames=12), 1))
+    reference.add_frames([f for f, _ in frames], timestamps=[t for _, t in frames])
+    assert streamed == reference.ask("Tell me.", max_new_tokens=6).text
 
 
 def test_video_file_played_at_its_own_rate_and_asked_while_it_runs(tmp_path):
@@ -171,10 +175,16 @@ def test_kv_memory_limit_refuses_with_a_reason(tiny_adapter):
         assert refused.status_code == 503 and "MiB of KV cache" in refused.json()["error"]["message"]
 
 
-def test_bounded_load_four_streams_twenty_questions_each(tiny_adapter):
-    """4 streams x 20 questions, asked concurrently: every answer comes back, from its own
-    stream, with latency percentiles reported."""
-    with running(tiny_adapter, max_streams=4) as (base, _):
+def test_bounded_load_four_streams_twenty_questions_each(tiny_llama_dir):
+    """4 streams x 20 questions, asked concurrently: every answer comes back, with latency
+    percentiles reported, and is the answer of its own stream's memory: a plain session fed
+    the first ``frames_seen`` frames of that stream's source answers each the same (fifo
+    keeps no question history, so an answer depends on the frames alone). Frames of 24
+    tokens carry each stream's own text (8 would hold only "Second N", the same in all)."""
+    from hermes_policy.models import load_adapter
+
+    adapter = load_adapter(tiny_llama_dir, device="cpu", tokens_per_frame=24)
+    with running(adapter, max_streams=4) as (base, _):
         ids = [httpx.post(base + "/v1/streams", json={"source": "synthetic", "fps": 20, "chunk_frames": 4,
                                                        "seed": seed}).json()["id"] for seed in range(4)]
         wait_for(lambda: all(httpx.get(f"{base}/v1/streams/{i}").json()["frames_ingested"] >= 4 for i in ids))
@@ -184,17 +194,38 @@ def test_bounded_load_four_streams_twenty_questions_each(tiny_adapter):
             stream_id, n = job
             start = time.perf_counter()
             reply = oa.chat.completions.create(model="x", messages=[{"role": "user", "content": f"Question {n}?"}],
-                                               max_tokens=2, extra_body={"stream_id": stream_id})
-            return stream_id, reply.model_extra["stream_id"], time.perf_counter() - start
+                                               max_tokens=4, extra_body={"stream_id": stream_id})
+            answer = (n, reply.usage.model_extra["frames_seen"], reply.choices[0].message.content)
+            return stream_id, reply.model_extra["stream_id"], time.perf_counter() - start, answer
 
         jobs = [(stream_id, n) for n in range(20) for stream_id in ids]
         with ThreadPoolExecutor(8) as pool:
             results = list(pool.map(one, jobs))
-        assert len(results) == 80 and all(asked == answered for asked, answered, _ in results)
-        latencies = sorted(t for *_, t in results)
+        assert len(results) == 80 and all(asked == answered for asked, answered, *_ in results)
+        latencies = sorted(t for _, _, t, _ in results)
         p50, p95 = statistics.median(latencies), latencies[int(0.95 * len(latencies)) - 1]
         assert 0 < p50 <= p95
         print(f"load: 80 questions, p50 {p50 * 1e3:.0f} ms, p95 {p95 * 1e3:.0f} ms")
+
+    def replay(seed: int, asked: list[tuple[int, int, str]]) -> list[str]:
+        """A plain session's answers to ``asked`` (in order of frames seen) on the source of ``seed``."""
+        reference = StreamingSession(adapter, FifoRetention(budget=64), chunk_frames=4, fps=20)
+        source = open_source(adapter, SourceSpec("synthetic", seed=seed), 20)
+        texts = []
+        for n, seen, _ in asked:
+            frames = [next(source) for _ in range(seen - reference.frames_seen)]
+            if frames:
+                reference.add_frames([f for f, _ in frames], timestamps=[t for _, t in frames])
+            texts.append(reference.ask(f"Question {n}?", max_new_tokens=4).text)
+        return texts
+
+    told_apart = False
+    for seed, stream_id in enumerate(ids):
+        asked = sorted((a for stream, _, _, a in results if stream == stream_id), key=lambda a: a[1])
+        served = [text for *_, text in asked]
+        assert replay(seed, asked) == served, seed
+        told_apart |= replay((seed + 1) % 4, asked) != served
+    assert told_apart  # another stream's frames give other answers: a mix-up would show
 
 
 def test_standing_question_events_arrive_as_server_sent_events(tiny_adapter, monkeypatch):
