@@ -33,7 +33,7 @@ def serve_command(
     ] = None,
     max_streams: Annotated[int, typer.Option(min=1, help="Streams held at once; more get a 503.")] = 4,
     kv_memory_gb: Annotated[
-        float, typer.Option(min=0.001, help="KV-cache memory all streams may take together (by their budgets).")
+        float, typer.Option(min=0.001, help="KV-cache memory all streams may take together (each counted at the most its buffers can grow to; see docs/serving.md).")
     ] = 8.0,
     max_new_tokens: Annotated[int, typer.Option(min=1, help="Default answer length limit.")] = 64,
     tokens_per_frame: Annotated[int | None, typer.Option(min=1, help="Text-frame length (causal LMs).")] = None,

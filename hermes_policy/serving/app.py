@@ -5,9 +5,10 @@ Routes (JSON unless noted):
 - ``POST /v1/streams`` ``{"source": "synthetic" | "file" | "folder" | "device" | "url",
   "location": ..., "fps": ..., "chunk_frames": ..., "policy": ..., "budget": ...,
   "standing_questions": [...], "realtime": true}`` -> ``{"id": ...}``; 503 with the reason
-  when the server is full.
-- ``GET /v1/streams``, ``GET /v1/streams/{id}`` (frames released, ingested, dropped, lag,
-  tokens kept per layer, KV bytes), ``DELETE /v1/streams/{id}``.
+  when the server is full (stream count, KV budget, or the device's free memory:
+  :mod:`hermes_policy.serving.admission`).
+- ``GET /v1/streams``, ``GET /v1/streams/{id}`` (frames seen, ingested, dropped, lag,
+  tokens kept per layer, KV and peak memory), ``DELETE /v1/streams/{id}``.
 - ``GET /v1/streams/{id}/events``: server-sent events, one per standing question turning yes.
 - ``GET /v1/streams/{id}/frame.jpg``: the newest frame (video sources).
 - ``GET /v1/streams/{id}/memory``: which frames each layer still keeps.
@@ -38,7 +39,8 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingRes
 from pydantic import BaseModel, Field
 
 from hermes_policy.errors import HermesError
-from hermes_policy.serving.live_stream import LiveStream, ServedAnswer, StreamEvent, StreamRegistry
+from hermes_policy.serving.admission import StreamRegistry, device_free_bytes, kv_bound_bytes
+from hermes_policy.serving.live_stream import LiveStream, ServedAnswer, StreamEvent
 from hermes_policy.serving.model_lock import INGEST, QUESTION, ModelLock
 from hermes_policy.serving.sources import SourceSpec, open_source
 from hermes_policy.session import StreamingSession
@@ -97,20 +99,6 @@ def question_of(messages: list[ChatMessage]) -> str:
     raise HTTPException(400, "the messages hold no user text to answer")
 
 
-def kv_estimate_bytes(session: StreamingSession) -> int:
-    """Bytes of keys and values the session's rule allows at most (its budgets, plus the prefix)."""
-    rule, adapter = session.retention, session.adapter
-    config = adapter.text_config
-    heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    per_token = 2 * heads * head_dim * adapter.dtype.itemsize
-    budgets = [rule.budget_of(layer) for layer in range(adapter.num_layers)]
-    if any(b is None for b in budgets):
-        raise HTTPException(400, f"the {rule.name} rule keeps every frame: a live stream needs a bounded rule")
-    prefix = session.store.prefix_len
-    return sum(b + prefix for b in budgets) * per_token
-
-
 def create_app(adapter: Any, config: ServerConfig) -> FastAPI:
     """The API over ``adapter`` (a loaded model, shared by every stream)."""
     from hermes_policy.retention.specs import rule_from_spec
@@ -157,18 +145,22 @@ def create_app(adapter: Any, config: ServerConfig) -> FastAPI:
         spec = SourceSpec(body.source, body.location, body.frames, body.seed, body.realtime)
         policy = body.policy or config.policy
         rule = rule_from_spec(policy, adapter, body.budget or config.budget)
-        with model_lock.hold(INGEST):
+        with model_lock.hold(INGEST):  # CUDA calls wait for no graph capture of another stream
             session = StreamingSession(adapter, rule, chunk_frames=body.chunk_frames, fps=body.fps,
                                        max_new_tokens=config.max_new_tokens)
-        estimate = kv_estimate_bytes(session)
+            free = device_free_bytes(adapter.device)
+        bound = kv_bound_bytes(session, config.max_new_tokens)
+        if bound is None:
+            raise HTTPException(400, f"the {rule.name} rule keeps every frame: a live stream needs a bounded rule")
+        description = {"source": body.source, "location": body.location, "fps": body.fps,
+                       "chunk_frames": body.chunk_frames, "policy": policy, "budget": body.budget or config.budget,
+                       "rule": rule.name}
         with registry.lock:
-            reason = registry.admit(estimate)
+            description["kv_bound_bytes"] = bound = registry.bound_for(bound, description)
+            reason = registry.admit(bound, free)
             if reason is not None:
                 raise HTTPException(503, reason)
             frames = open_source(adapter, spec, body.fps)
-            description = {"source": body.source, "location": body.location, "fps": body.fps,
-                           "chunk_frames": body.chunk_frames, "policy": policy, "rule": rule.name,
-                           "kv_estimate_bytes": estimate}
             stream = LiveStream(session, frames, model_lock, standing=body.standing_questions,
                                 realtime=body.realtime, description=description)
             registry.streams[stream.id] = stream

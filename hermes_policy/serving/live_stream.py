@@ -27,7 +27,7 @@ import uuid
 from collections import deque
 from collections.abc import Callable, Iterator
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from hermes_policy.errors import HermesError
@@ -334,23 +334,3 @@ def peak_memory(on_cuda: bool, device_peak_bytes: int | None) -> dict[str, Any]:
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
     return {"peak_memory_bytes": rss if sys.platform == "darwin" else rss * 1024,
             "peak_memory_scope": "process resident"}
-
-
-@dataclass
-class StreamRegistry:
-    """The server's streams, bounded by a count and a KV memory estimate."""
-
-    max_streams: int
-    kv_budget_bytes: int
-    streams: dict[str, LiveStream] = field(default_factory=dict)
-    lock: threading.Lock = field(default_factory=threading.Lock)
-
-    def admit(self, estimate: int) -> str | None:
-        """None when a stream needing ``estimate`` bytes fits, else the reason it does not."""
-        if len(self.streams) >= self.max_streams:
-            return f"the server holds its maximum of {self.max_streams} streams; delete one first"
-        held = sum(s.description.get("kv_estimate_bytes", 0) for s in self.streams.values())
-        if held + estimate > self.kv_budget_bytes:
-            return (f"a new stream needs about {estimate / 2**20:.0f} MiB of KV cache, and "
-                    f"{held / 2**20:.0f} of {self.kv_budget_bytes / 2**20:.0f} MiB are taken")
-        return None
