@@ -145,7 +145,7 @@ def create_app(adapter: Any, config: ServerConfig) -> FastAPI:
         spec = SourceSpec(body.source, body.location, body.frames, body.seed, body.realtime)
         policy = body.policy or config.policy
         rule = rule_from_spec(policy, adapter, body.budget or config.budget)
-        with model_lock.hold(INGEST):  # CUDA calls wait for no graph capture of another stream
+        with model_lock.hold(INGEST):  # no other stream's forward or graph capture meanwhile
             session = StreamingSession(adapter, rule, chunk_frames=body.chunk_frames, fps=body.fps,
                                        max_new_tokens=config.max_new_tokens)
             free = device_free_bytes(adapter.device)
