@@ -46,9 +46,8 @@ def kv_bound_bytes(session: StreamingSession, max_new_tokens: int) -> int | None
     counted (see the module docstring)."""
     rule, adapter = session.retention, session.adapter
     config = adapter.text_config
-    heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    per_token = 2 * heads * head_dim * adapter.dtype.itemsize
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // adapter.num_heads
+    per_token = 2 * adapter.num_kv_heads * head_dim * adapter.dtype.itemsize
     budgets = [rule.budget_of(layer) for layer in range(adapter.num_layers)]
     if any(b is None for b in budgets):
         return None
